@@ -40,16 +40,28 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
 
 @torch.library.register_fake("mixops::grouped_mm")
 def _grouped_mm_fake(a, b, offsets):
-    torch._check(a.dim() == 2, lambda: f"grouped_mm: a must be 2-D [m, k], got {a.dim()}-D")
-    torch._check(b.dim() in (2, 3), lambda: f"grouped_mm: b must be 3-D or 2-D, got {b.dim()}-D")
-    torch._check(a.dtype == b.dtype, lambda: "grouped_mm: a and b must have the same dtype")
-    torch._check(offsets.dtype == torch.int32, lambda: "grouped_mm: offsets must be int32")
+    # The same checks and messages as csrc/grouped_mm_check.cpp (a call mixing meta and real
+    # tensors dispatches here, not to the C++ kernels).
+    torch._check(a.dim() == 2, lambda: f"grouped_mm: a must be 2-D [m, k], got a {a.dim()}-D tensor")
+    torch._check(b.dim() in (2, 3), lambda: "grouped_mm: b must be 3-D [num_experts, k, n] or 2-D "
+                 f"[k, n], got a {b.dim()}-D tensor")
+    torch._check(a.dtype == b.dtype, lambda: "grouped_mm: a and b must have the same dtype, got "
+                 f"a {a.dtype} and b {b.dtype}")
+    torch._check(a.device == b.device, lambda: "grouped_mm: a and b must be on the same device, "
+                 f"got a on {a.device} and b on {b.device}")
+    torch._check(offsets.dtype == torch.int32,
+                 lambda: f"grouped_mm: offsets must be int32, got {offsets.dtype}")
+    torch._check(offsets.dim() == 1, lambda: "grouped_mm: offsets must be 1-D [num_experts]")
+    torch._check(offsets.device == a.device, lambda: "grouped_mm: offsets must be on the same "
+                 f"device as a ({a.device}), got {offsets.device}")
     if b.dim() == 3:
-        torch._check(b.shape[1] == a.shape[1], lambda: "grouped_mm: K mismatch")
-        torch._check(offsets.shape[0] == b.shape[0],
-                     lambda: "grouped_mm: offsets must have length num_experts")
+        torch._check(b.shape[1] == a.shape[1], lambda: f"grouped_mm: K mismatch: a is {tuple(a.shape)} "
+                     f"but b is {tuple(b.shape)}")
+        torch._check(offsets.shape[0] == b.shape[0], lambda: "grouped_mm: offsets must have length "
+                     f"num_experts = b.size(0) = {b.shape[0]}, got {offsets.shape[0]}")
         return a.new_empty(a.shape[0], b.shape[2])
-    torch._check(b.shape[0] == a.shape[1], lambda: "grouped_mm: K mismatch")
+    torch._check(b.shape[0] == a.shape[1], lambda: f"grouped_mm: K mismatch: a is {tuple(a.shape)} "
+                 f"but b is {tuple(b.shape)}")
     return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
 
 

@@ -1,0 +1,28 @@
+"""Shared test helpers: the one tolerance rule (style.md) and opcheck."""
+import torch
+
+# atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def assert_close_to_ref(ours, ref_hi, torch_lowp, what=""):
+    """max|ours - ref| <= 2 * max|torch_lowp - ref| + atol.
+
+    ref_hi: the reference computed in float64 (or float32 for the low-precision dtypes) from the
+    same inputs; torch_lowp: PyTorch's own result in the dtype under test. So a kernel is held to
+    twice the error PyTorch itself makes in that dtype.
+    """
+    assert ours.shape == ref_hi.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref_hi.shape)}"
+    assert ours.dtype == torch_lowp.dtype, f"{what}: dtype {ours.dtype} != {torch_lowp.dtype}"
+    ref = ref_hi.double().cpu()
+    err = (ours.double().cpu() - ref).abs().max().item() if ours.numel() else 0.0
+    torch_err = (torch_lowp.double().cpu() - ref).abs().max().item() if ours.numel() else 0.0
+    bound = 2 * torch_err + ATOL[ours.dtype]
+    assert err <= bound, f"{what}: max|ours - ref| = {err:.3e} > 2*{torch_err:.3e} + atol = {bound:.3e}"
+
+
+def opcheck(op, args, kwargs=None):
+    """torch.library.opcheck with every check, failing loudly on any of them."""
+    result = torch.library.opcheck(op, args, kwargs or {})
+    bad = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not bad, f"opcheck failed: {bad}"
