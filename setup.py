@@ -88,13 +88,16 @@ class CMakeBuild(build_ext):
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, out_path)
         # Build facts next to the extension: torch version check at import, tests/test_build.py.
-        meta_dir = out_path.parent / "_build"
-        shutil.rmtree(meta_dir, ignore_errors=True)
-        meta_dir.mkdir()
-        shutil.copy2(build_dir / "_build_meta.json", meta_dir / "build_meta.json")
-        if (build_dir / "ptxas").is_dir():
-            shutil.copytree(build_dir / "ptxas", meta_dir / "ptxas")
-
+        # An editable install imports the package from the source tree, so they go there too.
+        targets = [out_path.parent / "_build"]
+        if getattr(self, "editable_mode", False) or self.inplace:
+            targets.append(ROOT / "python" / "mixops" / "_build")
+        for meta_dir in targets:
+            shutil.rmtree(meta_dir, ignore_errors=True)
+            meta_dir.mkdir(parents=True)
+            shutil.copy2(build_dir / "_build_meta.json", meta_dir / "build_meta.json")
+            if (build_dir / "ptxas").is_dir():
+                shutil.copytree(build_dir / "ptxas", meta_dir / "ptxas")
 
 setup(
     ext_modules=[CMakeExtension("mixops._C")],

@@ -4,10 +4,15 @@
 //   * the other groups are spread over the threads longest-first (LPT), each BLAS call single
 //     threaded inside the parallel region, which beats one multithreaded call per small group
 //     (fork/join per call; measured with python -m mixops.bench).
+// bf16/fp16 on CPUs without native low-precision GEMM instructions (no AVX512-BF16/AMX/AVX512-FP16:
+// torch's own bf16 matmul there runs at ~1 GFLOPS on 2 cores) upcast each group's operands to fp32
+// and use sgemm (~150 GFLOPS): bf16 x bf16 products are exact in fp32, so this is the same
+// fp32-accumulated result, then rounded once to the output dtype.
 // Group bounds come from the shared header (grouped_mm_group_bounds), the same code the CUDA
 // argument builders run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +31,30 @@ struct GroupWork {
   double cost;
 };
 
+bool cpu_has(const char* feature) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(feature);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether BLAS has a native kernel for this dtype on this CPU (else we upcast to fp32).
+bool native_gemm(at::ScalarType t) {
+  static const bool bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
+  static const bool fp16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
+  if (t == at::kBFloat16) return bf16;
+  if (t == at::kHalf) return fp16;
+  return true;
+}
+
+// dst = lhs @ rhs, through fp32 when the dtype has no native GEMM here.
+void mm_into(at::Tensor& dst, const at::Tensor& lhs, const at::Tensor& rhs) {
+  if (native_gemm(dst.scalar_type())) {
+    at::mm_out(dst, lhs, rhs);
+  } else {
+    dst.copy_(at::mm(lhs.to(at::kFloat), rhs.to(at::kFloat)));
+  }
+}
+
 void run_group(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool ragged_k,
                const GroupWork& w) {
   const int64_t len = w.end - w.begin;
@@ -35,11 +64,11 @@ void run_group(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool r
       dst.zero_();  // an empty group's block is zero, never garbage
       return;
     }
-    at::mm_out(dst, a.narrow(1, w.begin, len), b.narrow(0, w.begin, len));
+    mm_into(dst, a.narrow(1, w.begin, len), b.narrow(0, w.begin, len));
   } else {
     if (len == 0) return;
     at::Tensor dst = out.narrow(0, w.begin, len);
-    at::mm_out(dst, a.narrow(0, w.begin, len), b.select(0, w.g));
+    mm_into(dst, a.narrow(0, w.begin, len), b.select(0, w.g));
   }
 }
 

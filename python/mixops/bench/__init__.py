@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mixops.bench [grouped_mm] [--quick] [--device cpu|cuda]`."""

@@ -1,0 +1,134 @@
+"""Grouped GEMM benchmark: mixops.grouped_mm beside torch._grouped_mm, a per-expert loop, and the
+floor (one dense matmul with the same FLOPs), forward and forward+backward (input and weight
+gradients), balanced and Zipf-skewed groups, fp32 and bf16."""
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+import mixops
+from .timing import median_ms, nvtx_range
+
+
+@dataclass(frozen=True)
+class Shape:
+    experts: int
+    m: int
+    k: int
+    n: int
+
+
+FULL_SHAPES = [Shape(8, 4096, 1024, 4096), Shape(64, 16384, 1024, 512)]
+QUICK_SHAPES = [Shape(8, 512, 128, 256), Shape(64, 2048, 128, 64)]
+
+
+def group_sizes(shape, dist):
+    """Rows per expert summing to m: equal, or Zipf (s = 1.2) with the largest expert first."""
+    if dist == "balanced":
+        w = torch.ones(shape.experts, dtype=torch.float64)
+    else:
+        w = 1.0 / torch.arange(1, shape.experts + 1, dtype=torch.float64) ** 1.2
+    sizes = torch.floor(w / w.sum() * shape.m).long()
+    sizes[0] += shape.m - int(sizes.sum())
+    return sizes
+
+
+def native_lowp_matmul(dtype, device):
+    """Whether torch has a native GEMM for this dtype here (CPUs without AVX512-BF16/AMX or
+    AVX512-FP16 fall back to a ~1 GFLOPS loop for bf16/fp16 matmul)."""
+    if device == "cuda" or dtype in (torch.float32, torch.float64):
+        return True
+    caps = torch._C._cpu._get_cpu_capability()
+    if dtype == torch.bfloat16:
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
+
+
+def _impls(x, w, off, sizes):
+    split = [int(s) for s in sizes]
+
+    def loop(a, b, o):
+        return torch.cat([ai @ b[g] for g, ai in enumerate(torch.split(a, split))])
+
+    return {
+        "mixops": lambda a, b, o: mixops.grouped_mm(a, b, o),
+        "torch._grouped_mm": lambda a, b, o: torch._grouped_mm(a, b, offs=o),
+        "per-expert loop": loop,
+    }
+
+
+def _run_case(shape, dist, dtype, device, reps):
+    sizes = group_sizes(shape, dist)
+    off = torch.cumsum(sizes, 0).to(torch.int32).to(device)
+    x = torch.randn(shape.m, shape.k, dtype=dtype, device=device)
+    w = torch.randn(shape.experts, shape.k, shape.n, dtype=dtype, device=device) / shape.k ** 0.5
+    gy = torch.randn(shape.m, shape.n, dtype=dtype, device=device)
+    # Floor: the same FLOPs as one dense [m, k] x [k, n] product (and its two gradients). Where
+    # torch has no native GEMM for the dtype (bf16 on CPUs without AVX512-BF16), the floor is the
+    # same dense product in fp32, the fastest way torch has to do those FLOPs here (stricter).
+    floor_dtype = dtype if native_lowp_matmul(dtype, device) else torch.float32
+    w_dense = torch.randn(shape.k, shape.n, dtype=floor_dtype, device=device)
+    x_floor = x.to(floor_dtype)
+    gy_floor = gy.to(floor_dtype)
+    rows = {}
+
+    def fwd_bwd(fn, a, b, g=gy):
+        a = a.detach().requires_grad_(True)
+        b = b.detach().requires_grad_(True)
+        fn(a, b).backward(g)
+
+    with nvtx_range(f"floor {shape} {dtype}"):
+        rows["floor (dense)"] = (
+            median_ms(lambda: x_floor @ w_dense, device, reps),
+            median_ms(lambda: fwd_bwd(lambda a, b: a @ b, x_floor, w_dense, gy_floor), device, reps))
+    for name, fn in _impls(x, w, off, sizes).items():
+        with nvtx_range(f"{name} {shape} {dtype}"):
+            try:
+                with torch.no_grad():
+                    f = median_ms(lambda: fn(x, w, off), device, reps)
+                fb = median_ms(lambda: fwd_bwd(lambda a, b: fn(a, b, off), x, w), device, reps)
+            except RuntimeError as e:  # a peer refusing a shape is reported, not fatal
+                print(f"  {name}: failed: {str(e).splitlines()[0]}")
+                f = fb = float("nan")
+        rows[name] = (f, fb)
+    return rows
+
+
+def run(args):
+    device = args.device
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    dtypes = [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        if not native_lowp_matmul(dtype, device):
+            print(f"note: this CPU has no native {dtype} GEMM; the {dtype} floor is the dense "
+                  "product in float32, and slow peers are timed once")
+    print(f"mixops grouped_mm benchmark on {device} "
+          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}; median ms of {args.reps} reps")
+    header = (f"{'case':<34} {'impl':<18} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} "
+              f"{'x floor':>8} {'mixops speedup fwd / fwd+bwd':>30}")
+    results = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for dist in ("balanced", "zipf"):
+                case = (f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
+                        f"{dist} {str(dtype).replace('torch.', '')}")
+                print(f"[{len(results) + 1}/{len(dtypes) * len(shapes) * 2}] {case}", flush=True)
+                results.append((case, _run_case(shape, dist, dtype, device, args.reps)))
+    print()
+    print(header)
+    print("-" * len(header))
+    for case, rows in results:
+        floor_f, floor_fb = rows["floor (dense)"]
+        ours_f, ours_fb = rows["mixops"]
+        for name, (f, fb) in rows.items():
+            speed = "" if name in ("mixops", "floor (dense)") else f"{f / ours_f:.2f}x / {fb / ours_fb:.2f}x"
+            print(f"{case:<34} {name:<18} {f:>9.2f} {f / floor_f:>8.2f} {fb:>11.2f} "
+                  f"{fb / floor_fb:>8.2f} {speed:>30}")
+        print()
+    return results
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--reps", type=int, default=7)
