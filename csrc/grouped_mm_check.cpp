@@ -26,11 +26,9 @@ std::vector<int64_t> grouped_mm_check(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "grouped_mm: a and b must have the same dtype, ",
               "got a ", a.scalar_type(), " and b ", b.scalar_type());
   const auto dt = a.scalar_type();
-  const bool cpu = a.device().is_cpu();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
-                  (cpu && dt == at::kDouble),
-              "grouped_mm: a must be float32, bfloat16 or float16", cpu ? " (or float64 on CPU)" : "",
-              ", got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "grouped_mm: a must be float32, bfloat16 or float16 (or float64, for gradcheck), got ",
+              dt);
   TORCH_CHECK(a.device() == b.device(), "grouped_mm: a and b must be on the same device, got a on ",
               a.device(), " and b on ", b.device());
   TORCH_CHECK(offsets.scalar_type() == at::kInt, "grouped_mm: offsets must be int32, got ",

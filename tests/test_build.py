@@ -126,3 +126,29 @@ def test_missing_cutlass_is_one_clear_message(tmp_path):
     text = proc.stdout + proc.stderr
     assert "CUTLASS headers not found" in text and "nvidia-cutlass" in text
     assert text.count("error:") == 0  # one message, no compiler error cascade
+
+
+def test_cpu_only_build_works(tmp_path):
+    """MIXOPS_CUDA=OFF builds a CPU-only extension whose ops run (what a CPU-only torch gets)."""
+    root = Path(__file__).resolve().parents[1]
+    import pybind11
+    common = [f"-DPython_EXECUTABLE={sys.executable}", f"-DPYTHON_EXECUTABLE={sys.executable}",
+              "-DPYBIND11_FINDPYTHON=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    subprocess.run(["cmake", "-S", str(root), "-B", str(tmp_path), "-G", "Ninja", "-DMIXOPS_CUDA=OFF",
+                    *common], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)], check=True,
+                   capture_output=True)
+    so = next(tmp_path.glob("_C*.so"))
+    meta = json.loads((tmp_path / "_build_meta.json").read_text())
+    assert meta["with_cuda"] in ("OFF", "0", "FALSE", "false", "")
+    code = f"""
+import torch
+torch.ops.load_library({str(so)!r})
+a = torch.randn(5, 3); b = torch.randn(2, 3, 4)
+out = torch.ops.mixops.grouped_mm(a, b, torch.tensor([2, 4], dtype=torch.int32))
+assert torch.allclose(out[:2], a[:2] @ b[0]) and torch.allclose(out[2:4], a[2:4] @ b[1])
+assert torch.all(out[4] == 0)
+print("CPU-ONLY OK")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "CPU-ONLY OK" in p.stdout, p.stderr

@@ -14,11 +14,6 @@ from helpers import assert_close_to_ref, opcheck
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-def _skip_unsupported(device, dtype):
-    if device == "cuda" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (for gradcheck)")
-
-
 def _check_values(a, b, off, what):
     out = mixops.grouped_mm(a, b, off)
     hi = ref.grouped_mm(a.double().cpu(), b.double().cpu(), off.cpu())
@@ -33,7 +28,6 @@ def _check_values(a, b, off, what):
 @pytest.mark.parametrize("sizes", list(SIZES))
 @pytest.mark.parametrize("kn", list(KN))
 def test_values(device, dtype, mode, sizes, kn):
-    _skip_unsupported(device, dtype)
     a, b, off = make_case(mode, sizes, kn, dtype, device,
                           a_layout="contiguous" if mode == "3d" else "transposed")
     out = _check_values(a, b, off, f"{mode}/{sizes}/{kn}")
@@ -72,7 +66,6 @@ def _grads(fn, a, b, off, grad_out):
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
 @pytest.mark.parametrize("sizes", ["balanced", "empty_groups", "tail_rows"])
 def test_gradients(device, dtype, mode, b_layout, sizes):
-    _skip_unsupported(device, dtype)
     a, b, off = make_case(mode, sizes, "odd", dtype, device, "contiguous", b_layout)
     out_shape = mixops.grouped_mm(a, b, off).shape
     g = torch.randn(out_shape, dtype=dtype, device=device)
@@ -110,10 +103,11 @@ def test_against_torch_grouped_mm(device, dtype, mode):
     assert ends[-1] == a.shape[0 if mode == "3d" else 1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["3d", "2d"])
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
-def test_gradcheck_fp64(mode, b_layout):
-    a, b, off = make_case(mode, "empty_groups", "odd", torch.float64, "cpu", "contiguous", b_layout)
+def test_gradcheck_fp64(device, mode, b_layout):
+    a, b, off = make_case(mode, "empty_groups", "odd", torch.float64, device, "contiguous", b_layout)
     a = a[:, :5].contiguous() if mode == "3d" else a[:4].contiguous()
     if mode == "3d":
         b = b[:, :5]
@@ -179,3 +173,23 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), ra, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shapes_large(device, dtype, seed):
+    """Random E, group sizes (with empties), k, n, layouts; run with -m large."""
+    gen = torch.Generator().manual_seed(seed)
+    e = int(torch.randint(1, 80, (1,), generator=gen))
+    sizes = (torch.rand(e, generator=gen) ** 2 * 200).long() * (torch.rand(e, generator=gen) > 0.2)
+    k, n = (int(v) for v in torch.randint(1, 300, (2,), generator=gen))
+    off = offsets_of(sizes.tolist(), device)
+    total = int(sizes.sum())
+    a = torch.randn(total + 3, k, dtype=dtype, device=device)
+    b = torch.randn(e, n, k, dtype=dtype, device=device).transpose(1, 2) if seed % 2 else \
+        torch.randn(e, k, n, dtype=dtype, device=device)
+    _check_values(a, b, off, f"3d seed={seed}")
+    _check_values(a[:total].t(), torch.randn(total, n, dtype=dtype, device=device), off,
+                  f"2d seed={seed}")

@@ -1,22 +1,26 @@
-// grouped_mm on CPU: one BLAS call per group (at::mm_out into the output slice, so fp32, bf16 and
-// fp16 all accumulate in fp32 through MKL/oneDNN), scheduled so skewed groups keep every core busy:
-//   * a group costing at least one thread's fair share runs alone with BLAS's own threading;
-//   * the other groups are spread over the threads longest-first (LPT), each BLAS call single
-//     threaded inside the parallel region, which beats one multithreaded call per small group
-//     (fork/join per call; measured with python -m mixops.bench).
-// bf16/fp16 on CPUs without native low-precision GEMM instructions (no AVX512-BF16/AMX/AVX512-FP16:
-// torch's own bf16 matmul there runs at ~1 GFLOPS on 2 cores) upcast each group's operands to fp32
-// and use sgemm (~150 GFLOPS): bf16 x bf16 products are exact in fp32, so this is the same
-// fp32-accumulated result, then rounded once to the output dtype.
-// Group bounds come from the shared header (grouped_mm_group_bounds), the same code the CUDA
-// argument builders run.
+// grouped_mm on CPU: one BLAS call per group (at::mm_out straight into the output slice), scheduled
+// by size (measured on 2 cores, K=1024 N=512, GFLOPS of one mm_out with BLAS's 2 threads vs 1):
+//   m=8: 57 vs 51, m=32: 117 vs 79, m=64: 147 vs 87, m=128: 163 vs 92, m=256: 176 vs 93.
+// And two independent single-threaded GEMM streams scale only 1.76-1.84x on these machines, while
+// BLAS's own threads share packed panels (a loop of 64 mm_out calls for E=64, M=16384 ran at the
+// dense floor's speed; one group per thread ran 10% slower). So:
+//   * big groups (every GEMM dimension >= 64 and >= 32 MFLOP) run one after another, each with
+//     BLAS's threads;
+//   * the small rest run in one parallel region, a group per thread at a time, taken longest first
+//     from a shared counter (greedy list scheduling), each BLAS call single threaded.
+// bf16/fp16 on CPUs without native low-precision GEMM instructions (no AVX512-BF16/AMX or
+// AVX512-FP16; torch's bf16 matmul there runs at ~1 GFLOPS on 2 cores) run in fp32 on operands
+// upcast once (sgemm ~85 GFLOPS per core): bf16 x bf16 products are exact in fp32, so this is the
+// same fp32-accumulated result, rounded once to the output dtype.
+// Group bounds come from the shared header (grouped_mm_group_bounds), the code the CUDA argument
+// builders run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
+#include <atomic>
 #include <vector>
 
 #include "grouped_mm_check.h"
@@ -25,10 +29,14 @@
 namespace mixops {
 namespace {
 
-struct GroupWork {
+constexpr int64_t kBigMinDim = 64;     // every GEMM dimension at least this, and
+constexpr double kBigMinFlops = 32e6;  // at least this many FLOPs: BLAS's threads pay off
+
+struct Piece {
   int32_t g;
-  int64_t begin, end;
-  double cost;
+  int64_t begin, end;  // the group's range along the ragged dimension
+  double flops;
+  bool big;
 };
 
 bool cpu_has(const char* feature) {
@@ -37,7 +45,7 @@ bool cpu_has(const char* feature) {
   return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
 
-// Whether BLAS has a native kernel for this dtype on this CPU (else we upcast to fp32).
+// Whether BLAS has a native kernel for this dtype on this CPU (else we compute in fp32).
 bool native_gemm(at::ScalarType t) {
   static const bool bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
   static const bool fp16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
@@ -46,17 +54,8 @@ bool native_gemm(at::ScalarType t) {
   return true;
 }
 
-// dst = lhs @ rhs, through fp32 when the dtype has no native GEMM here.
-void mm_into(at::Tensor& dst, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (native_gemm(dst.scalar_type())) {
-    at::mm_out(dst, lhs, rhs);
-  } else {
-    dst.copy_(at::mm(lhs.to(at::kFloat), rhs.to(at::kFloat)));
-  }
-}
-
-void run_group(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool ragged_k,
-               const GroupWork& w) {
+void run_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool ragged_k,
+               const Piece& w) {
   const int64_t len = w.end - w.begin;
   if (ragged_k) {
     at::Tensor dst = out.select(0, w.g);
@@ -64,12 +63,66 @@ void run_group(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool r
       dst.zero_();  // an empty group's block is zero, never garbage
       return;
     }
-    mm_into(dst, a.narrow(1, w.begin, len), b.narrow(0, w.begin, len));
+    at::mm_out(dst, a.narrow(1, w.begin, len), b.narrow(0, w.begin, len));
   } else {
     if (len == 0) return;
     at::Tensor dst = out.narrow(0, w.begin, len);
-    mm_into(dst, a.narrow(0, w.begin, len), b.select(0, w.g));
+    at::mm_out(dst, a.narrow(0, w.begin, len), b.select(0, w.g));
   }
+}
+
+// out (allocated, dtype with a native GEMM) = grouped a @ b; offsets already validated.
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
+                     int32_t num_groups, bool ragged_k, at::Tensor& out) {
+  const int64_t m = a.size(0);
+  const int64_t n = out.size(-1);
+  const int64_t total = ragged_k ? a.size(1) : a.size(0);
+
+  std::vector<Piece> small;
+  int64_t last_end = 0;
+  const int nthreads = std::max(1, at::get_num_threads());
+  for (int32_t g = 0; g < num_groups; ++g) {
+    int64_t begin, end;
+    int32_t err;
+    grouped_mm_group_bounds(offsets, g, total, &begin, &end, &err);
+    last_end = end;
+    const int64_t gm = ragged_k ? m : end - begin;
+    const int64_t gk = ragged_k ? end - begin : a.size(1);
+    const double flops = 2.0 * double(gm) * double(gk) * double(n);
+    const bool big = gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
+    if (gm == 0 || n == 0 || (gk == 0 && !ragged_k)) continue;  // nothing to write (or tail zero)
+    small.push_back({g, begin, end, flops, big});
+  }
+  if (!ragged_k && last_end < m) out.narrow(0, last_end, m - last_end).zero_();
+  if (out.numel() == 0) return;
+  if (!ragged_k && a.size(1) == 0) {  // k == 0: every product is an empty sum
+    out.zero_();
+    return;
+  }
+  // Big groups: one after another, BLAS threads inside each.
+  for (const Piece& w : small) {
+    if (w.big || nthreads == 1) run_piece(a, b, out, ragged_k, w);
+  }
+  if (nthreads == 1) return;
+  small.erase(std::remove_if(small.begin(), small.end(), [](const Piece& w) { return w.big; }),
+              small.end());
+  if (small.empty()) return;
+  if (small.size() == 1) {
+    run_piece(a, b, out, ragged_k, small[0]);
+    return;
+  }
+  // Small groups: longest first from a shared counter, one single-threaded BLAS call each.
+  std::sort(small.begin(), small.end(),
+            [](const Piece& x, const Piece& y) { return x.flops > y.flops; });
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(small.size());
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+        run_piece(a, b, out, ragged_k, small[i]);
+      }
+    }
+  });
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
@@ -77,66 +130,19 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const bool ragged_k = b.dim() == 2;
   const int64_t total = ragged_k ? a.size(1) : a.size(0);
   grouped_mm_check_offsets_values(offsets, total, ragged_k ? "a.size(1)" : "a.size(0)");
-
-  at::Tensor out = at::empty(out_shape, a.options());
   const at::Tensor off = offsets.contiguous();
-  const int32_t* off_ptr = off.data_ptr<int32_t>();
   const int32_t num_groups = static_cast<int32_t>(off.numel());
-  const int64_t m = a.size(0);
-  const int64_t n = ragged_k ? b.size(1) : b.size(2);
 
-  std::vector<GroupWork> work;
-  work.reserve(num_groups);
-  double total_cost = 0;
-  int64_t last_end = 0;
-  for (int32_t g = 0; g < num_groups; ++g) {
-    int64_t begin, end;
-    int32_t err;
-    grouped_mm_group_bounds(off_ptr, g, total, &begin, &end, &err);
-    last_end = end;
-    const double rows = ragged_k ? double(m) : double(end - begin);
-    const double depth = ragged_k ? double(end - begin) : double(a.size(1));
-    work.push_back({g, begin, end, rows * depth * double(n)});
-    total_cost += work.back().cost;
-  }
-  if (!ragged_k && last_end < m) out.narrow(0, last_end, m - last_end).zero_();
-  if (out.numel() == 0) return out;
-  if (!ragged_k && a.size(1) == 0) {  // k == 0: every product is an empty sum
-    out.zero_();
+  if (native_gemm(a.scalar_type())) {
+    at::Tensor out = at::empty(out_shape, a.options());
+    grouped_mm_into(a, b, off.data_ptr<int32_t>(), num_groups, ragged_k, out);
     return out;
   }
-
-  const int nthreads = std::max(1, at::get_num_threads());
-  const double fair_share = total_cost / nthreads;
-  std::vector<GroupWork> small;
-  for (const GroupWork& w : work) {
-    if (nthreads > 1 && w.cost >= fair_share && w.cost > 0) {
-      run_group(a, b, out, ragged_k, w);  // big: BLAS threads over the whole machine
-    } else {
-      small.push_back(w);
-    }
-  }
-  if (small.empty()) return out;
-  if (nthreads == 1 || small.size() == 1) {
-    for (const GroupWork& w : small) run_group(a, b, out, ragged_k, w);
-    return out;
-  }
-  // Longest-processing-time-first assignment of the small groups to threads.
-  std::sort(small.begin(), small.end(),
-            [](const GroupWork& x, const GroupWork& y) { return x.cost > y.cost; });
-  std::vector<std::vector<int32_t>> bucket(nthreads);
-  std::vector<double> load(nthreads, 0.0);
-  for (int32_t i = 0; i < static_cast<int32_t>(small.size()); ++i) {
-    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    bucket[t].push_back(i);
-    load[t] += small[i].cost + 1.0;  // +1: empty groups still cost a call
-  }
-  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int32_t i : bucket[t]) run_group(a, b, out, ragged_k, small[i]);
-    }
-  });
-  return out;
+  // Upcast once (strides are preserved, so a transposed view stays one), compute, round once.
+  at::Tensor out32 = at::empty(out_shape, a.options().dtype(at::kFloat));
+  grouped_mm_into(a.to(at::kFloat), b.to(at::kFloat), off.data_ptr<int32_t>(), num_groups, ragged_k,
+                  out32);
+  return out32.to(a.scalar_type());
 }
 
 }  // namespace

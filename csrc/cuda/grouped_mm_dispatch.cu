@@ -43,16 +43,6 @@ Combo combo_of(const GroupedMmParams& p) {
   return Combo::kOther;
 }
 
-size_t element_size(Dtype d) {
-  switch (d) {
-    case Dtype::kFloat32: return 4;
-    case Dtype::kBFloat16:
-    case Dtype::kFloat16: return 2;
-    case Dtype::kFloat64: return 8;
-  }
-  return 1;
-}
-
 // CUTLASS 2 GemmGrouped problem sizes are int32 GemmCoords, and its scheduler counts the tiles
 // of all groups in int32 (bounded here with 128 x 128 tiles, the size of every config we build).
 bool fits_int32(const GroupedMmParams& p) {
@@ -74,7 +64,7 @@ bool fits_int32(const GroupedMmParams& p) {
 //    else m; B: n if row-major else k; out: n) must be a multiple of align.
 bool cutlass2_aligned(const GroupedMmParams& p, int64_t align) {
   if (align == 1) return true;
-  const int64_t bytes = align * static_cast<int64_t>(element_size(p.dtype));
+  const int64_t bytes = align * static_cast<int64_t>(dtype_size(p.dtype));
   auto ptr_ok = [bytes](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
   auto mul = [align](int64_t v) { return v % align == 0; };
   if (!ptr_ok(p.a) || !ptr_ok(p.b) || !ptr_ok(p.out)) return false;

@@ -77,16 +77,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-size_t element_size(Dtype d) {
-  switch (d) {
-    case Dtype::kFloat32: return 4;
-    case Dtype::kBFloat16:
-    case Dtype::kFloat16: return 2;
-    case Dtype::kFloat64: return 8;
-  }
-  throw std::runtime_error("mixops::grouped_mm: unknown dtype");
-}
-
 template <typename V>
 void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
   const int64_t per = static_cast<int64_t>(sizeof(V) / es);  // elements per store
@@ -111,7 +101,7 @@ void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
 // Enqueues the zero fill (and offset error reporting) for params on cfg.stream.
 void launch_grouped_mm_zero(const GroupedMmParams& p, const LaunchConfig& cfg) {
   if (p.num_groups <= 0 && p.ragged_k) return;  // out is [0, m, n]: nothing to write or check
-  const size_t es = element_size(p.dtype);
+  const size_t es = dtype_size(p.dtype);
   const bool vec16 = (reinterpret_cast<uintptr_t>(p.out) % 16 == 0) &&
                      (p.n * static_cast<int64_t>(es)) % 16 == 0 &&
                      (p.out_stride_m * static_cast<int64_t>(es)) % 16 == 0 &&

@@ -18,6 +18,10 @@ namespace mixops {
 enum class Dtype : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 enum class Layout : int32_t { kRowMajor = 0, kColMajor = 1 };
 
+MIXOPS_INLINE int64_t dtype_size(Dtype d) {
+  return d == Dtype::kFloat64 ? 8 : d == Dtype::kFloat32 ? 4 : 2;
+}
+
 // Bits written to GroupedMmParams::error_flag (OR-ed together).
 enum GroupedMmError : int32_t {
   kOffsetsNegative = 1,    // some offsets[g] < 0

@@ -97,7 +97,12 @@ def _run_case(shape, dist, dtype, device, reps):
 def run(args):
     device = args.device
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    dtypes = [torch.float32, torch.bfloat16]
+    shapes = [s for s in shapes if args.experts in (0, s.experts)]
+    dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
+    if args.dist != "all":
+        dists = (args.dist,)
+    else:
+        dists = ("balanced", "zipf")
     for dtype in dtypes:
         if not native_lowp_matmul(dtype, device):
             print(f"note: this CPU has no native {dtype} GEMM; the {dtype} floor is the dense "
@@ -107,24 +112,33 @@ def run(args):
           f"torch {torch.__version__}; median ms of {args.reps} reps")
     header = (f"{'case':<34} {'impl':<18} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} "
               f"{'x floor':>8} {'mixops speedup fwd / fwd+bwd':>30}")
-    results = []
-    for dtype in dtypes:
-        for shape in shapes:
-            for dist in ("balanced", "zipf"):
-                case = (f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
-                        f"{dist} {str(dtype).replace('torch.', '')}")
-                print(f"[{len(results) + 1}/{len(dtypes) * len(shapes) * 2}] {case}", flush=True)
-                results.append((case, _run_case(shape, dist, dtype, device, args.reps)))
-    print()
-    print(header)
-    print("-" * len(header))
-    for case, rows in results:
+
+    def table_rows(case, rows):
         floor_f, floor_fb = rows["floor (dense)"]
         ours_f, ours_fb = rows["mixops"]
         for name, (f, fb) in rows.items():
             speed = "" if name in ("mixops", "floor (dense)") else f"{f / ours_f:.2f}x / {fb / ours_fb:.2f}x"
-            print(f"{case:<34} {name:<18} {f:>9.2f} {f / floor_f:>8.2f} {fb:>11.2f} "
-                  f"{fb / floor_fb:>8.2f} {speed:>30}")
+            yield (f"{case:<34} {name:<18} {f:>9.2f} {f / floor_f:>8.2f} {fb:>11.2f} "
+                   f"{fb / floor_fb:>8.2f} {speed:>30}")
+
+    results = []
+    total = len(dtypes) * len(shapes) * len(dists)
+    for dtype in dtypes:
+        for shape in shapes:
+            for dist in dists:
+                case = (f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
+                        f"{dist} {str(dtype).replace('torch.', '')}")
+                print(f"[{len(results) + 1}/{total}] {case}", flush=True)
+                rows = _run_case(shape, dist, dtype, device, args.reps)
+                for line in table_rows(case, rows):  # as it goes, for long runs
+                    print("    " + line, flush=True)
+                results.append((case, rows))
+    print()
+    print(header)
+    print("-" * len(header))
+    for case, rows in results:
+        for line in table_rows(case, rows):
+            print(line)
         print()
     return results
 
@@ -132,3 +146,6 @@ def run(args):
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
+    p.add_argument("--dist", default="all", choices=["all", "balanced", "zipf"])
+    p.add_argument("--experts", type=int, default=0, help="only the shape with this many experts")

@@ -22,7 +22,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
         offsets [E] int32         cumulative group ends over r, offsets[-1] <= r
         ->      [E, m, n]         out[g] = a[:, r of g] @ b[r of g, :]; an empty group gives zeros
 
-    dtypes: float32, bfloat16, float16 (float64 on CPU), a and b alike; accumulation in float32.
+    dtypes: float32, bfloat16, float16 (and float64, for gradcheck), a and b alike; accumulation
+    in float32 (float64 for float64).
     float32 on CUDA is exact (SIMT) unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
     Any k and n work; on CUDA, leading dimensions that are multiples of 8 (16 bytes) take the
     tensor-core kernels, others a slower exact fallback.
