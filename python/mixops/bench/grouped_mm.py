@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 import mixops
-from .timing import median_ms, nvtx_range
+from .timing import interleaved_median_ms, nvtx_range
 
 
 @dataclass(frozen=True)
@@ -70,28 +70,22 @@ def _run_case(shape, dist, dtype, device, reps):
     w_dense = torch.randn(shape.k, shape.n, dtype=floor_dtype, device=device)
     x_floor = x.to(floor_dtype)
     gy_floor = gy.to(floor_dtype)
-    rows = {}
 
     def fwd_bwd(fn, a, b, g=gy):
         a = a.detach().requires_grad_(True)
         b = b.detach().requires_grad_(True)
         fn(a, b).backward(g)
 
-    with nvtx_range(f"floor {shape} {dtype}"):
-        rows["floor (dense)"] = (
-            median_ms(lambda: x_floor @ w_dense, device, reps),
-            median_ms(lambda: fwd_bwd(lambda a, b: a @ b, x_floor, w_dense, gy_floor), device, reps))
+    fwd = {"floor (dense)": lambda: x_floor @ w_dense}
+    fb = {"floor (dense)": lambda: fwd_bwd(lambda a, b: a @ b, x_floor, w_dense, gy_floor)}
     for name, fn in _impls(x, w, off, sizes).items():
-        with nvtx_range(f"{name} {shape} {dtype}"):
-            try:
-                with torch.no_grad():
-                    f = median_ms(lambda: fn(x, w, off), device, reps)
-                fb = median_ms(lambda: fwd_bwd(lambda a, b: fn(a, b, off), x, w), device, reps)
-            except RuntimeError as e:  # a peer refusing a shape is reported, not fatal
-                print(f"  {name}: failed: {str(e).splitlines()[0]}")
-                f = fb = float("nan")
-        rows[name] = (f, fb)
-    return rows
+        fwd[name] = (lambda f: lambda: f(x, w, off))(fn)
+        fb[name] = (lambda f: lambda: fwd_bwd(lambda a, b: f(a, b, off), x, w))(fn)
+    with torch.no_grad(), nvtx_range(f"forward {shape} {dtype}"):
+        t_fwd = interleaved_median_ms(fwd, device, reps)
+    with nvtx_range(f"forward+backward {shape} {dtype}"):
+        t_fb = interleaved_median_ms(fb, device, reps)
+    return {name: (t_fwd[name], t_fb[name]) for name in fwd}
 
 
 def run(args):

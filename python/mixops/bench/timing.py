@@ -21,34 +21,43 @@ def nvtx_range(name):
         yield
 
 
-def median_ms(fn, device, reps, warmup=1, max_seconds=20.0):
-    """Median wall time of fn() in milliseconds (CUDA: events, L2 flushed between reps).
-
-    A call slower than max_seconds / 3 on the CPU is timed once (its warm-up run is the
-    measurement): some peers run at ~1 GFLOPS on CPUs without native bf16 and would take minutes.
-    """
-    for _ in range(warmup):
-        t0 = time.perf_counter()
+def _time_once(fn, device, flush):
+    if device == "cuda":
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
         fn()
-        once = time.perf_counter() - t0
-        if device != "cuda" and once > max_seconds / 3:
-            return once * 1e3
-    times = []
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_median_ms(fns, device, reps, slow_seconds=7.0):
+    """Median ms of each fn in the dict {name: fn}, timed round-robin (rep 1 of every fn, then
+    rep 2, ...) so that drift in the machine's speed hits every fn alike and ratios stay honest.
+
+    The warm-up call is timed; a fn slower than slow_seconds on the CPU keeps that one time (some
+    peers run at ~1 GFLOPS on CPUs without native bf16). A fn raising RuntimeError gets NaN.
+    """
     flush = torch.empty(64 << 20, dtype=torch.int8, device=device) if device == "cuda" else None
-    start_all = time.perf_counter()
-    for _ in range(reps):
-        if device == "cuda":
-            flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
+    times = {name: [] for name in fns}
+    live = []
+    for name, fn in fns.items():
+        try:
+            once = _time_once(fn, device, flush)
+        except RuntimeError as e:  # a peer refusing a shape is reported, not fatal
+            print(f"  {name}: failed: {str(e).splitlines()[0]}")
+            times[name] = [float("nan")]
+            continue
+        if device != "cuda" and once > slow_seconds * 1e3:
+            times[name] = [once]
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
-            break
-    return statistics.median(times)
+            live.append(name)
+    for _ in range(reps):
+        for name in live:
+            with nvtx_range(name):
+                times[name].append(_time_once(fns[name], device, flush))
+    return {name: statistics.median(t) for name, t in times.items()}
