@@ -89,7 +89,6 @@ def test_gradients(device, dtype, mode, b_layout, sizes):
 def test_against_torch_grouped_mm(device, dtype, mode):
     """Same values and gradients as torch._grouped_mm where torch supports the shapes."""
     a, b, off = make_case(mode, "aligned_groups", "aligned", dtype, device)
-    ends = off.tolist()
     out = mixops.grouped_mm(a, b, off)
     theirs = torch._grouped_mm(a, b, offs=off)
     hi = ref.grouped_mm(a.double().cpu(), b.double().cpu(), off.cpu())
@@ -100,7 +99,6 @@ def test_against_torch_grouped_mm(device, dtype, mode):
     ha, hb = _grads(ref.grouped_mm, a.double().cpu(), b.double().cpu(), off.cpu(), g.double().cpu())
     assert_close_to_ref(ga, ha, ta, "grad a vs torch._grouped_mm")
     assert_close_to_ref(gb, hb, tb, "grad b vs torch._grouped_mm")
-    assert ends[-1] == a.shape[0 if mode == "3d" else 1]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,9 +12,6 @@
 // AVX512-FP16; torch's bf16 matmul there runs at ~1 GFLOPS on 2 cores) run in fp32 on operands
 // upcast once (sgemm ~85 GFLOPS per core): bf16 x bf16 products are exact in fp32, so this is the
 // same fp32-accumulated result, rounded once to the output dtype.
-// Outputs (and upcast copies) of 4 MiB or more are advised to transparent huge pages before their
-// first touch: page faults on a fresh 64 MiB output cost ~20 ms with 4 KiB pages (empty + zero_:
-// 24.5 ms vs 8.5 ms), 10% of the E=8 benchmark forward.
 // Group bounds come from the shared header (grouped_mm_group_bounds), the code the CUDA argument
 // builders run.
 #include <ATen/ATen.h>
@@ -24,12 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "grouped_mm_check.h"
 #include "mixops/grouped_mm_params.h"
@@ -60,28 +52,6 @@ bool native_gemm(at::ScalarType t) {
   if (t == at::kBFloat16) return bf16;
   if (t == at::kHalf) return fp16;
   return true;
-}
-
-// Fresh memory of a new tensor, advised to huge pages (Linux, >= 4 MiB; a hint, never an error).
-at::Tensor with_hugepages(at::Tensor t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= (size_t(4) << 20)) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
-
-// x converted to dtype in fresh (huge-page advised) memory with x's strides when x is dense.
-at::Tensor converted(const at::Tensor& x, at::ScalarType dtype) {
-  at::Tensor y = with_hugepages(at::empty_like(x, x.options().dtype(dtype)));
-  y.copy_(x);
-  return y;
 }
 
 void run_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool ragged_k,
@@ -164,15 +134,15 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int32_t num_groups = static_cast<int32_t>(off.numel());
 
   if (native_gemm(a.scalar_type())) {
-    at::Tensor out = with_hugepages(at::empty(out_shape, a.options()));
+    at::Tensor out = at::empty(out_shape, a.options());
     grouped_mm_into(a, b, off.data_ptr<int32_t>(), num_groups, ragged_k, out);
     return out;
   }
   // Upcast once (strides are preserved, so a transposed view stays one), compute, round once.
-  at::Tensor out32 = with_hugepages(at::empty(out_shape, a.options().dtype(at::kFloat)));
-  grouped_mm_into(converted(a, at::kFloat), converted(b, at::kFloat), off.data_ptr<int32_t>(),
-                  num_groups, ragged_k, out32);
-  return converted(out32, a.scalar_type());
+  at::Tensor out32 = at::empty(out_shape, a.options().dtype(at::kFloat));
+  grouped_mm_into(a.to(at::kFloat), b.to(at::kFloat), off.data_ptr<int32_t>(), num_groups, ragged_k,
+                  out32);
+  return out32.to(a.scalar_type());
 }
 
 }  // namespace
