@@ -57,7 +57,7 @@ def _impls(x, w, off, sizes):
     }
 
 
-def _run_case(shape, dist, dtype, device, reps):
+def _run_case(shape, dist, dtype, device, reps, impls=()):
     sizes = group_sizes(shape, dist)
     off = torch.cumsum(sizes, 0).to(torch.int32).to(device)
     x = torch.randn(shape.m, shape.k, dtype=dtype, device=device)
@@ -79,6 +79,8 @@ def _run_case(shape, dist, dtype, device, reps):
     fwd = {"floor (dense)": lambda: x_floor @ w_dense}
     fb = {"floor (dense)": lambda: fwd_bwd(lambda a, b: a @ b, x_floor, w_dense, gy_floor)}
     for name, fn in _impls(x, w, off, sizes).items():
+        if impls and name not in impls:
+            continue
         fwd[name] = (lambda f: lambda: f(x, w, off))(fn)
         fb[name] = (lambda f: lambda: fwd_bwd(lambda a, b: f(a, b, off), x, w))(fn)
     with torch.no_grad(), nvtx_range(f"forward {shape} {dtype}"):
@@ -92,6 +94,7 @@ def run(args):
     device = args.device
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     shapes = [s for s in shapes if args.experts in (0, s.experts)]
+    impls = {"mixops", *[i for i in args.impls.split(",") if i]} if args.impls else ()
     dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
     if args.dist != "all":
         dists = (args.dist,)
@@ -109,6 +112,8 @@ def run(args):
 
     def table_rows(case, rows):
         floor_f, floor_fb = rows["floor (dense)"]
+        if "mixops" not in rows:
+            return
         ours_f, ours_fb = rows["mixops"]
         for name, (f, fb) in rows.items():
             speed = "" if name in ("mixops", "floor (dense)") else f"{f / ours_f:.2f}x / {fb / ours_fb:.2f}x"
@@ -123,7 +128,7 @@ def run(args):
                 case = (f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
                         f"{dist} {str(dtype).replace('torch.', '')}")
                 print(f"[{len(results) + 1}/{total}] {case}", flush=True)
-                rows = _run_case(shape, dist, dtype, device, args.reps)
+                rows = _run_case(shape, dist, dtype, device, args.reps, impls)
                 for line in table_rows(case, rows):  # as it goes, for long runs
                     print("    " + line, flush=True)
                 results.append((case, rows))
@@ -143,3 +148,5 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
     p.add_argument("--dist", default="all", choices=["all", "balanced", "zipf"])
     p.add_argument("--experts", type=int, default=0, help="only the shape with this many experts")
+    p.add_argument("--impls", default="", help="comma list of peers to time beside mixops and the "
+                   "floor (default: all: torch._grouped_mm,per-expert loop)")
