@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <vector>
 
 #include "grouped_mm_check.h"
@@ -34,7 +35,7 @@ namespace {
 constexpr int64_t kBigMinDim = 64;     // every GEMM dimension at least this, and
 constexpr double kBigMinFlops = 32e6;  // at least this many FLOPs: BLAS's threads pay off
 
-struct Piece {
+struct GroupWork {
   int32_t g;
   int64_t begin, end;  // the group's range along the ragged dimension
   double flops;
@@ -66,7 +67,7 @@ void mm_into(at::Tensor& dst, const at::Tensor& lhs, const at::Tensor& rhs) {
 }
 
 void run_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool ragged_k,
-               const Piece& w) {
+               const GroupWork& w) {
   const int64_t len = w.end - w.begin;
   if (ragged_k) {
     at::Tensor dst = out.select(0, w.g);
@@ -82,14 +83,14 @@ void run_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool r
   }
 }
 
-// out (allocated, dtype with a native GEMM) = grouped a @ b; offsets already validated.
+// out (allocated, a's dtype) = grouped a @ b; offsets already validated on the host.
 void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
                      int32_t num_groups, bool ragged_k, at::Tensor& out) {
   const int64_t m = a.size(0);
   const int64_t n = out.size(-1);
   const int64_t total = ragged_k ? a.size(1) : a.size(0);
 
-  std::vector<Piece> small;
+  std::vector<GroupWork> work;
   int64_t last_end = 0;
   const int nthreads = std::max(1, at::get_num_threads());
   for (int32_t g = 0; g < num_groups; ++g) {
@@ -102,7 +103,7 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     const double flops = 2.0 * double(gm) * double(gk) * double(n);
     const bool big = gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
     if (gm == 0 || n == 0 || (gk == 0 && !ragged_k)) continue;  // nothing to write (or tail zero)
-    small.push_back({g, begin, end, flops, big});
+    work.push_back({g, begin, end, flops, big});
   }
   if (!ragged_k && last_end < m) out.narrow(0, last_end, m - last_end).zero_();
   if (out.numel() == 0) return;
@@ -111,12 +112,13 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     return;
   }
   // Big groups: one after another, BLAS threads inside each.
-  for (const Piece& w : small) {
+  for (const GroupWork& w : work) {
     if (w.big || nthreads == 1) run_piece(a, b, out, ragged_k, w);
   }
   if (nthreads == 1) return;
-  small.erase(std::remove_if(small.begin(), small.end(), [](const Piece& w) { return w.big; }),
-              small.end());
+  std::vector<GroupWork> small;
+  std::copy_if(work.begin(), work.end(), std::back_inserter(small),
+               [](const GroupWork& w) { return !w.big; });
   if (small.empty()) return;
   if (small.size() == 1) {
     run_piece(a, b, out, ragged_k, small[0]);
@@ -124,7 +126,7 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
   }
   // Small groups: longest first from a shared counter, one single-threaded BLAS call each.
   std::sort(small.begin(), small.end(),
-            [](const Piece& x, const Piece& y) { return x.flops > y.flops; });
+            [](const GroupWork& x, const GroupWork& y) { return x.flops > y.flops; });
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(small.size());
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
