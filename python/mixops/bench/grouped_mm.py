@@ -44,7 +44,7 @@ def native_lowp_matmul(dtype, device):
     return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
 
 
-def _impls(x, w, off, sizes):
+def _impls(sizes):
     split = [int(s) for s in sizes]
 
     def loop(a, b, o):
@@ -78,7 +78,7 @@ def _run_case(shape, dist, dtype, device, reps, impls=()):
 
     fwd = {"floor (dense)": lambda: x_floor @ w_dense}
     fb = {"floor (dense)": lambda: fwd_bwd(lambda a, b: a @ b, x_floor, w_dense, gy_floor)}
-    for name, fn in _impls(x, w, off, sizes).items():
+    for name, fn in _impls(sizes).items():
         if impls and name not in impls:
             continue
         fwd[name] = (lambda f: lambda: f(x, w, off))(fn)
