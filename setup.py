@@ -98,6 +98,8 @@ class CMakeBuild(build_ext):
             shutil.copy2(build_dir / "_build_meta.json", meta_dir / "build_meta.json")
             if (build_dir / "ptxas").is_dir():
                 shutil.copytree(build_dir / "ptxas", meta_dir / "ptxas")
+            else:  # CPU-only build: package_data still names the folder
+                (meta_dir / "ptxas").mkdir()
 
 setup(
     ext_modules=[CMakeExtension("mixops._C")],

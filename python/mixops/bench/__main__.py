@@ -1,18 +1,26 @@
-"""python -m mixops.bench: the main benchmark job (grouped GEMM for now)."""
+"""python -m mixops.bench [grouped_mm | routing]: benchmarks that time mixops beside its peers in
+one run and print medians and ratios (grouped_mm is the default job for now)."""
 import argparse
 
 import torch
 
-from . import grouped_mm
+from . import grouped_mm, routing
+
+JOBS = {"grouped_mm": grouped_mm, "routing": routing}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mixops.bench", description=__doc__)
-    p.add_argument("which", nargs="?", default="grouped_mm", choices=["grouped_mm"])
+    p.add_argument("which", nargs="?", default="grouped_mm", choices=list(JOBS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    grouped_mm.add_args(p)
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
+    p.add_argument("--experts", type=int, default=0, help="only shapes with this many experts")
+    for job in JOBS.values():
+        job.add_args(p)
     args = p.parse_args(argv)
-    grouped_mm.run(args)
+    JOBS[args.which].run(args)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,7 @@ def run(args):
 
 
 def add_args(p: argparse.ArgumentParser):
-    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
+    """grouped_mm's own options (--quick, --reps, --dtype, --experts are shared)."""
     p.add_argument("--dist", default="all", choices=["all", "balanced", "zipf"])
-    p.add_argument("--experts", type=int, default=0, help="only the shape with this many experts")
     p.add_argument("--impls", default="", help="comma list of peers to time beside mixops and the "
                    "floor (default: all: torch._grouped_mm,per-expert loop)")

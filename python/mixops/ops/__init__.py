@@ -1,8 +1,10 @@
 """Python side of the mixops ops: wrappers with shape docstrings, fakes, autograd.
 
 Each op family has its own module; importing this package registers them all. The C++ schemas
-(csrc/ops.cpp) name this module through set_python_module, so torch asks for it when needed.
+(csrc/ops.cpp) name these modules through set_python_module, so torch asks for them when needed.
 """
 from .grouped_mm import grouped_mm
+from .permute import PermuteOutput, permute, unpermute
+from .routing import RouterOutput, router_topk
 
-__all__ = ["grouped_mm"]
+__all__ = ["grouped_mm", "router_topk", "RouterOutput", "permute", "unpermute", "PermuteOutput"]

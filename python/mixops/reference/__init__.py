@@ -1,4 +1,6 @@
 """Plain-PyTorch references for every mixops op: slow, obvious, used by tests and benchmarks."""
 from .grouped_mm import grouped_mm
+from .permute import permute, unpermute
+from .routing import router_topk
 
-__all__ = ["grouped_mm"]
+__all__ = ["grouped_mm", "router_topk", "permute", "unpermute"]

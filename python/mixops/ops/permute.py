@@ -1,0 +1,184 @@
+"""permute / unpermute: token dispatch to experts and the weighted combine back."""
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["permute", "unpermute", "PermuteOutput"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class PermuteOutput(NamedTuple):
+    x_sorted: torch.Tensor  # [num_rows, hidden] rows grouped by expert
+    offsets: torch.Tensor   # [num_experts] int32 cumulative row ends (what grouped_mm takes)
+    row_map: torch.Tensor   # [num_tokens, topk] int32 row of each slot, -1 if none/dropped
+    dropped: torch.Tensor   # [num_experts] int32 slots dropped by capacity
+
+
+def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
+            capacity: Optional[int] = None,
+            priority: Optional[torch.Tensor] = None) -> PermuteOutput:
+    """Group tokens by expert: one row per (token, choice) with an expert.
+
+    ::
+
+        x        [num_tokens, hidden]          float32, bfloat16, float16, float64
+        ids      [num_tokens, topk] int32/int64 expert of each choice; -1 = no expert (no row)
+        priority [num_tokens, topk] float       optional, with capacity: priority routing
+        -> PermuteOutput(x_sorted [num_rows, hidden], offsets [E] int32, row_map [T, k] int32,
+                         dropped [E] int32)
+
+    Rows of expert e are ``offsets[e-1]:offsets[e]`` of ``x_sorted``, in token order (stable);
+    rows past ``offsets[-1]`` are zero. ``num_rows`` is static: ``T * k``, or with a capacity
+    ``min(T * k, E * capacity)``; it never depends on the routing.
+
+    **Row map** (reused by MoA and expert parallelism): ``row_map[t, j]`` is the row of
+    ``x_sorted`` holding token t's j-th choice, or -1 when that choice has no expert or was
+    dropped. ``unpermute`` takes it back.
+
+    **Capacity**: each expert keeps at most ``capacity`` slots. Slots compete in GShard/Switch
+    priority order: every token's first choice before any token's second choice, and so on;
+    inside one choice rank token order, or with ``priority`` higher priority first (ties: token
+    order; NaN last). Dropped slots are counted per expert in ``dropped``.
+
+    Invalid ids (outside [-1, E)) raise on CPU; on CUDA they are treated as -1 and flagged, and
+    ``MIXOPS_DEBUG=1`` raises the CPU's error.
+
+    Autograd: the gradient of x is ``unpermute(grad_x_sorted, row_map)`` (unweighted).
+    """
+    return PermuteOutput(*torch.ops.mixops.permute.default(x, ids, num_experts, capacity,
+                                                           priority))
+
+
+def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor,
+              weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Combine each token's expert outputs: ``y[t] = sum_j weights[t, j] * y_sorted[row_map[t, j]]``.
+
+    ::
+
+        y_sorted [num_rows, hidden]            expert outputs in permute's row order
+        row_map  [num_tokens, topk] int32       from permute (-1: the slot contributes nothing)
+        weights  [num_tokens, topk] or None     float32/float64 or y_sorted's dtype; None = 1
+        -> y     [num_tokens, hidden]           y_sorted's dtype
+
+    The sum runs over j = 0..k-1 in float32 (float64 for float64), each token gathering its own
+    rows: deterministic, no atomics. Autograd: gradients of y_sorted (``unpermute_backward``)
+    and of weights (``unpermute_weights_backward``), each only when needed.
+    """
+    return torch.ops.mixops.unpermute.default(y_sorted, row_map, weights)
+
+
+def _check_row_map(row_map, num_tokens, op):
+    torch._check(row_map.dtype == torch.int32, lambda: f"{op}: row_map must be int32 (from permute)")
+    torch._check(row_map.dim() == 2 and row_map.shape[0] == num_tokens and row_map.shape[1] >= 1,
+                 lambda: f"{op}: row_map must have shape [num_tokens, k] with num_tokens = "
+                 f"{num_tokens}; is it from a permute call of another shape?")
+
+
+def _check_weights(weights, row_map, data, op):
+    if weights is None:
+        return
+    torch._check(weights.shape == row_map.shape,
+                 lambda: f"{op}: weights must have the shape of row_map {tuple(row_map.shape)}")
+    torch._check(weights.dtype in (torch.float32, torch.float64, data.dtype),
+                 lambda: f"{op}: weights must be float32, float64 or the data's dtype")
+    torch._check(weights.device == data.device,
+                 lambda: f"{op}: weights must be on the same device as the data")
+
+
+@torch.library.register_fake("mixops::permute")
+def _permute_fake(x, ids, num_experts, capacity=None, priority=None):
+    # The same checks and messages as csrc/permute_check.cpp.
+    torch._check(x.dim() == 2, lambda: "permute: x must be 2-D [num_tokens, hidden]")
+    torch._check(x.dtype in _FLOATS, lambda: f"permute: x must be a float tensor, got {x.dtype}")
+    torch._check(ids.dtype in (torch.int32, torch.int64),
+                 lambda: f"permute: ids must be int32 or int64, got {ids.dtype}")
+    torch._check(ids.dim() == 2 and ids.shape[0] == x.shape[0] and ids.shape[1] >= 1,
+                 lambda: f"permute: ids must have shape [num_tokens, k] with num_tokens = "
+                 f"x.size(0) = {x.shape[0]}")
+    torch._check(ids.device == x.device, lambda: "permute: ids must be on the same device as x")
+    torch._check(num_experts >= 1, lambda: f"permute: num_experts must be >= 1, got {num_experts}")
+    if capacity is not None:
+        torch._check(capacity >= 0, lambda: f"permute: capacity must be >= 0, got {capacity}")
+    if priority is not None:
+        torch._check(capacity is not None, lambda: "permute: priority only orders slots "
+                     "competing for capacity; give capacity too")
+        torch._check(priority.shape == ids.shape,
+                     lambda: "permute: priority must have the shape of ids")
+    num_tokens, k = ids.shape
+    num_rows = num_tokens * k
+    if capacity is not None:
+        num_rows = min(num_rows, num_experts * capacity)
+    return (x.new_empty(num_rows, x.shape[1]),
+            x.new_empty(num_experts, dtype=torch.int32),
+            x.new_empty(num_tokens, k, dtype=torch.int32),
+            x.new_empty(num_experts, dtype=torch.int32))
+
+
+@torch.library.register_fake("mixops::unpermute")
+def _unpermute_fake(y_sorted, row_map, weights=None):
+    torch._check(y_sorted.dim() == 2, lambda: "unpermute: y_sorted must be 2-D [num_rows, hidden]")
+    torch._check(y_sorted.dtype in _FLOATS, lambda: "unpermute: y_sorted must be a float tensor")
+    torch._check(row_map.dim() == 2, lambda: "unpermute: row_map must be 2-D [num_tokens, k]")
+    _check_row_map(row_map, row_map.shape[0], "unpermute")
+    _check_weights(weights, row_map, y_sorted, "unpermute")
+    return y_sorted.new_empty(row_map.shape[0], y_sorted.shape[1])
+
+
+@torch.library.register_fake("mixops::unpermute_backward")
+def _unpermute_backward_fake(grad_y, row_map, weights, num_rows):
+    torch._check(grad_y.dim() == 2, lambda: "unpermute_backward: grad_y must be 2-D")
+    _check_row_map(row_map, grad_y.shape[0], "unpermute_backward")
+    _check_weights(weights, row_map, grad_y, "unpermute_backward")
+    torch._check(num_rows >= 0, lambda: "unpermute_backward: num_rows must be >= 0")
+    return grad_y.new_empty(num_rows, grad_y.shape[1])
+
+
+@torch.library.register_fake("mixops::unpermute_weights_backward")
+def _unpermute_weights_backward_fake(grad_y, y_sorted, row_map, weights):
+    torch._check(grad_y.dim() == 2 and y_sorted.dim() == 2,
+                 lambda: "unpermute_weights_backward: grad_y and y_sorted must be 2-D")
+    torch._check(y_sorted.dtype == grad_y.dtype and y_sorted.shape[1] == grad_y.shape[1],
+                 lambda: "unpermute_weights_backward: y_sorted must match grad_y in dtype and "
+                 "hidden size")
+    _check_row_map(row_map, grad_y.shape[0], "unpermute_weights_backward")
+    _check_weights(weights, row_map, grad_y, "unpermute_weights_backward")
+    return weights.new_empty(row_map.shape)
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _permute_backward(ctx, grad_x_sorted, *_int_grads):
+    (row_map,) = ctx.saved_tensors
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0] and grad_x_sorted is not None:
+        grads[0] = unpermute(grad_x_sorted, row_map)
+    return tuple(grads)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y_sorted, row_map = inputs[:2]
+    weights = inputs[2] if len(inputs) > 2 else None
+    need_w = weights is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(y_sorted if need_w else None, row_map, weights)
+    ctx.num_rows = y_sorted.shape[0]
+
+
+def _unpermute_backward(ctx, grad_y):
+    y_sorted, row_map, weights = ctx.saved_tensors
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0]:
+        grads[0] = torch.ops.mixops.unpermute_backward.default(grad_y, row_map, weights,
+                                                                ctx.num_rows)
+    if len(grads) > 2 and ctx.needs_input_grad[2] and weights is not None:
+        grads[2] = torch.ops.mixops.unpermute_weights_backward.default(grad_y, y_sorted, row_map,
+                                                                        weights)
+    return tuple(grads)
+
+
+torch.library.register_autograd("mixops::permute", _permute_backward, setup_context=_permute_setup)
+torch.library.register_autograd("mixops::unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup)

@@ -1,0 +1,51 @@
+"""Reference permute / unpermute in plain PyTorch, from the definitions in mixops.ops.permute's
+docstring: a stable sort of the slots by expert, capacity by explicit priority ranking."""
+import torch
+
+
+def permute(x, ids, num_experts, *, capacity=None, priority=None):
+    num_tokens, k = ids.shape
+    slots = num_tokens * k
+    e = ids.long().flatten().clone()
+    dropped = torch.zeros(num_experts, dtype=torch.int64)
+    if capacity is not None:
+        # priority order: choice rank j, then (priority desc, NaN last) or token order
+        token = torch.arange(num_tokens)
+        taken = [0] * num_experts
+        for j in range(k):
+            order = token
+            if priority is not None:
+                p = priority[:, j].double().cpu()
+                p = torch.where(torch.isnan(p), torch.full_like(p, -torch.inf), p)
+                order = torch.sort(p, descending=True, stable=True).indices
+                nan_last = torch.isnan(priority[order, j].double().cpu()).long()
+                order = order[torch.sort(nan_last, stable=True).indices]
+            for t in order.tolist():
+                ex = int(e[t * k + j])
+                if ex < 0:
+                    continue
+                if taken[ex] >= capacity:
+                    e[t * k + j] = -1
+                    dropped[ex] += 1
+                taken[ex] += 1
+    num_rows = slots if capacity is None else min(slots, num_experts * capacity)
+    key = torch.where(e >= 0, e, torch.full_like(e, num_experts))
+    order = torch.sort(key, stable=True).indices
+    used = int((e >= 0).sum())
+    x_sorted = x.new_zeros(num_rows, x.shape[1])
+    x_sorted[:used] = x[order[:used] // k]
+    counts = torch.bincount(e[e >= 0], minlength=num_experts)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    row_map = torch.full((slots,), -1, dtype=torch.int64)
+    row_map[order[:used]] = torch.arange(used)
+    return (x_sorted, offsets, row_map.view(num_tokens, k).to(torch.int32),
+            dropped.to(torch.int32))
+
+
+def unpermute(y_sorted, row_map, weights=None):
+    rm = row_map.long()
+    has = (rm >= 0).unsqueeze(-1)
+    rows = y_sorted[rm.clamp(min=0)] * has  # [T, k, H]
+    if weights is not None:
+        rows = rows * weights.unsqueeze(-1)
+    return rows.sum(1)
