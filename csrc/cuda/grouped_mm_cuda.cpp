@@ -15,17 +15,12 @@
 
 #include "../grouped_mm_check.h"
 #include "grouped_mm_launch.h"
+#include "op_scratch.h"
 
 namespace mixops {
 namespace {
 
-bool debug_mode() {
-  static const bool on = [] {
-    const char* v = std::getenv("MIXOPS_DEBUG");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  return on;
-}
+using cuda::OpScratch;
 
 struct DeviceProps {
   int cc_major = 0, cc_minor = 0, num_sms = 0;
@@ -123,28 +118,18 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   cfg.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   cfg.stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
 
-  // One allocation: 256 bytes for the error flag, then the launcher's workspace.
-  const size_t ws = cuda::grouped_mm_workspace_bytes(p, cfg);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(256 + ws)}, a.options().dtype(at::kByte));
-  auto* base = static_cast<uint8_t*>(scratch.data_ptr());
-  p.error_flag = reinterpret_cast<int32_t*>(base);
-  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, sizeof(int32_t), cfg.stream));
+  const OpScratch scratch(a.options(), cuda::grouped_mm_workspace_bytes(p, cfg), cfg.stream);
+  p.error_flag = scratch.flag();
   try {
-    cuda::grouped_mm_launch(p, base + 256, cfg);
+    cuda::grouped_mm_launch(p, scratch.workspace(), cfg);
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "grouped_mm (CUDA, ",
                 cuda::grouped_mm_path_name(cuda::grouped_mm_select_path(p, cfg)), "): ", e.what());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (debug_mode()) {  // MIXOPS_DEBUG=1: synchronise and raise the CPU path's error
-    int32_t bits = 0;
-    C10_CUDA_CHECK(cudaMemcpyAsync(&bits, p.error_flag, sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                   cfg.stream));
-    C10_CUDA_CHECK(cudaStreamSynchronize(cfg.stream));
-    TORCH_CHECK(bits == 0, grouped_mm_error_message(bits, ragged_k ? k : m,
-                                                    ragged_k ? "a.size(1)" : "a.size(0)"));
-  }
+  scratch.check([&](int32_t bits) {  // MIXOPS_DEBUG=1: the CPU path's error
+    return grouped_mm_error_message(bits, ragged_k ? k : m, ragged_k ? "a.size(1)" : "a.size(0)");
+  });
   return out;
 }
 
