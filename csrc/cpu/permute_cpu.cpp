@@ -1,7 +1,7 @@
 // permute, unpermute and their backward ops on CPU (formats: csrc/include/mixops/permute.h).
 // permute: per-chunk expert histograms (chunks of permute::kChunkSlots slots, in parallel), a scan
-// giving each chunk its first row per expert, then each chunk places its slots in order and copies
-// their rows (stable, so rows of an expert are in slot order). Capacity first ranks the slots of
+// giving each chunk its first row per expert, then each chunk places its slots in order (stable,
+// so rows of an expert are in slot order), and the rows are gathered in output order. Capacity first ranks the slots of
 // each expert in priority order (a sequential pass over choice-major slots, or a stable sort per
 // choice rank with priorities) and drops those ranked past the capacity.
 // unpermute: a token per iteration gathers its k rows (fp32 accumulation, j in order): no
@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_alloc.h"
 #include "permute_check.h"
 
 namespace mixops {
@@ -61,10 +62,10 @@ void apply_capacity(int32_t* e_of, int64_t num_tokens, int32_t k, int32_t num_ex
   }
 }
 
-// Places every slot with an expert (e_of >= 0) and copies its row; returns the rows used.
+// Places every slot with an expert (e_of >= 0): row_map, offsets, and the token of every row
+// (src_token, for the gather). Returns the rows used.
 int64_t place_rows(const int32_t* e_of, int64_t slots, int32_t k, int32_t num_experts,
-                   const uint8_t* x, int64_t x_row_bytes, int64_t row_bytes, uint8_t* x_sorted,
-                   int32_t* offsets, int32_t* row_map) {
+                   int32_t* offsets, int32_t* row_map, int32_t* src_token) {
   const int64_t chunks = permute::num_chunks(slots), e = num_experts;
   std::vector<int32_t> base(chunks * e, 0);  // histogram, then each chunk's next row per expert
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -96,11 +97,26 @@ int64_t place_rows(const int32_t* e_of, int64_t slots, int32_t k, int32_t num_ex
         }
         const int32_t r = next[ex]++;
         row_map[i] = r;
-        std::memcpy(x_sorted + r * row_bytes, x + (i / k) * x_row_bytes, row_bytes);
+        src_token[r] = static_cast<int32_t>(i / k);
       }
     }
   });
   return row;
+}
+
+// x_sorted[r] = x[src_token[r]] for r < used, zero after: written in order, a contiguous range
+// of rows per thread (sequential stores and page faults; scattering rows by slot was slower).
+void gather_rows(const uint8_t* x, int64_t x_row_bytes, int64_t row_bytes, const int32_t* src,
+                 int64_t used, int64_t num_rows, uint8_t* x_sorted) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, num_rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < std::min(r1, used); ++r)
+      std::memcpy(x_sorted + r * row_bytes, x + src[r] * x_row_bytes, row_bytes);
+    if (r1 > used) {
+      const int64_t z0 = std::max(r0, used);
+      std::memset(x_sorted + z0 * row_bytes, 0, (r1 - z0) * row_bytes);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
@@ -111,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
   const at::Tensor ids = ids_in.contiguous();
   const int64_t t = x.size(0), h = x.size(1), k = ids.size(1), slots = t * k;
   const auto iopt = x.options().dtype(at::kInt);
-  at::Tensor x_sorted = at::empty({num_rows, h}, x.options());
+  at::Tensor x_sorted = empty_large({num_rows, h}, x.options());
   at::Tensor offsets = at::empty({num_experts}, iopt);
   at::Tensor row_map = at::empty({t, k}, iopt);
   at::Tensor dropped = at::zeros({num_experts}, iopt);
@@ -126,15 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
                    *capacity, priority ? pr.data_ptr<float>() : nullptr,
                    dropped.data_ptr<int32_t>());
   }
-  const int64_t row_bytes = h * x.element_size();
-  const int64_t used = place_rows(
-      e_of.data(), slots, static_cast<int32_t>(k), static_cast<int32_t>(num_experts),
-      static_cast<const uint8_t*>(x.data_ptr()), x.stride(0) * x.element_size(), row_bytes,
-      static_cast<uint8_t*>(x_sorted.data_ptr()), offsets.data_ptr<int32_t>(),
-      row_map.data_ptr<int32_t>());
-  if (used < num_rows)
-    std::memset(static_cast<uint8_t*>(x_sorted.data_ptr()) + used * row_bytes, 0,
-                (num_rows - used) * row_bytes);
+  std::vector<int32_t> src_token(num_rows);
+  const int64_t used = place_rows(e_of.data(), slots, static_cast<int32_t>(k),
+                                  static_cast<int32_t>(num_experts), offsets.data_ptr<int32_t>(),
+                                  row_map.data_ptr<int32_t>(), src_token.data());
+  gather_rows(static_cast<const uint8_t*>(x.data_ptr()), x.stride(0) * x.element_size(),
+              h * x.element_size(), src_token.data(), used, num_rows,
+              static_cast<uint8_t*>(x_sorted.data_ptr()));
   return {x_sorted, offsets, row_map, dropped};
 }
 
@@ -162,7 +176,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_ma
   unpermute_check_row_map_values(row_map, num_rows, "unpermute");
   const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
   const int64_t t = row_map.size(0), k = row_map.size(1), h = y_sorted.size(1);
-  at::Tensor y = at::empty({t, h}, y_sorted.options());
+  at::Tensor y = empty_large({t, h}, y_sorted.options());
   const int32_t* rm = row_map.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -196,7 +210,7 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
   unpermute_check_row_map_values(row_map, num_rows, "unpermute_backward");
   const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
   const int64_t t = row_map.size(0), k = row_map.size(1), h = grad_y.size(1);
-  at::Tensor out = at::empty({num_rows, h}, grad_y.options());
+  at::Tensor out = empty_large({num_rows, h}, grad_y.options());
   const int32_t* rm = row_map.data_ptr<int32_t>();
   std::vector<uint8_t> used(num_rows, 0);
   for (int64_t i = 0; i < t * k; ++i)

@@ -63,9 +63,10 @@ MIXOPS_INLINE bool keys_are_logits(const RouterOptions& o) {
 // The strict total order of candidates: higher key first, NaN last, then the lower id.
 template <class T>
 MIXOPS_INLINE bool better(T key_a, int32_t id_a, T key_b, int32_t id_b) {
-  const bool na = det::is_nan(key_a), nb = det::is_nan(key_b);
-  if (na || nb) return na == nb ? id_a < id_b : nb;
-  if (key_a != key_b) return key_a > key_b;
+  if (key_a > key_b) return true;  // both numbers (the common cases first: one compare each)
+  if (key_a < key_b) return false;
+  const bool na = det::is_nan(key_a), nb = det::is_nan(key_b);  // equal, or a NaN
+  if (na != nb) return nb;
   return id_a < id_b;
 }
 
