@@ -22,6 +22,11 @@ namespace mixops {
 namespace {
 
 constexpr int64_t kTokenGrain = 16;  // tokens per parallel task in the row loops
+// unpermute reads a token's rows side by side, a block of columns at a time: T=4096, k=8,
+// hidden 1024 fp32 took 21.5 ms row after row (each 4 KiB row a short stream the prefetchers
+// ramp up on) and 11 ms side by side; torch's contiguous sum of the same bytes takes 8.9 ms.
+constexpr int kMaxGatherRows = 16;
+constexpr int64_t kColumnBlock = 64;
 
 // e_of[i] = the expert of slot i or -1; returns false if some id is out of range.
 template <class id_t>
@@ -184,18 +189,41 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_ma
     scalar_t* dst = y.data_ptr<scalar_t>();
     const int64_t ld = y_sorted.stride(0);
     at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> acc(h);
+      const scalar_t* rows[kMaxGatherRows];
+      acc_t wts[kMaxGatherRows];
       for (int64_t tok = t0; tok < t1; ++tok) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int32_t r = rm[tok * k + j];
-          if (r < 0) continue;
-          const acc_t wj = weight_at<acc_t>(w, tok * k + j);
-          const scalar_t* row = src + r * ld;
-          for (int64_t c = 0; c < h; ++c) acc[c] += wj * static_cast<acc_t>(row[c]);
-        }
         scalar_t* out = dst + tok * h;
-        for (int64_t c = 0; c < h; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+        // The token's rows, kMaxGatherRows at a time, read side by side in blocks of
+        // kColumnBlock columns (k concurrent streams, accumulators in registers); each element
+        // still sums j = 0..k-1 in order.
+        for (int64_t j0 = 0; j0 < k || j0 == 0; j0 += kMaxGatherRows) {
+          int n = 0;
+          for (int64_t j = j0; j < std::min<int64_t>(k, j0 + kMaxGatherRows); ++j) {
+            const int32_t r = rm[tok * k + j];
+            if (r < 0) continue;
+            rows[n] = src + r * ld;
+            wts[n++] = weight_at<acc_t>(w, tok * k + j);
+          }
+          for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
+            const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
+            acc_t acc[kColumnBlock];
+            if (j0 == 0) {
+              for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
+            } else {
+              for (int64_t c = 0; c < nc; ++c) acc[c] = static_cast<acc_t>(out[c0 + c]);
+            }
+            for (int i = 0; i < n; ++i) {
+              const scalar_t* row = rows[i] + c0;
+              const acc_t wi = wts[i];
+              if (nc == kColumnBlock) {
+                for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * static_cast<acc_t>(row[c]);
+              } else {
+                for (int64_t c = 0; c < nc; ++c) acc[c] += wi * static_cast<acc_t>(row[c]);
+              }
+            }
+            for (int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<scalar_t>(acc[c]);
+          }
+        }
       }
     });
   });
@@ -212,28 +240,27 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
   const int64_t t = row_map.size(0), k = row_map.size(1), h = grad_y.size(1);
   at::Tensor out = empty_large({num_rows, h}, grad_y.options());
   const int32_t* rm = row_map.data_ptr<int32_t>();
-  std::vector<uint8_t> used(num_rows, 0);
+  std::vector<int32_t> slot_of(num_rows, -1);  // row -> the slot mapped to it (values checked)
   for (int64_t i = 0; i < t * k; ++i)
-    if (rm[i] >= 0) used[rm[i]] = 1;
+    if (rm[i] >= 0) slot_of[rm[i]] = static_cast<int32_t>(i);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
                                   "unpermute_backward", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* g = grad_y.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      for (int64_t tok = t0; tok < t1; ++tok)
-        for (int64_t j = 0; j < k; ++j) {
-          const int32_t r = rm[tok * k + j];
-          if (r < 0) continue;
-          const acc_t wj = weight_at<acc_t>(w, tok * k + j);
-          const scalar_t* src = g + tok * h;
-          scalar_t* row = dst + r * h;
-          for (int64_t c = 0; c < h; ++c) row[c] = static_cast<scalar_t>(wj * static_cast<acc_t>(src[c]));
+    // Written in row order (as permute's gather: sequential stores and page faults).
+    at::parallel_for(0, num_rows, kTokenGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = dst + r * h;
+        const int32_t i = slot_of[r];
+        if (i < 0) {
+          std::fill(row, row + h, scalar_t(0));
+          continue;
         }
-    });
-    at::parallel_for(0, num_rows, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        if (!used[r]) std::fill(dst + r * h, dst + (r + 1) * h, scalar_t(0));
+        const acc_t wi = weight_at<acc_t>(w, i);
+        const scalar_t* src = g + (i / k) * h;
+        for (int64_t c = 0; c < h; ++c) row[c] = static_cast<scalar_t>(wi * static_cast<acc_t>(src[c]));
+      }
     });
   });
   return out;
@@ -257,17 +284,32 @@ at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in, const at:
     const int64_t ld = y_sorted.stride(0);
     std::vector<acc_t> dots(t * k);
     at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      for (int64_t tok = t0; tok < t1; ++tok)
-        for (int64_t j = 0; j < k; ++j) {
-          const int32_t r = rm[tok * k + j];
-          acc_t d = 0;
-          if (r >= 0) {
-            const scalar_t* a = g + tok * h;
-            const scalar_t* b = ys + r * ld;
-            for (int64_t c = 0; c < h; ++c) d += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+      for (int64_t tok = t0; tok < t1; ++tok) {
+        // The token's rows side by side, a block of columns at a time (as in unpermute).
+        const scalar_t* a = g + tok * h;
+        for (int64_t j0 = 0; j0 < k; j0 += kMaxGatherRows) {
+          const int64_t n = std::min<int64_t>(kMaxGatherRows, k - j0);
+          const scalar_t* rows[kMaxGatherRows];
+          acc_t d[kMaxGatherRows];
+          for (int64_t i = 0; i < n; ++i) {
+            const int32_t r = rm[tok * k + j0 + i];
+            rows[i] = r >= 0 ? ys + r * ld : nullptr;
+            d[i] = 0;
           }
-          dots[tok * k + j] = d;
+          for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
+            const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
+            for (int64_t i = 0; i < n; ++i) {
+              if (!rows[i]) continue;
+              const scalar_t* b = rows[i] + c0;
+              acc_t part = 0;
+              for (int64_t c = 0; c < nc; ++c)
+                part += static_cast<acc_t>(a[c0 + c]) * static_cast<acc_t>(b[c]);
+              d[i] += part;
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) dots[tok * k + j0 + i] = d[i];
         }
+      }
     });
     gw.copy_(at::from_blob(dots.data(), {t, k}, at::TensorOptions().dtype(
         std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)));
