@@ -138,6 +138,11 @@ _BAD = {
     "modality": ("l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"
                  "out = mixops.ops.router_topk(l, 2, modality=m, num_modalities=2).weights",
                  r"modality values must be in \[0, num_modalities = 2\)"),
+    "backward_ids": ("l = torch.randn(4, 8, device='cuda'); m = torch.zeros(4, dtype=torch.long, "
+                     "device='cuda'); ids = torch.full((4, 2), 5, dtype=torch.int32, device='cuda')\n"
+                     "out = torch.ops.mixops.router_topk_backward(torch.ones(4, 2, device='cuda'), "
+                     "None, None, l, ids, 'softmax', False, True, 0.0, 1.0, m, 2, None)",
+                     r"ids must name eligible experts"),
 }
 
 

@@ -389,6 +389,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
       const int32_t* ids = p.ids + t * k;
       for (int j = lane; j < k; j += kWarp) {
         const bool ok = ids[j] >= lo && ids[j] < hi;  // else: not from this forward; ignored
+        if (!ok && p.error_flag != nullptr) atomicOr(p.error_flag, kIdsNotEligible);
         const Acc x = ok ? to_acc(rv.row[ids[j] - lo]) : Acc(0);
         sraw[j] = tts ? x : routing::score(f, x, m, den);
         sg[j] = gw[t * k + j];
