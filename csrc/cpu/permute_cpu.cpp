@@ -160,6 +160,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
 template <class T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Element conversions for the row loops. bf16 goes through its bits (a shift each way, round to
+// nearest even, NaN kept quiet: what c10::BFloat16 does) so that GCC vectorises the loops.
+template <class T>
+inline acc_of<T> load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const uint32_t u = static_cast<uint32_t>(p[i].x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    return static_cast<acc_of<T>>(p[i]);
+  }
+}
+
+template <class T>
+inline void store(T* p, int64_t i, acc_of<T> v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    p[i].x = v != v ? uint16_t(0x7fc0) : static_cast<uint16_t>(r);
+  } else {
+    p[i] = static_cast<T>(v);
+  }
+}
+
 // Weight of slot i (1 without weights), read in its own dtype.
 template <class acc_t>
 acc_t weight_at(const at::Tensor& w, int64_t i) {
@@ -210,18 +236,18 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_ma
             if (j0 == 0) {
               for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
             } else {
-              for (int64_t c = 0; c < nc; ++c) acc[c] = static_cast<acc_t>(out[c0 + c]);
+              for (int64_t c = 0; c < nc; ++c) acc[c] = load(out, c0 + c);
             }
             for (int i = 0; i < n; ++i) {
               const scalar_t* row = rows[i] + c0;
               const acc_t wi = wts[i];
               if (nc == kColumnBlock) {
-                for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * static_cast<acc_t>(row[c]);
+                for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * load(row, c);
               } else {
-                for (int64_t c = 0; c < nc; ++c) acc[c] += wi * static_cast<acc_t>(row[c]);
+                for (int64_t c = 0; c < nc; ++c) acc[c] += wi * load(row, c);
               }
             }
-            for (int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<scalar_t>(acc[c]);
+            for (int64_t c = 0; c < nc; ++c) store(out, c0 + c, acc[c]);
           }
         }
       }
@@ -259,7 +285,7 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
         }
         const acc_t wi = weight_at<acc_t>(w, i);
         const scalar_t* src = g + (i / k) * h;
-        for (int64_t c = 0; c < h; ++c) row[c] = static_cast<scalar_t>(wi * static_cast<acc_t>(src[c]));
+        for (int64_t c = 0; c < h; ++c) store(row, c, wi * load(src, c));
       }
     });
   });
@@ -303,7 +329,7 @@ at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in, const at:
               const scalar_t* b = rows[i] + c0;
               acc_t part = 0;
               for (int64_t c = 0; c < nc; ++c)
-                part += static_cast<acc_t>(a[c0 + c]) * static_cast<acc_t>(b[c]);
+                part += load(a, c0 + c) * load(b, c);
               d[i] += part;
             }
           }
