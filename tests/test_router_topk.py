@@ -6,6 +6,7 @@ import torch
 
 import mixops
 import mixops.reference as ref
+from mixops.reference.routing import ranked_ids
 from conftest import DEVICES
 from helpers import assert_close_to_ref, opcheck
 from routing_cases import OPTION_GRID, distinct_logits, router_kwargs
@@ -319,3 +320,21 @@ def test_bad_backward_ids():
                                               torch.full((4, 2), 5, dtype=torch.int32),
                                               "softmax", False, True, 0.0, 1.0,
                                               torch.zeros(4, dtype=torch.long), 2, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_tie_rule_and_nan_order_with_many_ties(device, k):
+    """Heavy ties, NaNs and infinities at E=256: ids follow the documented order exactly (higher
+    logit first, NaN last, ties to the lower id), whatever shortcuts the kernels take."""
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randint(-3, 4, (200, 256), generator=gen).float() * 0.5
+    r = torch.rand(200, 256, generator=gen)
+    logits[r < 0.2] = float("nan")
+    logits[(r > 0.2) & (r < 0.22)] = float("-inf")
+    logits[(r > 0.22) & (r < 0.23)] = float("inf")
+    logits[5] = float("nan")
+    logits[6] = 1.0
+    out = mixops.ops.router_topk(logits.to(device), k)
+    expected = ranked_ids(logits, torch.ones_like(logits, dtype=torch.bool), k)
+    assert torch.equal(out.ids.cpu().long(), expected)
