@@ -18,6 +18,7 @@
 // builders run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
@@ -129,7 +130,12 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
             [](const GroupWork& x, const GroupWork& y) { return x.flops > y.flops; });
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(small.size());
+  // OpenMP workers do not inherit the caller's thread-local state (grad mode, dispatch key
+  // exclusions): without this, mm_out in a worker sees autograd and refuses out= on tensors
+  // that require grad.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
         run_piece(a, b, out, ragged_k, small[i]);
