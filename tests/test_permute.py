@@ -268,3 +268,20 @@ def test_bad_unpermute():
         mixops.ops.unpermute(p.x_sorted, torch.zeros_like(p.row_map))
     with pytest.raises(RuntimeError, match="row_map must have shape"):
         torch.ops.mixops.unpermute_backward(torch.randn(9, 4), p.row_map, None, 20)
+
+
+def test_bad_backward_ops():
+    x = torch.randn(10, 4)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(10)]).int()
+    p = mixops.ops.permute(x, ids, 8)
+    g, w = torch.randn(10, 4), torch.rand(10, 2)
+    with pytest.raises(RuntimeError, match="y_sorted must match grad_y in dtype and hidden size"):
+        torch.ops.mixops.unpermute_weights_backward(g, p.x_sorted[:, :3], p.row_map, w)
+    with pytest.raises(RuntimeError, match="row_map values must be in"):
+        torch.ops.mixops.unpermute_weights_backward(g, p.x_sorted[:7], p.row_map, w)
+    with pytest.raises(RuntimeError, match="weights must have the shape of row_map"):
+        torch.ops.mixops.unpermute_backward(g, p.row_map, w[:, :1], 20)
+    with pytest.raises(RuntimeError, match="num_rows must be >= 0"):
+        torch.ops.mixops.unpermute_backward(g, p.row_map, w, -1)
+    with pytest.raises(RuntimeError, match="row_map values must be in"):
+        torch.ops.mixops.unpermute_backward(g, p.row_map, w, 5)
