@@ -6,16 +6,6 @@
 
 namespace mixops {
 
-Dtype to_mixops_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kDouble: return Dtype::kFloat64;
-    default: TORCH_CHECK(false, "grouped_mm: unsupported dtype ", t);
-  }
-}
-
 std::vector<int64_t> grouped_mm_check(const at::Tensor& a, const at::Tensor& b,
                                       const at::Tensor& offsets) {
   TORCH_CHECK(a.dim() == 2, "grouped_mm: a must be 2-D [m, k], got a ", a.dim(),

@@ -19,6 +19,4 @@ void grouped_mm_check_offsets_values(const at::Tensor& offsets, int64_t total, c
 // The message for a set of GroupedMmError bits (used by the CUDA debug mode).
 std::string grouped_mm_error_message(int32_t bits, int64_t total, const char* what);
 
-Dtype to_mixops_dtype(at::ScalarType t);
-
 }  // namespace mixops

@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace mixops {
@@ -123,20 +124,26 @@ void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor
   check_weights(weights, row_map, grad_y, op);
 }
 
-void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op) {
+void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
+                                    int32_t* slot_of) {
   const at::Tensor c = row_map.contiguous();
   const int32_t* p = c.data_ptr<int32_t>();
   const int64_t k = row_map.size(1);
-  std::vector<uint8_t> seen(static_cast<size_t>(num_rows), 0);
+  std::vector<int32_t> own;
+  if (slot_of == nullptr) {
+    own.resize(static_cast<size_t>(num_rows));
+    slot_of = own.data();
+  }
+  std::fill(slot_of, slot_of + num_rows, -1);
   for (int64_t i = 0; i < c.numel(); ++i) {
     const int64_t r = p[i];
     TORCH_CHECK(r >= -1 && r < num_rows, op, ": row_map values must be in [-1, num_rows = ",
                 num_rows, "), got row_map[", i / k, ", ", i % k, "] = ", r, "; row_map must "
                 "come from the permute call that produced these rows");
     if (r < 0) continue;
-    TORCH_CHECK(!seen[r], op, ": row_map maps two slots to row ", r, " (at row_map[", i / k, ", ",
-                i % k, "]); row_map must come from permute");
-    seen[r] = 1;
+    TORCH_CHECK(slot_of[r] < 0, op, ": row_map maps two slots to row ", r, " (at row_map[", i / k,
+                ", ", i % k, "]); row_map must come from permute");
+    slot_of[r] = static_cast<int32_t>(i);
   }
 }
 

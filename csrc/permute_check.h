@@ -25,8 +25,10 @@ void unpermute_backward_check(const at::Tensor& grad_y, const at::Tensor& row_ma
                               const std::optional<at::Tensor>& weights, int64_t num_rows);
 void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor& y_sorted,
                                       const at::Tensor& row_map, const at::Tensor& weights);
-// Host check of row_map values (CPU tensor): in [-1, num_rows), no row twice.
-void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op);
+// Host check of row_map values (CPU tensor, contiguous): in [-1, num_rows), no row twice.
+// slot_of, if given ([num_rows]), receives the inverse map: the slot of each row, or -1.
+void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
+                                    int32_t* slot_of = nullptr);
 
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
                                   int64_t num_rows);

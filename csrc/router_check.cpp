@@ -5,8 +5,6 @@
 
 #include <cmath>
 
-#include "grouped_mm_check.h"  // to_mixops_dtype
-
 namespace mixops {
 namespace {
 

@@ -261,14 +261,11 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
   unpermute_backward_check(grad_y_in, row_map_in, weights_in, num_rows);
   const at::Tensor grad_y = grad_y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous();
-  unpermute_check_row_map_values(row_map, num_rows, "unpermute_backward");
+  std::vector<int32_t> slot_of(num_rows);  // row -> the slot mapped to it, or -1
+  unpermute_check_row_map_values(row_map, num_rows, "unpermute_backward", slot_of.data());
   const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
-  const int64_t t = row_map.size(0), k = row_map.size(1), h = grad_y.size(1);
+  const int64_t k = row_map.size(1), h = grad_y.size(1);
   at::Tensor out = empty_large({num_rows, h}, grad_y.options());
-  const int32_t* rm = row_map.data_ptr<int32_t>();
-  std::vector<int32_t> slot_of(num_rows, -1);  // row -> the slot mapped to it (values checked)
-  for (int64_t i = 0; i < t * k; ++i)
-    if (rm[i] >= 0) slot_of[rm[i]] = static_cast<int32_t>(i);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
                                   "unpermute_backward", [&] {
     using acc_t = acc_of<scalar_t>;

@@ -20,12 +20,12 @@ constexpr int64_t kChunkRows = 128;
 // Per-thread scratch for one row (sized for the row's eligible experts).
 template <class acc_t>
 struct RowScratch {
-  std::vector<acc_t> x, num, sig, key, group_scores, top_keys, raw, grad;
+  std::vector<acc_t> x, num, sig, key, group_scores, top_keys, raw, grad, grad_k;
   std::vector<int32_t> top_ids;
   std::vector<uint8_t> keep;
   RowScratch(int64_t n, int32_t k, int32_t groups)
       : x(n), num(n), sig(n), key(n), group_scores(groups), top_keys(k), raw(k), grad(n),
-        top_ids(k), keep(groups) {}
+        grad_k(k), top_ids(k), keep(groups) {}
 };
 
 // Row quantities every pass needs: logits in acc_t, max, softmax numerators and denominator,
@@ -169,17 +169,12 @@ void backward_rows(const RouterOptions& o, const at::Tensor& logits, const int64
       for (int32_t i = 0; i < n; ++i) gx[i] = 0;
       const int32_t* tid = ids + t * k;
       for (int64_t j = 0; j < k; ++j)
-        TORCH_CHECK(tid[j] >= lo && tid[j] < lo + n, "router_topk_backward: ids[", t, ", ", j,
-                    "] = ", tid[j], " is not an eligible expert of token ", t, " (experts [", lo,
-                    ", ", lo + n, ")); ids must come from router_topk with the same options");
+        TORCH_CHECK(tid[j] >= lo && tid[j] < lo + n, "router_topk_backward: ids values must be "
+                    "in the token's eligible experts [", lo, ", ", lo + n, "), got ids[", t, ", ",
+                    j, "] = ", tid[j], " (not an eligible expert of token ", t, "); ids must "
+                    "come from router_topk with the same options");
       if (gw) {
-        acc_t g[64];
-        std::vector<acc_t> gbig;
-        acc_t* gj = g;
-        if (k > 64) {
-          gbig.resize(k);
-          gj = gbig.data();
-        }
+        acc_t* gj = s.grad_k.data();
         for (int64_t j = 0; j < k; ++j) gj[j] = gw[t * k + j];
         row.raw_weights(o, tid, s);
         routing::finish_weights_backward(o, s.raw.data(), gj, o.k);
@@ -236,7 +231,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   const RouterOptions o = router_check(logits_in, k, score_fn, topk_then_score, renormalize,
                                        renorm_eps, scaling, bias, num_groups, groups_kept,
                                        group_score, modality, num_modalities, token_mask);
-  if (modality) router_check_modality_values(*modality, num_modalities);
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t t = logits.size(0), e = o.num_experts;
   const auto acc = router_acc_dtype(logits);
@@ -247,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   at::Tensor score_sum = at::empty({e}, fopt);
   at::Tensor lse = at::empty({t}, fopt);
   const auto mod = modality_i64(modality);
+  if (mod) router_check_modality_values(*mod, num_modalities);  // no copy: already int64
   const at::Tensor mask = token_mask ? token_mask->contiguous() : at::Tensor();
   const int64_t chunks = (t + kChunkRows - 1) / kChunkRows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "router_topk",
@@ -288,17 +283,11 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_weight
                                                 ids_in, score_fn, topk_then_score, renormalize,
                                                 renorm_eps, scaling, modality, num_modalities,
                                                 token_mask);
-  if (modality) router_check_modality_values(*modality, num_modalities);
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
-  {  // ids must name eligible experts (they come from the forward)
-    const int32_t* p = ids.data_ptr<int32_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i)
-      TORCH_CHECK(p[i] >= 0 && p[i] < o.num_experts, "router_topk_backward: ids values must be "
-                  "in [0, num_experts = ", o.num_experts, "), got ", p[i]);
-  }
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   const auto mod = modality_i64(modality);
+  if (mod) router_check_modality_values(*mod, num_modalities);  // no copy: already int64
   const at::Tensor mask = token_mask ? token_mask->contiguous() : at::Tensor();
   auto c = [](const std::optional<at::Tensor>& g) { return g ? g->contiguous() : at::Tensor(); };
   const at::Tensor gw = c(grad_weights), gss = c(grad_score_sum), glse = c(grad_lse);

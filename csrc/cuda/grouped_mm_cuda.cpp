@@ -14,6 +14,7 @@
 #include <mutex>
 
 #include "../grouped_mm_check.h"
+#include "../op_dtype.h"
 #include "grouped_mm_launch.h"
 #include "op_scratch.h"
 

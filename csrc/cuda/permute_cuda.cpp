@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../grouped_mm_check.h"  // to_mixops_dtype
+#include "../op_dtype.h"
 #include "../permute_check.h"
 #include "op_scratch.h"
 #include "permute_launch.h"

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../grouped_mm_check.h"  // to_mixops_dtype
+#include "../op_dtype.h"
 #include "../router_check.h"
 #include "op_scratch.h"
 #include "router_launch.h"
