@@ -1,0 +1,229 @@
+"""HF transformers integration: convert MoE blocks to mixops.nn.MoE, patch loaded models in place,
+and the ``"mixops"`` experts implementation (``experts_implementation="mixops"``).
+
+::
+
+    from mixops.integrations.transformers import from_hf, patch_model, register
+    moe = from_hf(model.model.layers[0].mlp)   # a mixops.nn.MoE sharing the block's parameters
+    patch_model(model)                          # every convertible block, in place, for training
+    register()                                  # then from_pretrained(..., experts_implementation="mixops")
+
+transformers is an optional dependency (``pip install mixops[transformers]``); importing this module
+without it raises ImportError saying so.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import transformers  # noqa: F401
+    from transformers.integrations.moe import ExpertsInterface
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("mixops.integrations.transformers needs HF transformers: "
+                      "pip install 'mixops[transformers]'") from e
+
+from ..nn.moe import MoE, MoEParts
+from ..ops import grouped_mm, permute, unpermute
+
+__all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
+
+
+@dataclass(frozen=True)
+class _RouterSpec:
+    score_fn: str          # "softmax" | "sigmoid"
+    deepseek: bool = False  # sigmoid + selection bias + groups + eps 1e-20 + routed scaling, fp32 logits
+    always_renormalize: bool = False  # Mixtral renormalises without a flag
+
+
+# Router classes whose forward mixops reproduces exactly (by class name, so that importing every
+# model of transformers is not needed). Block classes: a gate, 3-D experts, optional shared experts.
+_ROUTERS = {
+    "MixtralTopKRouter": _RouterSpec("softmax", always_renormalize=True),
+    "Qwen2MoeTopKRouter": _RouterSpec("softmax"),
+    "Qwen3MoeTopKRouter": _RouterSpec("softmax"),
+    "OlmoeTopKRouter": _RouterSpec("softmax"),
+    "DeepseekV3TopkRouter": _RouterSpec("sigmoid", deepseek=True),
+    "Glm4MoeTopkRouter": _RouterSpec("sigmoid", deepseek=True),
+}
+SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
+                    "OlmoeSparseMoeBlock", "DeepseekV3MoE", "Glm4MoeMoE")
+
+# HF hidden_act of gated experts -> mixops activation.
+_GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu",
+               "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "relu": "reglu"}
+
+
+def _hidden_act(experts):
+    cfg = getattr(experts, "config", None)
+    act = getattr(cfg, "hidden_act", None)
+    if act is None:
+        raise ValueError(f"mixops: cannot tell the activation of {type(experts).__name__} "
+                         "(no config.hidden_act)")
+    if act not in _GATED_ACTS:
+        raise ValueError(f"mixops: activation {act!r} of {type(experts).__name__} is not supported "
+                         f"(supported: {', '.join(_GATED_ACTS)})")
+    return _GATED_ACTS[act]
+
+
+def _why_not(block) -> Optional[str]:
+    """None if mixops expresses this block exactly, else what is missing."""
+    name = type(block).__name__
+    if name not in SUPPORTED_BLOCKS:
+        return (f"{name} is not a supported MoE block (supported: {', '.join(SUPPORTED_BLOCKS)})")
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    if gate is None or type(gate).__name__.replace("Mixops", "", 1) not in _ROUTERS:
+        return f"{name}: router {type(gate).__name__} has no mixops equivalent"
+    if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+        return f"{name}: experts without 3-D gate_up_proj/down_proj weights are not supported"
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) \
+            or getattr(experts, "has_post_expert_norm", False) \
+            or not getattr(experts, "is_concatenated", True):
+        return f"{name}: expert biases, transposed or interleaved weights and post-expert norms are not supported"
+    if getattr(block, "jitter_noise", 0) and block.jitter_noise > 0:
+        return f"{name}: router_jitter_noise={block.jitter_noise} has no mixops equivalent"
+    return None
+
+
+def _options(block):
+    gate = block.gate
+    spec = _ROUTERS[type(gate).__name__.replace("Mixops", "", 1)]
+    E, H = gate.weight.shape
+    F_ = block.experts.down_proj.shape[-1]
+    opts = dict(hidden_size=H, ffn_size=F_, num_experts=E, top_k=gate.top_k,
+                activation=_hidden_act(block.experts), score_fn=spec.score_fn)
+    if spec.deepseek:
+        opts.update(renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-20,
+                    scaling=float(gate.routed_scaling_factor), selection_bias=True,
+                    num_groups=gate.num_group, groups_kept=gate.topk_group,
+                    group_score="top2_sum", router_fp32=True)
+    else:
+        opts.update(renormalize=spec.always_renormalize or bool(gate.norm_topk_prob))
+    return opts
+
+
+def _shared(block):
+    if hasattr(block, "shared_expert"):
+        return block.shared_expert, getattr(block, "shared_expert_gate", None), "shared_expert"
+    if hasattr(block, "shared_experts"):
+        return block.shared_experts, None, "shared_experts"
+    return None, None, "shared_experts"
+
+
+class _Logits(nn.Module):
+    """A router for mixops.nn.MoE that shares an HF router's weight (and bias buffer)."""
+
+    def __init__(self, hf_gate):
+        super().__init__()
+        self.weight = hf_gate.weight
+        if hasattr(hf_gate, "e_score_correction_bias"):
+            self.register_buffer("e_score_correction_bias", hf_gate.e_score_correction_bias)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def _hf_router_logits_forward(self, hidden_states):
+    # The patched HF router computes only the logits (mixops does the rest) and returns them first
+    # in a tuple, so HF's output recorder (router_logits, aux loss) still sees them.
+    x = hidden_states.reshape(-1, self.weight.shape[-1])
+    return (F.linear(x, self.weight.to(x.dtype)),)
+
+
+_PATCHED_ROUTER_CLASSES = {}
+
+
+def _patch_router_class(gate):
+    cls = type(gate)
+    if cls.__name__.startswith("Mixops"):
+        return
+    if cls not in _PATCHED_ROUTER_CLASSES:
+        _PATCHED_ROUTER_CLASSES[cls] = type("Mixops" + cls.__name__, (cls,),
+                                            {"forward": _hf_router_logits_forward})
+    gate.__class__ = _PATCHED_ROUTER_CLASSES[cls]
+
+
+def from_hf(block: nn.Module, **moe_kwargs) -> MoE:
+    """A ``mixops.nn.MoE`` computing what the HF MoE ``block`` computes, sharing its Parameters
+    (and the selection-bias buffer); the HF block keeps working. ``moe_kwargs`` adds MoE options
+    HF blocks do not have (e.g. ``aux_loss_coef``, ``capacity_factor``).
+
+    Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE and OLMoE (softmax top-k,
+    with or without ``norm_topk_prob``), DeepSeek-V3 and GLM-4-MoE (sigmoid, selection bias,
+    group-limited top-k, routed scaling, shared experts). Anything else raises ValueError saying
+    what is missing."""
+    why = _why_not(block)
+    if why is not None:
+        raise ValueError(f"mixops.from_hf: cannot convert: {why}")
+    shared, shared_gate, shared_name = _shared(block)
+    parts = MoEParts(gate=_Logits(block.gate), experts=block.experts, shared=shared,
+                     shared_gate=shared_gate, shared_name=shared_name)
+    return MoE(**_options(block), **moe_kwargs, parts=parts)
+
+
+def patch_model(model: nn.Module, **moe_kwargs) -> list:
+    """Replace every convertible MoE block of ``model`` in place by a ``mixops.nn.MoE`` that keeps
+    the block's own submodules: the same Parameter objects (an optimizer built before keeps
+    working), the same state-dict keys, and the HF router module (now computing only the logits),
+    so ``output_router_logits`` and HF's load-balancing loss still work. Returns the names of the
+    replaced blocks; blocks mixops cannot express are left as they are."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod).__name__ in SUPPORTED_BLOCKS and _why_not(mod) is None]
+    for name, block in targets:
+        shared, shared_gate, shared_name = _shared(block)
+        opts = _options(block)
+        _patch_router_class(block.gate)
+        parts = MoEParts(gate=block.gate, experts=block.experts, shared=shared,
+                         shared_gate=shared_gate, shared_name=shared_name)
+        moe = MoE(**opts, **moe_kwargs, parts=parts)
+        moe.train(block.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, moe)
+    return [name for name, _ in targets]
+
+
+def mixops_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"mixops"`` experts implementation: permute -> grouped_mm -> HF's own gating ->
+    grouped_mm -> unpermute, on any HF experts module made with ``use_experts_implementation``."""
+    if getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError("mixops experts: post-expert norms are not supported")
+    E = self.num_experts
+    ids = top_k_index
+    if getattr(self, "_is_expert_parallel", False):  # EP sentinels (>= E) mean "no expert"
+        ids = torch.where(ids >= E, ids.new_full((), -1), ids)
+    w1 = self.gate_up_proj if self.has_gate else self.up_proj
+    b1 = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    w2 = self.down_proj
+    b2 = self.down_proj_bias if self.has_bias else None
+    x = hidden_states.to(w1.dtype)
+    p = permute(x, ids, E)
+    if not self.is_transposed:
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    h = grouped_mm(p.x_sorted, w1, p.offsets)
+    row_expert = None
+    if b1 is not None:
+        rows = torch.arange(h.shape[0], device=h.device, dtype=torch.int32)
+        row_expert = torch.bucketize(rows, p.offsets, right=True).clamp_(max=E - 1)
+        h = h + b1[row_expert]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    o = grouped_mm(h, w2, p.offsets)
+    if b2 is not None:
+        o = o + b2[row_expert]
+    weights = top_k_weights
+    if weights.dtype not in (torch.float32, torch.float64, o.dtype):
+        weights = weights.float()
+    return unpermute(o, p.row_map, weights).to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"mixops"`` in transformers' experts-implementation registry, so that
+    ``from_pretrained(..., experts_implementation="mixops")`` and
+    ``model.set_experts_implementation("mixops")`` use mixops' grouped GEMMs. Idempotent."""
+    ExpertsInterface.register("mixops", mixops_experts_forward)
+
+
+register()
