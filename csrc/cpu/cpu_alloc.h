@@ -1,4 +1,4 @@
-// Output allocation for the CPU kernels that write large, fresh tensors (permute's x_sorted,
+// Output allocation for the CPU kernels that write large, fresh tensors (grouped_mm, permute's x_sorted,
 // unpermute's y and unpermute_backward's rows).
 //
 // torch's CPU allocator hands out fresh mmap'd memory for large tensors on every call, so writing

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "grouped_mm_check.h"
+#include "cpu_alloc.h"
 #include "mixops/grouped_mm_params.h"
 
 namespace mixops {
@@ -152,7 +153,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const at::Tensor off = offsets.contiguous();
   const int32_t num_groups = static_cast<int32_t>(off.numel());
 
-  at::Tensor out = at::empty(out_shape, a.options());
+  at::Tensor out = empty_large(out_shape, a.options());  // huge pages: see cpu_alloc.h
   grouped_mm_into(a, b, off.data_ptr<int32_t>(), num_groups, ragged_k, out);
   return out;
 }
