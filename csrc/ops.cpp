@@ -44,4 +44,11 @@ TORCH_LIBRARY(mixops, m) {
   // d weights [T, k] = <grad_y[t], y_sorted[row_map[t, j]]> (0 without a row), in weights' dtype.
   m.def("unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "
         "Tensor weights) -> Tensor");
+  m.set_python_module("mixops.ops.activation");
+  // Gated expert activation on the fused gate/up projection (csrc/include/mixops/activation.h):
+  // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu
+  // (GeGLU), gelu_tanh, relu (ReGLU).
+  m.def("gated_activation(Tensor gate_up, str activation=\"silu\") -> Tensor");
+  // d gate_up [..., 2F] from d out [..., F] (recomputes act(gate) from gate_up).
+  m.def("gated_activation_backward(Tensor grad, Tensor gate_up, str activation) -> Tensor");
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_alloc.h"
+#include "elem_io.h"
 #include "permute_check.h"
 
 namespace mixops {
@@ -155,35 +156,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
               h * x.element_size(), src_token.data(), used, num_rows,
               static_cast<uint8_t*>(x_sorted.data_ptr()));
   return {x_sorted, offsets, row_map, dropped};
-}
-
-template <class T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Element conversions for the row loops. bf16 goes through its bits (a shift each way, round to
-// nearest even, NaN kept quiet: what c10::BFloat16 does) so that GCC vectorises the loops.
-template <class T>
-inline acc_of<T> load(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const uint32_t u = static_cast<uint32_t>(p[i].x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  } else {
-    return static_cast<acc_of<T>>(p[i]);
-  }
-}
-
-template <class T>
-inline void store(T* p, int64_t i, acc_of<T> v) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    p[i].x = v != v ? uint16_t(0x7fc0) : static_cast<uint16_t>(r);
-  } else {
-    p[i] = static_cast<T>(v);
-  }
 }
 
 // Weight of slot i (1 without weights), read in its own dtype.

@@ -3,7 +3,10 @@ fused gate/up projection, gate first as in HF transformers' ``chunk(2)``) and pl
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "GATED", "apply_activation", "check_activation"]
+from ..ops import gated_activation
+
+__all__ = ["ACTIVATIONS", "GATED", "act_fn", "apply_activation", "apply_activation_unfused",
+           "check_activation"]
 
 _FNS = {
     "swiglu": F.silu,
@@ -15,8 +18,15 @@ _FNS = {
     "relu": F.relu,
     "silu": F.silu,
 }
-GATED = frozenset({"swiglu", "geglu", "geglu_tanh", "reglu"})
+# Gated activations run as one fused op (mixops.ops.gated_activation) on the GEMM output.
+_FUSED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+GATED = frozenset(_FUSED)
 ACTIVATIONS = tuple(_FNS)
+
+
+def act_fn(name: str):
+    """The elementwise function of an activation (applied to the gate for gated ones)."""
+    return _FNS[name]
 
 
 def check_activation(name: str) -> None:
@@ -26,6 +36,13 @@ def check_activation(name: str) -> None:
 
 def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
     """``h`` [rows, 2*ffn] (gated: gate then up) or [rows, ffn] -> [rows, ffn]."""
+    if name in _FUSED:
+        return gated_activation(h, _FUSED[name])
+    return _FNS[name](h)
+
+
+def apply_activation_unfused(name: str, h: torch.Tensor) -> torch.Tensor:
+    """The same in plain PyTorch ops (a reference, and what HF transformers computes)."""
     fn = _FNS[name]
     if name in GATED:
         gate, up = h.chunk(2, dim=-1)

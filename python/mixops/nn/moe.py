@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import grouped_mm, permute, router_topk, unpermute
-from .activations import GATED, apply_activation, check_activation
+from .activations import GATED, act_fn, apply_activation, check_activation
 
 __all__ = ["MoE", "MoEParts", "TopKRouter", "Experts", "MLP"]
 
@@ -68,11 +68,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
 
     def forward(self, x):
+        fn = act_fn(self.activation)
         if self.activation in GATED:
-            h = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        else:
-            h = self.up_proj(x)
-        return self.down_proj(apply_activation(self.activation, h))
+            return self.down_proj(fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fn(self.up_proj(x)))
 
 
 def _push(stage, x):
