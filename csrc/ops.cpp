@@ -31,7 +31,7 @@ TORCH_LIBRARY(mixops, m) {
   // -> x_sorted [R, H] rows grouped by expert (stable), offsets [E] int32 cumulative ends,
   // row_map [T, k] int32 (row of each slot, -1 if none/dropped), dropped [E] int32.
   // R = T * k, or min(T * k, E * capacity) with a capacity.
-  m.def("permute(Tensor x, Tensor ids, int num_experts, int? capacity=None, "
+  m.def("permute(Tensor x, Tensor ids, int num_experts, SymInt? capacity=None, "
         "Tensor? priority=None) -> (Tensor x_sorted, Tensor offsets, Tensor row_map, "
         "Tensor dropped)");
   // Combine: y [T, H] = sum_j weights[t, j] * y_sorted[row_map[t, j]] (fp32 accumulation, no
@@ -39,7 +39,7 @@ TORCH_LIBRARY(mixops, m) {
   m.def("unpermute(Tensor y_sorted, Tensor row_map, Tensor? weights=None) -> Tensor");
   // d y_sorted [num_rows, H] = scatter of weights[t, j] * grad_y[t] to row_map[t, j]; rows no
   // slot maps to are zero.
-  m.def("unpermute_backward(Tensor grad_y, Tensor row_map, Tensor? weights, int num_rows) "
+  m.def("unpermute_backward(Tensor grad_y, Tensor row_map, Tensor? weights, SymInt num_rows) "
         "-> Tensor");
   // d weights [T, k] = <grad_y[t], y_sorted[row_map[t, j]]> (0 without a row), in weights' dtype.
   m.def("unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "

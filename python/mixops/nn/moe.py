@@ -35,6 +35,15 @@ class TopKRouter(nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))  # (a no-op cast unless under autocast)
 
+    def _apply(self, fn, recurse=True):
+        # module.to(bf16) must not round the selection bias (its updates are ~1e-3 steps): it
+        # follows device moves only and stays fp32.
+        bias = getattr(self, "e_score_correction_bias", None)
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return out
+
 
 class Experts(nn.Module):
     """Expert weights in HF transformers' v5 layout: ``gate_up_proj`` [E, 2*ffn, hidden] (gate rows
@@ -135,12 +144,14 @@ class MoE(nn.Module):
             ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
         capacity_factor: None = dropless; else each expert keeps
             ``ceil(capacity_factor * tokens * top_k / E)`` slots (GShard/Switch priority, dropped
-            slots contribute zero).
+            slots contribute zero), computed exactly in integers from the factor as a fraction
+            (so it stays symbolic under torch.compile: 1.1 means 11/10, not the float 1.1).
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss (HF transformers'
             ``load_balancing_loss_func`` for one layer) and the ST-MoE router z-loss; after each
             forward ``self.aux_loss`` holds their weighted sum (a 0-dim fp32 tensor with autograd).
 
-    forward(x, token_mask=None, modality=None): ``token_mask`` [tokens] bool leaves tokens (padding)
+    forward(x, token_mask=None, modality=None): ``token_mask`` [tokens] (bool, or 0/1 like an
+    attention mask; any shape with x's leading dims) leaves tokens (padding)
     out of the losses and the load statistics (they are still routed); ``modality`` [tokens] int
     picks each token's expert group when ``num_modalities > 1``.
     """
@@ -210,8 +221,10 @@ class MoE(nn.Module):
                              f"dimension, got shape {tuple(x.shape)}")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
-        if token_mask is not None:
+        if token_mask is not None:  # HF-style 0/1 attention masks are accepted too
             token_mask = token_mask.reshape(-1)
+            if token_mask.dtype != torch.bool:
+                token_mask = token_mask != 0
         if modality is not None:
             modality = modality.reshape(-1)
         dev = x.device.type

@@ -108,7 +108,7 @@ def _permute_fake(x, ids, num_experts, capacity=None, priority=None):
     num_tokens, k = ids.shape
     num_rows = num_tokens * k
     if capacity is not None:
-        num_rows = min(num_rows, num_experts * capacity)
+        num_rows = torch.sym_min(num_rows, num_experts * capacity)
     return (x.new_empty(num_rows, x.shape[1]),
             x.new_empty(num_experts, dtype=torch.int32),
             x.new_empty(num_tokens, k, dtype=torch.int32),
