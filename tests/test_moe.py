@@ -53,6 +53,7 @@ CASES = {
     "shared-gate-geglu": dict(shared_ffn_size=40, shared_expert_gate=True, activation="geglu"),
     "shared-gate-gelu": dict(shared_ffn_size=16, shared_expert_gate=True, activation="gelu"),
     "router-fp32": dict(router_fp32=True, score_fn="sigmoid"),
+    "fine-e256-k8": dict(num_experts=256, top_k=8, ffn_size=8),
 }
 
 

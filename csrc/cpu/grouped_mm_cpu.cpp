@@ -66,12 +66,22 @@ bool native_gemm(at::ScalarType t) {
   return true;
 }
 
+// Columns of rhs upcast at a time on the fp32 path: bounds the fp32 temporaries (a whole 1024 x
+// 4096 expert weight is 16 MiB in fp32, more than the bf16 MoE layer's whole peak-memory margin)
+// while keeping GEMMs wide enough for BLAS.
+constexpr int64_t kUpcastColumns = 1024;
+
 // dst = lhs @ rhs, through fp32 when the dtype has no native GEMM here.
 void mm_into(at::Tensor& dst, const at::Tensor& lhs, const at::Tensor& rhs) {
   if (native_gemm(dst.scalar_type())) {
     at::mm_out(dst, lhs, rhs);
-  } else {
-    dst.copy_(at::mm(lhs.to(at::kFloat), rhs.to(at::kFloat)));
+    return;
+  }
+  const at::Tensor l32 = lhs.to(at::kFloat);
+  const int64_t n = rhs.size(1);
+  for (int64_t c0 = 0; c0 < n; c0 += kUpcastColumns) {
+    const int64_t nc = std::min(kUpcastColumns, n - c0);
+    dst.narrow(1, c0, nc).copy_(at::mm(l32, rhs.narrow(1, c0, nc).to(at::kFloat)));
   }
 }
 
