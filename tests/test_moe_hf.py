@@ -205,3 +205,44 @@ def test_experts_implementation_mixops():
     ref.loss.backward()
     for (n, a), (_, b) in zip(ours.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mixops_experts_with_biases_matches_hf_batched_mm(transposed):
+    # Expert biases and [E, in, out] weights (GPT-OSS-style layouts), against HF's own
+    # batched_mm implementation on the same module.
+    from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
+
+    E, k = 6, 2
+
+    @use_experts_implementation(has_bias=True, is_transposed=transposed)
+    class BiasedExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            shape1 = (E, H, 2 * F) if transposed else (E, 2 * F, H)
+            shape2 = (E, F, H) if transposed else (E, H, F)
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(shape1) * 0.2)
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(E, 2 * F) * 0.2)
+            self.down_proj = torch.nn.Parameter(torch.randn(shape2) * 0.2)
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(E, H) * 0.2)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("not used")
+
+    cfg = MixtralConfig(hidden_size=H)
+    experts = BiasedExperts(cfg)
+    x = torch.randn(13, H)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(13)])
+    w = torch.rand(13, k)
+    outs = []
+    for fn in (mixops_experts_forward, batched_mm_experts_forward):
+        xi = x.clone().requires_grad_(True)
+        for p in experts.parameters():
+            p.grad = None
+        y = fn(experts, xi, ids, w)
+        y.sum().backward()
+        outs.append([y.detach(), xi.grad] + [p.grad.clone() for p in experts.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
