@@ -48,4 +48,9 @@ GatedAct gated_activation_backward_check(const at::Tensor& grad, const at::Tenso
   return a;
 }
 
+at::Tensor gated_rows(const at::Tensor& gate_up) {
+  at::Tensor r = gate_up.dim() == 2 ? gate_up : gate_up.reshape({-1, gate_up.size(-1)});
+  return r.stride(1) == 1 || r.size(1) <= 1 ? r : r.contiguous();
+}
+
 }  // namespace mixops

@@ -16,4 +16,8 @@ GatedAct gated_activation_check(const at::Tensor& gate_up, c10::string_view act)
 GatedAct gated_activation_backward_check(const at::Tensor& grad, const at::Tensor& gate_up,
                                          c10::string_view act);
 
+// gate_up viewed as [rows, 2F] with contiguous columns (a view when possible), as both backends'
+// kernels read it.
+at::Tensor gated_rows(const at::Tensor& gate_up);
+
 }  // namespace mixops

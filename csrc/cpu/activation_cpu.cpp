@@ -76,15 +76,9 @@ void with_act(GatedAct a, const F& f) {
   }
 }
 
-// gate_up as [rows, 2F] with contiguous columns (a view when possible).
-at::Tensor as_rows(const at::Tensor& t) {
-  at::Tensor r = t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
-  return r.stride(1) == 1 || r.size(1) <= 1 ? r : r.contiguous();
-}
-
 at::Tensor gated_activation_cpu(const at::Tensor& gate_up_in, c10::string_view act_name) {
   const GatedAct a = gated_activation_check(gate_up_in, act_name);
-  const at::Tensor h = as_rows(gate_up_in);
+  const at::Tensor h = gated_rows(gate_up_in);
   const int64_t rows = h.size(0), f = h.size(1) / 2;
   auto out_shape = gate_up_in.sizes().vec();
   out_shape.back() = f;
@@ -103,7 +97,7 @@ at::Tensor gated_activation_cpu(const at::Tensor& gate_up_in, c10::string_view a
 at::Tensor gated_activation_backward_cpu(const at::Tensor& grad_in, const at::Tensor& gate_up_in,
                                          c10::string_view act_name) {
   const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name);
-  const at::Tensor h = as_rows(gate_up_in);
+  const at::Tensor h = gated_rows(gate_up_in);
   const at::Tensor grad = grad_in.contiguous();
   const int64_t rows = h.size(0), f = h.size(1) / 2;
   at::Tensor dh = empty_large(gate_up_in.sizes(), gate_up_in.options());

@@ -3,20 +3,15 @@
 // (activation_kernel.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../activation_check.h"
 #include "../op_dtype.h"
 #include "activation_launch.h"
+#include "op_launch.h"
 
 namespace mixops {
 namespace {
-
-at::Tensor as_rows(const at::Tensor& t) {
-  at::Tensor r = t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
-  return r.stride(1) == 1 || r.size(1) <= 1 ? r : r.contiguous();
-}
 
 GatedActParams params_for(const at::Tensor& h, GatedAct a) {
   GatedActParams p{};
@@ -32,18 +27,14 @@ GatedActParams params_for(const at::Tensor& h, GatedAct a) {
 at::Tensor gated_activation_cuda(const at::Tensor& gate_up_in, c10::string_view act_name) {
   const GatedAct a = gated_activation_check(gate_up_in, act_name);
   const c10::cuda::CUDAGuard guard(gate_up_in.device());
-  const at::Tensor h = as_rows(gate_up_in);
+  const at::Tensor h = gated_rows(gate_up_in);
   auto out_shape = gate_up_in.sizes().vec();
   out_shape.back() /= 2;
   at::Tensor out = at::empty(out_shape, gate_up_in.options());
   GatedActParams p = params_for(h, a);
   p.out = out.data_ptr();
-  try {
-    cuda::gated_act_launch(p, c10::cuda::getCurrentCUDAStream(h.get_device()).stream());
-  } catch (const std::exception& ex) {
-    TORCH_CHECK(false, "gated_activation (CUDA): ", ex.what());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_checked("gated_activation",
+                       [&] { cuda::gated_act_launch(p, cuda::stream_of(h)); });
   return out;
 }
 
@@ -51,18 +42,14 @@ at::Tensor gated_activation_backward_cuda(const at::Tensor& grad_in, const at::T
                                           c10::string_view act_name) {
   const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name);
   const c10::cuda::CUDAGuard guard(gate_up_in.device());
-  const at::Tensor h = as_rows(gate_up_in);
+  const at::Tensor h = gated_rows(gate_up_in);
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor dh = at::empty(gate_up_in.sizes(), gate_up_in.options());
   GatedActParams p = params_for(h, a);
   p.grad_out = grad.data_ptr();
   p.grad_gate_up = dh.data_ptr();
-  try {
-    cuda::gated_act_backward_launch(p, c10::cuda::getCurrentCUDAStream(h.get_device()).stream());
-  } catch (const std::exception& ex) {
-    TORCH_CHECK(false, "gated_activation_backward (CUDA): ", ex.what());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_checked("gated_activation_backward",
+                       [&] { cuda::gated_act_backward_launch(p, cuda::stream_of(h)); });
   return dh;
 }
 

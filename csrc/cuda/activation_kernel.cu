@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "acc_convert.cuh"
 #include "activation_launch.h"
 #include "mixops/activation.h"
 
@@ -19,25 +20,6 @@ namespace mixops::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T, typename A>
-__device__ __forceinline__ T from_acc(A v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(static_cast<float>(v));
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(static_cast<float>(v));
-  } else {
-    return static_cast<T>(v);
-  }
-}
 
 template <GatedAct Act, typename T>
 __global__ void __launch_bounds__(kThreads)

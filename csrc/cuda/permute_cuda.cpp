@@ -10,26 +10,15 @@
 
 #include "../op_dtype.h"
 #include "../permute_check.h"
+#include "op_launch.h"
 #include "op_scratch.h"
 #include "permute_launch.h"
 
 namespace mixops {
 namespace {
 
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
-}
-
-// Runs a launcher, turning its std::exception into a torch error naming the op.
-template <class F>
-void launch(const char* op, const F& f) {
-  try {
-    f();
-  } catch (const std::exception& ex) {
-    TORCH_CHECK(false, op, " (CUDA): ", ex.what());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using cuda::launch_checked;
+using cuda::stream_of;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(
     const at::Tensor& x_in, const at::Tensor& ids_in, int64_t num_experts,
@@ -66,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(
   const cudaStream_t stream = stream_of(x);
   const cuda::OpScratch scratch(x.options(), cuda::permute_workspace_bytes(p), stream);
   p.error_flag = scratch.flag();
-  launch("permute", [&] { cuda::permute_launch(p, scratch.workspace(), stream); });
+  launch_checked("permute", [&] { cuda::permute_launch(p, scratch.workspace(), stream); });
   scratch.check([&](int32_t bits) {
     return permute_error_message(bits, "permute", num_experts, num_rows);
   });
@@ -97,7 +86,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_sorted_in, const at::Tensor& row_m
   const cudaStream_t stream = stream_of(y);
   const cuda::OpScratch scratch(y.options(), 0, stream);
   p.error_flag = scratch.flag();
-  launch("unpermute", [&] { cuda::unpermute_launch(p, stream); });
+  launch_checked("unpermute", [&] { cuda::unpermute_launch(p, stream); });
   scratch.check([&](int32_t bits) {
     return permute_error_message(bits, "unpermute", 0, p.num_rows);
   });
@@ -132,7 +121,7 @@ at::Tensor unpermute_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor
   const cudaStream_t stream = stream_of(out);
   const cuda::OpScratch scratch(out.options(), cuda::unpermute_backward_workspace_bytes(p), stream);
   p.error_flag = scratch.flag();
-  launch("unpermute_backward", [&] {
+  launch_checked("unpermute_backward", [&] {
     cuda::unpermute_backward_rows_launch(p, scratch.workspace(), stream);
   });
   scratch.check([&](int32_t bits) {
@@ -159,7 +148,7 @@ at::Tensor unpermute_weights_backward_cuda(const at::Tensor& grad_y_in,
   const cudaStream_t stream = stream_of(gw);
   const cuda::OpScratch scratch(gw.options(), 0, stream);
   p.error_flag = scratch.flag();
-  launch("unpermute_weights_backward",
+  launch_checked("unpermute_weights_backward",
          [&] { cuda::unpermute_backward_weights_launch(p, stream); });
   scratch.check([&](int32_t bits) {
     return permute_error_message(bits, "unpermute_weights_backward", 0, p.num_rows);

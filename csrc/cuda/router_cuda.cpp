@@ -9,6 +9,7 @@
 
 #include "../op_dtype.h"
 #include "../router_check.h"
+#include "op_launch.h"
 #include "op_scratch.h"
 #include "router_launch.h"
 
@@ -55,15 +56,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   p.counts = counts.data_ptr<int32_t>();
   p.score_sum = score_sum.data_ptr();
   p.lse = lse.data_ptr();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  const cudaStream_t stream = cuda::stream_of(logits);
   const cuda::OpScratch scratch(logits.options(), cuda::router_topk_workspace_bytes(p), stream);
   p.error_flag = scratch.flag();
-  try {
-    cuda::router_topk_launch(p, scratch.workspace(), stream);
-  } catch (const std::exception& ex) {
-    TORCH_CHECK(false, "router_topk (CUDA): ", ex.what());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_checked("router_topk",
+                       [&] { cuda::router_topk_launch(p, scratch.workspace(), stream); });
   scratch.check([&](int32_t bits) { return router_error_message(bits, num_modalities); });
   return {weights, ids, counts, score_sum, lse};
 }
@@ -103,15 +100,11 @@ at::Tensor router_topk_backward_cuda(const std::optional<at::Tensor>& grad_weigh
   p.grad_score_sum = ptr_or_null(gss);
   p.grad_lse = ptr_or_null(glse);
   p.grad_logits = grad.data_ptr();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  const cudaStream_t stream = cuda::stream_of(logits);
   const cuda::OpScratch scratch(logits.options(), 0, stream);
   p.error_flag = scratch.flag();
-  try {
-    cuda::router_topk_backward_launch(p, stream);
-  } catch (const std::exception& ex) {
-    TORCH_CHECK(false, "router_topk_backward (CUDA): ", ex.what());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch_checked("router_topk_backward",
+                       [&] { cuda::router_topk_backward_launch(p, stream); });
   scratch.check([&](int32_t bits) { return router_error_message(bits, num_modalities); });
   return grad;
 }

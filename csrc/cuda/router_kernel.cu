@@ -25,6 +25,7 @@
 #include <string>
 #include <type_traits>
 
+#include "acc_convert.cuh"
 #include "mixops/routing.h"
 #include "router_launch.h"
 
@@ -38,26 +39,12 @@ constexpr int64_t kDefaultSmem = 48 * 1024;  // warps per block shrink to stay u
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kReduceParts = 16;  // block-range slices per expert in the partial reduction
 
-template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 // Minimum resident blocks per SM promised to ptxas: small-E kernels (the common case) keep 3-4
 // blocks per SM; fp64 (gradcheck) and the large-E kernels take the registers they need.
 template <class T, int VPT>
 constexpr int min_blocks() {
   if (std::is_same_v<T, double> || VPT == 0 || VPT > 8) return 1;
   return VPT <= 2 ? 4 : 3;
-}
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-template <class T, class A>
-__device__ __forceinline__ T from_acc(A v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return v;
 }
 
 // Launch shape, computed on the host from the params alone (the same in workspace_bytes and

@@ -21,6 +21,7 @@
 #include <string>
 #include <type_traits>
 
+#include "acc_convert.cuh"
 #include "mixops/permute.h"
 #include "permute_launch.h"
 
@@ -32,25 +33,6 @@ constexpr int kUnroll = 4;  // vectors per lane in flight
 constexpr int kScatterThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
 
-// Accumulation type: fp32, fp64 for fp64 data.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T, typename A>
-__device__ __forceinline__ T from_acc(A v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(static_cast<float>(v));
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(static_cast<float>(v));
-  } else {
-    return static_cast<T>(v);
-  }
-}
 
 // Weight i in its own dtype (1 when there are no weights), as A.
 template <typename A>

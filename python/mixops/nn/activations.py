@@ -5,8 +5,7 @@ import torch.nn.functional as F
 
 from ..ops import gated_activation
 
-__all__ = ["ACTIVATIONS", "GATED", "act_fn", "apply_activation", "apply_activation_unfused",
-           "check_activation"]
+__all__ = ["ACTIVATIONS", "GATED", "act_fn", "apply_activation", "check_activation"]
 
 _FNS = {
     "swiglu": F.silu,
@@ -40,11 +39,3 @@ def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
         return gated_activation(h, _FUSED[name])
     return _FNS[name](h)
 
-
-def apply_activation_unfused(name: str, h: torch.Tensor) -> torch.Tensor:
-    """The same in plain PyTorch ops (a reference, and what HF transformers computes)."""
-    fn = _FNS[name]
-    if name in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return fn(gate) * up
-    return fn(h)
