@@ -1,9 +1,9 @@
 # CUDA side of the build: decide whether to build kernels, find the toolkit and CUTLASS, and give
-# every .cu file its own architecture flags by name:
+# every .cu file its own architecture flags by name (the rules are in cmake/MixopsArchs.cmake):
 #   *_sm90.cu  -> sm_90a only (wgmma/TMA kernels; compiled only when 9.0a is in MIXOPS_ARCH_LIST)
-#   *_sm80.cu  -> the listed archs without an "a" suffix (sm_80), plus PTX for the lowest of them,
-#                 so newer GPUs can JIT it
-#   other .cu  -> every listed arch, plus PTX for the lowest non-"a" arch
+#   *_sm80.cu  -> listed archs >= 8.0, PTX never below compute_80 (CUTLASS 2 kernels)
+#   other .cu  -> every listed arch, plus PTX for the lowest one
+# Sources: csrc/<family>/*.cu and csrc/<family>/cuda.cpp (the CUDA op layers).
 # ptxas -v output of every CUDA translation unit is kept in ${MIXOPS_PTXAS_DIR} (tests read it).
 set(MIXOPS_WITH_CUDA OFF)
 set(MIXOPS_HAS_SM90 OFF)
@@ -50,44 +50,13 @@ if(_want)
          "\\1.\\2.\\3" MIXOPS_CUTLASS_VERSION "${_v}")
   message(STATUS "mixops: CUTLASS ${MIXOPS_CUTLASS_VERSION} at ${CUTLASS_DIR}")
 
-  # ---- architectures ----
-  string(REPLACE " " ";" _archs "${MIXOPS_ARCH_LIST}")
-  set(_all_flags "")
-  set(_plain_flags "")
-  set(_lowest_plain "")
-  set(_built "")
-  foreach(_a IN LISTS _archs)
-    if(_a STREQUAL "")
-      continue()
-    endif()
-    string(REPLACE "+PTX" "" _a "${_a}")
-    string(REPLACE "." "" _num "${_a}")
-    if(_num MATCHES "^[0-9]+a$")
-      if(_num STREQUAL "90a")
-        set(MIXOPS_HAS_SM90 ON)
-      endif()
-      list(APPEND _all_flags "-gencode=arch=compute_${_num},code=sm_${_num}")
-    elseif(_num MATCHES "^[0-9]+$")
-      list(APPEND _all_flags "-gencode=arch=compute_${_num},code=sm_${_num}")
-      list(APPEND _plain_flags "-gencode=arch=compute_${_num},code=sm_${_num}")
-      if(NOT _lowest_plain OR _num LESS _lowest_plain)
-        set(_lowest_plain ${_num})
-      endif()
-    else()
-      message(FATAL_ERROR "mixops: cannot parse CUDA arch '${_a}' in '${MIXOPS_ARCH_LIST}'")
-    endif()
-    list(APPEND _built "sm_${_num}")
+  # ---- architectures (cmake/MixopsArchs.cmake: per-file-class flags) ----
+  include(MixopsArchs)
+  mixops_arch_flags("${MIXOPS_ARCH_LIST}")
+  foreach(_w IN LISTS MIXOPS_ARCH_WARNINGS)
+    message(WARNING "mixops: ${_w}")
   endforeach()
-  if(NOT _lowest_plain)
-    set(_lowest_plain 80)  # sm80-family kernels still ship as PTX for JIT on other GPUs
-  endif()
-  list(APPEND _all_flags "-gencode=arch=compute_${_lowest_plain},code=compute_${_lowest_plain}")
-  list(APPEND _plain_flags "-gencode=arch=compute_${_lowest_plain},code=compute_${_lowest_plain}")
-  list(APPEND _built "compute_${_lowest_plain}")
-  list(REMOVE_DUPLICATES _built)
-  string(REPLACE ";" "," MIXOPS_ARCHS_BUILT "${_built}")
-  set(MIXOPS_CUDA_ALL_FLAGS ${_all_flags})
-  set(MIXOPS_CUDA_PLAIN_FLAGS ${_plain_flags})
+  message(STATUS "mixops: CUDA targets ${MIXOPS_ARCHS_BUILT}")
 
   set(MIXOPS_PTXAS_DIR ${CMAKE_CURRENT_BINARY_DIR}/ptxas)
   file(MAKE_DIRECTORY ${MIXOPS_PTXAS_DIR})
@@ -101,8 +70,8 @@ if(_want)
 endif()
 
 function(mixops_collect_cuda_sources out)
-  file(GLOB _cu CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu
-                                  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cpp)
+  file(GLOB _cu CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/*/*.cu
+                                  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/*/cuda.cpp)
   set(_kept "")
   foreach(_f IN LISTS _cu)
     get_filename_component(_name ${_f} NAME)
@@ -110,9 +79,9 @@ function(mixops_collect_cuda_sources out)
       if(NOT MIXOPS_HAS_SM90)
         continue()
       endif()
-      set_source_files_properties(${_f} PROPERTIES COMPILE_OPTIONS "-gencode=arch=compute_90a,code=sm_90a")
+      set_source_files_properties(${_f} PROPERTIES COMPILE_OPTIONS "${MIXOPS_CUDA_SM90_FLAGS}")
     elseif(_name MATCHES "_sm80\\.cu$")
-      set_source_files_properties(${_f} PROPERTIES COMPILE_OPTIONS "${MIXOPS_CUDA_PLAIN_FLAGS}")
+      set_source_files_properties(${_f} PROPERTIES COMPILE_OPTIONS "${MIXOPS_CUDA_SM80_FLAGS}")
     elseif(_name MATCHES "\\.cu$")
       set_source_files_properties(${_f} PROPERTIES COMPILE_OPTIONS "${MIXOPS_CUDA_ALL_FLAGS}")
     endif()

@@ -1,6 +1,6 @@
-// Every mixops schema, one line of doc each. Backends register kernels in csrc/cpu/*.cpp and
-// csrc/cuda/*.cpp; fakes (meta) and autograd live in python/mixops/ops/<family>.py, which the
-// set_python_module call before each family's schemas names (torch checks the fake's module).
+// Every mixops schema, one line of doc each. Backends register kernels in csrc/<family>/cpu.cpp and
+// csrc/<family>/cuda.cpp; fakes (meta) and autograd live in python/mixops/ops/<family>.py, which
+// the set_python_module call before each family's schemas names (torch checks the fake's module).
 #include <torch/library.h>
 
 TORCH_LIBRARY(mixops, m) {
@@ -11,8 +11,7 @@ TORCH_LIBRARY(mixops, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
 
   m.set_python_module("mixops.ops.routing");
-  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/include/mixops/
-  // routing.h). logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,
+  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h). logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,
   // counts [E] int32, score_sum [E] (sum over tokens of the balancing-loss probability), lse [T].
   m.def("router_topk(Tensor logits, int k, str score_fn=\"softmax\", bool topk_then_score=False, "
         "bool renormalize=True, float renorm_eps=0., float scaling=1., Tensor? bias=None, "
@@ -27,7 +26,7 @@ TORCH_LIBRARY(mixops, m) {
         "Tensor? token_mask) -> Tensor");
 
   m.set_python_module("mixops.ops.permute");
-  // Token dispatch (csrc/include/mixops/permute.h). x [T, H], ids [T, k] int32/int64 (-1: none)
+  // Token dispatch (csrc/permute/permute.h). x [T, H], ids [T, k] int32/int64 (-1: none)
   // -> x_sorted [R, H] rows grouped by expert (stable), offsets [E] int32 cumulative ends,
   // row_map [T, k] int32 (row of each slot, -1 if none/dropped), dropped [E] int32.
   // R = T * k, or min(T * k, E * capacity) with a capacity.
@@ -45,7 +44,7 @@ TORCH_LIBRARY(mixops, m) {
   m.def("unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "
         "Tensor weights) -> Tensor");
   m.set_python_module("mixops.ops.activation");
-  // Gated expert activation on the fused gate/up projection (csrc/include/mixops/activation.h):
+  // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
   // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu
   // (GeGLU), gelu_tanh, relu (ReGLU).
   m.def("gated_activation(Tensor gate_up, str activation=\"silu\") -> Tensor");

@@ -1,0 +1,18 @@
+# Script mode: cmake -DMIXOPS_ARCH_LIST="7.5 8.0 9.0+PTX" -P cmake/print_arch_flags.cmake
+# prints the per-file-class flags of cmake/MixopsArchs.cmake as JSON (tests/test_build.py reads it).
+include(${CMAKE_CURRENT_LIST_DIR}/MixopsArchs.cmake)
+mixops_arch_flags("${MIXOPS_ARCH_LIST}")
+set(_json "{}")
+foreach(_k ALL SM80 SM90)
+  string(REPLACE ";" "\",\"" _v "${MIXOPS_CUDA_${_k}_FLAGS}")
+  if(_v STREQUAL "")
+    string(JSON _json SET "${_json}" "${_k}" "[]")
+  else()
+    string(JSON _json SET "${_json}" "${_k}" "[\"${_v}\"]")
+  endif()
+endforeach()
+string(JSON _json SET "${_json}" "has_sm90" "\"${MIXOPS_HAS_SM90}\"")
+string(JSON _json SET "${_json}" "archs" "\"${MIXOPS_ARCHS_BUILT}\"")
+string(REPLACE ";" " " _w "${MIXOPS_ARCH_WARNINGS}")
+string(JSON _json SET "${_json}" "warnings" "\"${_w}\"")
+message(NOTICE "${_json}")

@@ -1,0 +1,17 @@
+// gated_activation on CUDA: the torch-free boundary between the op layer (cuda.cpp:
+// validation, allocation, stream) and the kernels (activation.cu, activation_kernel.cuh). Params and math:
+// activation.h. Everything is enqueued on `stream`; no host sync.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "activation/activation.h"
+
+namespace mixops::cuda {
+
+// out[r, c] = act(gate_up[r, c]) * gate_up[r, f + c].
+void gated_activation_launch(const GatedActParams& p, cudaStream_t stream);
+// grad_gate_up[r, c] = grad_out * up * act'(gate); grad_gate_up[r, f + c] = grad_out * act(gate).
+void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stream);
+
+}  // namespace mixops::cuda

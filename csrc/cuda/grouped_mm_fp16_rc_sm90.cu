@@ -1,8 +1,0 @@
-// grouped_mm SM90 (sm_90a) instantiation: fp16, row-major A, column-major B. One CUTLASS grouped GEMM per
-// translation unit so the six heavy instantiations compile in parallel; the template is in
-// grouped_mm_sm90.cuh and the dispatcher over the six in grouped_mm_sm90_dispatch_sm90.cu.
-#include "grouped_mm_sm90.cuh"
-
-namespace mixops::cuda::sm90::detail {
-template struct GroupedGemm<Dtype::kFloat16, Layout::kRowMajor, Layout::kColMajor>;
-}  // namespace mixops::cuda::sm90::detail

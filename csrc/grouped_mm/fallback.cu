@@ -1,0 +1,44 @@
+// grouped_mm: launches mixops's own fallback GEMM kernel (fallback_kernel.cuh) for whatever the
+// CUTLASS paths do not take. Its own all-arch file: small, and independent of CUTLASS.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "core/cuda_launch.h"
+#include "grouped_mm/fallback_kernel.cuh"
+#include "grouped_mm/launch.h"
+
+namespace mixops::cuda::detail {
+namespace {
+
+using fallback::grouped_mm_fallback_kernel;
+using fallback::kBM;
+using fallback::kBN;
+using fallback::kThreads;
+
+template <typename T, typename Acc>
+void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
+  const int64_t tiles_n = (p.n + kBN - 1) / kBN;
+  const int64_t tiles_m = (p.m + kBM - 1) / kBM;  // both modes: a group has at most m rows
+  if (tiles_n > 0x7fffffff) fail("grouped_mm", "n too large for the fallback kernel");
+  const dim3 grid(static_cast<unsigned>(tiles_n),
+                  static_cast<unsigned>(std::min<int64_t>(tiles_m, 65535)),
+                  static_cast<unsigned>(std::min<int64_t>(p.num_groups, 65535)));
+  grouped_mm_fallback_kernel<T, Acc><<<grid, kThreads, 0, cfg.stream>>>(p);
+}
+
+}  // namespace
+
+// Enqueues the fallback GEMM for every group on cfg.stream (after the zero fill).
+void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg) {
+  // Nothing for a GEMM to write: every output element is the zero-fill kernel's.
+  if (p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || (!p.ragged_k && p.k <= 0)) return;
+  dispatch_dtype(p.dtype, "grouped_mm", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_typed<T, acc_t<T>>(p, cfg);
+  });
+  check_launch("grouped_mm", "fallback launch");
+}
+
+}  // namespace mixops::cuda::detail

@@ -1,0 +1,36 @@
+// permute / unpermute validation shared by the CPU and CUDA op layers: one place for every
+// message, naming the argument. Values in device memory (ids, row_map) are checked here only for
+// CPU tensors; CUDA kernels treat bad values as "none" and set an error flag
+// (permute_error_message gives its text under MIXOPS_DEBUG=1).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+#include "permute/permute.h"
+
+namespace mixops {
+
+// Checks permute's arguments; returns num_rows (the static row bound of x_sorted).
+int64_t permute_check(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts,
+                      std::optional<int64_t> capacity, const std::optional<at::Tensor>& priority);
+// Host check of ids values (CPU tensor): in [-1, num_experts).
+void permute_check_ids_values(const at::Tensor& ids, int64_t num_experts);
+
+void unpermute_check(const at::Tensor& y_sorted, const at::Tensor& row_map,
+                     const std::optional<at::Tensor>& weights);
+void unpermute_backward_check(const at::Tensor& grad_y, const at::Tensor& row_map,
+                              const std::optional<at::Tensor>& weights, int64_t num_rows);
+void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor& y_sorted,
+                                      const at::Tensor& row_map, const at::Tensor& weights);
+// Host check of row_map values (CPU tensor, contiguous): in [-1, num_rows), no row twice.
+// slot_of, if given ([num_rows]), receives the inverse map: the slot of each row, or -1.
+void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
+                                    int32_t* slot_of = nullptr);
+
+std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
+                                  int64_t num_rows);
+
+}  // namespace mixops

@@ -1,0 +1,168 @@
+// permute, unpermute and their backward ops on CUDA, the op layer: validation (shared with CPU),
+// outputs and scratch through the torch allocator, current stream and device guard, then the
+// torch-free launchers (permute.cu, unpermute.cu). ids and row_map values are not
+// read on the host: kernels treat bad values as "none" and set an error flag that MIXOPS_DEBUG=1
+// checks after the launch.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "core/op_dtype.h"
+#include "permute/check.h"
+#include "core/op_launch.h"
+#include "core/op_scratch.h"
+#include "permute/launch.h"
+
+namespace mixops {
+namespace {
+
+using cuda::launch_checked;
+using cuda::stream_of;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(
+    const at::Tensor& x_in, const at::Tensor& ids_in, int64_t num_experts,
+    std::optional<int64_t> capacity, const std::optional<at::Tensor>& priority) {
+  const int64_t num_rows = permute_check(x_in, ids_in, num_experts, capacity, priority);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor pr = priority ? priority->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t t = x.size(0), k = ids.size(1);
+  const auto iopt = x.options().dtype(at::kInt);
+  at::Tensor x_sorted = at::empty({num_rows, x.size(1)}, x.options());
+  at::Tensor offsets = at::empty({num_experts}, iopt);
+  at::Tensor row_map = at::empty({t, k}, iopt);
+  at::Tensor dropped = at::empty({num_experts}, iopt);
+
+  PermuteParams p{};
+  p.dtype = to_mixops_dtype(x.scalar_type());
+  p.num_tokens = t;
+  p.k = static_cast<int32_t>(k);
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.hidden = x.size(1);
+  p.capacity = capacity ? *capacity : -1;
+  p.num_rows = num_rows;
+  p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
+  p.ids = ids.data_ptr();
+  p.ids_int64 = ids.scalar_type() == at::kLong;
+  p.priority = pr.defined() ? pr.data_ptr<float>() : nullptr;
+  p.x_sorted = x_sorted.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.row_map = row_map.data_ptr<int32_t>();
+  p.dropped = dropped.data_ptr<int32_t>();
+  const cudaStream_t stream = stream_of(x);
+  const cuda::OpScratch scratch(x.options(), cuda::permute_workspace_bytes(p), stream);
+  p.error_flag = scratch.flag();
+  launch_checked("permute", [&] { cuda::permute_launch(p, scratch.workspace(), stream); });
+  scratch.check([&](int32_t bits) {
+    return permute_error_message(bits, "permute", num_experts, num_rows);
+  });
+  return {x_sorted, offsets, row_map, dropped};
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& y_sorted_in, const at::Tensor& row_map_in,
+                          const std::optional<at::Tensor>& weights_in) {
+  unpermute_check(y_sorted_in, row_map_in, weights_in);
+  const c10::cuda::CUDAGuard guard(y_sorted_in.device());
+  const at::Tensor y_sorted = y_sorted_in.stride(1) == 1 ? y_sorted_in : y_sorted_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({row_map.size(0), y_sorted.size(1)}, y_sorted.options());
+
+  UnpermuteParams p{};
+  p.dtype = to_mixops_dtype(y_sorted.scalar_type());
+  p.weights_dtype = w.defined() ? to_mixops_dtype(w.scalar_type()) : Dtype::kFloat32;
+  p.num_tokens = row_map.size(0);
+  p.k = static_cast<int32_t>(row_map.size(1));
+  p.hidden = y_sorted.size(1);
+  p.num_rows = y_sorted.size(0);
+  p.y_sorted = y_sorted.data_ptr();
+  p.y_sorted_stride = y_sorted.stride(0);
+  p.row_map = row_map.data_ptr<int32_t>();
+  p.weights = w.defined() ? w.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  const cudaStream_t stream = stream_of(y);
+  const cuda::OpScratch scratch(y.options(), 0, stream);
+  p.error_flag = scratch.flag();
+  launch_checked("unpermute", [&] { cuda::unpermute_launch(p, stream); });
+  scratch.check([&](int32_t bits) {
+    return permute_error_message(bits, "unpermute", 0, p.num_rows);
+  });
+  return y;
+}
+
+UnpermuteBackwardParams backward_params(const at::Tensor& grad_y, const at::Tensor& row_map,
+                                        const at::Tensor& w, int64_t num_rows) {
+  UnpermuteBackwardParams p{};
+  p.dtype = to_mixops_dtype(grad_y.scalar_type());
+  p.weights_dtype = w.defined() ? to_mixops_dtype(w.scalar_type()) : Dtype::kFloat32;
+  p.num_tokens = row_map.size(0);
+  p.hidden = grad_y.size(1);
+  p.num_rows = num_rows;
+  p.k = static_cast<int32_t>(row_map.size(1));
+  p.grad_y = grad_y.data_ptr();
+  p.row_map = row_map.data_ptr<int32_t>();
+  p.weights = w.defined() ? w.data_ptr() : nullptr;
+  return p;
+}
+
+at::Tensor unpermute_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& row_map_in,
+                                   const std::optional<at::Tensor>& weights_in, int64_t num_rows) {
+  unpermute_backward_check(grad_y_in, row_map_in, weights_in, num_rows);
+  const c10::cuda::CUDAGuard guard(grad_y_in.device());
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({num_rows, grad_y.size(1)}, grad_y.options());
+  UnpermuteBackwardParams p = backward_params(grad_y, row_map, w, num_rows);
+  p.grad_y_sorted = out.data_ptr();
+  const cudaStream_t stream = stream_of(out);
+  const cuda::OpScratch scratch(out.options(), cuda::unpermute_backward_workspace_bytes(p), stream);
+  p.error_flag = scratch.flag();
+  launch_checked("unpermute_backward", [&] {
+    cuda::unpermute_backward_launch(p, scratch.workspace(), stream);
+  });
+  scratch.check([&](int32_t bits) {
+    return permute_error_message(bits, "unpermute_backward", 0, num_rows);
+  });
+  return out;
+}
+
+at::Tensor unpermute_weights_backward_cuda(const at::Tensor& grad_y_in,
+                                           const at::Tensor& y_sorted_in,
+                                           const at::Tensor& row_map_in,
+                                           const at::Tensor& weights) {
+  unpermute_weights_backward_check(grad_y_in, y_sorted_in, row_map_in, weights);
+  const c10::cuda::CUDAGuard guard(grad_y_in.device());
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor y_sorted = y_sorted_in.stride(1) == 1 ? y_sorted_in : y_sorted_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  at::Tensor gw = at::empty(row_map.sizes(), weights.options());
+  UnpermuteBackwardParams p = backward_params(grad_y, row_map, weights, y_sorted.size(0));
+  p.weights = nullptr;  // not read: only its dtype matters
+  p.y_sorted = y_sorted.data_ptr();
+  p.y_sorted_stride = y_sorted.stride(0);
+  p.grad_weights = gw.data_ptr();
+  const cudaStream_t stream = stream_of(gw);
+  const cuda::OpScratch scratch(gw.options(), 0, stream);
+  p.error_flag = scratch.flag();
+  launch_checked("unpermute_weights_backward",
+         [&] { cuda::unpermute_weights_backward_launch(p, stream); });
+  scratch.check([&](int32_t bits) {
+    return permute_error_message(bits, "unpermute_weights_backward", 0, p.num_rows);
+  });
+  return gw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
+  m.impl("permute", &permute_cuda);
+  m.impl("unpermute", &unpermute_cuda);
+  m.impl("unpermute_backward", &unpermute_backward_cuda);
+  m.impl("unpermute_weights_backward", &unpermute_weights_backward_cuda);
+}
+
+}  // namespace mixops

@@ -1,0 +1,35 @@
+// permute / unpermute on CUDA: the torch-free boundary between the op layer (cuda.cpp:
+// validation, allocation through the torch allocator, stream) and the kernels (permute.cu + permute_kernel.cuh,
+// unpermute.cu + unpermute_kernel.cuh). Formats: permute.h.
+//
+// Contract for callers:
+//  * params are validated except for values in device memory (ids, row_map): kernels treat bad
+//    values as "no expert"/"no row" and OR PermuteError bits into error_flag (a zeroed int32).
+//  * workspace points to permute_workspace_bytes(...) bytes of device memory, 256-byte aligned.
+//  * everything is enqueued on `stream`; nothing synchronises the host (CUDA-graph capturable);
+//    results are deterministic (no floating-point atomics).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "permute/permute.h"
+
+namespace mixops::cuda {
+
+size_t permute_workspace_bytes(const PermuteParams& p);
+// Fills x_sorted (every row; the tail zero), offsets, row_map, dropped.
+void permute_launch(const PermuteParams& p, void* workspace, cudaStream_t stream);
+
+// y[t] = sum_j w[t, j] * y_sorted[row_map[t, j]] (every row of y written).
+void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream);
+
+size_t unpermute_backward_workspace_bytes(const UnpermuteBackwardParams& p);
+// grad_y_sorted (every row written; rows no slot maps to are zero).
+void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace,
+                                    cudaStream_t stream);
+// grad_weights [T, k].
+void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStream_t stream);
+
+}  // namespace mixops::cuda

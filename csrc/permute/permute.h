@@ -1,0 +1,157 @@
+// permute / unpermute: the parameter structs handed to the CPU and CUDA kernels and the index
+// arithmetic both call (MIXOPS_HOST_DEVICE). No torch here.
+//
+// Slots. Token t's j-th choice is slot i = t * k + j ("token-major"); ids[t, j] names its expert,
+// -1 meaning "no expert" (no row). Each slot with an expert gets one row of x_sorted:
+//   rows of expert e are offsets[e-1] .. offsets[e]-1 (offsets[-1] = 0), in slot order (token
+//   order, then choice), i.e. a stable sort of the slots by expert;
+//   rows offsets[E-1] .. num_rows-1 are zero (no-expert and dropped slots leave the tail empty).
+//
+// Row map (the format MoA and expert parallelism reuse): row_map [num_tokens, k] int32,
+//   row_map[t, j] = the row of x_sorted holding slot (t, j), or -1 (kNoRow) when the slot has no
+//   expert or was dropped by capacity. unpermute gathers y[t] = sum_j w[t, j] * y_sorted[row_map
+//   [t, j]] over the slots with a row, in order j = 0..k-1, in fp32 (each token its own rows: no
+//   atomics, deterministic); permute's backward is the same gather with w = 1.
+//
+// Capacity (optional): each expert keeps at most `capacity` slots. Which ones: slots compete in
+// priority order (as in GShard/Switch) -- every first choice (j = 0) before any second choice,
+// and so on; inside one choice rank, token order, or with `priority` given, higher priority
+// first (ties and NaN: token order, NaN last). The first `capacity` slots of each expert in that
+// order are kept; the rest are dropped (row_map -1) and counted in dropped[e]. Kept slots are
+// then laid out as above (slot order). num_rows = min(T * k, E * capacity), a static bound.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "core/macros.h"
+
+namespace mixops {
+
+constexpr int32_t kNoRow = -1;
+
+// Bits of the CUDA error flag (value checks the host cannot make without a sync).
+enum PermuteError : int32_t {
+  kIdsOutOfRange = 1,     // some ids[t, j] outside [-1, num_experts): treated as -1
+  kRowMapOutOfRange = 2,  // some row_map[t, j] outside [-1, num_rows): treated as -1
+};
+
+struct PermuteParams {
+  Dtype dtype;           // of x and x_sorted
+  int64_t num_tokens;    // T
+  int32_t k;             // choices per token
+  int32_t num_experts;   // E
+  int64_t hidden;        // H
+  int64_t capacity;      // slots per expert; < 0: dropless
+  int64_t num_rows;      // permute_num_rows(T, k, E, capacity)
+  const void* x;         // [T, H], row stride x_stride, unit column stride
+  int64_t x_stride;
+  const void* ids;       // [T, k] contiguous, int32 or int64 (ids_int64)
+  bool ids_int64;
+  const float* priority; // [T, k] contiguous fp32, nullable (capacity priority by weight)
+  void* x_sorted;        // [num_rows, H] contiguous
+  int32_t* offsets;      // [E] cumulative row ends
+  int32_t* row_map;      // [T, k]
+  int32_t* dropped;      // [E] dropped slots per expert
+  int32_t* error_flag;   // nullable; CUDA: device int32 zeroed by the caller
+};
+
+struct UnpermuteParams {
+  Dtype dtype;            // of y_sorted and y
+  Dtype weights_dtype;    // fp32, fp64, or y's dtype
+  int64_t num_tokens;     // T
+  int32_t k;
+  int64_t hidden;         // H
+  int64_t num_rows;       // rows of y_sorted
+  const void* y_sorted;   // [num_rows, H], row stride y_sorted_stride, unit column stride
+  int64_t y_sorted_stride;
+  const int32_t* row_map; // [T, k] contiguous
+  const void* weights;    // [T, k] contiguous, nullable (= all ones)
+  void* y;                // [T, H] contiguous
+  int32_t* error_flag;
+};
+
+// Backward of unpermute (rows): grad_y_sorted[row_map[t, j]] = w[t, j] * grad_y[t], rows no slot
+// maps to are zero. Backward (weights): grad_w[t, j] = <grad_y[t], y_sorted[row_map[t, j]]>
+// (0 for slots without a row), accumulated in fp32 (fp64 for fp64).
+struct UnpermuteBackwardParams {
+  Dtype dtype;             // of grad_y, y_sorted, grad_y_sorted
+  Dtype weights_dtype;
+  int64_t num_tokens, hidden, num_rows;
+  int32_t k;
+  const void* grad_y;      // [T, H] contiguous
+  const void* y_sorted;    // [num_rows, H] row stride y_sorted_stride (weights backward only)
+  int64_t y_sorted_stride;
+  const int32_t* row_map;  // [T, k]
+  const void* weights;     // [T, k], nullable (= ones)
+  void* grad_y_sorted;     // [num_rows, H] contiguous (rows backward)
+  void* grad_weights;      // [T, k] in weights_dtype (weights backward)
+  int32_t* error_flag;
+};
+
+namespace permute {
+
+MIXOPS_INLINE int64_t num_rows(int64_t num_tokens, int64_t k, int64_t num_experts,
+                               int64_t capacity) {
+  const int64_t slots = num_tokens * k;
+  if (capacity < 0) return slots;
+  const int64_t cap_rows = num_experts * capacity;
+  return cap_rows < slots ? cap_rows : slots;
+}
+
+// The expert of a slot's id, or -1 (no expert). An id outside [-1, E) sets *bad and gives -1.
+MIXOPS_INLINE int32_t expert_of(int64_t id, int32_t num_experts, bool* bad) {
+  if (id == -1) return -1;
+  if (id < 0 || id >= num_experts) {
+    *bad = true;
+    return -1;
+  }
+  return static_cast<int32_t>(id);
+}
+
+// The row a row-map entry points at, or -1. Outside [-1, num_rows) sets *bad and gives -1.
+MIXOPS_INLINE int64_t row_of(int32_t r, int64_t num_rows, bool* bad) {
+  if (r == kNoRow) return -1;
+  if (r < 0 || r >= num_rows) {
+    *bad = true;
+    return -1;
+  }
+  return r;
+}
+
+// Capacity priority inside one choice rank and expert: does slot a (priority pa, token ta) come
+// before slot b? By priority (higher first, NaN last) when by_priority, then by token.
+MIXOPS_INLINE bool priority_before(bool by_priority, float pa, int64_t ta, float pb, int64_t tb) {
+  if (by_priority) {
+    const bool na = pa != pa, nb = pb != pb;
+    if (na != nb) return nb;
+    if (!na && pa != pb) return pa > pb;
+  }
+  return ta < tb;
+}
+
+// A float priority as an unsigned key whose ascending order is priority_before's order (higher
+// first, NaN last); ties are left to a stable sort by token. For radix sorts.
+MIXOPS_INLINE uint32_t priority_sort_key(float p) {
+  if (p != p) return 0xffffffffu;
+  if (p == 0.0f) p = 0.0f;  // -0 == +0
+  uint32_t b;
+#if defined(__CUDA_ARCH__)
+  b = __float_as_uint(p);
+#else
+  __builtin_memcpy(&b, &p, sizeof b);
+#endif
+  const uint32_t ascending = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return ~ascending;  // descending; < 0xffffffff for every non-NaN value
+}
+
+// Slots are counted in chunks of this many (a chunk = one CUDA block's share; the CPU uses the
+// same chunks so its per-chunk partial counts are laid out alike).
+constexpr int64_t kChunkSlots = 2048;
+
+MIXOPS_INLINE int64_t num_chunks(int64_t slots) {
+  return (slots + kChunkSlots - 1) / kChunkSlots;
+}
+
+}  // namespace permute
+}  // namespace mixops
