@@ -3,7 +3,14 @@
 // the set_python_module call before each family's schemas names (torch checks the fake's module).
 #include <torch/library.h>
 
+#include "core/error_record.h"
+
 TORCH_LIBRARY(mixops, m) {
+  // Reads and clears the device error bits of every CUDA op (core/errors.h): one sync per device;
+  // raises naming each op that met invalid values (offsets, ids, row_map, modality) since the
+  // last check. Nothing to do for CPU ops (they raise at the call) or in CPU-only builds.
+  m.def("check_errors() -> ()", &mixops::check_errors);
+
   m.set_python_module("mixops.ops.grouped_mm");
   // Grouped matrix product. a [m, k] rows grouped by expert x b [E, k, n] -> [m, n] (rows past
   // offsets[-1] are zero), or a [m, r] x b [r, n] grouped along r -> [E, m, n] (empty group: zero

@@ -1,6 +1,7 @@
 // grouped_mm validation: one place for every error message, so CPU, CUDA and every caller of
 // torch.ops.mixops.grouped_mm from another framework get the same clear errors.
 #include "grouped_mm/check.h"
+#include "core/error_record.h"
 
 #include <c10/util/Exception.h>
 
@@ -69,5 +70,11 @@ void grouped_mm_check_offsets_values(const at::Tensor& offsets, int64_t total, c
     prev = v;
   }
 }
+
+// The message of grouped_mm's device error slot (mixops.check_errors, MIXOPS_DEBUG=1).
+const bool kGroupedMmMessageRegistered = register_error_message(
+    ErrorSlot::kGroupedMm, [](int32_t bits, const ErrorContext& c) {
+      return grouped_mm_error_message(bits, c.a, c.what);
+    });
 
 }  // namespace mixops

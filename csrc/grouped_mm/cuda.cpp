@@ -119,7 +119,9 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   cfg.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   cfg.stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
 
-  const OpScratch scratch(a.options(), cuda::grouped_mm_workspace_bytes(p, cfg), cfg.stream);
+  const OpScratch scratch(a.options(), cuda::grouped_mm_workspace_bytes(p, cfg), cfg.stream,
+                          ErrorSlot::kGroupedMm,
+                          {ragged_k ? k : m, 0, ragged_k ? "a.size(1)" : "a.size(0)"});
   p.error_flag = scratch.flag();
   try {
     cuda::grouped_mm_launch(p, scratch.workspace(), cfg);
@@ -128,9 +130,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                 cuda::grouped_mm_path_name(cuda::grouped_mm_select_path(p, cfg)), "): ", e.what());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scratch.check([&](int32_t bits) {  // MIXOPS_DEBUG=1: the CPU path's error
-    return grouped_mm_error_message(bits, ragged_k ? k : m, ragged_k ? "a.size(1)" : "a.size(0)");
-  });
+  scratch.check();  // MIXOPS_DEBUG=1: the CPU path's error
   return out;
 }
 

@@ -42,7 +42,7 @@ struct GroupedMmParams {
   int64_t out_stride_e, out_stride_m;  // out_stride_e unused when !ragged_k
 
   const int32_t* offsets;  // [E] cumulative group ends, int32 (device memory for CUDA)
-  int32_t* error_flag;     // nullable; device int32 for CUDA, zeroed by the caller
+  int32_t* error_flag;     // nullable; CUDA: the op's device error slot (core/errors.h)
 };
 
 // One group's GEMM: out_g[gm, gn] = a_g[gm, gk] @ b_g[gk, gn]; element offsets of each

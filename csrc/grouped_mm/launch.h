@@ -5,7 +5,7 @@
 // Contract for callers of grouped_mm_launch:
 //  * params are validated except for the *values* of offsets (device memory; reading them would
 //    need a host sync). Kernels clamp offsets to safe values and OR GroupedMmError bits into
-//    params.error_flag (a zeroed device int32).
+//    params.error_flag (the op's device error slot, core/errors.h).
 //  * layouts are one of: (A row, B row), (A row, B col), (A col, B row); out is row-major.
 //  * workspace points to grouped_mm_workspace_bytes(...) bytes of device memory, 256-byte aligned.
 //  * everything is enqueued on cfg.stream; nothing synchronises the host (CUDA-graph capturable).

@@ -1,5 +1,6 @@
 // permute / unpermute validation: every message in one place (see check.h).
 #include "permute/check.h"
+#include "core/error_record.h"
 
 #include <c10/util/Exception.h>
 
@@ -158,5 +159,25 @@ std::string permute_error_message(int32_t bits, const char* op, int64_t num_expe
            ") (treated as -1); row_map must come from the permute call that produced the rows;";
   return msg;
 }
+
+// The messages of the permute family's device error slots (mixops.check_errors, MIXOPS_DEBUG=1);
+// contexts: a = num_experts, b = num_rows.
+const bool kPermuteMessagesRegistered = [] {
+  register_error_message(ErrorSlot::kPermute, [](int32_t bits, const ErrorContext& c) {
+    return permute_error_message(bits, "permute", c.a, c.b);
+  });
+  register_error_message(ErrorSlot::kUnpermute, [](int32_t bits, const ErrorContext& c) {
+    return permute_error_message(bits, "unpermute", c.a, c.b);
+  });
+  register_error_message(ErrorSlot::kUnpermuteBackward, [](int32_t bits, const ErrorContext& c) {
+    return permute_error_message(bits, "unpermute_backward", c.a, c.b);
+  });
+  register_error_message(ErrorSlot::kUnpermuteWeightsBackward,
+                         [](int32_t bits, const ErrorContext& c) {
+                           return permute_error_message(bits, "unpermute_weights_backward", c.a,
+                                                        c.b);
+                         });
+  return true;
+}();
 
 }  // namespace mixops

@@ -53,12 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(
   p.row_map = row_map.data_ptr<int32_t>();
   p.dropped = dropped.data_ptr<int32_t>();
   const cudaStream_t stream = stream_of(x);
-  const cuda::OpScratch scratch(x.options(), cuda::permute_workspace_bytes(p), stream);
+  const cuda::OpScratch scratch(x.options(), cuda::permute_workspace_bytes(p), stream,
+                                ErrorSlot::kPermute, {num_experts, num_rows});
   p.error_flag = scratch.flag();
   launch_checked("permute", [&] { cuda::permute_launch(p, scratch.workspace(), stream); });
-  scratch.check([&](int32_t bits) {
-    return permute_error_message(bits, "permute", num_experts, num_rows);
-  });
+  scratch.check();
   return {x_sorted, offsets, row_map, dropped};
 }
 
@@ -84,12 +83,10 @@ at::Tensor unpermute_cuda(const at::Tensor& y_sorted_in, const at::Tensor& row_m
   p.weights = w.defined() ? w.data_ptr() : nullptr;
   p.y = y.data_ptr();
   const cudaStream_t stream = stream_of(y);
-  const cuda::OpScratch scratch(y.options(), 0, stream);
+  const cuda::OpScratch scratch(y.options(), 0, stream, ErrorSlot::kUnpermute, {0, p.num_rows});
   p.error_flag = scratch.flag();
   launch_checked("unpermute", [&] { cuda::unpermute_launch(p, stream); });
-  scratch.check([&](int32_t bits) {
-    return permute_error_message(bits, "unpermute", 0, p.num_rows);
-  });
+  scratch.check();
   return y;
 }
 
@@ -119,14 +116,13 @@ at::Tensor unpermute_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor
   UnpermuteBackwardParams p = backward_params(grad_y, row_map, w, num_rows);
   p.grad_y_sorted = out.data_ptr();
   const cudaStream_t stream = stream_of(out);
-  const cuda::OpScratch scratch(out.options(), cuda::unpermute_backward_workspace_bytes(p), stream);
+  const cuda::OpScratch scratch(out.options(), cuda::unpermute_backward_workspace_bytes(p), stream,
+                                ErrorSlot::kUnpermuteBackward, {0, num_rows});
   p.error_flag = scratch.flag();
   launch_checked("unpermute_backward", [&] {
     cuda::unpermute_backward_launch(p, scratch.workspace(), stream);
   });
-  scratch.check([&](int32_t bits) {
-    return permute_error_message(bits, "unpermute_backward", 0, num_rows);
-  });
+  scratch.check();
   return out;
 }
 
@@ -146,13 +142,12 @@ at::Tensor unpermute_weights_backward_cuda(const at::Tensor& grad_y_in,
   p.y_sorted_stride = y_sorted.stride(0);
   p.grad_weights = gw.data_ptr();
   const cudaStream_t stream = stream_of(gw);
-  const cuda::OpScratch scratch(gw.options(), 0, stream);
+  const cuda::OpScratch scratch(gw.options(), 0, stream, ErrorSlot::kUnpermuteWeightsBackward,
+                                {0, p.num_rows});
   p.error_flag = scratch.flag();
   launch_checked("unpermute_weights_backward",
          [&] { cuda::unpermute_weights_backward_launch(p, stream); });
-  scratch.check([&](int32_t bits) {
-    return permute_error_message(bits, "unpermute_weights_backward", 0, p.num_rows);
-  });
+  scratch.check();
   return gw;
 }
 

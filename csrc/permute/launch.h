@@ -4,7 +4,7 @@
 //
 // Contract for callers:
 //  * params are validated except for values in device memory (ids, row_map): kernels treat bad
-//    values as "no expert"/"no row" and OR PermuteError bits into error_flag (a zeroed int32).
+//    values as "no expert"/"no row" and OR PermuteError bits into error_flag (core/errors.h).
 //  * workspace points to permute_workspace_bytes(...) bytes of device memory, 256-byte aligned.
 //  * everything is enqueued on `stream`; nothing synchronises the host (CUDA-graph capturable);
 //    results are deterministic (no floating-point atomics).

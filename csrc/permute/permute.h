@@ -53,7 +53,7 @@ struct PermuteParams {
   int32_t* offsets;      // [E] cumulative row ends
   int32_t* row_map;      // [T, k]
   int32_t* dropped;      // [E] dropped slots per expert
-  int32_t* error_flag;   // nullable; CUDA: device int32 zeroed by the caller
+  int32_t* error_flag;   // nullable; CUDA: the op's device error slot (core/errors.h)
 };
 
 struct UnpermuteParams {

@@ -1,5 +1,6 @@
 // router_topk validation: every message in one place (see check.h).
 #include "routing/check.h"
+#include "core/error_record.h"
 
 #include <c10/util/Exception.h>
 
@@ -184,5 +185,16 @@ std::string router_error_message(int32_t bits, int64_t num_modalities) {
            "router_topk with the same options; other ids were ignored);";
   return msg;
 }
+
+// The messages of the router's device error slots (mixops.check_errors, MIXOPS_DEBUG=1);
+// context: a = num_modalities.
+const bool kRouterMessagesRegistered = [] {
+  for (ErrorSlot s : {ErrorSlot::kRouterTopk, ErrorSlot::kRouterTopkBackward}) {
+    register_error_message(s, [](int32_t bits, const ErrorContext& c) {
+      return router_error_message(bits, c.a);
+    });
+  }
+  return true;
+}();
 
 }  // namespace mixops

@@ -57,11 +57,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   p.score_sum = score_sum.data_ptr();
   p.lse = lse.data_ptr();
   const cudaStream_t stream = cuda::stream_of(logits);
-  const cuda::OpScratch scratch(logits.options(), cuda::router_topk_workspace_bytes(p), stream);
+  const cuda::OpScratch scratch(logits.options(), cuda::router_topk_workspace_bytes(p), stream,
+                                ErrorSlot::kRouterTopk, {num_modalities, 0});
   p.error_flag = scratch.flag();
   cuda::launch_checked("router_topk",
                        [&] { cuda::router_topk_launch(p, scratch.workspace(), stream); });
-  scratch.check([&](int32_t bits) { return router_error_message(bits, num_modalities); });
+  scratch.check();
   return {weights, ids, counts, score_sum, lse};
 }
 
@@ -101,11 +102,12 @@ at::Tensor router_topk_backward_cuda(const std::optional<at::Tensor>& grad_weigh
   p.grad_lse = ptr_or_null(glse);
   p.grad_logits = grad.data_ptr();
   const cudaStream_t stream = cuda::stream_of(logits);
-  const cuda::OpScratch scratch(logits.options(), 0, stream);
+  const cuda::OpScratch scratch(logits.options(), 0, stream, ErrorSlot::kRouterTopkBackward,
+                                {num_modalities, 0});
   p.error_flag = scratch.flag();
   cuda::launch_checked("router_topk_backward",
                        [&] { cuda::router_topk_backward_launch(p, stream); });
-  scratch.check([&](int32_t bits) { return router_error_message(bits, num_modalities); });
+  scratch.check();
   return grad;
 }
 

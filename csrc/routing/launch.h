@@ -3,7 +3,7 @@
 //
 // Contract for callers:
 //  * params are validated except for values in device memory (modality): kernels clamp those and
-//    OR RouterError bits into params.error_flag (a zeroed device int32).
+//    OR RouterError bits into params.error_flag (the op's device error slot, core/errors.h).
 //  * workspace points to router_topk_workspace_bytes(...) bytes of device memory, 256-byte
 //    aligned (per-block partial statistics, reduced in a fixed order: results do not depend on
 //    scheduling).

@@ -249,7 +249,7 @@ struct RouterParams {
   int32_t* counts;            // [E] chosen (token, expert) pairs per expert, masked tokens excluded
   void* score_sum;            // [E] acc_t, sum over tokens of prob_e (routing::prob)
   void* lse;                  // [T] acc_t, logsumexp over the row's eligible experts
-  int32_t* error_flag;        // nullable; CUDA: device int32 zeroed by the caller
+  int32_t* error_flag;        // nullable; CUDA: the op's device error slot (core/errors.h)
 };
 
 // router_topk_backward: dL/dlogits from dL/dweights, dL/dscore_sum and dL/dlse (each nullable =

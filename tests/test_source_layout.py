@@ -1,0 +1,137 @@
+"""Static checks that keep the source layout honest, run with a plain C++ compiler and CMake
+(no GPU, no build of the extension needed):
+
+* every family's torch-free header (and core's) compiles alone without torch or CUDA headers;
+* the kernels we write live in *_kernel.cuh headers with no launch syntax, torch or CUTLASS;
+* every op family has the same files in the same places;
+* the grouped_mm path choice (csrc/grouped_mm/path.h) on several GPUs;
+* the per-file CUDA arch flags (cmake/MixopsArchs.cmake) for several TORCH_CUDA_ARCH_LISTs.
+"""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+FAMILIES = ["grouped_mm", "routing", "permute", "activation"]
+CXX = shutil.which("g++") or shutil.which("c++")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+
+TORCH_FREE_HEADERS = [
+    "core/macros.h", "core/dtype.h", "core/align.h", "core/det_math.h", "core/errors.h",
+    "grouped_mm/grouped_mm.h", "grouped_mm/path.h", "routing/routing.h", "permute/permute.h",
+    "activation/activation.h",
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("header", TORCH_FREE_HEADERS)
+def test_torch_free_header_compiles_alone(header, tmp_path):
+    src = tmp_path / "only.cpp"
+    src.write_text(f'#include "{header}"\n#include "{header}"\nint main() {{ return 0; }}\n')
+    # Only csrc on the include path: a torch, c10 or CUDA include cannot resolve.
+    proc = subprocess.run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", f"-I{CSRC}",
+                           str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _kernel_headers():
+    return sorted(CSRC.glob("*/*_kernel.cuh"))
+
+
+def test_kernel_headers_exist_for_every_family():
+    families = {h.parent.name for h in _kernel_headers()}
+    assert set(FAMILIES) <= families
+
+
+@pytest.mark.parametrize("header", _kernel_headers(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_kernel_header_has_no_launch_torch_or_cutlass(header):
+    text = header.read_text()
+    code = re.sub(r"//[^\n]*", "", text)  # comments may name these things
+    assert "<<<" not in code, "launches belong in the .cu file"
+    includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', code)
+    bad = [i for i in includes
+           if i.split("/")[0] in {"ATen", "c10", "torch", "cutlass", "cute"} or "cutlass" in i]
+    assert not bad, f"{header.name} includes {bad}"
+    assert "cudaStream_t" not in code and "cudaLaunch" not in code
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_has_the_same_files(family):
+    d = CSRC / family
+    for name in [f"{family}.h", "check.h", "check.cpp", "cpu.cpp", "cuda.cpp", "launch.h"]:
+        assert (d / name).is_file(), f"csrc/{family}/{name} is missing"
+    assert (ROOT / "python" / "mixops" / "ops" / f"{family}.py").is_file()
+    assert list(d.glob("*.cu")), f"csrc/{family} has no CUDA launch file"
+
+
+def test_no_launch_syntax_in_host_files():
+    # Launches live in .cu files (and the CUTLASS templates they include, sm80.cuh / sm90.cuh).
+    for f in CSRC.rglob("*"):
+        if f.suffix in {".h", ".cpp"} and f.is_file():
+            code = re.sub(r"//[^\n]*", "", f.read_text())
+            assert "<<<" not in code, f"{f.relative_to(ROOT)} launches a kernel"
+
+
+@needs_cxx
+def test_grouped_mm_path_choice(tmp_path):
+    exe = tmp_path / "path_test"
+    subprocess.run([CXX, "-std=c++20", "-O1", "-Wall", "-Werror", f"-I{CSRC}",
+                    str(ROOT / "tests" / "cpp" / "grouped_mm_path_test.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout
+
+
+CMAKE = shutil.which("cmake")
+
+
+def _arch_flags(arch_list):
+    proc = subprocess.run([CMAKE, f"-DMIXOPS_ARCH_LIST={arch_list}", "-P",
+                           str(ROOT / "cmake" / "print_arch_flags.cmake")],
+                          capture_output=True, text=True)
+    return proc
+
+
+def _codes(flags, kind):
+    """'sm' or 'compute' targets named by a list of -gencode flags."""
+    return {m.group(1) for f in flags for m in [re.search(rf"code={kind}_(\w+)$", f)] if m}
+
+
+@pytest.mark.skipif(CMAKE is None, reason="needs cmake")
+@pytest.mark.parametrize("arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, sm90, warns", [
+    ("8.0;9.0a", {"80", "90a"}, {"80"}, {"80", "90a"}, {"80"}, True, False),
+    # CUTLASS 2 files never get PTX below 8.0 (compute_75 PTX JIT-compiled on a newer GPU reaches
+    # CUTLASS's NOT_IMPLEMENTED trap); +PTX adds PTX for that arch.
+    ("7.5 8.0 8.6 9.0+PTX", {"80", "86", "90"}, {"80", "90"}, {"75", "80", "86", "90"},
+     {"75", "90"}, False, True),
+    ("7.5", set(), {"80"}, {"75"}, {"75"}, False, False),
+    ("9.0a", {"90a"}, {"90"}, {"90a"}, {"90"}, True, False),
+    ("8.6+PTX;9.0;9.0a", {"86", "90", "90a"}, {"86"}, {"86", "90", "90a"}, {"86"}, True, False),
+])
+def test_per_file_arch_flags(arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, sm90, warns):
+    proc = _arch_flags(arch_list)
+    assert proc.returncode == 0, proc.stderr
+    flags = json.loads(proc.stderr)  # message(NOTICE) prints to stderr
+    assert _codes(flags["SM80"], "sm") == sm80_sass
+    assert _codes(flags["SM80"], "compute") == sm80_ptx
+    assert _codes(flags["ALL"], "sm") == all_sass
+    assert _codes(flags["ALL"], "compute") == all_ptx
+    assert (flags["SM90"] == ["-gencode=arch=compute_90a,code=sm_90a"]) == sm90
+    assert (flags["has_sm90"] == "ON") == sm90
+    assert ("9.0 but not 9.0a" in flags["warnings"]) == warns
+
+
+@pytest.mark.skipif(CMAKE is None, reason="needs cmake")
+@pytest.mark.parametrize("arch_list, message", [
+    ("7.0;8.0", "below 7.5"),
+    ("sm_80", "cannot parse CUDA arch"),
+    ("", "empty CUDA arch list"),
+])
+def test_bad_arch_lists_are_clear_errors(arch_list, message):
+    proc = _arch_flags(arch_list)
+    assert proc.returncode != 0 and message in proc.stderr
