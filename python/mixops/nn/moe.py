@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, act_fn, apply_activation, check_activation
 
@@ -83,21 +84,15 @@ class MLP(nn.Module):
         return self.down_proj(fn(self.up_proj(x)))
 
 
-def _push(stage, x):
-    """An NVTX range per MoE stage on CUDA (nsys shows router, permute, GEMMs, activation,
-    unpermute); nothing on CPU or while torch.compile traces."""
-    if x.is_cuda and not torch.compiler.is_compiling():
-        torch.cuda.nvtx.range_push(f"mixops.moe.{stage}")
+def _nvtx_enabled(x):
+    # NVTX ranges on CUDA only, and not while torch.compile traces (no NVTX calls in graphs).
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
-def _pop(x):
-    if x.is_cuda and not torch.compiler.is_compiling():
-        torch.cuda.nvtx.range_pop()
-
-
-def _next(stage, x):
-    _pop(x)
-    _push(stage, x)
+def _stage(name, x):
+    """An NVTX range around one stage of the layer (nsys shows router, permute, GEMMs, activation,
+    unpermute, shared experts), closed even when the stage raises."""
+    return nvtx_range(f"mixops.moe.{name}", enabled=_nvtx_enabled(x))
 
 
 def _capacity_fraction(capacity_factor):
@@ -238,12 +233,11 @@ class MoE(nn.Module):
             y = self._routed(x2, token_mask, modality, None)
         shared = self.shared
         if shared is not None:
-            _push("shared_experts", x2)
-            s = shared(x2)
-            if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(x2)) * s
-            y = y + s
-            _pop(x2)
+            with _stage("shared_experts", x2):
+                s = shared(x2)
+                if self.shared_expert_gate is not None:
+                    s = torch.sigmoid(self.shared_expert_gate(x2)) * s
+                y = y + s
         return y.reshape(shape)
 
     def _router_logits(self, x2):
@@ -253,14 +247,13 @@ class MoE(nn.Module):
     def _routed(self, x2, token_mask, modality, cast):
         num_tokens = x2.shape[0]
         E, k = self.num_experts, self.top_k
-        _push("router", x2)
-        logits = self._router_logits(x2)
-        bias = None
-        if self.selection_bias:
-            bias = self.gate.e_score_correction_bias.float()
-        r = router_topk(logits, k, bias=bias, modality=modality, token_mask=token_mask,
-                        **self.router_options)
-        _pop(x2)
+        with _stage("router", x2):
+            logits = self._router_logits(x2)
+            bias = None
+            if self.selection_bias:
+                bias = self.gate.e_score_correction_bias.float()
+            r = router_topk(logits, k, bias=bias, modality=modality, token_mask=token_mask,
+                            **self.router_options)
         if self.selection_bias and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(r.counts)
@@ -276,17 +269,16 @@ class MoE(nn.Module):
         w2 = experts.down_proj
         if cast is not None:
             w1, w2 = w1.to(cast), w2.to(cast)
-        _push("permute", x2)
-        p = permute(x2, r.ids, E, capacity=capacity)
-        _next("gate_up_gemm", x2)
-        h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
-        _next("activation", x2)
-        a = apply_activation(self.activation, h)
-        _next("down_gemm", x2)
-        o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
-        _next("unpermute", x2)
-        y = unpermute(o, p.row_map, r.weights)
-        _pop(x2)
+        with _stage("permute", x2):
+            p = permute(x2, r.ids, E, capacity=capacity)
+        with _stage("gate_up_gemm", x2):
+            h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
+        with _stage("activation", x2):
+            a = apply_activation(self.activation, h)
+        with _stage("down_gemm", x2):
+            o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
+        with _stage("unpermute", x2):
+            y = unpermute(o, p.row_map, r.weights)
         return y
 
     def _aux_loss(self, r, num_tokens, token_mask):
