@@ -1,6 +1,10 @@
 """patch_model on whole HF transformers models: all-or-nothing per block (a block mixops cannot
-express stays exactly as it was, with a warning) and DeepSeek-V3 with top_k above the experts of
-the kept groups."""
+express stays exactly as it was, with a warning), DeepSeek-V3 with top_k above the experts of the
+kept groups, meta-device initialisation (to_empty + init_weights, the FSDP2 / empty-weights path)
+and set_experts_implementation after patching."""
+import copy
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +18,7 @@ from transformers.models.mixtral.modeling_mixtral import (  # noqa: E402
 
 from mixops.integrations.transformers import from_hf, patch_model  # noqa: E402
 from mixops.nn import MoE  # noqa: E402
+from test_moe_init import garbage_memory  # noqa: E402,F401  (a fixture)
 
 H = 32
 
@@ -130,3 +135,55 @@ def test_bad_moe_options_change_nothing():
     assert _snapshot(model) == snap
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+# ---- meta-device initialisation ---------------------------------------------------------------
+
+def test_meta_patch_to_empty_init_weights(garbage_memory):
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(_deepseek_config(num_experts_per_tok=2))
+    assert patch_model(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for layer in model.model.layers:
+        moe = layer.mlp
+        assert torch.equal(moe.tokens_per_expert, torch.zeros(8, dtype=torch.int64))
+        assert torch.equal(moe.gate.e_score_correction_bias, torch.zeros(8))
+        for name, t in moe.state_dict().items():
+            assert torch.isfinite(t.float()).all(), name
+    model.train()
+    ids = _ids()
+    model(ids)
+    for layer in model.model.layers:  # the counter holds exactly this forward's choices
+        assert int(layer.mlp.tokens_per_expert.sum()) == ids.numel() * 2
+    load = model.model.layers[0].mlp.tokens_per_expert.float()
+    used = model.model.layers[0].mlp.update_bias(1e-3)
+    assert torch.equal(used, load)
+    torch.testing.assert_close(model.model.layers[0].mlp.gate.e_score_correction_bias,
+                               1e-3 * torch.sign(load.mean() - load), rtol=0, atol=0)
+
+
+# ---- set_experts_implementation after patching -------------------------------------------------
+
+def test_set_experts_implementation_warns_after_patch():
+    model = _mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning before patching
+        model.set_experts_implementation("eager")
+    patch_model(model)
+    with pytest.warns(UserWarning, match="set_experts_implementation.*patch_model"):
+        model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"  # HF's own effect still happens
+    with pytest.warns(UserWarning, match="set_experts_implementation"):
+        model.model.set_experts_implementation("eager")
+    # A copy keeps the hooks, and they act on the copy, not on the original.
+    clone = copy.deepcopy(model)
+    for a, b in zip(model.model.layers, clone.model.layers):
+        a.mlp.tokens_per_expert.fill_(3)
+        b.mlp.tokens_per_expert.fill_(5)
+    clone.init_weights()
+    for a, b in zip(model.model.layers, clone.model.layers):
+        assert torch.equal(b.mlp.tokens_per_expert, torch.zeros(8, dtype=torch.int64))
+        assert torch.equal(a.mlp.tokens_per_expert, torch.full((8,), 3))
+    with pytest.warns(UserWarning, match="set_experts_implementation"):
+        clone.set_experts_implementation("eager")

@@ -20,7 +20,9 @@ from torch import nn
 
 try:
     import transformers  # noqa: F401
+    from transformers import initialization as hf_init
     from transformers.integrations.moe import ExpertsInterface
+    from transformers.modeling_utils import PreTrainedModel
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("mixops.integrations.transformers needs HF transformers: "
                       "pip install 'mixops[transformers]'") from e
@@ -184,6 +186,46 @@ def _patch_router_class(gate):
     gate.__class__ = _PATCHED_ROUTER_CLASSES[cls]
 
 
+class _InitWeights:
+    """``_init_weights`` of an HF model after patch_model: HF's own, then the buffers mixops adds
+    (MoE's load counter), through HF's init functions, so the ``_is_hf_initialized`` flags hold.
+    HF's ``init_weights()`` (also after ``to_empty()`` on a model built on the meta device) calls
+    it for every module. The routers stay HF's classes' subclasses: HF initialises them itself."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, module):
+        type(self.model)._init_weights(self.model, module)
+        if isinstance(module, MoE):
+            hf_init.zeros_(module.tokens_per_expert)
+
+
+class _SetExpertsImplementation:
+    """``set_experts_implementation`` of an HF model after patch_model: HF's own, with a warning
+    that it no longer reaches the blocks patch_model replaced."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, experts_implementation):
+        if any(isinstance(m, MoE) for m in self.model.modules()):
+            warnings.warn("mixops: set_experts_implementation() does not change the MoE blocks "
+                          "that patch_model replaced (they run mixops.nn.MoE); it affects only "
+                          "blocks that were not patched", UserWarning, stacklevel=2)
+        return type(self.model).set_experts_implementation(self.model, experts_implementation)
+
+
+def _hook_hf_models(model):
+    # Instance attributes (deep copies and pickles carry them along with the model they serve).
+    # Every PreTrainedModel inside needs them: HF's init hands sub-models their own _init_weights.
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and not isinstance(m.__dict__.get("_init_weights"),
+                                                             _InitWeights):
+            m._init_weights = _InitWeights(m)
+            m.set_experts_implementation = _SetExpertsImplementation(m)
+
+
 def from_hf(block: nn.Module, **moe_kwargs) -> MoE:
     """A ``mixops.nn.MoE`` computing what the HF MoE ``block`` computes, sharing its Parameters
     (and the selection-bias buffer); the HF block keeps working. ``moe_kwargs`` adds MoE options
@@ -208,7 +250,9 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     replaced blocks.
 
     Every layer is built before anything changes: a block mixops cannot express stays exactly as
-    it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched."""
+    it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched.
+    Afterwards ``model.init_weights()`` also zeroes the buffers mixops adds, and
+    ``set_experts_implementation()`` warns that the replaced blocks no longer follow it."""
     plans = []
     for name, block in model.named_modules():
         if isinstance(block, MoE) or not (type(block).__name__ in SUPPORTED_BLOCKS
@@ -225,6 +269,8 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, moe)
+    if plans:
+        _hook_hf_models(model)
     return [name for name, _, _ in plans]
 
 
