@@ -90,8 +90,11 @@ def test_topk_reaching_into_dropped_groups_stays_hf():
     snap = _snapshot(model)
     with torch.no_grad():
         before = model(ids).logits
-    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp.*top_k \(6\).*4 experts"):
+    with pytest.warns(UserWarning) as record:
         assert patch_model(model) == []
+    assert [str(w.message).split(" left")[0] for w in record] == \
+        [f"mixops.patch_model: model.layers.{i}.mlp" for i in range(2)]
+    assert all("top_k (6) is more than the 4 experts" in str(w.message) for w in record)
     assert _snapshot(model) == snap
     assert type(model.model.layers[0].mlp.gate) is DeepseekV3TopkRouter
     with torch.no_grad():
@@ -122,6 +125,21 @@ def test_one_block_left_alone_the_others_patched():
     assert isinstance(model.model.layers[0].mlp, MoE)
     assert model.model.layers[1].mlp is keep
     assert type(keep) is MixtralSparseMoeBlock and type(keep.gate) is MixtralTopKRouter
+
+
+def test_unknown_moe_block_warns_and_stays():
+    class MyMoeBlock(torch.nn.Module):  # a router and experts, but not a block mixops knows
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, 4)
+            self.experts = torch.nn.Linear(H, H)
+
+    model = torch.nn.Sequential(MyMoeBlock())
+    block = model[0]
+    with pytest.warns(UserWarning, match=r"patch_model: 0 left as it is: MyMoeBlock is not a "
+                      r"supported MoE block"):
+        assert patch_model(model) == []
+    assert model[0] is block and type(block.gate) is torch.nn.Linear
 
 
 def test_bad_moe_options_change_nothing():
