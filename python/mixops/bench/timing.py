@@ -1,24 +1,15 @@
 """Timing helpers shared by the benchmarks: medians over repeats, CUDA events on GPU, NVTX ranges."""
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
-try:
-    import nvtx as _nvtx
-except ImportError:  # nvtx is a dependency, but a benchmark should not die without it
-    _nvtx = None
+from .._nvtx import nvtx_range as _nvtx_range
 
 
-@contextmanager
 def nvtx_range(name):
     """An NVTX range (visible in `nsys profile`) around a benchmark stage; no-op off GPU."""
-    if _nvtx is not None and torch.cuda.is_available():
-        with _nvtx.annotate(name):
-            yield
-    else:
-        yield
+    return _nvtx_range(name, enabled=torch.cuda.is_available())
 
 
 def _time_once(fn, device, flush):

@@ -11,8 +11,8 @@ and the ``"mixops"`` experts implementation (``experts_implementation="mixops"``
 transformers is an optional dependency (``pip install mixops[transformers]``); importing this module
 without it raises ImportError saying so.
 """
+import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +20,14 @@ from torch import nn
 
 try:
     import transformers  # noqa: F401
+    from transformers import initialization as hf_init
     from transformers.integrations.moe import ExpertsInterface
+    from transformers.modeling_utils import PreTrainedModel
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("mixops.integrations.transformers needs HF transformers: "
                       "pip install 'mixops[transformers]'") from e
 
-from ..nn.moe import MoE, MoEParts
+from ..nn import MoE, MoEParts, RouterConfig
 from ..ops import grouped_mm, permute, unpermute
 
 __all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
@@ -56,52 +58,69 @@ _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu",
                "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "relu": "reglu"}
 
 
+class _Unsupported(ValueError):
+    """What mixops cannot express about one HF block."""
+
+
 def _hidden_act(experts):
-    cfg = getattr(experts, "config", None)
-    act = getattr(cfg, "hidden_act", None)
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
     if act is None:
-        raise ValueError(f"mixops: cannot tell the activation of {type(experts).__name__} "
-                         "(no config.hidden_act)")
+        raise _Unsupported(f"cannot tell the activation of {type(experts).__name__} "
+                           "(no config.hidden_act)")
     if act not in _GATED_ACTS:
-        raise ValueError(f"mixops: activation {act!r} of {type(experts).__name__} is not supported "
-                         f"(supported: {', '.join(_GATED_ACTS)})")
+        raise _Unsupported(f"activation {act!r} of {type(experts).__name__} is not supported "
+                           f"(supported: {', '.join(_GATED_ACTS)})")
     return _GATED_ACTS[act]
 
 
-def _why_not(block) -> Optional[str]:
-    """None if mixops expresses this block exactly, else what is missing."""
+def _check_block(block):
+    """Raises _Unsupported saying what is missing unless mixops can hold this block's modules."""
     name = type(block).__name__
     if name not in SUPPORTED_BLOCKS:
-        return (f"{name} is not a supported MoE block (supported: {', '.join(SUPPORTED_BLOCKS)})")
+        raise _Unsupported(f"{name} is not a supported MoE block "
+                           f"(supported: {', '.join(SUPPORTED_BLOCKS)})")
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if gate is None or type(gate).__name__.replace("Mixops", "", 1) not in _ROUTERS:
-        return f"{name}: router {type(gate).__name__} has no mixops equivalent"
+    if gate is None or _router_name(gate) not in _ROUTERS:
+        raise _Unsupported(f"{name}: router {type(gate).__name__} has no mixops equivalent")
     if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        return f"{name}: experts without 3-D gate_up_proj/down_proj weights are not supported"
+        raise _Unsupported(f"{name}: experts without 3-D gate_up_proj/down_proj weights are not "
+                           "supported")
     if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) \
             or getattr(experts, "has_post_expert_norm", False) \
             or not getattr(experts, "is_concatenated", True):
-        return f"{name}: expert biases, transposed or interleaved weights and post-expert norms are not supported"
+        raise _Unsupported(f"{name}: expert biases, transposed or interleaved weights and "
+                           "post-expert norms are not supported")
     if getattr(block, "jitter_noise", 0) and block.jitter_noise > 0:
-        return f"{name}: router_jitter_noise={block.jitter_noise} has no mixops equivalent"
-    return None
+        raise _Unsupported(f"{name}: router_jitter_noise={block.jitter_noise} has no mixops "
+                           "equivalent")
 
 
-def _options(block):
-    gate = block.gate
-    spec = _ROUTERS[type(gate).__name__.replace("Mixops", "", 1)]
-    E, H = gate.weight.shape
-    F_ = block.experts.down_proj.shape[-1]
-    opts = dict(hidden_size=H, ffn_size=F_, num_experts=E, top_k=gate.top_k,
-                activation=_hidden_act(block.experts), score_fn=spec.score_fn)
-    if spec.deepseek:
-        opts.update(renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-20,
-                    scaling=float(gate.routed_scaling_factor), selection_bias=True,
-                    num_groups=gate.num_group, groups_kept=gate.topk_group,
-                    group_score="top2_sum", router_fp32=True)
-    else:
-        opts.update(renormalize=spec.always_renormalize or bool(gate.norm_topk_prob))
-    return opts
+def _router_config(gate) -> RouterConfig:
+    """The RouterConfig choosing what the HF router ``gate`` chooses, with the same weights."""
+    spec = _ROUTERS[_router_name(gate)]
+    E, k = gate.weight.shape[0], gate.top_k
+    if not spec.deepseek:
+        return RouterConfig(num_experts=E, top_k=k, score_fn=spec.score_fn,
+                            renormalize=spec.always_renormalize or bool(gate.norm_topk_prob))
+    groups, kept = gate.num_group, gate.topk_group
+    if k == E:
+        # HF masks the dropped groups' scores to -inf and still takes the top E: every expert,
+        # weighted by its sigmoid score. Group limiting changes nothing.
+        groups = kept = 1
+    elif groups and kept and E % groups == 0 and k > kept * (E // groups):
+        raise _Unsupported(
+            f"{type(gate).__name__}: top_k ({k}) is more than the {kept * (E // groups)} experts "
+            f"of the {kept} kept group(s) (n_group={groups}, topk_group={kept}); HF then also "
+            "picks experts of dropped groups, whose -inf scores torch.topk orders in no "
+            "specified way, and mixops does not reproduce that choice")
+    try:
+        return RouterConfig(num_experts=E, top_k=k, score_fn="sigmoid",
+                            renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-20,
+                            scaling=float(gate.routed_scaling_factor), selection_bias=True,
+                            num_groups=groups, groups_kept=kept, group_score="top2_sum",
+                            router_fp32=True)
+    except ValueError as e:
+        raise _Unsupported(f"{type(gate).__name__}: {e}") from e
 
 
 def _shared(block):
@@ -110,6 +129,20 @@ def _shared(block):
     if hasattr(block, "shared_experts"):
         return block.shared_experts, None, "shared_experts"
     return None, None, "shared_experts"
+
+
+def _build(block, gate, moe_kwargs) -> MoE:
+    """A mixops.nn.MoE around ``block``'s modules (routing through ``gate``). Raises _Unsupported
+    for what mixops cannot express, and MoE's own errors for bad ``moe_kwargs``. Changes nothing."""
+    _check_block(block)
+    router = _router_config(block.gate)
+    activation = _hidden_act(block.experts)
+    E, H = block.gate.weight.shape
+    shared, shared_gate, shared_name = _shared(block)
+    parts = MoEParts(gate=gate, experts=block.experts, shared=shared, shared_gate=shared_gate,
+                     shared_name=shared_name)
+    return MoE(H, block.experts.down_proj.shape[-1], router=router, activation=activation,
+               parts=parts, **moe_kwargs)
 
 
 class _Logits(nn.Module):
@@ -135,14 +168,62 @@ def _hf_router_logits_forward(self, hidden_states):
 _PATCHED_ROUTER_CLASSES = {}
 
 
-def _patch_router_class(gate):
+def _router_name(gate):
+    """The HF class name of a router, also once patch_model has patched it."""
     cls = type(gate)
-    if cls.__name__.startswith("Mixops"):
+    return cls.__base__.__name__ if cls in _PATCHED_ROUTER_CLASSES.values() else cls.__name__
+
+
+def _patch_router_class(gate):
+    """Make an HF router compute only the logits: a subclass (so HF's isinstance-based weight
+    initialisation still reaches it) with another forward."""
+    cls = type(gate)
+    if cls in _PATCHED_ROUTER_CLASSES.values():
         return
     if cls not in _PATCHED_ROUTER_CLASSES:
         _PATCHED_ROUTER_CLASSES[cls] = type("Mixops" + cls.__name__, (cls,),
                                             {"forward": _hf_router_logits_forward})
     gate.__class__ = _PATCHED_ROUTER_CLASSES[cls]
+
+
+class _InitWeights:
+    """``_init_weights`` of an HF model after patch_model: HF's own, then the buffers mixops adds
+    (MoE's load counter), through HF's init functions, so the ``_is_hf_initialized`` flags hold.
+    HF's ``init_weights()`` (also after ``to_empty()`` on a model built on the meta device) calls
+    it for every module. The routers stay HF's classes' subclasses: HF initialises them itself."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, module):
+        type(self.model)._init_weights(self.model, module)
+        if isinstance(module, MoE):
+            hf_init.zeros_(module.tokens_per_expert)
+
+
+class _SetExpertsImplementation:
+    """``set_experts_implementation`` of an HF model after patch_model: HF's own, with a warning
+    that it no longer reaches the blocks patch_model replaced."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, experts_implementation):
+        if any(isinstance(m, MoE) for m in self.model.modules()):
+            warnings.warn("mixops: set_experts_implementation() does not change the MoE blocks "
+                          "that patch_model replaced (they run mixops.nn.MoE); it affects only "
+                          "blocks that were not patched", UserWarning, stacklevel=2)
+        return type(self.model).set_experts_implementation(self.model, experts_implementation)
+
+
+def _hook_hf_models(model):
+    # Instance attributes (deep copies and pickles carry them along with the model they serve).
+    # Every PreTrainedModel inside needs them: HF's init hands sub-models their own _init_weights.
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and not isinstance(m.__dict__.get("_init_weights"),
+                                                             _InitWeights):
+            m._init_weights = _InitWeights(m)
+            m.set_experts_implementation = _SetExpertsImplementation(m)
 
 
 def from_hf(block: nn.Module, **moe_kwargs) -> MoE:
@@ -154,13 +235,11 @@ def from_hf(block: nn.Module, **moe_kwargs) -> MoE:
     with or without ``norm_topk_prob``), DeepSeek-V3 and GLM-4-MoE (sigmoid, selection bias,
     group-limited top-k, routed scaling, shared experts). Anything else raises ValueError saying
     what is missing."""
-    why = _why_not(block)
-    if why is not None:
-        raise ValueError(f"mixops.from_hf: cannot convert: {why}")
-    shared, shared_gate, shared_name = _shared(block)
-    parts = MoEParts(gate=_Logits(block.gate), experts=block.experts, shared=shared,
-                     shared_gate=shared_gate, shared_name=shared_name)
-    return MoE(**_options(block), **moe_kwargs, parts=parts)
+    try:
+        _check_block(block)
+        return _build(block, _Logits(block.gate), moe_kwargs)
+    except _Unsupported as e:
+        raise ValueError(f"mixops.from_hf: cannot convert: {e}") from None
 
 
 def patch_model(model: nn.Module, **moe_kwargs) -> list:
@@ -168,21 +247,36 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     the block's own submodules: the same Parameter objects (an optimizer built before keeps
     working), the same state-dict keys, and the HF router module (now computing only the logits),
     so ``output_router_logits`` and HF's load-balancing loss still work. Returns the names of the
-    replaced blocks; blocks mixops cannot express are left as they are."""
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod).__name__ in SUPPORTED_BLOCKS and _why_not(mod) is None]
-    for name, block in targets:
-        shared, shared_gate, shared_name = _shared(block)
-        opts = _options(block)
+    replaced blocks.
+
+    Every layer is built before anything changes: a block mixops cannot express stays exactly as
+    it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched.
+    Afterwards ``model.init_weights()`` also zeroes the buffers mixops adds, and
+    ``set_experts_implementation()`` warns that the replaced blocks no longer follow it."""
+    plans = []
+    for name, block in model.named_modules():
+        if isinstance(block, MoE) or not (type(block).__name__ in SUPPORTED_BLOCKS
+                                          or _looks_like_moe(block)):
+            continue
+        try:
+            plans.append((name, block, _build(block, block.gate, moe_kwargs)))
+        except _Unsupported as e:
+            warnings.warn(f"mixops.patch_model: {name} left as it is: {e}", UserWarning,
+                          stacklevel=2)
+    for name, block, moe in plans:  # nothing can fail from here on
         _patch_router_class(block.gate)
-        parts = MoEParts(gate=block.gate, experts=block.experts, shared=shared,
-                         shared_gate=shared_gate, shared_name=shared_name)
-        moe = MoE(**opts, **moe_kwargs, parts=parts)
         moe.train(block.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, moe)
-    return [name for name, _ in targets]
+    if plans:
+        _hook_hf_models(model)
+    return [name for name, _, _ in plans]
+
+
+def _looks_like_moe(module):
+    return isinstance(getattr(module, "gate", None), nn.Module) and \
+        isinstance(getattr(module, "experts", None), nn.Module)
 
 
 def mixops_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

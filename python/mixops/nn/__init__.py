@@ -1,5 +1,8 @@
-"""nn.Modules built from the mixops ops."""
+"""nn.Modules built from the mixops ops: the MoE layer (moe.py), its router and router
+configuration (router.py), its experts (experts.py) and the activations by name."""
 from .activations import ACTIVATIONS
-from .moe import MLP, Experts, MoE, TopKRouter
+from .experts import MLP, Experts
+from .moe import MoE, MoEParts
+from .router import RouterConfig, TopKRouter
 
-__all__ = ["MoE", "TopKRouter", "Experts", "MLP", "ACTIVATIONS"]
+__all__ = ["MoE", "MoEParts", "RouterConfig", "TopKRouter", "Experts", "MLP", "ACTIVATIONS"]

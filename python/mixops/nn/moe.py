@@ -1,4 +1,5 @@
-"""mixops.nn.MoE: a Mixture-of-Experts layer composed of the mixops ops.
+"""mixops.nn.MoE: a Mixture-of-Experts layer composed of the mixops ops (its router and experts
+live in router.py and experts.py), and MoEParts, to build one around existing modules.
 
 router logits -> router_topk -> permute -> grouped_mm (gate+up) -> activation -> grouped_mm (down)
 -> unpermute, plus optional shared experts. Submodule and parameter names follow HF transformers
@@ -11,93 +12,45 @@ from fractions import Fraction
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
-from .activations import GATED, act_fn, apply_activation, check_activation
+from .activations import GATED, apply_activation, check_activation
+from .experts import MLP, Experts
+from .router import RouterConfig, TopKRouter
 
-__all__ = ["MoE", "MoEParts", "TopKRouter", "Experts", "MLP"]
-
-
-class TopKRouter(nn.Module):
-    """The router's projection: ``logits = x @ weight.T`` ([tokens, E]). With a selection bias it
-    also holds ``e_score_correction_bias`` [E] (fp32 buffer, saved in the state dict)."""
-
-    def __init__(self, hidden_size, num_experts, selection_bias=False, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        if selection_bias:
-            self.register_buffer("e_score_correction_bias",
-                                 torch.zeros(num_experts, device=device, dtype=torch.float32))
-        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))  # (a no-op cast unless under autocast)
-
-    def _apply(self, fn, recurse=True):
-        # module.to(bf16) must not round the selection bias (its updates are ~1e-3 steps): it
-        # follows device moves only and stays fp32.
-        bias = getattr(self, "e_score_correction_bias", None)
-        out = super()._apply(fn, recurse)
-        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
-        return out
+__all__ = ["MoE", "MoEParts"]
 
 
-class Experts(nn.Module):
-    """Expert weights in HF transformers' v5 layout: ``gate_up_proj`` [E, 2*ffn, hidden] (gate rows
-    first) for gated activations, else ``up_proj`` [E, ffn, hidden]; ``down_proj`` [E, hidden, ffn]."""
-
-    def __init__(self, hidden_size, ffn_size, num_experts, gated=True, device=None, dtype=None):
-        super().__init__()
-        first = 2 * ffn_size if gated else ffn_size
-        w1 = nn.Parameter(torch.empty(num_experts, first, hidden_size, device=device, dtype=dtype))
-        if gated:
-            self.gate_up_proj = w1
-        else:
-            self.up_proj = w1
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, device=device,
-                                                  dtype=dtype))
-        nn.init.normal_(w1, std=hidden_size ** -0.5)
-        nn.init.normal_(self.down_proj, std=ffn_size ** -0.5)
+def _nvtx_enabled(x):
+    # NVTX ranges on CUDA only, and not while torch.compile traces (no NVTX calls in graphs).
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
-class MLP(nn.Module):
-    """A dense expert (the shared experts): ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``."""
-
-    def __init__(self, hidden_size, ffn_size, activation="swiglu", device=None, dtype=None):
-        super().__init__()
-        check_activation(activation)
-        self.activation = activation
-        kw = dict(bias=False, device=device, dtype=dtype)
-        if activation in GATED:
-            self.gate_proj = nn.Linear(hidden_size, ffn_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, ffn_size, **kw)
-        self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
-
-    def forward(self, x):
-        fn = act_fn(self.activation)
-        if self.activation in GATED:
-            return self.down_proj(fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(fn(self.up_proj(x)))
+def _stage(name, x):
+    """An NVTX range around one stage of the layer (nsys shows router, permute, GEMMs, activation,
+    unpermute, shared experts), closed even when the stage raises."""
+    return nvtx_range(f"mixops.moe.{name}", enabled=_nvtx_enabled(x))
 
 
-def _push(stage, x):
-    """An NVTX range per MoE stage on CUDA (nsys shows router, permute, GEMMs, activation,
-    unpermute); nothing on CPU or while torch.compile traces."""
-    if x.is_cuda and not torch.compiler.is_compiling():
-        torch.cuda.nvtx.range_push(f"mixops.moe.{stage}")
-
-
-def _pop(x):
-    if x.is_cuda and not torch.compiler.is_compiling():
-        torch.cuda.nvtx.range_pop()
-
-
-def _next(stage, x):
-    _pop(x)
-    _push(stage, x)
+def _router_config(num_experts, top_k, router, options):
+    """The layer's RouterConfig: ``router`` itself, or one made from the keyword options."""
+    unknown = set(options) - RouterConfig.option_names()
+    if unknown:
+        raise TypeError(f"MoE got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if router is None:
+        return RouterConfig(num_experts=num_experts, top_k=top_k, **options)
+    if not isinstance(router, RouterConfig):
+        raise TypeError(f"MoE: router must be a RouterConfig, got {type(router).__name__}")
+    if options:
+        raise ValueError(f"MoE: give the routing options either as router=RouterConfig(...) or as "
+                         f"keywords, not both (got router= and {', '.join(sorted(options))})")
+    for name, v in (("num_experts", num_experts), ("top_k", top_k)):
+        if v is not None and v != getattr(router, name):
+            raise ValueError(f"MoE: {name}={v!r} disagrees with router.{name}="
+                             f"{getattr(router, name)!r}")
+    return router
 
 
 def _capacity_fraction(capacity_factor):
@@ -129,16 +82,18 @@ class MoE(nn.Module):
     """A Mixture-of-Experts layer: input ``[..., hidden]``, output the same shape.
 
     Args:
-        hidden_size, ffn_size, num_experts, top_k: the layer's shape (ffn_size per expert).
+        hidden_size, ffn_size, num_experts, top_k: the layer's shape (ffn_size per expert);
+            ``num_experts`` and ``top_k`` may be left out when ``router`` is given.
+        router: a ``RouterConfig`` (how tokens choose experts). Instead of it, its options may be
+            given as keywords: ``score_fn``, ``topk_then_score``, ``renormalize``, ``renorm_eps``,
+            ``scaling``, ``num_groups``, ``groups_kept``, ``group_score``, ``num_modalities``
+            (``mixops.ops.router_topk``'s options), ``selection_bias`` (a buffer
+            ``gate.e_score_correction_bias`` added to the scores for choosing only; see
+            ``update_bias``) and ``router_fp32`` (router logits in fp32, DeepSeek-V3; the routing
+            math itself always runs in fp32).
         activation: ``"swiglu"`` (default), ``"geglu"``, ``"geglu_tanh"``, ``"reglu"`` (gated:
             ``experts.gate_up_proj`` [E, 2*ffn, hidden]) or ``"gelu"``, ``"gelu_tanh"``, ``"relu"``,
             ``"silu"`` (``experts.up_proj`` [E, ffn, hidden]).
-        score_fn, topk_then_score, renormalize, renorm_eps, scaling, num_groups, groups_kept,
-            group_score, num_modalities: router_topk's options (see ``mixops.ops.router_topk``).
-        selection_bias: keep a bias buffer ``gate.e_score_correction_bias`` added to the scores for
-            choosing experts only (auxiliary-loss-free balancing); see ``update_bias``.
-        router_fp32: compute the router logits in fp32 (DeepSeek-V3); otherwise in the input's
-            dtype (Mixtral, Qwen). The routing math itself always runs in fp32.
         shared_ffn_size: > 0 adds always-on shared experts (one MLP of that width) to the output.
         shared_expert_gate: scale the shared experts' output per token by
             ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
@@ -149,50 +104,46 @@ class MoE(nn.Module):
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss (HF transformers'
             ``load_balancing_loss_func`` for one layer) and the ST-MoE router z-loss; after each
             forward ``self.aux_loss`` holds their weighted sum (a 0-dim fp32 tensor with autograd).
+        parts: existing modules to build the layer around (see ``MoEParts``).
 
     forward(x, token_mask=None, modality=None): ``token_mask`` [tokens] (bool, or 0/1 like an
     attention mask; any shape with x's leading dims) leaves tokens (padding)
     out of the losses and the load statistics (they are still routed); ``modality`` [tokens] int
     picks each token's expert group when ``num_modalities > 1``.
+
+    Built on the meta device: ``to_empty(device=...)`` then ``reset_parameters()``.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *,
-                 activation: str = "swiglu", score_fn: str = "softmax",
-                 topk_then_score: bool = False, renormalize: bool = True,
-                 renorm_eps: float = 0.0, scaling: float = 1.0, selection_bias: bool = False,
-                 num_groups: int = 1, groups_kept: int = 1, group_score: str = "top2_sum",
-                 num_modalities: int = 1, router_fp32: bool = False, shared_ffn_size: int = 0,
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: Optional[int] = None,
+                 top_k: Optional[int] = None, *, router: Optional[RouterConfig] = None,
+                 activation: str = "swiglu", shared_ffn_size: int = 0,
                  shared_expert_gate: bool = False, capacity_factor: Optional[float] = None,
                  aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
-                 parts: Optional[MoEParts] = None, device=None, dtype=None):
+                 parts: Optional[MoEParts] = None, device=None, dtype=None, **router_options):
         super().__init__()
+        router = _router_config(num_experts, top_k, router, router_options)
         if parts is not None:
             shared_ffn_size = 1 if parts.shared is not None else 0
             shared_expert_gate = parts.shared_gate is not None
-        _check_config(hidden_size, ffn_size, num_experts, top_k, activation, score_fn, num_groups,
-                      groups_kept, group_score, num_modalities, shared_ffn_size, shared_expert_gate)
+        _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expert_gate)
         self.hidden_size, self.ffn_size = hidden_size, ffn_size
-        self.num_experts, self.top_k = num_experts, top_k
+        self.router_config = router
+        self._router_kwargs = router.op_kwargs()
         self.activation = activation
-        self.router_options = dict(score_fn=score_fn, topk_then_score=topk_then_score,
-                                   renormalize=renormalize, renorm_eps=float(renorm_eps),
-                                   scaling=float(scaling), num_groups=num_groups,
-                                   groups_kept=groups_kept, group_score=group_score,
-                                   num_modalities=num_modalities)
-        self.router_fp32 = router_fp32
         self.capacity_factor = capacity_factor
         self._capacity = _capacity_fraction(capacity_factor)
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        E = router.num_experts
         if parts is None:
             parts = MoEParts(
-                gate=TopKRouter(hidden_size, num_experts, selection_bias, device=device, dtype=dtype),
-                experts=Experts(hidden_size, ffn_size, num_experts, activation in GATED,
+                gate=TopKRouter(hidden_size, E, router.selection_bias, device=device, dtype=dtype),
+                experts=Experts(hidden_size, ffn_size, E, activation in GATED,
                                 device=device, dtype=dtype),
                 shared=(MLP(hidden_size, shared_ffn_size, activation, device=device, dtype=dtype)
                         if shared_ffn_size else None),
                 shared_gate=(nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
                              if shared_expert_gate else None))
-        elif selection_bias and not hasattr(parts.gate, "e_score_correction_bias"):
+        elif router.selection_bias and not hasattr(parts.gate, "e_score_correction_bias"):
             raise ValueError("MoE: selection_bias=True needs parts.gate.e_score_correction_bias")
         self.gate = parts.gate
         self.experts = parts.experts
@@ -200,18 +151,37 @@ class MoE(nn.Module):
         if parts.shared is not None:
             self.add_module(parts.shared_name, parts.shared)
         self.shared_expert_gate = parts.shared_gate
-        self.selection_bias = selection_bias
         if device is None:
             device = parts.gate.weight.device
         # Tokens routed to each expert since the last update_bias (not saved: a training-loop state).
         self.register_buffer("tokens_per_expert",
-                             torch.zeros(self.num_experts, dtype=torch.int64, device=device),
-                             persistent=False)
+                             torch.zeros(E, dtype=torch.int64, device=device), persistent=False)
         self.aux_loss = None
+
+    # The router's shape and flags, read from its config (which is immutable).
+    num_experts = property(lambda self: self.router_config.num_experts)
+    top_k = property(lambda self: self.router_config.top_k)
+    selection_bias = property(lambda self: self.router_config.selection_bias)
+    router_fp32 = property(lambda self: self.router_config.router_fp32)
 
     @property
     def shared(self):
         return getattr(self, self.shared_name, None)
+
+    def reset_parameters(self):
+        """Initialise the layer again, as its constructor does: every submodule's own
+        ``reset_parameters()`` (router, experts, shared experts; the selection bias to zero), and
+        the load counter to zero. For a layer built on the meta device and materialised with
+        ``to_empty()``. (HF models patched by ``patch_model`` use ``model.init_weights()``.)"""
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self):
+        """Zero the buffers the layer itself holds (the load counter ``tokens_per_expert``)."""
+        self.tokens_per_expert.zero_()
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
@@ -238,12 +208,11 @@ class MoE(nn.Module):
             y = self._routed(x2, token_mask, modality, None)
         shared = self.shared
         if shared is not None:
-            _push("shared_experts", x2)
-            s = shared(x2)
-            if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(x2)) * s
-            y = y + s
-            _pop(x2)
+            with _stage("shared_experts", x2):
+                s = shared(x2)
+                if self.shared_expert_gate is not None:
+                    s = torch.sigmoid(self.shared_expert_gate(x2)) * s
+                y = y + s
         return y.reshape(shape)
 
     def _router_logits(self, x2):
@@ -253,14 +222,13 @@ class MoE(nn.Module):
     def _routed(self, x2, token_mask, modality, cast):
         num_tokens = x2.shape[0]
         E, k = self.num_experts, self.top_k
-        _push("router", x2)
-        logits = self._router_logits(x2)
-        bias = None
-        if self.selection_bias:
-            bias = self.gate.e_score_correction_bias.float()
-        r = router_topk(logits, k, bias=bias, modality=modality, token_mask=token_mask,
-                        **self.router_options)
-        _pop(x2)
+        with _stage("router", x2):
+            logits = self._router_logits(x2)
+            bias = None
+            if self.selection_bias:
+                bias = self.gate.e_score_correction_bias.float()
+            r = router_topk(logits, bias=bias, modality=modality, token_mask=token_mask,
+                            **self._router_kwargs)
         if self.selection_bias and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(r.counts)
@@ -276,17 +244,16 @@ class MoE(nn.Module):
         w2 = experts.down_proj
         if cast is not None:
             w1, w2 = w1.to(cast), w2.to(cast)
-        _push("permute", x2)
-        p = permute(x2, r.ids, E, capacity=capacity)
-        _next("gate_up_gemm", x2)
-        h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
-        _next("activation", x2)
-        a = apply_activation(self.activation, h)
-        _next("down_gemm", x2)
-        o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
-        _next("unpermute", x2)
-        y = unpermute(o, p.row_map, r.weights)
-        _pop(x2)
+        with _stage("permute", x2):
+            p = permute(x2, r.ids, E, capacity=capacity)
+        with _stage("gate_up_gemm", x2):
+            h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
+        with _stage("activation", x2):
+            a = apply_activation(self.activation, h)
+        with _stage("down_gemm", x2):
+            o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
+        with _stage("unpermute", x2):
+            y = unpermute(o, p.row_map, r.weights)
         return y
 
     def _aux_loss(self, r, num_tokens, token_mask):
@@ -328,42 +295,16 @@ class MoE(nn.Module):
         return load
 
     def extra_repr(self):
-        opts = ", ".join(f"{k}={v}" for k, v in self.router_options.items())
-        return (f"hidden={self.hidden_size}, ffn={self.ffn_size}, experts={self.num_experts}, "
-                f"top_k={self.top_k}, activation={self.activation}, {opts}, "
-                f"selection_bias={self.selection_bias}, capacity_factor={self.capacity_factor}")
+        return (f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
+                f"capacity_factor={self.capacity_factor},\n{self.router_config}")
 
 
-def _check_config(hidden_size, ffn_size, num_experts, top_k, activation, score_fn, num_groups,
-                  groups_kept, group_score, num_modalities, shared_ffn_size, shared_expert_gate):
-    for name, v in (("hidden_size", hidden_size), ("ffn_size", ffn_size),
-                    ("num_experts", num_experts), ("top_k", top_k), ("num_groups", num_groups),
-                    ("groups_kept", groups_kept), ("num_modalities", num_modalities)):
+def _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expert_gate):
+    """The checks of the layer's own arguments (the router's are RouterConfig's)."""
+    for name, v in (("hidden_size", hidden_size), ("ffn_size", ffn_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
     check_activation(activation)
-    if score_fn not in ("softmax", "sigmoid", "none"):
-        raise ValueError(f"MoE: score_fn must be 'softmax', 'sigmoid' or 'none', got {score_fn!r}")
-    if group_score not in ("top2_sum", "max"):
-        raise ValueError(f"MoE: group_score must be 'top2_sum' or 'max', got {group_score!r}")
-    if num_experts % num_groups:
-        raise ValueError(f"MoE: num_groups ({num_groups}) must divide num_experts ({num_experts})")
-    if groups_kept > num_groups:
-        raise ValueError(f"MoE: groups_kept ({groups_kept}) must be <= num_groups ({num_groups})")
-    if num_experts % num_modalities:
-        raise ValueError(f"MoE: num_modalities ({num_modalities}) must divide num_experts "
-                         f"({num_experts})")
-    if num_groups > 1 and num_modalities > 1:
-        raise ValueError("MoE: num_groups > 1 and num_modalities > 1 cannot be combined")
-    pool = num_experts // num_modalities
-    if num_groups > 1:
-        pool = groups_kept * (num_experts // num_groups)
-    if top_k > pool:
-        raise ValueError(f"MoE: top_k ({top_k}) must be <= the experts a token can choose from "
-                         f"({pool}: num_experts={num_experts}, num_groups={num_groups}, "
-                         f"groups_kept={groups_kept}, num_modalities={num_modalities})")
-    if group_score == "top2_sum" and num_groups > 1 and num_experts // num_groups < 2:
-        raise ValueError("MoE: group_score='top2_sum' needs at least 2 experts per group")
     if not isinstance(shared_ffn_size, int) or shared_ffn_size < 0:
         raise ValueError(f"MoE: shared_ffn_size must be an int >= 0, got {shared_ffn_size!r}")
     if shared_expert_gate and not shared_ffn_size:

@@ -1,0 +1,52 @@
+"""The expert weights of the mixture layers: ``Experts`` (the routed experts, all E of them in 3-D
+tensors for the grouped GEMMs, in HF transformers' v5 layout) and ``MLP`` (one dense expert: the
+shared experts that every token goes through)."""
+import torch
+from torch import nn
+
+from .activations import GATED, act_fn, check_activation
+
+__all__ = ["Experts", "MLP"]
+
+
+class Experts(nn.Module):
+    """Expert weights in HF transformers' v5 layout: ``gate_up_proj`` [E, 2*ffn, hidden] (gate rows
+    first) for gated activations, else ``up_proj`` [E, ffn, hidden]; ``down_proj`` [E, hidden, ffn]."""
+
+    def __init__(self, hidden_size, ffn_size, num_experts, gated=True, device=None, dtype=None):
+        super().__init__()
+        first = 2 * ffn_size if gated else ffn_size
+        w1 = nn.Parameter(torch.empty(num_experts, first, hidden_size, device=device, dtype=dtype))
+        if gated:
+            self.gate_up_proj = w1
+        else:
+            self.up_proj = w1
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, device=device,
+                                                  dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Each projection ~ N(0, 1/fan_in)."""
+        w1 = self.gate_up_proj if hasattr(self, "gate_up_proj") else self.up_proj
+        nn.init.normal_(w1, std=w1.shape[2] ** -0.5)
+        nn.init.normal_(self.down_proj, std=self.down_proj.shape[2] ** -0.5)
+
+
+class MLP(nn.Module):
+    """A dense expert (the shared experts): ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``."""
+
+    def __init__(self, hidden_size, ffn_size, activation="swiglu", device=None, dtype=None):
+        super().__init__()
+        check_activation(activation)
+        self.activation = activation
+        kw = dict(bias=False, device=device, dtype=dtype)
+        if activation in GATED:
+            self.gate_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, **kw)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, **kw)
+
+    def forward(self, x):
+        fn = act_fn(self.activation)
+        if self.activation in GATED:
+            return self.down_proj(fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fn(self.up_proj(x)))

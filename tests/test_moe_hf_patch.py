@@ -1,0 +1,207 @@
+"""patch_model on whole HF transformers models: all-or-nothing per block (a block mixops cannot
+express stays exactly as it was, with a warning), DeepSeek-V3 with top_k above the experts of the
+kept groups, meta-device initialisation (to_empty + init_weights, the FSDP2 / empty-weights path)
+and set_experts_implementation after patching."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (requirements-test.txt) "
+                                   "is needed for the HF integration tests")
+from transformers import DeepseekV3Config, MixtralConfig  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
+    DeepseekV3ForCausalLM, DeepseekV3MoE, DeepseekV3TopkRouter)
+from transformers.models.mixtral.modeling_mixtral import (  # noqa: E402
+    MixtralForCausalLM, MixtralSparseMoeBlock, MixtralTopKRouter)
+
+from mixops.integrations.transformers import from_hf, patch_model  # noqa: E402
+from mixops.nn import MoE  # noqa: E402
+from test_moe_init import garbage_memory  # noqa: E402,F401  (a fixture)
+
+H = 32
+
+
+def _deepseek_config(**kw):
+    cfg = dict(vocab_size=64, hidden_size=H, intermediate_size=48, moe_intermediate_size=16,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+               n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8,
+               qk_nope_head_dim=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+               first_k_dense_replace=0, norm_topk_prob=True, max_position_embeddings=64)
+    cfg.update(kw)
+    return DeepseekV3Config(**cfg)
+
+
+def _deepseek(**kw):
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(_deepseek_config(**kw)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.mlp.gate.weight, std=0.5)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    return model
+
+
+def _mixtral():
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                        num_experts_per_tok=2, max_position_embeddings=64)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _ids():
+    return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _snapshot(model):
+    """Each module's class and identity, and every parameter/buffer object, by name."""
+    return ([(n, type(m), id(m)) for n, m in model.named_modules()],
+            [(n, id(t)) for n, t in model.state_dict(keep_vars=True).items()])
+
+
+# ---- DeepSeek-V3 with top_k above the experts of the kept groups -----------------------------
+
+def test_topk_of_all_experts_is_patched_and_equal():
+    # HF transformers' own DeepSeek-V3 test numbers: 8 experts in 2 groups, 1 group kept, top-8.
+    # HF masks the dropped group and still takes all 8 experts, so every expert is chosen with
+    # its sigmoid score: group limiting changes nothing, and mixops expresses it exactly.
+    model = _deepseek(num_experts_per_tok=8)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        assert patch_model(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+        after = model(ids).logits
+        after_again = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, after_again)
+    cfg = model.model.layers[0].mlp.router_config
+    assert (cfg.top_k, cfg.num_experts, cfg.num_groups) == (8, 8, 1)
+
+
+def test_topk_reaching_into_dropped_groups_stays_hf():
+    # top-6 of 8 with only 4 experts in the kept group: HF fills the last 2 choices with experts
+    # of the dropped group, ranking their -inf scores in torch.topk's unspecified tie order.
+    # mixops cannot reproduce that: the blocks stay exactly as they were, with a warning.
+    model = _deepseek(num_experts_per_tok=6)
+    ids = _ids()
+    snap = _snapshot(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.warns(UserWarning) as record:
+        assert patch_model(model) == []
+    assert [str(w.message).split(" left")[0] for w in record] == \
+        [f"mixops.patch_model: model.layers.{i}.mlp" for i in range(2)]
+    assert all("top_k (6) is more than the 4 experts" in str(w.message) for w in record)
+    assert _snapshot(model) == snap
+    assert type(model.model.layers[0].mlp.gate) is DeepseekV3TopkRouter
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    with pytest.raises(ValueError, match=r"cannot convert.*top_k \(6\)"):
+        from_hf(model.model.layers[0].mlp)
+
+
+def test_from_hf_topk_of_all_experts_parity():
+    torch.manual_seed(0)
+    block = DeepseekV3MoE(_deepseek_config(num_experts_per_tok=8))
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, std=1.0 if name.startswith("gate.") else 0.2)
+    block.gate.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(2, 7, H)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf(block)(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- all-or-nothing ---------------------------------------------------------------------------
+
+def test_one_block_left_alone_the_others_patched():
+    model = _mixtral()
+    model.model.layers[1].mlp.jitter_noise = 0.1  # no mixops equivalent
+    keep = model.model.layers[1].mlp
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp.*jitter"):
+        assert patch_model(model) == ["model.layers.0.mlp"]
+    assert isinstance(model.model.layers[0].mlp, MoE)
+    assert model.model.layers[1].mlp is keep
+    assert type(keep) is MixtralSparseMoeBlock and type(keep.gate) is MixtralTopKRouter
+
+
+def test_unknown_moe_block_warns_and_stays():
+    class MyMoeBlock(torch.nn.Module):  # a router and experts, but not a block mixops knows
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, 4)
+            self.experts = torch.nn.Linear(H, H)
+
+    model = torch.nn.Sequential(MyMoeBlock())
+    block = model[0]
+    with pytest.warns(UserWarning, match=r"patch_model: 0 left as it is: MyMoeBlock is not a "
+                      r"supported MoE block"):
+        assert patch_model(model) == []
+    assert model[0] is block and type(block.gate) is torch.nn.Linear
+
+
+def test_bad_moe_options_change_nothing():
+    model = _mixtral()
+    ids = _ids()
+    snap = _snapshot(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(ValueError, match="capacity_factor"):
+        patch_model(model, capacity_factor=-1.0)
+    assert _snapshot(model) == snap
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+# ---- meta-device initialisation ---------------------------------------------------------------
+
+def test_meta_patch_to_empty_init_weights(garbage_memory):
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(_deepseek_config(num_experts_per_tok=2))
+    assert patch_model(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for layer in model.model.layers:
+        moe = layer.mlp
+        assert torch.equal(moe.tokens_per_expert, torch.zeros(8, dtype=torch.int64))
+        assert torch.equal(moe.gate.e_score_correction_bias, torch.zeros(8))
+        for name, t in moe.state_dict().items():
+            assert torch.isfinite(t.float()).all(), name
+    model.train()
+    ids = _ids()
+    model(ids)
+    for layer in model.model.layers:  # the counter holds exactly this forward's choices
+        assert int(layer.mlp.tokens_per_expert.sum()) == ids.numel() * 2
+    load = model.model.layers[0].mlp.tokens_per_expert.float()
+    used = model.model.layers[0].mlp.update_bias(1e-3)
+    assert torch.equal(used, load)
+    torch.testing.assert_close(model.model.layers[0].mlp.gate.e_score_correction_bias,
+                               1e-3 * torch.sign(load.mean() - load), rtol=0, atol=0)
+
+
+# ---- set_experts_implementation after patching -------------------------------------------------
+
+def test_set_experts_implementation_warns_after_patch():
+    model = _mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning before patching
+        model.set_experts_implementation("eager")
+    patch_model(model)
+    with pytest.warns(UserWarning, match="set_experts_implementation.*patch_model"):
+        model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"  # HF's own effect still happens
+    with pytest.warns(UserWarning, match="set_experts_implementation"):
+        model.model.set_experts_implementation("eager")
+    # A copy keeps the hooks, and they act on the copy, not on the original.
+    clone = copy.deepcopy(model)
+    for a, b in zip(model.model.layers, clone.model.layers):
+        a.mlp.tokens_per_expert.fill_(3)
+        b.mlp.tokens_per_expert.fill_(5)
+    clone.init_weights()
+    for a, b in zip(model.model.layers, clone.model.layers):
+        assert torch.equal(b.mlp.tokens_per_expert, torch.zeros(8, dtype=torch.int64))
+        assert torch.equal(a.mlp.tokens_per_expert, torch.full((8,), 3))
+    with pytest.warns(UserWarning, match="set_experts_implementation"):
+        clone.set_experts_implementation("eager")
