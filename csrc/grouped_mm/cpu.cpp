@@ -8,7 +8,7 @@
 //     BLAS's threads;
 //   * the small rest run in one parallel region, a group per thread at a time, taken longest first
 //     from a shared counter (greedy list scheduling), each BLAS call single threaded.
-// Re-measured in the MoE layer (issue 4), E=64 groups of 256 rows, K=1024, N=512 (268 MFLOP
+// Re-measured in the MoE layer, E=64 groups of 256 rows, K=1024, N=512 (268 MFLOP
 // each), two runs: a group per thread took 103-119 ms forward, 108 ms for the input gradient and
 // 112-120 ms for the weight gradient, against 129-130, 119-124 and 119-127 ms with BLAS's threads
 // per group (the dense floor: 110, 119, 99). So groups below 1 GFLOP count as small too when there
