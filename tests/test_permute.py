@@ -285,3 +285,35 @@ def test_bad_backward_ops():
         torch.ops.mixops.unpermute_backward(g, p.row_map, w, -1)
     with pytest.raises(RuntimeError, match="row_map values must be in"):
         torch.ops.mixops.unpermute_backward(g, p.row_map, w, 5)
+
+
+# A capacity at least the number of slots (T * k) drops nothing, however large: num_rows must not
+# come from a wrapping num_experts * capacity (2^62 + 100 with E = 4 gave 400 rows for 2000 slots
+# and a heap overflow on CPU). Run in a subprocess so that a crash fails this test, not the run.
+_HUGE_CAPACITY = """
+import torch, mixops
+torch.manual_seed(0)
+T, k, E = 1000, 2, 4
+x = torch.randn(T, 8)
+ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+ids[::7, 1] = -1
+ref = mixops.ops.permute(x, ids, E)
+for cap in (2**62 + 100, 2**63 - 1, T * k, T * k - 1, T):
+    for dev in ("cpu", "meta"):
+        out = mixops.ops.permute(x.to(dev), ids.to(dev), E, capacity=cap)
+        assert out.x_sorted.shape == (T * k, 8), (cap, dev, tuple(out.x_sorted.shape))
+        if dev == "cpu":
+            for name, a, b in zip(out._fields, out, ref):
+                assert torch.equal(a, b), (cap, name)
+print("ok")
+"""
+
+
+def test_huge_capacity_equals_dropless():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _HUGE_CAPACITY], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", \
+        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
+

@@ -107,8 +107,8 @@ def _permute_fake(x, ids, num_experts, capacity=None, priority=None):
                      lambda: "permute: priority must have the shape of ids")
     num_tokens, k = ids.shape
     num_rows = num_tokens * k
-    if capacity is not None:
-        num_rows = torch.sym_min(num_rows, num_experts * capacity)
+    if capacity is not None:  # min(T * k, E * capacity), the product bounded by E * T * k < 2^62
+        num_rows = torch.sym_min(num_rows, num_experts * torch.sym_min(capacity, num_rows))
     return (x.new_empty(num_rows, x.shape[1]),
             x.new_empty(num_experts, dtype=torch.int32),
             x.new_empty(num_tokens, k, dtype=torch.int32),
