@@ -317,3 +317,37 @@ def test_huge_capacity_equals_dropless():
     assert p.returncode == 0 and p.stdout.strip() == "ok", \
         f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
 
+
+def sequential_unpermute(y_sorted, row_map, weights, dtype):
+    """unpermute's contract to the bit: per token, acc = 0 (fp32), then for j = 0..k-1 with a
+    row, acc = acc + fl(w * y) (a rounded fp32 product, then a rounded add: no FMA), rounded once
+    to dtype at the end."""
+    acc = torch.zeros(row_map.shape[0], y_sorted.shape[1], dtype=torch.float32)
+    for j in range(row_map.shape[1]):
+        r = row_map[:, j].long()
+        has = r >= 0
+        prod = y_sorted[r[has]].float()
+        if weights is not None:
+            prod = weights[has, j].float()[:, None] * prod
+        acc[has] = acc[has] + prod
+    return acc.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [3, 16, 17, 20, 32])
+@pytest.mark.parametrize("weights_dtype", ["fp32", "same", None])
+def test_unpermute_accumulates_in_fp32_bit_exact(dtype, k, weights_dtype):
+    # More than 16 choices used to round the partial sum to dtype every 16 choices.
+    num_tokens, num_experts, hidden = 40, 48, 200  # hidden: 3 full column blocks and a tail
+    ids = random_ids(num_tokens, k, num_experts, none_frac=0.1)
+    ids[3] = -1  # a token with no row at all
+    p = mixops.ops.permute(torch.randn(num_tokens, hidden).to(dtype), ids, num_experts)
+    y_sorted = (torch.randn_like(p.x_sorted.float()) * 4).to(dtype)
+    w = None
+    if weights_dtype:
+        w = torch.rand(num_tokens, k)
+        w = w.to(dtype) if weights_dtype == "same" else w
+    out = mixops.ops.unpermute(y_sorted, p.row_map, w)
+    expect = sequential_unpermute(y_sorted, p.row_map, w, dtype)
+    differ = (out != expect).float().mean().item()
+    assert torch.equal(out, expect), f"{differ:.1%} of the values differ"
