@@ -1,49 +1,161 @@
-"""The CPU block cache behind large op outputs (csrc/cpu/cpu_alloc.h): freed blocks are reused,
-live tensors never share memory, and results do not depend on it (MIXOPS_CPU_CACHE=0)."""
+"""The CPU block cache behind large op outputs (csrc/cpu/cpu_alloc.h): a freed output of >= 4 MiB
+keeps its pages mapped and is handed to the next output of the same rounded size; a request that
+misses releases the whole cache first; live tensors (and their views) never share a block;
+MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block still
+holds the previous tensor's values."""
+import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import mixops
+import mixops.reference as ref
+
+# Resident memory (MiB) around large outputs, in a fresh process so no other test's blocks are
+# cached. An address alone cannot tell a cache hit from the allocator mapping the same address
+# again (it does, with the cache off), so the test watches the pages instead.
+_RSS_PROBE = """
+import json, os, torch, mixops
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+big = torch.randn(8192, 4096)    # relu-gated output: [8192, 2048] fp32, 64 MiB
+small = torch.randn(2048, 2048)  # output 8 MiB: another size
+out = {}
+a = mixops.ops.gated_activation(big, "relu")
+ptr = a.data_ptr()
+out["alive"] = rss()
+del a
+out["freed"] = rss()
+a = mixops.ops.gated_activation(big, "relu")
+out["same_block"] = a.data_ptr() == ptr
+out["hit"] = rss()
+assert torch.equal(a, torch.relu(big[:, :2048]) * big[:, 2048:])
+del a
+out["freed_again"] = rss()
+b = mixops.ops.gated_activation(small, "relu")
+out["miss"] = rss()
+print(json.dumps(out))
+"""
 
 
-def _big_output(x):
-    return mixops.ops.gated_activation(x, "relu")  # [rows, 2F] -> [rows, F], one large output
+def _probe(cache):
+    env = {k: v for k, v in os.environ.items() if k != "MIXOPS_CPU_CACHE"}
+    if cache is not None:
+        env["MIXOPS_CPU_CACHE"] = cache
+    p = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
 
 
-def test_freed_block_is_reused_and_live_blocks_are_distinct():
+@pytest.mark.parametrize("cache", [None, "1"], ids=["default", "on"])
+def test_freed_block_stays_mapped_and_is_reused(cache):
+    r = _probe(cache)
+    assert r["freed"] > r["alive"] - 16, f"the freed 64 MiB block was unmapped: {r}"
+    assert r["same_block"], r
+    assert r["hit"] < r["freed"] + 16, f"a hit mapped new memory: {r}"
+
+
+@pytest.mark.parametrize("cache", [None, "1"], ids=["default", "on"])
+def test_a_miss_releases_the_whole_cache(cache):
+    r = _probe(cache)
+    # the 8 MiB request misses: the cached 64 MiB block is released before 8 MiB are mapped
+    assert r["miss"] < r["freed_again"] - 32, r
+
+
+def test_cache_off():
+    r = _probe("0")
+    assert r["freed"] < r["alive"] - 32, f"MIXOPS_CPU_CACHE=0 kept the freed block: {r}"
+
+
+def _dirty_block(rows, cols, dtype=torch.float32):
+    """Frees an output of [rows, cols] full of 7s (it goes to the cache); returns its address."""
+    gate_up = torch.cat([torch.full((rows, cols), 7.0), torch.ones(rows, cols)], 1).to(dtype)
+    dirty = mixops.ops.gated_activation(gate_up, "relu")
+    assert dirty.numel() * dirty.element_size() >= 4 << 20 and bool((dirty == 7).all())
+    ptr = dirty.data_ptr()
+    del dirty
+    return ptr
+
+
+def test_outputs_that_must_be_zero_do_not_keep_stale_values():
+    """Each op below gets the block of a freed output full of 7s; the parts it must zero stay 0."""
+    h = 1024
+    # permute: rows past the last expert's are zero (no-expert slots leave the tail empty)
+    x = torch.randn(2048, h)
+    ids = torch.randint(0, 8, (2048, 1), dtype=torch.int32)
+    ids[::2] = -1
+    ptr = _dirty_block(2048, h)
+    p = mixops.ops.permute(x, ids, 8)
+    assert p.x_sorted.data_ptr() == ptr, "the test needs the dirty block"
+    xs, *_ = ref.permute(x, ids, 8)
+    assert torch.equal(p.x_sorted, xs) and not p.x_sorted[1024:].any()
+    # unpermute: a token whose choices all have no row is zero
+    rm = p.row_map.clone()
+    ptr = _dirty_block(2048, h)
+    y = mixops.ops.unpermute(p.x_sorted, rm)
+    assert y.data_ptr() == ptr
+    assert torch.equal(y, torch.where(ids >= 0, x, 0)) and not y[::2].any()
+    # unpermute_backward: rows no slot maps to are zero (the others: x's rows, as permute put them)
+    ptr = _dirty_block(2048, h)
+    g = torch.ops.mixops.unpermute_backward(x, rm, None, 2048)
+    assert g.data_ptr() == ptr
+    assert torch.equal(g, xs) and not g[1024:].any()
+    # grouped_mm 2-D x 3-D: rows past offsets[-1] are zero
+    a, b = torch.randn(2048, 64), torch.randn(2, 64, h)
+    off = torch.tensor([500, 1500], dtype=torch.int32)
+    ptr = _dirty_block(2048, h)
+    out = mixops.grouped_mm(a, b, off)
+    assert out.data_ptr() == ptr
+    torch.testing.assert_close(out, ref.grouped_mm(a, b, off))
+    assert not out[1500:].any()
+    # grouped_mm 2-D x 2-D: an empty group is a zero block
+    a, b = torch.randn(1024, 300), torch.randn(300, 1024)
+    off = torch.tensor([100, 100, 300, 300], dtype=torch.int32)
+    ptr = _dirty_block(4096, 1024)
+    out = mixops.grouped_mm(a, b, off)
+    assert out.data_ptr() == ptr
+    torch.testing.assert_close(out, ref.grouped_mm(a, b, off))
+    assert not out[1].any() and not out[3].any()
+
+
+def test_live_blocks_and_views_are_never_handed_out_twice():
     x = torch.randn(4096, 1024)  # output 8 MiB: above the 4 MiB threshold
-    first = _big_output(x)
-    ptr = first.data_ptr()
     expect = torch.relu(x[:, :512]) * x[:, 512:]
-    torch.testing.assert_close(first, expect, rtol=0, atol=0)
-    del first
-    again = _big_output(x)
-    assert again.data_ptr() == ptr  # the freed block came back
-    other = _big_output(x * 2)
-    lo, hi = again.data_ptr(), again.data_ptr() + again.nbytes
-    assert not (lo <= other.data_ptr() < hi)  # a live block is never handed out twice
-    torch.testing.assert_close(again, expect, rtol=0, atol=0)
-    torch.testing.assert_close(other, torch.relu(2 * x[:, :512]) * (2 * x[:, 512:]), rtol=0, atol=0)
-    assert again.is_contiguous() and again.data_ptr() % (2 << 20) == 0
+    first = mixops.ops.gated_activation(x, "relu")
+    assert first.is_contiguous() and first.data_ptr() % (2 << 20) == 0
+    view = first[10:20]
+    ptr = first.data_ptr()
+    del first  # the view keeps the block alive
+    other = mixops.ops.gated_activation(x * 2, "relu")
+    assert not (ptr <= other.data_ptr() < ptr + expect.nbytes)
+    assert torch.equal(view, expect[10:20]), "a live view was overwritten"
+    assert torch.equal(other, torch.relu(2 * x[:, :512]) * (2 * x[:, 512:]))
+    del view, other
 
 
 def test_cached_outputs_behave_like_tensors():
     x = torch.randn(4096, 1024)
-    y = _big_output(x)
+    expect = torch.relu(x[:, :512]) * x[:, 512:]
+    y = mixops.ops.gated_activation(x, "relu")
     y += 1  # in place
-    z = y.clone()
-    assert torch.equal(z, y)
+    assert torch.equal(y, expect + 1)
     y.resize_(0)  # torch may shrink any tensor
     assert y.numel() == 0
+    del y
+    again = mixops.ops.gated_activation(x, "relu")
+    assert torch.equal(again, expect)
 
 
 def test_results_do_not_depend_on_the_cache():
     code = ("import torch, mixops; torch.manual_seed(0); x = torch.randn(4096, 1024); "
             "print(mixops.ops.gated_activation(x, 'silu').double().sum().item())")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**__import__("os").environ, "MIXOPS_CPU_CACHE": v}, timeout=300)
+                           env={**os.environ, "MIXOPS_CPU_CACHE": v}, timeout=300)
             for v in ("0", "1")]
     for p in outs:
         assert p.returncode == 0, p.stderr

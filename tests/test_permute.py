@@ -285,3 +285,69 @@ def test_bad_backward_ops():
         torch.ops.mixops.unpermute_backward(g, p.row_map, w, -1)
     with pytest.raises(RuntimeError, match="row_map values must be in"):
         torch.ops.mixops.unpermute_backward(g, p.row_map, w, 5)
+
+
+# A capacity at least the number of slots (T * k) drops nothing, however large: num_rows must not
+# come from a wrapping num_experts * capacity (2^62 + 100 with E = 4 gave 400 rows for 2000 slots
+# and a heap overflow on CPU). Run in a subprocess so that a crash fails this test, not the run.
+_HUGE_CAPACITY = """
+import torch, mixops
+torch.manual_seed(0)
+T, k, E = 1000, 2, 4
+x = torch.randn(T, 8)
+ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+ids[::7, 1] = -1
+ref = mixops.ops.permute(x, ids, E)
+for cap in (2**62 + 100, 2**63 - 1, T * k, T * k - 1, T):
+    for dev in ("cpu", "meta"):
+        out = mixops.ops.permute(x.to(dev), ids.to(dev), E, capacity=cap)
+        assert out.x_sorted.shape == (T * k, 8), (cap, dev, tuple(out.x_sorted.shape))
+        if dev == "cpu":
+            for name, a, b in zip(out._fields, out, ref):
+                assert torch.equal(a, b), (cap, name)
+print("ok")
+"""
+
+
+def test_huge_capacity_equals_dropless():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _HUGE_CAPACITY], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", \
+        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
+
+
+def sequential_unpermute(y_sorted, row_map, weights, dtype):
+    """unpermute's contract to the bit: per token, acc = 0 (fp32), then for j = 0..k-1 with a
+    row, acc = acc + fl(w * y) (a rounded fp32 product, then a rounded add: no FMA), rounded once
+    to dtype at the end."""
+    acc = torch.zeros(row_map.shape[0], y_sorted.shape[1], dtype=torch.float32)
+    for j in range(row_map.shape[1]):
+        r = row_map[:, j].long()
+        has = r >= 0
+        prod = y_sorted[r[has]].float()
+        if weights is not None:
+            prod = weights[has, j].float()[:, None] * prod
+        acc[has] = acc[has] + prod
+    return acc.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [3, 16, 17, 20, 32])
+@pytest.mark.parametrize("weights_dtype", ["fp32", "same", None])
+def test_unpermute_accumulates_in_fp32_bit_exact(dtype, k, weights_dtype):
+    # More than 16 choices used to round the partial sum to dtype every 16 choices.
+    num_tokens, num_experts, hidden = 40, 48, 200  # hidden: 3 full column blocks and a tail
+    ids = random_ids(num_tokens, k, num_experts, none_frac=0.1)
+    ids[3] = -1  # a token with no row at all
+    p = mixops.ops.permute(torch.randn(num_tokens, hidden).to(dtype), ids, num_experts)
+    y_sorted = (torch.randn_like(p.x_sorted.float()) * 4).to(dtype)
+    w = None
+    if weights_dtype:
+        w = torch.rand(num_tokens, k)
+        w = w.to(dtype) if weights_dtype == "same" else w
+    out = mixops.ops.unpermute(y_sorted, p.row_map, w)
+    expect = sequential_unpermute(y_sorted, p.row_map, w, dtype)
+    differ = (out != expect).float().mean().item()
+    assert torch.equal(out, expect), f"{differ:.1%} of the values differ"

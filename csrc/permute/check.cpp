@@ -31,6 +31,8 @@ void check_row_map(const at::Tensor& row_map, int64_t num_tokens, const char* op
               ", got ", row_map.sizes(), "; is it from a permute call of another shape?");
   TORCH_CHECK(row_map.size(1) >= 1, op, ": row_map must have k >= 1 columns, got ",
               row_map.sizes());
+  TORCH_CHECK(row_map.numel() < INT32_MAX, op, ": row_map must have num_tokens * k < 2^31 - 1 "
+              "slots (as permute gives), got shape ", row_map.sizes());
 }
 
 void check_weights(const std::optional<at::Tensor>& weights, const at::Tensor& row_map,
@@ -60,8 +62,8 @@ int64_t permute_check(const at::Tensor& x, const at::Tensor& ids, int64_t num_ex
   TORCH_CHECK(num_experts >= 1 && num_experts <= INT32_MAX, "permute: num_experts must be in "
               "[1, 2^31), got ", num_experts);
   const int64_t slots = ids.size(0) * ids.size(1);
-  TORCH_CHECK(slots < INT32_MAX, "permute: num_tokens * k = ", slots, " must be < 2^31 (row_map "
-              "is int32)");
+  TORCH_CHECK(slots < INT32_MAX, "permute: num_tokens * k must be < 2^31 - 1 (row_map is int32), "
+              "got ids of shape ", ids.sizes());
   if (capacity) TORCH_CHECK(*capacity >= 0, "permute: capacity must be >= 0, got ", *capacity);
   if (priority) {
     TORCH_CHECK(capacity.has_value(), "permute: priority only orders slots competing for "

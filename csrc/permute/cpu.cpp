@@ -26,6 +26,7 @@ constexpr int64_t kTokenGrain = 16;  // tokens per parallel task in the row loop
 // unpermute reads a token's rows side by side, a block of columns at a time: T=4096, k=8,
 // hidden 1024 fp32 took 21.5 ms row after row (each 4 KiB row a short stream the prefetchers
 // ramp up on) and 11 ms side by side; torch's contiguous sum of the same bytes takes 8.9 ms.
+// Up to kMaxGatherRows rows per token live on the stack (more: a heap array per task).
 constexpr int kMaxGatherRows = 16;
 constexpr int64_t kColumnBlock = 64;
 
@@ -187,40 +188,40 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_ma
     scalar_t* dst = y.data_ptr<scalar_t>();
     const int64_t ld = y_sorted.stride(0);
     at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      const scalar_t* rows[kMaxGatherRows];
-      acc_t wts[kMaxGatherRows];
+      // The token's rows and weights: on the stack for k <= kMaxGatherRows, else one heap
+      // array per task (k > 16 is rare; the common case allocates nothing).
+      const scalar_t* rows_stack[kMaxGatherRows];
+      acc_t wts_stack[kMaxGatherRows];
+      std::vector<const scalar_t*> rows_heap(k > kMaxGatherRows ? k : 0);
+      std::vector<acc_t> wts_heap(k > kMaxGatherRows ? k : 0);
+      const scalar_t** rows = k > kMaxGatherRows ? rows_heap.data() : rows_stack;
+      acc_t* wts = k > kMaxGatherRows ? wts_heap.data() : wts_stack;
       for (int64_t tok = t0; tok < t1; ++tok) {
         scalar_t* out = dst + tok * h;
-        // The token's rows, kMaxGatherRows at a time, read side by side in blocks of
-        // kColumnBlock columns (k concurrent streams, accumulators in registers); each element
-        // still sums j = 0..k-1 in order.
-        for (int64_t j0 = 0; j0 < k || j0 == 0; j0 += kMaxGatherRows) {
-          int n = 0;
-          for (int64_t j = j0; j < std::min<int64_t>(k, j0 + kMaxGatherRows); ++j) {
-            const int32_t r = rm[tok * k + j];
-            if (r < 0) continue;
-            rows[n] = src + r * ld;
-            wts[n++] = weight_at<acc_t>(w, tok * k + j);
-          }
-          for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
-            const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
-            acc_t acc[kColumnBlock];
-            if (j0 == 0) {
-              for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
+        int n = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const int32_t r = rm[tok * k + j];
+          if (r < 0) continue;
+          rows[n] = src + r * ld;
+          wts[n++] = weight_at<acc_t>(w, tok * k + j);
+        }
+        // All the token's rows side by side, a block of kColumnBlock columns at a time (k
+        // concurrent streams); each element sums j = 0..k-1 in order in an fp32 (fp64)
+        // accumulator held for the whole sum, rounded to the output dtype once.
+        for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
+          const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
+          acc_t acc[kColumnBlock];
+          for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
+          for (int i = 0; i < n; ++i) {
+            const scalar_t* row = rows[i] + c0;
+            const acc_t wi = wts[i];
+            if (nc == kColumnBlock) {
+              for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * load(row, c);
             } else {
-              for (int64_t c = 0; c < nc; ++c) acc[c] = load(out, c0 + c);
+              for (int64_t c = 0; c < nc; ++c) acc[c] += wi * load(row, c);
             }
-            for (int i = 0; i < n; ++i) {
-              const scalar_t* row = rows[i] + c0;
-              const acc_t wi = wts[i];
-              if (nc == kColumnBlock) {
-                for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * load(row, c);
-              } else {
-                for (int64_t c = 0; c < nc; ++c) acc[c] += wi * load(row, c);
-              }
-            }
-            for (int64_t c = 0; c < nc; ++c) store(out, c0 + c, acc[c]);
           }
+          for (int64_t c = 0; c < nc; ++c) store(out, c0 + c, acc[c]);
         }
       }
     });

@@ -91,12 +91,15 @@ struct UnpermuteBackwardParams {
 
 namespace permute {
 
+// min(T * k, E * capacity) without forming E * capacity, which wraps for huge capacities
+// (2^62 + 100 with E = 4 gave 400 rows for 2000 slots): E * capacity >= slots exactly when
+// capacity > slots / E (floor), so any capacity >= slots means "nothing dropped", and the product
+// is only formed when it is <= slots. num_experts >= 1 (permute_check).
 MIXOPS_INLINE int64_t num_rows(int64_t num_tokens, int64_t k, int64_t num_experts,
                                int64_t capacity) {
   const int64_t slots = num_tokens * k;
-  if (capacity < 0) return slots;
-  const int64_t cap_rows = num_experts * capacity;
-  return cap_rows < slots ? cap_rows : slots;
+  if (capacity < 0 || capacity > slots / num_experts) return slots;
+  return num_experts * capacity;
 }
 
 // The expert of a slot's id, or -1 (no expert). An id outside [-1, E) sets *bad and gives -1.

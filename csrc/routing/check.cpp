@@ -9,11 +9,13 @@
 namespace mixops {
 namespace {
 
-ScoreFn parse_score_fn(c10::string_view s) {
+// `op` names the op in every message: router_topk, or router_topk_backward for the checks the
+// backward shares.
+ScoreFn parse_score_fn(c10::string_view s, const char* op) {
   if (s == "softmax") return ScoreFn::kSoftmax;
   if (s == "sigmoid") return ScoreFn::kSigmoid;
   if (s == "none") return ScoreFn::kNone;
-  TORCH_CHECK(false, "router_topk: score_fn must be 'softmax', 'sigmoid' or 'none', got '",
+  TORCH_CHECK(false, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
               std::string(s), "'");
 }
 
@@ -24,64 +26,68 @@ GroupScore parse_group_score(c10::string_view s) {
               "'");
 }
 
-void check_logits(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2, "router_topk: logits must be 2-D [num_tokens, num_experts], got "
-              "shape ", logits.sizes());
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [num_tokens, num_experts], got shape ",
+              logits.sizes());
   const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "router_topk: logits must be float32, bfloat16 or float16 (or float64, for "
-              "gradcheck), got ", dt);
-  TORCH_CHECK(logits.size(1) >= 1, "router_topk: logits must have num_experts >= 1 columns, got "
-              "shape ", logits.sizes());
-  TORCH_CHECK(logits.size(1) <= INT32_MAX, "router_topk: num_experts must fit in int32");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": logits must be float32, bfloat16 or float16 (or float64, for gradcheck), got ",
+              dt);
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have num_experts >= 1 columns, got shape ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(1) <= INT32_MAX, op, ": logits must have num_experts <= 2^31 - 1 "
+              "columns (int32 expert ids), got shape ", logits.sizes());
 }
 
 // modality, num_modalities and token_mask, shared by forward and backward.
 void check_token_args(const at::Tensor& logits, const std::optional<at::Tensor>& modality,
-                      int64_t num_modalities, const std::optional<at::Tensor>& token_mask) {
+                      int64_t num_modalities, const std::optional<at::Tensor>& token_mask,
+                      const char* op) {
   const int64_t t = logits.size(0), e = logits.size(1);
-  TORCH_CHECK(num_modalities >= 1, "router_topk: num_modalities must be >= 1, got ",
-              num_modalities);
-  TORCH_CHECK(e % num_modalities == 0, "router_topk: num_modalities (", num_modalities,
+  TORCH_CHECK(num_modalities >= 1, op, ": num_modalities must be >= 1, got ", num_modalities);
+  TORCH_CHECK(e % num_modalities == 0, op, ": num_modalities (", num_modalities,
               ") must divide num_experts (", e, ")");
-  TORCH_CHECK(modality.has_value() == (num_modalities > 1), "router_topk: modality [num_tokens] ",
+  TORCH_CHECK(modality.has_value() == (num_modalities > 1), op, ": modality [num_tokens] ",
               "must be given exactly when num_modalities > 1 (num_modalities = ", num_modalities,
               ", modality ", modality.has_value() ? "given" : "missing", ")");
   if (modality) {
-    TORCH_CHECK(modality->scalar_type() == at::kInt || modality->scalar_type() == at::kLong,
-                "router_topk: modality must be int32 or int64, got ", modality->scalar_type());
-    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == t, "router_topk: modality must have "
+    TORCH_CHECK(modality->scalar_type() == at::kInt || modality->scalar_type() == at::kLong, op,
+                ": modality must be int32 or int64, got ", modality->scalar_type());
+    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == t, op, ": modality must have "
                 "shape [num_tokens] = [", t, "], got ", modality->sizes());
-    TORCH_CHECK(modality->device() == logits.device(), "router_topk: modality must be on the "
-                "same device as logits (", logits.device(), "), got ", modality->device());
+    TORCH_CHECK(modality->device() == logits.device(), op, ": modality must be on the same "
+                "device as logits (", logits.device(), "), got ", modality->device());
   }
   if (token_mask) {
-    TORCH_CHECK(token_mask->scalar_type() == at::kBool, "router_topk: token_mask must be bool, "
-                "got ", token_mask->scalar_type());
-    TORCH_CHECK(token_mask->dim() == 1 && token_mask->size(0) == t, "router_topk: token_mask "
+    TORCH_CHECK(token_mask->scalar_type() == at::kBool, op, ": token_mask must be bool, got ",
+                token_mask->scalar_type());
+    TORCH_CHECK(token_mask->dim() == 1 && token_mask->size(0) == t, op, ": token_mask "
                 "must have shape [num_tokens] = [", t, "], got ", token_mask->sizes());
-    TORCH_CHECK(token_mask->device() == logits.device(), "router_topk: token_mask must be on the "
+    TORCH_CHECK(token_mask->device() == logits.device(), op, ": token_mask must be on the "
                 "same device as logits (", logits.device(), "), got ", token_mask->device());
   }
 }
 
+// k_name: "k" (forward), "k = ids.size(1)" (backward).
 RouterOptions common_options(const at::Tensor& logits, int64_t k, c10::string_view score_fn,
                              bool topk_then_score, bool renormalize, double renorm_eps,
-                             double scaling, int64_t num_modalities) {
+                             double scaling, int64_t num_modalities, const char* op,
+                             const char* k_name) {
   RouterOptions o;
   o.num_experts = static_cast<int32_t>(logits.size(1));
-  o.score_fn = parse_score_fn(score_fn);
+  o.score_fn = parse_score_fn(score_fn, op);
   o.topk_then_score = topk_then_score;
   o.renormalize = renormalize;
-  TORCH_CHECK(std::isfinite(renorm_eps) && renorm_eps >= 0, "router_topk: renorm_eps must be a "
-              "finite number >= 0, got ", renorm_eps);
-  TORCH_CHECK(std::isfinite(scaling), "router_topk: scaling must be finite, got ", scaling);
+  TORCH_CHECK(std::isfinite(renorm_eps) && renorm_eps >= 0, op, ": renorm_eps must be a finite "
+              "number >= 0, got ", renorm_eps);
+  TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   o.renorm_eps = renorm_eps;
   o.scaling = scaling;
   o.num_modalities = static_cast<int32_t>(num_modalities);
   const int64_t eligible = o.num_experts / num_modalities;
-  TORCH_CHECK(k >= 1 && k <= eligible, "router_topk: k must be in [1, ", eligible, "] (",
-              num_modalities > 1 ? "experts per modality" : "num_experts", "), got k = ", k);
+  TORCH_CHECK(k >= 1 && k <= eligible, op, ": ", k_name, " must be in [1, ", eligible, "] (",
+              num_modalities > 1 ? "experts per modality" : "num_experts", "), got ", k_name,
+              " = ", k);
   o.k = static_cast<int32_t>(k);
   return o;
 }
@@ -98,10 +104,11 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                            int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
                            const std::optional<at::Tensor>& modality, int64_t num_modalities,
                            const std::optional<at::Tensor>& token_mask) {
-  check_logits(logits);
-  check_token_args(logits, modality, num_modalities, token_mask);
+  const char* op = "router_topk";
+  check_logits(logits, op);
+  check_token_args(logits, modality, num_modalities, token_mask, op);
   RouterOptions o = common_options(logits, k, score_fn, topk_then_score, renormalize, renorm_eps,
-                                   scaling, num_modalities);
+                                   scaling, num_modalities, op, "k");
   const int64_t e = o.num_experts;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e, "router_topk: bias must have shape "
@@ -140,16 +147,17 @@ RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weight
                                     const std::optional<at::Tensor>& modality,
                                     int64_t num_modalities,
                                     const std::optional<at::Tensor>& token_mask) {
-  check_logits(logits);
-  check_token_args(logits, modality, num_modalities, token_mask);
+  const char* op = "router_topk_backward";
+  check_logits(logits, op);
+  check_token_args(logits, modality, num_modalities, token_mask, op);
   const int64_t t = logits.size(0), e = logits.size(1);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == t && ids.scalar_type() == at::kInt,
               "router_topk_backward: ids must be int32 [num_tokens = ", t, ", k], got ",
               ids.scalar_type(), " ", ids.sizes());
   TORCH_CHECK(ids.device() == logits.device(), "router_topk_backward: ids must be on the same "
-              "device as logits");
+              "device as logits (", logits.device(), "), got ", ids.device());
   RouterOptions o = common_options(logits, ids.size(1), score_fn, topk_then_score, renormalize,
-                                   renorm_eps, scaling, num_modalities);
+                                   renorm_eps, scaling, num_modalities, op, "k = ids.size(1)");
   const auto acc = router_acc_dtype(logits);
   auto check_grad = [&](const std::optional<at::Tensor>& g, const char* name,
                         std::vector<int64_t> shape) {
@@ -159,7 +167,8 @@ RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weight
     TORCH_CHECK(g->scalar_type() == acc, "router_topk_backward: ", name, " must be ", acc,
                 ", got ", g->scalar_type());
     TORCH_CHECK(g->device() == logits.device(), "router_topk_backward: ", name,
-                " must be on the same device as logits");
+                " must be on the same device as logits (", logits.device(), "), got ",
+                g->device());
   };
   check_grad(grad_weights, "grad_weights", {t, ids.size(1)});
   check_grad(grad_score_sum, "grad_score_sum", {e});

@@ -1,10 +1,11 @@
 """gated_activation: the expert MLP's gated activation fused over the gate/up GEMM output."""
 import torch
 
+from ._check import FLOATS, check
+
 __all__ = ["gated_activation"]
 
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def gated_activation(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
@@ -23,34 +24,39 @@ def gated_activation(gate_up: torch.Tensor, activation: str = "silu") -> torch.T
     return torch.ops.mixops.gated_activation.default(gate_up, activation)
 
 
-def _check(gate_up, activation, op="gated_activation"):
-    # The same checks and messages as csrc/activation_check.cpp.
-    torch._check(activation in _ACTS, lambda: f"{op}: activation must be one of 'silu', 'gelu', "
-                 f"'gelu_tanh', 'relu', got '{activation}'")
-    torch._check(gate_up.dim() >= 1,
-                 lambda: f"{op}: gate_up must have at least 1 dimension, got a scalar")
-    torch._check(gate_up.shape[-1] % 2 == 0, lambda: f"{op}: gate_up's last dimension must be "
-                 f"even ([..., 2*F]: gate then up), got {list(gate_up.shape)}")
-    torch._check(gate_up.dtype in _DTYPES, lambda: f"{op}: gate_up must be float32, bfloat16, "
-                 f"float16 or float64, got {gate_up.dtype}")
+# Validation: csrc/activation_check.cpp line by line, with its messages (see _check.py).
+
+def _check_gate_up(gate_up, activation, op):
+    check(activation in _ACTS, op, ": activation must be one of 'silu', 'gelu', 'gelu_tanh', "
+          "'relu', got '", activation, "'")
+    check(gate_up.dim() >= 1, op, ": gate_up must have at least 1 dimension, got a scalar")
+    check(gate_up.shape[-1] % 2 == 0, op, ": gate_up's last dimension must be even ([..., 2*F]: "
+          "gate then up), got ", gate_up.shape)
+    check(gate_up.dtype in FLOATS, op, ": gate_up must be float32, bfloat16, float16 or float64, "
+          "got ", gate_up.dtype)
+
+
+def _gated_activation_backward_check(grad, gate_up, activation):
+    op = "gated_activation_backward"
+    _check_gate_up(gate_up, activation, op)
+    expect = [*gate_up.shape[:-1], gate_up.shape[-1] // 2]
+    check(list(grad.shape) == expect, op, ": grad must have shape ", expect,
+          " (gate_up's with the last dimension halved), got ", grad.shape)
+    check(grad.dtype == gate_up.dtype, op, ": grad must have gate_up's dtype (", gate_up.dtype,
+          "), got ", grad.dtype)
+    check(grad.device == gate_up.device, op, ": grad must be on gate_up's device (",
+          gate_up.device, "), got ", grad.device)
 
 
 @torch.library.register_fake("mixops::gated_activation")
 def _gated_activation_fake(gate_up, activation="silu"):
-    _check(gate_up, activation)
+    _check_gate_up(gate_up, activation, "gated_activation")
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 @torch.library.register_fake("mixops::gated_activation_backward")
 def _gated_activation_backward_fake(grad, gate_up, activation):
-    op = "gated_activation_backward"
-    _check(gate_up, activation, op)
-    expect = [*gate_up.shape[:-1], gate_up.shape[-1] // 2]
-    torch._check(list(grad.shape) == expect,
-                 lambda: f"{op}: grad must have shape {expect} (gate_up's with the last dimension "
-                 f"halved), got {list(grad.shape)}")
-    torch._check(grad.dtype == gate_up.dtype,
-                 lambda: f"{op}: grad must have gate_up's dtype ({gate_up.dtype}), got {grad.dtype}")
+    _gated_activation_backward_check(grad, gate_up, activation)
     return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
 

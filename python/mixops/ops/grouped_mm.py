@@ -1,6 +1,8 @@
 """grouped_mm: all experts' matrix products in one op (CUTLASS on CUDA, per-group BLAS on CPU)."""
 import torch
 
+from ._check import FLOATS, check
+
 __all__ = ["grouped_mm"]
 
 
@@ -39,31 +41,41 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch.ops.mixops.grouped_mm.default(a, b, offsets)
 
 
+def _grouped_mm_check(a, b, offsets):
+    """csrc/grouped_mm_check.cpp line by line, with its messages (see _check.py); returns the
+    output shape."""
+    check(a.dim() == 2, "grouped_mm: a must be 2-D [m, k], got a ", a.dim(), "-D tensor of shape ",
+          a.shape)
+    check(b.dim() == 2 or b.dim() == 3, "grouped_mm: b must be 3-D [num_experts, k, n] (2-D x 3-D "
+          "mode) or 2-D [k, n] (2-D x 2-D mode), got a ", b.dim(), "-D tensor of shape ", b.shape)
+    check(a.dtype == b.dtype, "grouped_mm: a and b must have the same dtype, got a ", a.dtype,
+          " and b ", b.dtype)
+    check(a.dtype in FLOATS, "grouped_mm: a must be float32, bfloat16 or float16 (or float64, for "
+          "gradcheck), got ", a.dtype)
+    check(a.device == b.device, "grouped_mm: a and b must be on the same device, got a on ",
+          a.device, " and b on ", b.device)
+    check(offsets.dtype == torch.int32, "grouped_mm: offsets must be int32, got ", offsets.dtype)
+    check(offsets.dim() == 1, "grouped_mm: offsets must be 1-D [num_experts], got shape ",
+          offsets.shape)
+    check(offsets.device == a.device, "grouped_mm: offsets must be on the same device as a (",
+          a.device, "), got ", offsets.device)
+    m, k = a.shape
+    if b.dim() == 3:
+        check(b.shape[1] == k, "grouped_mm: K mismatch: a is [m, k] = ", a.shape,
+              " but b is [num_experts, k, n] = ", b.shape)
+        check(offsets.shape[0] == b.shape[0], "grouped_mm: offsets must have length num_experts = "
+              "b.size(0) = ", b.shape[0], ", got ", offsets.shape[0])
+        return (m, b.shape[2])
+    check(b.shape[0] == k, "grouped_mm: K mismatch: a is [m, r] = ", a.shape, " but b is [r, n] = ",
+          b.shape)
+    check(offsets.shape[0] >= 1, "grouped_mm: offsets must have length num_experts >= 1 in the "
+          "2-D x 2-D mode, got 0")
+    return (offsets.shape[0], m, b.shape[1])
+
+
 @torch.library.register_fake("mixops::grouped_mm")
 def _grouped_mm_fake(a, b, offsets):
-    # The same checks and messages as csrc/grouped_mm_check.cpp (a call mixing meta and real
-    # tensors dispatches here, not to the C++ kernels).
-    torch._check(a.dim() == 2, lambda: f"grouped_mm: a must be 2-D [m, k], got a {a.dim()}-D tensor")
-    torch._check(b.dim() in (2, 3), lambda: "grouped_mm: b must be 3-D [num_experts, k, n] or 2-D "
-                 f"[k, n], got a {b.dim()}-D tensor")
-    torch._check(a.dtype == b.dtype, lambda: "grouped_mm: a and b must have the same dtype, got "
-                 f"a {a.dtype} and b {b.dtype}")
-    torch._check(a.device == b.device, lambda: "grouped_mm: a and b must be on the same device, "
-                 f"got a on {a.device} and b on {b.device}")
-    torch._check(offsets.dtype == torch.int32,
-                 lambda: f"grouped_mm: offsets must be int32, got {offsets.dtype}")
-    torch._check(offsets.dim() == 1, lambda: "grouped_mm: offsets must be 1-D [num_experts]")
-    torch._check(offsets.device == a.device, lambda: "grouped_mm: offsets must be on the same "
-                 f"device as a ({a.device}), got {offsets.device}")
-    if b.dim() == 3:
-        torch._check(b.shape[1] == a.shape[1], lambda: f"grouped_mm: K mismatch: a is {tuple(a.shape)} "
-                     f"but b is {tuple(b.shape)}")
-        torch._check(offsets.shape[0] == b.shape[0], lambda: "grouped_mm: offsets must have length "
-                     f"num_experts = b.size(0) = {b.shape[0]}, got {offsets.shape[0]}")
-        return a.new_empty(a.shape[0], b.shape[2])
-    torch._check(b.shape[0] == a.shape[1], lambda: f"grouped_mm: K mismatch: a is {tuple(a.shape)} "
-                 f"but b is {tuple(b.shape)}")
-    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
+    return a.new_empty(_grouped_mm_check(a, b, offsets))
 
 
 def _is_transposed_view(b):

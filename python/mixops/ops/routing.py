@@ -1,7 +1,10 @@
 """router_topk: fused expert scoring, top-k selection, weight finishing and routing statistics."""
+import math
 from typing import NamedTuple, Optional
 
 import torch
+
+from ._check import FLOATS, INT32_MAX, check
 
 __all__ = ["router_topk", "RouterOutput"]
 
@@ -66,34 +69,112 @@ def router_topk(logits: torch.Tensor, k: int, *, score_fn: str = "softmax",
         groups_kept, group_score, modality, num_modalities, token_mask))
 
 
-def _check_common(logits, k, score_fn, num_modalities, modality, token_mask, op="router_topk"):
-    # The same checks and messages as csrc/router_check.cpp (a call mixing meta and real tensors
-    # dispatches to the fake, not to the C++ kernels).
-    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be 2-D [num_tokens, num_experts]")
-    torch._check(logits.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-                 lambda: f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    num_tokens, num_experts = logits.shape
-    torch._check(num_experts >= 1, lambda: f"{op}: logits must have num_experts >= 1 columns")
-    torch._check(score_fn in _SCORE_FNS, lambda: f"router_topk: score_fn must be 'softmax', "
-                 f"'sigmoid' or 'none', got '{score_fn}'")
-    torch._check(num_modalities >= 1 and num_experts % num_modalities == 0,
-                 lambda: f"router_topk: num_modalities ({num_modalities}) must divide "
-                 f"num_experts ({num_experts})")
-    torch._check((modality is not None) == (num_modalities > 1),
-                 lambda: "router_topk: modality [num_tokens] must be given exactly when "
-                 "num_modalities > 1")
-    eligible = num_experts // num_modalities
-    torch._check(1 <= k <= eligible, lambda: f"router_topk: k must be in [1, {eligible}], got k = {k}")
-    for name, t, dtypes in (("modality", modality, (torch.int32, torch.int64)),
-                            ("token_mask", token_mask, (torch.bool,))):
-        if t is None:
+# Validation: csrc/router_check.cpp line by line, with its messages (see _check.py). Each fake
+# runs its op's validator, so meta and FakeTensor calls raise what the CPU and CUDA ops raise.
+
+def _check_logits(logits, op):
+    check(logits.dim() == 2, op, ": logits must be 2-D [num_tokens, num_experts], got shape ",
+          logits.shape)
+    check(logits.dtype in FLOATS, op, ": logits must be float32, bfloat16 or float16 (or "
+          "float64, for gradcheck), got ", logits.dtype)
+    check(logits.shape[1] >= 1, op, ": logits must have num_experts >= 1 columns, got shape ",
+          logits.shape)
+    check(logits.shape[1] <= INT32_MAX, op, ": logits must have num_experts <= 2^31 - 1 columns "
+          "(int32 expert ids), got shape ", logits.shape)
+
+
+def _check_token_args(logits, modality, num_modalities, token_mask, op):
+    t, e = logits.shape
+    check(num_modalities >= 1, op, ": num_modalities must be >= 1, got ", num_modalities)
+    check(e % num_modalities == 0, op, ": num_modalities (", num_modalities,
+          ") must divide num_experts (", e, ")")
+    check((modality is not None) == (num_modalities > 1), op, ": modality [num_tokens] must be "
+          "given exactly when num_modalities > 1 (num_modalities = ", num_modalities,
+          ", modality ", "given" if modality is not None else "missing", ")")
+    if modality is not None:
+        check(modality.dtype in (torch.int32, torch.int64), op,
+              ": modality must be int32 or int64, got ", modality.dtype)
+        check(modality.dim() == 1 and modality.shape[0] == t, op, ": modality must have shape "
+              "[num_tokens] = [", t, "], got ", modality.shape)
+        check(modality.device == logits.device, op, ": modality must be on the same device as "
+              "logits (", logits.device, "), got ", modality.device)
+    if token_mask is not None:
+        check(token_mask.dtype == torch.bool, op, ": token_mask must be bool, got ",
+              token_mask.dtype)
+        check(token_mask.dim() == 1 and token_mask.shape[0] == t, op, ": token_mask must have "
+              "shape [num_tokens] = [", t, "], got ", token_mask.shape)
+        check(token_mask.device == logits.device, op, ": token_mask must be on the same device "
+              "as logits (", logits.device, "), got ", token_mask.device)
+
+
+def _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, k_name):
+    """common_options: score_fn, renorm_eps, scaling, k (k_name: "k" or "k = ids.size(1)")."""
+    check(score_fn in _SCORE_FNS, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
+          score_fn, "'")
+    renorm_eps, scaling = float(renorm_eps), float(scaling)  # the schema's double
+    check(math.isfinite(renorm_eps) and renorm_eps >= 0, op,
+          ": renorm_eps must be a finite number >= 0, got ", renorm_eps)
+    check(math.isfinite(scaling), op, ": scaling must be finite, got ", scaling)
+    eligible = logits.shape[1] // num_modalities
+    check(k >= 1 and k <= eligible, op, ": ", k_name, " must be in [1, ", eligible, "] (",
+          "experts per modality" if num_modalities > 1 else "num_experts", "), got ", k_name,
+          " = ", k)
+
+
+def _router_topk_check(logits, k, score_fn, renorm_eps, scaling, bias, num_groups, groups_kept,
+                       group_score, modality, num_modalities, token_mask):
+    op = "router_topk"
+    _check_logits(logits, op)
+    _check_token_args(logits, modality, num_modalities, token_mask, op)
+    _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, "k")
+    e = logits.shape[1]
+    if bias is not None:
+        check(bias.dim() == 1 and bias.shape[0] == e, "router_topk: bias must have shape "
+              "[num_experts] = [", e, "], got ", bias.shape)
+        check(bias.dtype.is_floating_point, "router_topk: bias must be a floating point tensor, "
+              "got ", bias.dtype)
+        check(bias.device == logits.device, "router_topk: bias must be on the same device as "
+              "logits (", logits.device, "), got ", bias.device)
+    check(num_groups >= 1, "router_topk: num_groups must be >= 1, got ", num_groups)
+    check(e % num_groups == 0, "router_topk: num_groups (", num_groups, ") must divide "
+          "num_experts (", e, ")")
+    check(num_groups == 1 or num_modalities == 1, "router_topk: group-limited selection "
+          "(num_groups = ", num_groups, ") cannot be combined with modality groups "
+          "(num_modalities = ", num_modalities, ")")
+    check(groups_kept >= 1 and groups_kept <= num_groups, "router_topk: groups_kept must be in "
+          "[1, num_groups = ", num_groups, "], got ", groups_kept)
+    check(group_score in _GROUP_SCORES, "router_topk: group_score must be 'top2_sum' or 'max', "
+          "got '", group_score, "'")
+    if num_groups > 1:
+        eligible = groups_kept * (e // num_groups)
+        check(k <= eligible, "router_topk: k (", k, ") must be <= groups_kept * experts per "
+              "group = ", groups_kept, " * ", e // num_groups, " = ", eligible)
+
+
+def _router_topk_backward_check(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
+                                renorm_eps, scaling, modality, num_modalities, token_mask):
+    op = "router_topk_backward"
+    _check_logits(logits, op)
+    _check_token_args(logits, modality, num_modalities, token_mask, op)
+    t, e = logits.shape
+    check(ids.dim() == 2 and ids.shape[0] == t and ids.dtype == torch.int32,
+          "router_topk_backward: ids must be int32 [num_tokens = ", t, ", k], got ", ids.dtype,
+          " ", ids.shape)
+    check(ids.device == logits.device, "router_topk_backward: ids must be on the same device as "
+          "logits (", logits.device, "), got ", ids.device)
+    _check_options(logits, ids.shape[1], score_fn, renorm_eps, scaling, num_modalities, op,
+                   "k = ids.size(1)")
+    acc = _acc_dtype(logits)
+    for g, name, shape in ((grad_weights, "grad_weights", [t, ids.shape[1]]),
+                           (grad_score_sum, "grad_score_sum", [e]), (grad_lse, "grad_lse", [t])):
+        if g is None:
             continue
-        torch._check(t.dtype in dtypes, lambda: f"router_topk: {name} has the wrong dtype {t.dtype}")
-        torch._check(t.dim() == 1 and t.shape[0] == num_tokens,
-                     lambda: f"router_topk: {name} must have shape [num_tokens] = [{num_tokens}]")
-        torch._check(t.device == logits.device,
-                     lambda: f"router_topk: {name} must be on the same device as logits")
-    return num_tokens, num_experts
+        check(list(g.shape) == shape, "router_topk_backward: ", name, " must have shape ", shape,
+              ", got ", g.shape)
+        check(g.dtype == acc, "router_topk_backward: ", name, " must be ", acc, ", got ",
+              g.dtype)
+        check(g.device == logits.device, "router_topk_backward: ", name, " must be on the same "
+              "device as logits (", logits.device, "), got ", g.device)
 
 
 def _acc_dtype(logits):
@@ -104,26 +185,9 @@ def _acc_dtype(logits):
 def _router_topk_fake(logits, k, score_fn="softmax", topk_then_score=False, renormalize=True,
                       renorm_eps=0.0, scaling=1.0, bias=None, num_groups=1, groups_kept=1,
                       group_score="top2_sum", modality=None, num_modalities=1, token_mask=None):
-    num_tokens, num_experts = _check_common(logits, k, score_fn, num_modalities, modality,
-                                            token_mask)
-    if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == num_experts,
-                     lambda: f"router_topk: bias must have shape [num_experts] = [{num_experts}]")
-        torch._check(bias.device == logits.device,
-                     lambda: "router_topk: bias must be on the same device as logits")
-    torch._check(num_groups >= 1 and num_experts % num_groups == 0,
-                 lambda: f"router_topk: num_groups ({num_groups}) must divide num_experts "
-                 f"({num_experts})")
-    torch._check(num_groups == 1 or num_modalities == 1,
-                 lambda: "router_topk: group-limited selection cannot be combined with modality "
-                 "groups")
-    torch._check(1 <= groups_kept <= num_groups,
-                 lambda: f"router_topk: groups_kept must be in [1, num_groups = {num_groups}]")
-    torch._check(group_score in _GROUP_SCORES,
-                 lambda: f"router_topk: group_score must be 'top2_sum' or 'max', got '{group_score}'")
-    if num_groups > 1:
-        torch._check(k <= groups_kept * (num_experts // num_groups),
-                     lambda: "router_topk: k must be <= groups_kept * experts per group")
+    _router_topk_check(logits, k, score_fn, renorm_eps, scaling, bias, num_groups, groups_kept,
+                       group_score, modality, num_modalities, token_mask)
+    num_tokens, num_experts = logits.shape
     acc = _acc_dtype(logits)
     return (logits.new_empty(num_tokens, k, dtype=acc),
             logits.new_empty(num_tokens, k, dtype=torch.int32),
@@ -136,10 +200,8 @@ def _router_topk_fake(logits, k, score_fn="softmax", topk_then_score=False, reno
 def _router_topk_backward_fake(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
                                topk_then_score, renormalize, renorm_eps, scaling, modality,
                                num_modalities, token_mask):
-    _check_common(logits, ids.shape[1], score_fn, num_modalities, modality, token_mask,
-                  op="router_topk_backward")
-    torch._check(ids.dim() == 2 and ids.shape[0] == logits.shape[0] and ids.dtype == torch.int32,
-                 lambda: "router_topk_backward: ids must be int32 [num_tokens, k]")
+    _router_topk_backward_check(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
+                                renorm_eps, scaling, modality, num_modalities, token_mask)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
