@@ -1,4 +1,4 @@
-"""The CPU block cache behind large op outputs (csrc/cpu/cpu_alloc.h): a freed output of >= 4 MiB
+"""The CPU block cache behind large op outputs (csrc/core/cpu_alloc.h): a freed output of >= 4 MiB
 keeps its pages mapped and is handed to the next output of the same rounded size; a request that
 misses releases the whole cache first; live tensors (and their views) never share a block;
 MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block still

@@ -3,7 +3,7 @@ rank, shape, option values) of every op, fed to the CPU op and to its fake, rais
 message in both.
 
 Each case is run three ways:
-  cpu   the C++ op layer (csrc/*_check.cpp). An argument on another device is a meta tensor; a
+  cpu   the C++ op layer (csrc/*/check.cpp). An argument on another device is a meta tensor; a
         call mixing CPU and meta tensors would dispatch to the Meta kernel (the fake), so those
         cases are redispatched to the CPU kernel, which validates before it reads any data.
   meta  the same call with meta tensors (the mixed-device cases as they are: the Meta kernel).
@@ -121,10 +121,10 @@ VALID = {
     "gated_activation_backward": act_bw,
 }
 
-# ---- every metadata check of csrc/*_check.cpp, one bad input each ---------------------------
+# ---- every metadata check of csrc/*/check.cpp, one bad input each ---------------------------
 
 BAD = {
-    # grouped_mm (csrc/grouped_mm_check.cpp)
+    # grouped_mm (csrc/grouped_mm/check.cpp)
     "gmm a 1-D": lambda: gmm(a=torch.randn(8)),
     "gmm a 3-D": lambda: gmm(a=torch.randn(1, 6, 8)),
     "gmm b 1-D": lambda: gmm(b=torch.randn(8)),
@@ -144,7 +144,7 @@ BAD = {
     "gmm 2-D K mismatch": lambda: gmm2(b=torch.randn(4, 2)),
     "gmm 2-D no groups": lambda: gmm2(off=torch.zeros(0, dtype=I32)),
     "gmm 2-D offsets device": lambda: gmm2(off=torch.tensor([2, 5], dtype=I32, device=O)),
-    # router_topk (csrc/router_check.cpp)
+    # router_topk (csrc/routing/check.cpp)
     "router logits 1-D": lambda: router(torch.randn(8)),
     "router logits 3-D": lambda: router(torch.randn(1, 4, 8)),
     "router logits int": lambda: router(torch.ones(4, 8, dtype=I32)),
@@ -189,7 +189,7 @@ BAD = {
     "router group_score": lambda: router(num_groups=2, group_score="mean"),
     "router group_score, no groups": lambda: router(group_score="mean"),
     "router k > kept experts": lambda: router(num_groups=4, groups_kept=1, k=3),
-    # router_topk_backward (csrc/router_check.cpp)
+    # router_topk_backward (csrc/routing/check.cpp)
     "router_bw logits 1-D": lambda: router_bw(logits=torch.randn(8)),
     "router_bw logits int": lambda: router_bw(logits=torch.ones(4, 8, dtype=I32)),
     "router_bw 2^31 experts": lambda: router_bw(logits=big(4, 2**31)),
@@ -219,7 +219,7 @@ BAD = {
     "router_bw grad_score_sum device": lambda: router_bw(gss=torch.ones(8, device=O)),
     "router_bw grad_lse shape": lambda: router_bw(glse=torch.ones(4, 1)),
     "router_bw grad_lse device": lambda: router_bw(glse=torch.ones(4, device=O)),
-    # permute (csrc/permute_check.cpp)
+    # permute (csrc/permute/check.cpp)
     "permute x 1-D": lambda: permute(x=torch.randn(10)),
     "permute x 3-D": lambda: permute(x=torch.randn(10, 4, 1)),
     "permute x int": lambda: permute(x=torch.ones(10, 4, dtype=I32)),
@@ -287,7 +287,7 @@ BAD = {
     "unpermute_w_bw weights shape": lambda: unpermute_w_bw(w=torch.rand(2, 10)),
     "unpermute_w_bw weights dtype": lambda: unpermute_w_bw(w=torch.rand(10, 2, dtype=F16)),
     "unpermute_w_bw weights device": lambda: unpermute_w_bw(w=torch.rand(10, 2, device=O)),
-    # gated_activation (csrc/activation_check.cpp)
+    # gated_activation (csrc/activation/check.cpp)
     "act name": lambda: act(activation="swish"),
     "act scalar": lambda: act(gate_up=torch.tensor(1.0)),
     "act odd": lambda: act(gate_up=torch.randn(6, 7)),

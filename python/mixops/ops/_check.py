@@ -1,5 +1,5 @@
 """TORCH_CHECK for the fakes: each op's Python validator (beside its fake, in ops/<family>.py) is
-a line-by-line copy of its C++ validation (csrc/<family>_check.cpp), and ``check`` formats the
+a line-by-line copy of its C++ validation (csrc/<family>/check.cpp), and ``check`` formats the
 message pieces as c10 prints them, so a meta or FakeTensor call raises the CPU op's message to
 the letter (tests/test_fake_parity.py holds them equal).
 

@@ -24,7 +24,7 @@ def gated_activation(gate_up: torch.Tensor, activation: str = "silu") -> torch.T
     return torch.ops.mixops.gated_activation.default(gate_up, activation)
 
 
-# Validation: csrc/activation_check.cpp line by line, with its messages (see _check.py).
+# Validation: csrc/activation/check.cpp line by line, with its messages (see _check.py).
 
 def _check_gate_up(gate_up, activation, op):
     check(activation in _ACTS, op, ": activation must be one of 'silu', 'gelu', 'gelu_tanh', "

@@ -42,7 +42,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
 
 
 def _grouped_mm_check(a, b, offsets):
-    """csrc/grouped_mm_check.cpp line by line, with its messages (see _check.py); returns the
+    """csrc/grouped_mm/check.cpp line by line, with its messages (see _check.py); returns the
     output shape."""
     check(a.dim() == 2, "grouped_mm: a must be 2-D [m, k], got a ", a.dim(), "-D tensor of shape ",
           a.shape)

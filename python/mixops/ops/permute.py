@@ -68,7 +68,7 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor,
     return torch.ops.mixops.unpermute.default(y_sorted, row_map, weights)
 
 
-# Validation: csrc/permute_check.cpp line by line, with its messages (see _check.py). Each fake
+# Validation: csrc/permute/check.cpp line by line, with its messages (see _check.py). Each fake
 # runs its op's validator, so meta and FakeTensor calls raise what the CPU and CUDA ops raise.
 
 def _check_float(t, op, name):

@@ -69,7 +69,7 @@ def router_topk(logits: torch.Tensor, k: int, *, score_fn: str = "softmax",
         groups_kept, group_score, modality, num_modalities, token_mask))
 
 
-# Validation: csrc/router_check.cpp line by line, with its messages (see _check.py). Each fake
+# Validation: csrc/routing/check.cpp line by line, with its messages (see _check.py). Each fake
 # runs its op's validator, so meta and FakeTensor calls raise what the CPU and CUDA ops raise.
 
 def _check_logits(logits, op):
