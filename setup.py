@@ -8,6 +8,7 @@ Environment knobs (all optional):
   MAX_JOBS                 parallel compile jobs (default: all cores)
   MIXOPS_BUILD_TYPE        CMake build type (default Release)
 """
+
 import os
 import re
 import shutil
@@ -73,13 +74,16 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('MIXOPS_BUILD_TYPE', 'Release')}",
             f"-DMIXOPS_CUDA={cuda}",
             f"-DMIXOPS_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0a')}",
-            "-G", "Ninja",
+            "-G",
+            "Ninja",
         ]
         if os.environ.get("CUTLASS_DIR"):
             args.append(f"-DCUTLASS_DIR={os.environ['CUTLASS_DIR']}")
         if cuda == "ON":
-            args += [f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
-                     f"-DCUDAToolkit_ROOT={toolkit}"]
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
+                f"-DCUDAToolkit_ROOT={toolkit}",
+            ]
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
@@ -100,6 +104,7 @@ class CMakeBuild(build_ext):
                 shutil.copytree(build_dir / "ptxas", meta_dir / "ptxas")
             else:  # CPU-only build: package_data still names the folder
                 (meta_dir / "ptxas").mkdir()
+
 
 setup(
     ext_modules=[CMakeExtension("mixops._C")],

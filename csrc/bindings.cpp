@@ -12,16 +12,19 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mixops compiled operators (registered as torch.ops.mixops.*)";
-  m.def("build_info", []() {
-    py::dict d;
-    d["torch_version"] = std::string(MIXOPS_TORCH_VERSION);
-    d["cuda_version"] = std::string(MIXOPS_CUDA_VERSION);
-    d["cutlass_version"] = std::string(MIXOPS_CUTLASS_VERSION);
-    d["archs"] = std::string(MIXOPS_ARCHS);
-    d["with_cuda"] = static_cast<bool>(MIXOPS_WITH_CUDA);
-    d["has_sm90"] = static_cast<bool>(MIXOPS_HAS_SM90);
-    return d;
-  }, "Versions and CUDA archs this extension was compiled with.");
+  m.def(
+      "build_info",
+      []() {
+        py::dict d;
+        d["torch_version"] = std::string(MIXOPS_TORCH_VERSION);
+        d["cuda_version"] = std::string(MIXOPS_CUDA_VERSION);
+        d["cutlass_version"] = std::string(MIXOPS_CUTLASS_VERSION);
+        d["archs"] = std::string(MIXOPS_ARCHS);
+        d["with_cuda"] = static_cast<bool>(MIXOPS_WITH_CUDA);
+        d["has_sm90"] = static_cast<bool>(MIXOPS_HAS_SM90);
+        return d;
+      },
+      "Versions and CUDA archs this extension was compiled with.");
   // Test hooks for the host side of device error reporting (core/error_record.h), which CPU-only
   // machines can run: what mixops.check_errors() would raise for these bits on `device`.
   m.def("_record_error_context", [](int device, const std::string& op, int64_t a, int64_t b) {

@@ -18,38 +18,44 @@ TORCH_LIBRARY(mixops, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
 
   m.set_python_module("mixops.ops.routing");
-  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h). logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,
+  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h).
+  // logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,
   // counts [E] int32, score_sum [E] (sum over tokens of the balancing-loss probability), lse [T].
-  m.def("router_topk(Tensor logits, int k, str score_fn=\"softmax\", bool topk_then_score=False, "
-        "bool renormalize=True, float renorm_eps=0., float scaling=1., Tensor? bias=None, "
-        "int num_groups=1, int groups_kept=1, str group_score=\"top2_sum\", "
-        "Tensor? modality=None, int num_modalities=1, Tensor? token_mask=None) "
-        "-> (Tensor weights, Tensor ids, Tensor counts, Tensor score_sum, Tensor lse)");
+  m.def(
+      "router_topk(Tensor logits, int k, str score_fn=\"softmax\", bool topk_then_score=False, "
+      "bool renormalize=True, float renorm_eps=0., float scaling=1., Tensor? bias=None, "
+      "int num_groups=1, int groups_kept=1, str group_score=\"top2_sum\", "
+      "Tensor? modality=None, int num_modalities=1, Tensor? token_mask=None) "
+      "-> (Tensor weights, Tensor ids, Tensor counts, Tensor score_sum, Tensor lse)");
   // d logits [T, E] from d weights [T, k], d score_sum [E], d lse [T] (each optional); the ids
   // of the forward fix the selection.
-  m.def("router_topk_backward(Tensor? grad_weights, Tensor? grad_score_sum, Tensor? grad_lse, "
-        "Tensor logits, Tensor ids, str score_fn, bool topk_then_score, bool renormalize, "
-        "float renorm_eps, float scaling, Tensor? modality, int num_modalities, "
-        "Tensor? token_mask) -> Tensor");
+  m.def(
+      "router_topk_backward(Tensor? grad_weights, Tensor? grad_score_sum, Tensor? grad_lse, "
+      "Tensor logits, Tensor ids, str score_fn, bool topk_then_score, bool renormalize, "
+      "float renorm_eps, float scaling, Tensor? modality, int num_modalities, "
+      "Tensor? token_mask) -> Tensor");
 
   m.set_python_module("mixops.ops.permute");
   // Token dispatch (csrc/permute/permute.h). x [T, H], ids [T, k] int32/int64 (-1: none)
   // -> x_sorted [R, H] rows grouped by expert (stable), offsets [E] int32 cumulative ends,
   // row_map [T, k] int32 (row of each slot, -1 if none/dropped), dropped [E] int32.
   // R = T * k, or min(T * k, E * capacity) with a capacity.
-  m.def("permute(Tensor x, Tensor ids, int num_experts, SymInt? capacity=None, "
-        "Tensor? priority=None) -> (Tensor x_sorted, Tensor offsets, Tensor row_map, "
-        "Tensor dropped)");
+  m.def(
+      "permute(Tensor x, Tensor ids, int num_experts, SymInt? capacity=None, "
+      "Tensor? priority=None) -> (Tensor x_sorted, Tensor offsets, Tensor row_map, "
+      "Tensor dropped)");
   // Combine: y [T, H] = sum_j weights[t, j] * y_sorted[row_map[t, j]] (fp32 accumulation, no
   // atomics); weights [T, k] optional (ones). Also permute's backward (weights None).
   m.def("unpermute(Tensor y_sorted, Tensor row_map, Tensor? weights=None) -> Tensor");
   // d y_sorted [num_rows, H] = scatter of weights[t, j] * grad_y[t] to row_map[t, j]; rows no
   // slot maps to are zero.
-  m.def("unpermute_backward(Tensor grad_y, Tensor row_map, Tensor? weights, SymInt num_rows) "
-        "-> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_y, Tensor row_map, Tensor? weights, SymInt num_rows) "
+      "-> Tensor");
   // d weights [T, k] = <grad_y[t], y_sorted[row_map[t, j]]> (0 without a row), in weights' dtype.
-  m.def("unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "
-        "Tensor weights) -> Tensor");
+  m.def(
+      "unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "
+      "Tensor weights) -> Tensor");
   m.set_python_module("mixops.ops.activation");
   // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
   // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu

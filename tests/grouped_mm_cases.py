@@ -1,4 +1,5 @@
 """Input builders for the grouped_mm tests: group sizes, operand layouts, both modes."""
+
 import itertools
 
 import torch
@@ -25,7 +26,7 @@ def make_a(rows, cols, dtype, device, layout):
     if layout == "contiguous":
         return torch.randn(rows, cols, dtype=dtype, device=device)
     if layout == "strided":
-        return torch.randn(rows, cols + 5, dtype=dtype, device=device)[:, 2:cols + 2]
+        return torch.randn(rows, cols + 5, dtype=dtype, device=device)[:, 2 : cols + 2]
     if layout == "transposed":
         return torch.randn(cols, rows, dtype=dtype, device=device).t()
     raise ValueError(layout)

@@ -1,4 +1,5 @@
 """Shared test helpers: the one tolerance rule (style.md) and opcheck."""
+
 import torch
 
 # atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
@@ -18,7 +19,9 @@ def assert_close_to_ref(ours, ref_hi, torch_lowp, what=""):
     err = (ours.double().cpu() - ref).abs().max().item() if ours.numel() else 0.0
     torch_err = (torch_lowp.double().cpu() - ref).abs().max().item() if ours.numel() else 0.0
     bound = 2 * torch_err + ATOL[ours.dtype]
-    assert err <= bound, f"{what}: max|ours - ref| = {err:.3e} > 2*{torch_err:.3e} + atol = {bound:.3e}"
+    assert err <= bound, (
+        f"{what}: max|ours - ref| = {err:.3e} > 2*{torch_err:.3e} + atol = {bound:.3e}"
+    )
 
 
 def opcheck(op, args, kwargs=None):

@@ -14,6 +14,7 @@ Selection is discrete, so the caller passes the logits the layer under test choo
 its values (weights, outputs, losses) are computed in the dtype asked for, so the same call gives
 both the float64 reference and PyTorch's own low-precision result.
 """
+
 import math
 from fractions import Fraction
 from typing import NamedTuple, Optional
@@ -21,11 +22,24 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-DEFAULTS = dict(activation="swiglu", score_fn="softmax", topk_then_score=False, renormalize=True,
-                renorm_eps=0.0, scaling=1.0, selection_bias=False, num_groups=1, groups_kept=1,
-                group_score="top2_sum", router_fp32=False, shared_ffn_size=0,
-                shared_expert_gate=False, capacity_factor=None, aux_loss_coef=0.0,
-                z_loss_coef=0.0)
+DEFAULTS = dict(
+    activation="swiglu",
+    score_fn="softmax",
+    topk_then_score=False,
+    renormalize=True,
+    renorm_eps=0.0,
+    scaling=1.0,
+    selection_bias=False,
+    num_groups=1,
+    groups_kept=1,
+    group_score="top2_sum",
+    router_fp32=False,
+    shared_ffn_size=0,
+    shared_expert_gate=False,
+    capacity_factor=None,
+    aux_loss_coef=0.0,
+    z_loss_coef=0.0,
+)
 
 GATED_ACTS = {
     "swiglu": F.silu,
@@ -95,7 +109,7 @@ def select_experts(sel_logits, cfg, bias=None):
         grouped = key.reshape(T, G, per)
         best = torch.sort(grouped, dim=-1, descending=True).values
         gscore = best[..., :2].sum(-1) if cfg["group_score"] == "top2_sum" else best[..., 0]
-        kept = _stable_desc(gscore)[:, :cfg["groups_kept"]]
+        kept = _stable_desc(gscore)[:, : cfg["groups_kept"]]
         group_ok = torch.zeros(T, G, dtype=torch.bool).scatter(1, kept, True)
         allowed = group_ok.repeat_interleave(per, dim=1)
         key = key.masked_fill(~allowed, -math.inf)
@@ -175,11 +189,11 @@ def aux_losses(logits, ids, cfg, token_mask=None):
 
 
 class RefOut(NamedTuple):
-    y: torch.Tensor          # the output, x's shape, in the compute dtype
-    ids: torch.Tensor        # [T, k] int64 chosen experts, best first
-    keep: torch.Tensor       # [T, k] bool, False where a capacity drop happened
-    weights: torch.Tensor    # [T, k] routing weights (score dtype)
-    logits: torch.Tensor     # [T, E] logits used for the weights and the losses
+    y: torch.Tensor  # the output, x's shape, in the compute dtype
+    ids: torch.Tensor  # [T, k] int64 chosen experts, best first
+    keep: torch.Tensor  # [T, k] bool, False where a capacity drop happened
+    weights: torch.Tensor  # [T, k] routing weights (score dtype)
+    logits: torch.Tensor  # [T, E] logits used for the weights and the losses
     aux_loss: Optional[torch.Tensor]  # coef-weighted sum as the layer defines it, or None
 
 
@@ -213,14 +227,20 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
             w1 = P["experts.gate_up_proj"][e]
             o = mlp(x2[tok], w1[:F_], w1[F_:], P["experts.down_proj"][e], cfg["activation"])
         else:
-            o = mlp(x2[tok], None, P["experts.up_proj"][e], P["experts.down_proj"][e],
-                    cfg["activation"])
+            o = mlp(
+                x2[tok], None, P["experts.up_proj"][e], P["experts.down_proj"][e], cfg["activation"]
+            )
         y = y.index_add(0, tok, o.to(acc) * w[tok, j, None])
     y = y.to(dtype)
 
     if cfg["shared_ffn_size"]:
-        s = mlp(x2, P.get("shared_experts.gate_proj.weight"), P["shared_experts.up_proj.weight"],
-                P["shared_experts.down_proj.weight"], cfg["activation"])
+        s = mlp(
+            x2,
+            P.get("shared_experts.gate_proj.weight"),
+            P["shared_experts.up_proj.weight"],
+            P["shared_experts.down_proj.weight"],
+            cfg["activation"],
+        )
         if cfg["shared_expert_gate"]:
             s = torch.sigmoid(x2 @ P["shared_expert_gate.weight"].T) * s
         y = y + s

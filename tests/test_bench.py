@@ -1,20 +1,49 @@
 """The benchmarks run: a quick pass of each job prints its table (numbers are not judged); the
 README's main job (moe, the default) also writes its chart."""
+
 import subprocess
 import sys
 
 
 def test_grouped_mm_bench_quick_runs_and_prints_table():
-    p = subprocess.run([sys.executable, "-m", "mixops.bench", "grouped_mm", "--quick", "--reps", "1",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixops.bench",
+            "grouped_mm",
+            "--quick",
+            "--reps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     for needle in ("floor (dense)", "mixops", "torch._grouped_mm", "per-expert loop", "x floor"):
         assert needle in p.stdout
 
 
 def test_routing_bench_quick_runs_and_prints_table():
-    p = subprocess.run([sys.executable, "-m", "mixops.bench", "routing", "--quick", "--reps", "1",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixops.bench",
+            "routing",
+            "--quick",
+            "--reps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     for needle in ("mixops ms", "torch ms", "speedup", "float32", "bfloat16"):
         assert needle in p.stdout
@@ -22,12 +51,46 @@ def test_routing_bench_quick_runs_and_prints_table():
 
 def test_moe_bench_quick_runs_prints_tables_and_writes_png(tmp_path):
     png = tmp_path / "moe.png"
-    p = subprocess.run([sys.executable, "-m", "mixops.bench", "--quick", "--reps", "1", "--device", "cpu",
-                        "--png", str(png)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixops.bench",
+            "--quick",
+            "--reps",
+            "1",
+            "--device",
+            "cpu",
+            "--png",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
-    for needle in ("config", "dtype", "pass", "impl", "median ms", "x floor", "mixops speedup",
-                   "mixops", "HF eager", "HF grouped_mm", "floor", "fwd+bwd", "coarse-8x2", "fine-64x8",
-                   "float32", "bfloat16", "checked: mixops output and input gradient", "peak memory",
-                   "mixops/HF grouped_mm", str(png)):
+    for needle in (
+        "config",
+        "dtype",
+        "pass",
+        "impl",
+        "median ms",
+        "x floor",
+        "mixops speedup",
+        "mixops",
+        "HF eager",
+        "HF grouped_mm",
+        "floor",
+        "fwd+bwd",
+        "coarse-8x2",
+        "fine-64x8",
+        "float32",
+        "bfloat16",
+        "checked: mixops output and input gradient",
+        "peak memory",
+        "mixops/HF grouped_mm",
+        str(png),
+    ):
         assert needle in p.stdout, needle
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """What was built: build_info, archs, ptxas spill report, tensor-core SASS, no libcuda, version check."""
+
 import json
 import os
 import re
@@ -29,8 +30,9 @@ def test_build_info_fields():
 
 
 def test_info_command_prints_build_info():
-    out = subprocess.run([sys.executable, "-m", "mixops.info"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mixops.info"], capture_output=True, text=True, check=True
+    ).stdout
     assert "torch_version" in out and "cutlass_version" in out and "with_cuda" in out
 
 
@@ -69,6 +71,7 @@ def _cuobjdump():
     if exe is None:
         try:
             import nvidia.cu13 as cu13  # nvidia-cuda-cuobjdump / nvdisasm wheels
+
             cand = Path(list(cu13.__path__)[0]) / "bin" / "cuobjdump"
             exe = str(cand) if cand.exists() else None
         except ImportError:
@@ -81,16 +84,21 @@ def _cuobjdump():
 def test_sass_has_tensor_core_instructions(arch, instr):
     exe = _cuobjdump()
     if exe is None:
-        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+        pytest.skip(
+            "cuobjdump not installed (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+        )
     env = dict(os.environ, PATH=f"{Path(exe).parent}:{os.environ.get('PATH', '')}")
-    out = subprocess.run([exe, "-sass", "-arch", arch, str(EXT)], capture_output=True, text=True,
-                         env=env, check=True).stdout
+    out = subprocess.run(
+        [exe, "-sass", "-arch", arch, str(EXT)], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert instr in out, f"no {instr} instruction in the {arch} SASS"
 
 
 def test_no_cuda_driver_dependency():
     """import mixops must work without a GPU driver: the extension never links libcuda."""
-    out = subprocess.run(["readelf", "-d", str(EXT)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["readelf", "-d", str(EXT)], capture_output=True, text=True, check=True
+    ).stdout
     needed = re.findall(r"\(NEEDED\).*\[(.+)\]", out)
     assert needed and not any(n.startswith("libcuda.so") for n in needed), needed
 
@@ -115,13 +123,28 @@ def test_missing_cutlass_is_one_clear_message(tmp_path):
     exec(compile(src, "setup.py", "exec"), ns)
     toolkit = ns["_toolkit_root"]()
     import pybind11
+
     proc = subprocess.run(
-        ["cmake", "-S", str(root), "-B", str(tmp_path), "-G", "Ninja", "-DMIXOPS_CUDA=ON",
-         f"-DPython_EXECUTABLE={sys.executable}", f"-DPYTHON_EXECUTABLE={sys.executable}",
-         "-DPYBIND11_FINDPYTHON=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-         f"-DCUTLASS_DIR={tmp_path / 'no-cutlass-here'}",
-         f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}", f"-DCUDAToolkit_ROOT={toolkit}"],
-        capture_output=True, text=True)
+        [
+            "cmake",
+            "-S",
+            str(root),
+            "-B",
+            str(tmp_path),
+            "-G",
+            "Ninja",
+            "-DMIXOPS_CUDA=ON",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DPYTHON_EXECUTABLE={sys.executable}",
+            "-DPYBIND11_FINDPYTHON=ON",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCUTLASS_DIR={tmp_path / 'no-cutlass-here'}",
+            f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
+            f"-DCUDAToolkit_ROOT={toolkit}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "CUTLASS headers not found" in text and "nvidia-cutlass" in text
@@ -132,12 +155,33 @@ def test_cpu_only_build_works(tmp_path):
     """MIXOPS_CUDA=OFF builds a CPU-only extension whose ops run (what a CPU-only torch gets)."""
     root = Path(__file__).resolve().parents[1]
     import pybind11
-    common = [f"-DPython_EXECUTABLE={sys.executable}", f"-DPYTHON_EXECUTABLE={sys.executable}",
-              "-DPYBIND11_FINDPYTHON=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
-    subprocess.run(["cmake", "-S", str(root), "-B", str(tmp_path), "-G", "Ninja", "-DMIXOPS_CUDA=OFF",
-                    *common], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)], check=True,
-                   capture_output=True)
+
+    common = [
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-DPYTHON_EXECUTABLE={sys.executable}",
+        "-DPYBIND11_FINDPYTHON=ON",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+    ]
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(root),
+            "-B",
+            str(tmp_path),
+            "-G",
+            "Ninja",
+            "-DMIXOPS_CUDA=OFF",
+            *common,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)],
+        check=True,
+        capture_output=True,
+    )
     so = next(tmp_path.glob("_C*.so"))
     meta = json.loads((tmp_path / "_build_meta.json").read_text())
     assert meta["with_cuda"] in ("OFF", "0", "FALSE", "false", "")

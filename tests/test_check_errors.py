@@ -1,5 +1,6 @@
 """mixops.check_errors(): the host side of device error reporting, which runs on CPU machines
 (the CUDA side, which reads the per-device record, is exercised in the CUDA tests below)."""
+
 import pytest
 import torch
 
@@ -14,8 +15,15 @@ def _bits(**set_bits):
 
 
 def test_every_op_with_device_values_has_a_slot():
-    assert SLOTS == ["grouped_mm", "router_topk", "router_topk_backward", "permute", "unpermute",
-                     "unpermute_backward", "unpermute_weights_backward"]
+    assert SLOTS == [
+        "grouped_mm",
+        "router_topk",
+        "router_topk_backward",
+        "permute",
+        "unpermute",
+        "unpermute_backward",
+        "unpermute_weights_backward",
+    ]
 
 
 def test_no_bits_no_message():
@@ -32,20 +40,25 @@ def test_messages_are_the_cpu_messages_with_the_latest_context():
     assert "offsets must be non-negative" in lines[0]
     assert "offsets must be <= a.size(0) = 4096" in lines[0]
     assert "non-decreasing" not in lines[0]
-    assert lines[1] == ("cuda:3: permute: invalid input values: ids values must be in "
-                        "[-1, num_experts = 64) (treated as -1);")
+    assert lines[1] == (
+        "cuda:3: permute: invalid input values: ids values must be in "
+        "[-1, num_experts = 64) (treated as -1);"
+    )
     # A later launch replaces the context shown.
     _C._record_error_context(3, "permute", 128, 8192)
     assert "num_experts = 128" in _C._describe_device_errors(3, _bits(permute=1))
 
 
-@pytest.mark.parametrize("op, bit, needle", [
-    ("router_topk", 1, "modality values must be in [0, num_modalities = 4)"),
-    ("router_topk_backward", 2, "ids must name eligible experts"),
-    ("unpermute", 2, "row_map values must be in [-1, num_rows = 77)"),
-    ("unpermute_backward", 2, "unpermute_backward: invalid input values"),
-    ("unpermute_weights_backward", 2, "unpermute_weights_backward: invalid input values"),
-])
+@pytest.mark.parametrize(
+    "op, bit, needle",
+    [
+        ("router_topk", 1, "modality values must be in [0, num_modalities = 4)"),
+        ("router_topk_backward", 2, "ids must name eligible experts"),
+        ("unpermute", 2, "row_map values must be in [-1, num_rows = 77)"),
+        ("unpermute_backward", 2, "unpermute_backward: invalid input values"),
+        ("unpermute_weights_backward", 2, "unpermute_weights_backward: invalid input values"),
+    ],
+)
 def test_each_slot_has_its_message(op, bit, needle):
     a, b = (4, 0) if op.startswith("router") else (0, 77)
     _C._record_error_context(5, op, a, b)

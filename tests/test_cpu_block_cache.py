@@ -3,6 +3,7 @@ keeps its pages mapped and is handed to the next output of the same rounded size
 misses releases the whole cache first; live tensors (and their views) never share a block;
 MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block still
 holds the previous tensor's values."""
+
 import json
 import os
 import subprocess
@@ -46,8 +47,9 @@ def _probe(cache):
     env = {k: v for k, v in os.environ.items() if k != "MIXOPS_CPU_CACHE"}
     if cache is not None:
         env["MIXOPS_CPU_CACHE"] = cache
-    p = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True,
-                       env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
@@ -152,11 +154,20 @@ def test_cached_outputs_behave_like_tensors():
 
 
 def test_results_do_not_depend_on_the_cache():
-    code = ("import torch, mixops; torch.manual_seed(0); x = torch.randn(4096, 1024); "
-            "print(mixops.ops.gated_activation(x, 'silu').double().sum().item())")
-    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "MIXOPS_CPU_CACHE": v}, timeout=300)
-            for v in ("0", "1")]
+    code = (
+        "import torch, mixops; torch.manual_seed(0); x = torch.randn(4096, 1024); "
+        "print(mixops.ops.gated_activation(x, 'silu').double().sum().item())"
+    )
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MIXOPS_CPU_CACHE": v},
+            timeout=300,
+        )
+        for v in ("0", "1")
+    ]
     for p in outs:
         assert p.returncode == 0, p.stderr
     assert outs[0].stdout == outs[1].stdout

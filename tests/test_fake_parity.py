@@ -11,6 +11,7 @@ Each case is run three ways:
 Limits such as 2^31 slots use expanded (stride-0) CPU tensors and meta tensors: nothing large is
 allocated. Valid calls are checked too, so that every bad case differs from a valid one.
 """
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -37,6 +38,7 @@ def big(*shape, dtype=torch.float32):
 
 # ---- valid arguments of each op; every bad case changes one thing ----------------------------
 
+
 def gmm(a=None, b=None, off=None):
     a = torch.randn(6, 8) if a is None else a
     b = torch.randn(3, 8, 4) if b is None else b
@@ -56,13 +58,41 @@ def router(logits=None, k=2, **kw):
     return ROUTER, (logits, k), kw
 
 
-def router_bw(gw="default", gss=None, glse=None, logits=None, ids=None, score_fn="softmax",
-              renorm_eps=0.0, scaling=1.0, modality=None, num_modalities=1, token_mask=None):
+def router_bw(
+    gw="default",
+    gss=None,
+    glse=None,
+    logits=None,
+    ids=None,
+    score_fn="softmax",
+    renorm_eps=0.0,
+    scaling=1.0,
+    modality=None,
+    num_modalities=1,
+    token_mask=None,
+):
     logits = torch.randn(4, 8) if logits is None else logits
     ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=I32) if ids is None else ids
     gw = torch.ones(4, 2) if isinstance(gw, str) else gw
-    return ROUTER_BW, (gw, gss, glse, logits, ids, score_fn, False, True, renorm_eps, scaling,
-                       modality, num_modalities, token_mask), {}
+    return (
+        ROUTER_BW,
+        (
+            gw,
+            gss,
+            glse,
+            logits,
+            ids,
+            score_fn,
+            False,
+            True,
+            renorm_eps,
+            scaling,
+            modality,
+            num_modalities,
+            token_mask,
+        ),
+        {},
+    )
 
 
 IDS = torch.tensor([[i % 8, (i + 3) % 8] for i in range(10)], dtype=I32)
@@ -108,16 +138,25 @@ def act_bw(grad=None, gate_up=None, activation="silu"):
 
 
 VALID = {
-    "grouped_mm": gmm, "grouped_mm 2-D x 2-D": gmm2, "router_topk": router,
-    "router_topk groups": lambda: router(num_groups=4, groups_kept=2, k=3,
-                                         bias=torch.zeros(8, dtype=F64)),
-    "router_topk modality": lambda: router(num_modalities=2, modality=torch.zeros(4, dtype=I32),
-                                           token_mask=torch.ones(4, dtype=torch.bool), k=4),
+    "grouped_mm": gmm,
+    "grouped_mm 2-D x 2-D": gmm2,
+    "router_topk": router,
+    "router_topk groups": lambda: router(
+        num_groups=4, groups_kept=2, k=3, bias=torch.zeros(8, dtype=F64)
+    ),
+    "router_topk modality": lambda: router(
+        num_modalities=2,
+        modality=torch.zeros(4, dtype=I32),
+        token_mask=torch.ones(4, dtype=torch.bool),
+        k=4,
+    ),
     "router_topk_backward": lambda: router_bw(gss=torch.ones(8), glse=torch.ones(4)),
-    "permute": permute, "permute capacity": lambda: permute(capacity=2**63 - 1,
-                                                            priority=torch.rand(10, 2).half()),
-    "unpermute": unpermute, "unpermute_backward": unpermute_bw,
-    "unpermute_weights_backward": unpermute_w_bw, "gated_activation": act,
+    "permute": permute,
+    "permute capacity": lambda: permute(capacity=2**63 - 1, priority=torch.rand(10, 2).half()),
+    "unpermute": unpermute,
+    "unpermute_backward": unpermute_bw,
+    "unpermute_weights_backward": unpermute_w_bw,
+    "gated_activation": act,
     "gated_activation_backward": act_bw,
 }
 
@@ -131,8 +170,9 @@ BAD = {
     "gmm b 4-D": lambda: gmm(b=torch.randn(1, 3, 8, 4)),
     "gmm dtypes differ": lambda: gmm(b=torch.randn(3, 8, 4, dtype=F16)),
     "gmm int": lambda: gmm(a=torch.ones(6, 8, dtype=I32), b=torch.ones(3, 8, 4, dtype=I32)),
-    "gmm bool": lambda: gmm(a=torch.ones(6, 8, dtype=torch.bool),
-                            b=torch.ones(3, 8, 4, dtype=torch.bool)),
+    "gmm bool": lambda: gmm(
+        a=torch.ones(6, 8, dtype=torch.bool), b=torch.ones(3, 8, 4, dtype=torch.bool)
+    ),
     "gmm b device": lambda: gmm(b=torch.randn(3, 8, 4, device=O)),
     "gmm offsets int64": lambda: gmm(off=torch.tensor([2, 4, 6])),
     "gmm offsets float": lambda: gmm(off=torch.tensor([2.0, 4, 6])),
@@ -151,20 +191,22 @@ BAD = {
     "router no experts": lambda: router(torch.randn(4, 0)),
     "router 2^31 experts": lambda: router(big(1, 2**31)),
     "router num_modalities 0": lambda: router(num_modalities=0),
-    "router num_modalities divide": lambda: router(num_modalities=3,
-                                                   modality=torch.zeros(4, dtype=I32)),
+    "router num_modalities divide": lambda: router(
+        num_modalities=3, modality=torch.zeros(4, dtype=I32)
+    ),
     "router modality missing": lambda: router(num_modalities=2),
     "router modality extra": lambda: router(modality=torch.zeros(4, dtype=I32)),
     "router modality float": lambda: router(num_modalities=2, modality=torch.zeros(4)),
     "router modality shape": lambda: router(num_modalities=2, modality=torch.zeros(5, dtype=I32)),
-    "router modality 2-D": lambda: router(num_modalities=2,
-                                          modality=torch.zeros(4, 1, dtype=I32)),
-    "router modality device": lambda: router(num_modalities=2,
-                                             modality=torch.zeros(4, dtype=I32, device=O)),
+    "router modality 2-D": lambda: router(num_modalities=2, modality=torch.zeros(4, 1, dtype=I32)),
+    "router modality device": lambda: router(
+        num_modalities=2, modality=torch.zeros(4, dtype=I32, device=O)
+    ),
     "router token_mask float": lambda: router(token_mask=torch.ones(4)),
     "router token_mask shape": lambda: router(token_mask=torch.ones(3, dtype=torch.bool)),
-    "router token_mask device": lambda: router(token_mask=torch.ones(4, dtype=torch.bool,
-                                                                     device=O)),
+    "router token_mask device": lambda: router(
+        token_mask=torch.ones(4, dtype=torch.bool, device=O)
+    ),
     "router score_fn": lambda: router(score_fn="relu"),
     "router renorm_eps < 0": lambda: router(renorm_eps=-1.0),
     "router renorm_eps nan": lambda: router(renorm_eps=float("nan")),
@@ -174,16 +216,18 @@ BAD = {
     "router scaling nan": lambda: router(scaling=float("nan")),
     "router k 0": lambda: router(k=0),
     "router k > E": lambda: router(k=9),
-    "router k > experts per modality": lambda: router(k=5, num_modalities=2,
-                                                      modality=torch.zeros(4, dtype=I32)),
+    "router k > experts per modality": lambda: router(
+        k=5, num_modalities=2, modality=torch.zeros(4, dtype=I32)
+    ),
     "router bias shape": lambda: router(bias=torch.zeros(7)),
     "router bias 2-D": lambda: router(bias=torch.zeros(1, 8)),
     "router bias int": lambda: router(bias=torch.zeros(8, dtype=I32)),
     "router bias device": lambda: router(bias=torch.zeros(8, device=O)),
     "router num_groups 0": lambda: router(num_groups=0),
     "router num_groups divide": lambda: router(num_groups=3),
-    "router groups and modalities": lambda: router(num_groups=2, num_modalities=2,
-                                                   modality=torch.zeros(4, dtype=I32)),
+    "router groups and modalities": lambda: router(
+        num_groups=2, num_modalities=2, modality=torch.zeros(4, dtype=I32)
+    ),
     "router groups_kept 0": lambda: router(num_groups=2, groups_kept=0),
     "router groups_kept > num_groups": lambda: router(num_groups=2, groups_kept=3),
     "router group_score": lambda: router(num_groups=2, group_score="mean"),
@@ -195,8 +239,9 @@ BAD = {
     "router_bw 2^31 experts": lambda: router_bw(logits=big(4, 2**31)),
     "router_bw num_modalities 0": lambda: router_bw(num_modalities=0),
     "router_bw modality missing": lambda: router_bw(num_modalities=2),
-    "router_bw modality device": lambda: router_bw(num_modalities=2,
-                                                   modality=torch.zeros(4, dtype=I32, device=O)),
+    "router_bw modality device": lambda: router_bw(
+        num_modalities=2, modality=torch.zeros(4, dtype=I32, device=O)
+    ),
     "router_bw token_mask shape": lambda: router_bw(token_mask=torch.ones(5, dtype=torch.bool)),
     "router_bw ids int64": lambda: router_bw(ids=torch.zeros(4, 2, dtype=I64)),
     "router_bw ids tokens": lambda: router_bw(ids=torch.zeros(3, 2, dtype=I32)),
@@ -205,8 +250,11 @@ BAD = {
     "router_bw k 0": lambda: router_bw(ids=torch.zeros(4, 0, dtype=I32), gw=None),
     "router_bw k > E": lambda: router_bw(ids=torch.zeros(4, 9, dtype=I32), gw=None),
     "router_bw k > experts per modality": lambda: router_bw(
-        ids=torch.zeros(4, 5, dtype=I32), gw=None, num_modalities=2,
-        modality=torch.zeros(4, dtype=I32)),
+        ids=torch.zeros(4, 5, dtype=I32),
+        gw=None,
+        num_modalities=2,
+        modality=torch.zeros(4, dtype=I32),
+    ),
     "router_bw score_fn": lambda: router_bw(score_fn="tanh"),
     "router_bw renorm_eps": lambda: router_bw(renorm_eps=-0.5),
     "router_bw scaling": lambda: router_bw(scaling=float("nan")),
@@ -235,15 +283,17 @@ BAD = {
     "permute num_experts -1": lambda: permute(num_experts=-1),
     "permute num_experts 2^31": lambda: permute(num_experts=2**31),
     "permute 2^31 slots": lambda: permute(x=big(2**31, 1), ids=big(2**31, 1, dtype=I32)),
-    "permute 2^31 - 1 slots": lambda: permute(x=big(2**31 - 1, 1),
-                                              ids=big(2**31 - 1, 1, dtype=I32)),
+    "permute 2^31 - 1 slots": lambda: permute(
+        x=big(2**31 - 1, 1), ids=big(2**31 - 1, 1, dtype=I32)
+    ),
     "permute 2^31 slots, k 2": lambda: permute(x=big(2**30, 1), ids=big(2**30, 2, dtype=I64)),
     "permute capacity < 0": lambda: permute(capacity=-1),
     "permute priority, no capacity": lambda: permute(priority=torch.rand(10, 2)),
     "permute priority shape": lambda: permute(capacity=2, priority=torch.rand(10, 3)),
     "permute priority int": lambda: permute(capacity=2, priority=torch.ones(10, 2, dtype=I32)),
-    "permute priority bool": lambda: permute(capacity=2,
-                                             priority=torch.ones(10, 2, dtype=torch.bool)),
+    "permute priority bool": lambda: permute(
+        capacity=2, priority=torch.ones(10, 2, dtype=torch.bool)
+    ),
     "permute priority device": lambda: permute(capacity=2, priority=torch.rand(10, 2, device=O)),
     # unpermute
     "unpermute y 1-D": lambda: unpermute(y=torch.randn(20)),
@@ -265,7 +315,8 @@ BAD = {
     "unpermute_bw row_map int64": lambda: unpermute_bw(rm=ROW_MAP.long()),
     "unpermute_bw row_map k 0": lambda: unpermute_bw(rm=ROW_MAP[:, :0], w=None),
     "unpermute_bw row_map 2^31 slots": lambda: unpermute_bw(
-        g=big(2**30, 4), rm=big(2**30, 2, dtype=I32), w=None),
+        g=big(2**30, 4), rm=big(2**30, 2, dtype=I32), w=None
+    ),
     "unpermute_bw row_map device": lambda: unpermute_bw(rm=ROW_MAP.to(O)),
     "unpermute_bw weights shape": lambda: unpermute_bw(w=torch.rand(10, 1)),
     "unpermute_bw weights dtype": lambda: unpermute_bw(w=torch.rand(10, 2, dtype=BF16)),
@@ -274,15 +325,17 @@ BAD = {
     # unpermute_weights_backward
     "unpermute_w_bw grad_y 1-D": lambda: unpermute_w_bw(g=torch.randn(10)),
     "unpermute_w_bw y_sorted 3-D": lambda: unpermute_w_bw(y=torch.randn(20, 4, 1)),
-    "unpermute_w_bw int": lambda: unpermute_w_bw(g=torch.ones(10, 4, dtype=I32),
-                                                 y=torch.ones(20, 4, dtype=I32)),
+    "unpermute_w_bw int": lambda: unpermute_w_bw(
+        g=torch.ones(10, 4, dtype=I32), y=torch.ones(20, 4, dtype=I32)
+    ),
     "unpermute_w_bw y_sorted dtype": lambda: unpermute_w_bw(y=torch.randn(20, 4, dtype=F64)),
     "unpermute_w_bw y_sorted hidden": lambda: unpermute_w_bw(y=torch.randn(20, 3)),
     "unpermute_w_bw y_sorted device": lambda: unpermute_w_bw(y=torch.randn(20, 4, device=O)),
     "unpermute_w_bw row_map tokens": lambda: unpermute_w_bw(rm=ROW_MAP[:9]),
     "unpermute_w_bw row_map int64": lambda: unpermute_w_bw(rm=ROW_MAP.long()),
     "unpermute_w_bw row_map 2^31 slots": lambda: unpermute_w_bw(
-        g=big(2**31, 4), rm=big(2**31, 1, dtype=I32), w=big(2**31, 1)),
+        g=big(2**31, 4), rm=big(2**31, 1, dtype=I32), w=big(2**31, 1)
+    ),
     "unpermute_w_bw row_map device": lambda: unpermute_w_bw(rm=ROW_MAP.to(O)),
     "unpermute_w_bw weights shape": lambda: unpermute_w_bw(w=torch.rand(2, 10)),
     "unpermute_w_bw weights dtype": lambda: unpermute_w_bw(w=torch.rand(10, 2, dtype=F16)),
@@ -297,8 +350,9 @@ BAD = {
     "act_bw name": lambda: act_bw(activation="tanh"),
     "act_bw scalar": lambda: act_bw(gate_up=torch.tensor(1.0)),
     "act_bw odd": lambda: act_bw(gate_up=torch.randn(6, 9)),
-    "act_bw int": lambda: act_bw(grad=torch.ones(6, 4, dtype=I32),
-                                 gate_up=torch.ones(6, 8, dtype=I32)),
+    "act_bw int": lambda: act_bw(
+        grad=torch.ones(6, 4, dtype=I32), gate_up=torch.ones(6, 8, dtype=I32)
+    ),
     "act_bw grad shape": lambda: act_bw(grad=torch.randn(6, 3)),
     "act_bw grad rows": lambda: act_bw(grad=torch.randn(5, 4)),
     "act_bw grad rank": lambda: act_bw(grad=torch.randn(6, 4, 1)),
@@ -308,6 +362,7 @@ BAD = {
 
 
 # ---- the three ways of calling an op --------------------------------------------------------
+
 
 def _map(fn, args, kwargs):
     f = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731

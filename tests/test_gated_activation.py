@@ -1,4 +1,5 @@
 """gated_activation: act(gate) * up over the fused gate/up GEMM output, and its backward."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,12 +60,14 @@ def test_special_values(act):
 def test_strided_rows(device):
     # Rows of a wider buffer (a view with row stride > 2F) and a non-contiguous last dim.
     base = torch.randn(9, 70, device=device)
-    h = base[:, 3:3 + 48]
-    torch.testing.assert_close(mixops.ops.gated_activation(h), reference(h, "silu"),
-                               rtol=1e-6, atol=1e-6)
+    h = base[:, 3 : 3 + 48]
+    torch.testing.assert_close(
+        mixops.ops.gated_activation(h), reference(h, "silu"), rtol=1e-6, atol=1e-6
+    )
     ht = torch.randn(48, 9, device=device).t()
-    torch.testing.assert_close(mixops.ops.gated_activation(ht, "gelu"), reference(ht, "gelu"),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        mixops.ops.gated_activation(ht, "gelu"), reference(ht, "gelu"), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -81,8 +84,10 @@ def test_opcheck(device, act):
     h = torch.randn(7, 20, device=device)
     opcheck(torch.ops.mixops.gated_activation.default, (h, act))
     opcheck(torch.ops.mixops.gated_activation.default, (h.requires_grad_(True), act))
-    opcheck(torch.ops.mixops.gated_activation_backward.default,
-            (torch.randn(7, 10, device=device), h.detach(), act))
+    opcheck(
+        torch.ops.mixops.gated_activation_backward.default,
+        (torch.randn(7, 10, device=device), h.detach(), act),
+    )
 
 
 def test_bad_inputs():
@@ -105,8 +110,9 @@ def test_bad_inputs():
 
 
 def test_compile_fullgraph_dynamic():
-    f = torch.compile(lambda t: mixops.ops.gated_activation(t, "silu").sum(), fullgraph=True,
-                      dynamic=True)
+    f = torch.compile(
+        lambda t: mixops.ops.gated_activation(t, "silu").sum(), fullgraph=True, dynamic=True
+    )
     for rows in (5, 9):
         h = torch.randn(rows, 16, requires_grad=True)
         y = f(h)

@@ -2,6 +2,7 @@
 
 Low-precision results follow the shared rule in helpers.assert_close_to_ref.
 """
+
 import pytest
 import torch
 
@@ -28,13 +29,14 @@ def _check_values(a, b, off, what):
 @pytest.mark.parametrize("sizes", list(SIZES))
 @pytest.mark.parametrize("kn", list(KN))
 def test_values(device, dtype, mode, sizes, kn):
-    a, b, off = make_case(mode, sizes, kn, dtype, device,
-                          a_layout="contiguous" if mode == "3d" else "transposed")
+    a, b, off = make_case(
+        mode, sizes, kn, dtype, device, a_layout="contiguous" if mode == "3d" else "transposed"
+    )
     out = _check_values(a, b, off, f"{mode}/{sizes}/{kn}")
     # Explicit zeros: rows past offsets[-1] (3d) and blocks of empty groups (2d).
     ends = off.tolist()
     if mode == "3d":
-        assert torch.all(out[ends[-1]:] == 0) if ends else torch.all(out == 0)
+        assert torch.all(out[ends[-1] :] == 0) if ends else torch.all(out == 0)
     else:
         starts = [0] + ends[:-1]
         for g, (s, e) in enumerate(zip(starts, ends)):
@@ -70,8 +72,9 @@ def test_gradients(device, dtype, mode, b_layout, sizes):
     out_shape = mixops.grouped_mm(a, b, off).shape
     g = torch.randn(out_shape, dtype=dtype, device=device)
     ga, gb = _grads(mixops.grouped_mm, a, b, off, g)
-    ga_hi, gb_hi = _grads(ref.grouped_mm, a.double().cpu(), b.double().cpu(), off.cpu(),
-                          g.double().cpu())
+    ga_hi, gb_hi = _grads(
+        ref.grouped_mm, a.double().cpu(), b.double().cpu(), off.cpu(), g.double().cpu()
+    )
     ga_lo, gb_lo = _grads(ref.grouped_mm, a, b, off, g)
     assert_close_to_ref(ga, ga_hi, ga_lo, "grad a")
     assert_close_to_ref(gb, gb_hi, gb_lo, "grad b")
@@ -105,7 +108,9 @@ def test_against_torch_grouped_mm(device, dtype, mode):
 @pytest.mark.parametrize("mode", ["3d", "2d"])
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
 def test_gradcheck_fp64(device, mode, b_layout):
-    a, b, off = make_case(mode, "empty_groups", "odd", torch.float64, device, "contiguous", b_layout)
+    a, b, off = make_case(
+        mode, "empty_groups", "odd", torch.float64, device, "contiguous", b_layout
+    )
     a = a[:, :5].contiguous() if mode == "3d" else a[:4].contiguous()
     if mode == "3d":
         b = b[:, :5]
@@ -120,7 +125,9 @@ def test_gradcheck_fp64(device, mode, b_layout):
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(device, mode, b_layout, requires_grad):
-    a, b, off = make_case(mode, "empty_groups", "odd", torch.float32, device, "contiguous", b_layout)
+    a, b, off = make_case(
+        mode, "empty_groups", "odd", torch.float32, device, "contiguous", b_layout
+    )
     a.requires_grad_(requires_grad)
     b.requires_grad_(requires_grad)
     opcheck(torch.ops.mixops.grouped_mm.default, (a, b, off))
@@ -129,12 +136,17 @@ def test_opcheck(device, mode, b_layout, requires_grad):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_rows_and_empty_k(device):
     # m = 0
-    out = mixops.grouped_mm(torch.randn(0, 8, device=device), torch.randn(3, 8, 4, device=device),
-                            torch.zeros(3, dtype=torch.int32, device=device))
+    out = mixops.grouped_mm(
+        torch.randn(0, 8, device=device),
+        torch.randn(3, 8, 4, device=device),
+        torch.zeros(3, dtype=torch.int32, device=device),
+    )
     assert out.shape == (0, 4)
     # k = 0 in the 3d mode: empty sums are zero
     off = offsets_of([2, 1], device)
-    out = mixops.grouped_mm(torch.randn(3, 0, device=device), torch.randn(2, 0, 4, device=device), off)
+    out = mixops.grouped_mm(
+        torch.randn(3, 0, device=device), torch.randn(2, 0, 4, device=device), off
+    )
     assert out.shape == (3, 4) and torch.all(out == 0)
     # 2d mode, every group empty: all blocks zero
     off = torch.zeros(4, dtype=torch.int32, device=device)
@@ -186,8 +198,12 @@ def test_random_shapes_large(device, dtype, seed):
     off = offsets_of(sizes.tolist(), device)
     total = int(sizes.sum())
     a = torch.randn(total + 3, k, dtype=dtype, device=device)
-    b = torch.randn(e, n, k, dtype=dtype, device=device).transpose(1, 2) if seed % 2 else \
-        torch.randn(e, k, n, dtype=dtype, device=device)
+    b = (
+        torch.randn(e, n, k, dtype=dtype, device=device).transpose(1, 2)
+        if seed % 2
+        else torch.randn(e, k, n, dtype=dtype, device=device)
+    )
     _check_values(a, b, off, f"3d seed={seed}")
-    _check_values(a[:total].t(), torch.randn(total, n, dtype=dtype, device=device), off,
-                  f"2d seed={seed}")
+    _check_values(
+        a[:total].t(), torch.randn(total, n, dtype=dtype, device=device), off, f"2d seed={seed}"
+    )

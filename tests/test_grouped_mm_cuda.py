@@ -1,5 +1,6 @@
 """CUDA-only grouped_mm behaviour: no host sync (graph capture), the MIXOPS_DEBUG error path,
 TF32 following torch's switch, every kernel path against the CPU. Skipped without a GPU."""
+
 import os
 import subprocess
 import sys
@@ -46,17 +47,21 @@ print("NO ERROR", float(out.abs().sum()))
 """
 
 
-@pytest.mark.parametrize("offsets, match", [
-    ([2, -1, 6], "offsets must be non-negative"),
-    ([4, 2, 6], "offsets must be non-decreasing"),
-    ([2, 4, 7], "offsets must be <= a.size\\(0\\) = 6"),
-])
+@pytest.mark.parametrize(
+    "offsets, match",
+    [
+        ([2, -1, 6], "offsets must be non-negative"),
+        ([4, 2, 6], "offsets must be non-decreasing"),
+        ([2, 4, 7], "offsets must be <= a.size\\(0\\) = 6"),
+    ],
+)
 def test_bad_offsets_debug_mode_raises_and_default_mode_clamps(offsets, match):
     code = _BAD.format(offsets=offsets)
     env = dict(os.environ, MIXOPS_DEBUG="1")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode != 0 and "RuntimeError" in p.stderr
     import re
+
     assert re.search(match, p.stderr), p.stderr
     env.pop("MIXOPS_DEBUG")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

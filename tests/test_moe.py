@@ -9,6 +9,7 @@ reference runs in the module's dtype; gradients through assert_grad_close, the s
 tensors scaled by a power of two to max|ref| <= 1 (see there why). Chosen experts, counts and
 drops are exact.
 """
+
 import math
 
 import pytest
@@ -18,17 +19,30 @@ from torch import nn
 
 import mixops
 import mixops.nn.moe as moe_mod
-from mixops.nn import MoE
+import moe_reference as ref
 from conftest import DEVICES, requires_cuda
 from helpers import assert_close_to_ref
-import moe_reference as ref
+from mixops.nn import MoE
 
 H, FFN, T = 32, 24, 37
 BASE = dict(hidden_size=H, ffn_size=FFN, num_experts=8, top_k=2)
 G16 = dict(num_experts=16, num_groups=4, groups_kept=2, top_k=4)
-DSV3 = dict(hidden_size=H, ffn_size=FFN, num_experts=16, top_k=4, score_fn="sigmoid",
-            selection_bias=True, num_groups=4, groups_kept=2, group_score="top2_sum",
-            renormalize=True, renorm_eps=1e-20, scaling=2.5, router_fp32=True, shared_ffn_size=48)
+DSV3 = dict(
+    hidden_size=H,
+    ffn_size=FFN,
+    num_experts=16,
+    top_k=4,
+    score_fn="sigmoid",
+    selection_bias=True,
+    num_groups=4,
+    groups_kept=2,
+    group_score="top2_sum",
+    renormalize=True,
+    renorm_eps=1e-20,
+    scaling=2.5,
+    router_fp32=True,
+    shared_ffn_size=48,
+)
 
 CASES = {
     "swiglu": {},
@@ -40,15 +54,18 @@ CASES = {
     "sigmoid-scaled": dict(score_fn="sigmoid", scaling=2.5),
     "sigmoid-no-renorm": dict(score_fn="sigmoid", renormalize=False),
     "topk-then-score": dict(topk_then_score=True, top_k=4),
-    "topk-then-score-sigmoid": dict(topk_then_score=True, score_fn="sigmoid", renormalize=False,
-                                    scaling=0.5),
+    "topk-then-score-sigmoid": dict(
+        topk_then_score=True, score_fn="sigmoid", renormalize=False, scaling=0.5
+    ),
     "bias-softmax": dict(selection_bias=True, scaling=1.5),
     "bias-sigmoid-tts": dict(selection_bias=True, score_fn="sigmoid", topk_then_score=True),
-    "groups-top2-bias": dict(G16, score_fn="sigmoid", selection_bias=True, renorm_eps=1e-20,
-                             scaling=2.5),
+    "groups-top2-bias": dict(
+        G16, score_fn="sigmoid", selection_bias=True, renorm_eps=1e-20, scaling=2.5
+    ),
     "groups-max": dict(G16, group_score="max"),
-    "groups-max-tts-bias": dict(G16, group_score="max", topk_then_score=True,
-                                selection_bias=True, renormalize=False),
+    "groups-max-tts-bias": dict(
+        G16, group_score="max", topk_then_score=True, selection_bias=True, renormalize=False
+    ),
     "shared": dict(shared_ffn_size=40),
     "shared-gate-geglu": dict(shared_ffn_size=40, shared_expert_gate=True, activation="geglu"),
     "shared-gate-gelu": dict(shared_ffn_size=16, shared_expert_gate=True, activation="gelu"),
@@ -58,6 +75,7 @@ CASES = {
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
 
 def make_moe(cfg, dtype=torch.float32, device="cpu", bias=None):
     """An MoE with random parameters; with a selection bias, a random one with negative entries
@@ -164,10 +182,12 @@ class Recorder:
             out = fn(*args, **kwargs)
             self.calls.append(out)
             return out
+
         monkeypatch.setattr(moe_mod, name, wrapped)
 
 
 # ---- 1. the option grid ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -189,8 +209,17 @@ def test_against_reference_fp64(case):
 def test_gradcheck_fp64():
     """Finite differences on a tiny float64 layer (router, experts, shared experts and gate,
     aux + z losses), through torch.func.functional_call."""
-    cfg = dict(hidden_size=6, ffn_size=5, num_experts=4, top_k=2, shared_ffn_size=3,
-               shared_expert_gate=True, aux_loss_coef=0.1, z_loss_coef=0.01, scaling=1.5)
+    cfg = dict(
+        hidden_size=6,
+        ffn_size=5,
+        num_experts=4,
+        top_k=2,
+        shared_ffn_size=3,
+        shared_expert_gate=True,
+        aux_loss_coef=0.1,
+        z_loss_coef=0.01,
+        scaling=1.5,
+    )
     m = make_moe(cfg, torch.float64)
     names = [n for n, _ in m.named_parameters()]
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -198,17 +227,19 @@ def test_gradcheck_fp64():
     def f(x, *ps):
         y = torch.func.functional_call(m, dict(zip(names, ps)), (x,))
         return y, m.aux_loss
+
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
 # ---- 2. DeepSeek-V3 routing ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deepseek_v3_routing(monkeypatch, dtype):
     E = DSV3["num_experts"]
-    bias = -torch.rand(E) * 0.3          # all <= 0
-    bias[4:8] = -10.0                    # group 1 can never be among the kept groups
+    bias = -torch.rand(E) * 0.3  # all <= 0
+    bias[4:8] = -10.0  # group 1 can never be among the kept groups
     m = make_moe(DSV3, dtype, bias=bias)
     x = input_of((2, 20), dtype)
     rec = Recorder(monkeypatch, "router_topk")
@@ -219,21 +250,28 @@ def test_deepseek_v3_routing(monkeypatch, dtype):
     assert not ((ids >= 4) & (ids < 8)).any(), "an expert of a masked group was chosen"
     # every token's experts lie in at most groups_kept groups
     assert ((ids // 4).sort(1).values.diff(dim=1) != 0).sum(1).max() <= 1
+
     # the weights ignore the bias: renormalised sigmoids of the chosen logits, times 2.5
     def weights(dtype):
         sig = torch.sigmoid(selection_logits(m, x, DSV3).to(dtype)).gather(1, ids)
         return 2.5 * sig / (sig.sum(1, keepdim=True) + 1e-20)
-    assert_close_to_ref(rec.calls[0].weights, weights(torch.float64), weights(torch.float32),
-                        "dsv3 weights")
+
+    assert_close_to_ref(
+        rec.calls[0].weights, weights(torch.float64), weights(torch.float32), "dsv3 weights"
+    )
 
 
 # ---- 3. capacity ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cf", [0.5, 1.0, 1.25])
 @pytest.mark.parametrize("variant", ["softmax-k2", "sigmoid-k4-shared"])
 def test_capacity_against_reference(monkeypatch, cf, variant):
-    extra = dict(top_k=2) if variant == "softmax-k2" else \
-        dict(top_k=4, score_fn="sigmoid", shared_ffn_size=16, selection_bias=True)
+    extra = (
+        dict(top_k=2)
+        if variant == "softmax-k2"
+        else dict(top_k=4, score_fn="sigmoid", shared_ffn_size=16, selection_bias=True)
+    )
     cfg = dict(BASE, capacity_factor=cf, **extra)
     m = make_moe(cfg)
     with torch.no_grad():  # make expert 0 popular, so drops happen at every factor
@@ -270,13 +308,16 @@ def test_dropless_equals_capacity_that_drops_nothing(monkeypatch, dtype):
 
 # ---- 4. equivalences -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_identical_experts_all_chosen_equal_one_mlp(activation):
     E = 4
     m = MoE(H, FFN, E, E, activation=activation, renormalize=True)
     with torch.no_grad():
-        for w in (m.experts.gate_up_proj if activation == "swiglu" else m.experts.up_proj,
-                  m.experts.down_proj):
+        for w in (
+            m.experts.gate_up_proj if activation == "swiglu" else m.experts.up_proj,
+            m.experts.down_proj,
+        ):
             w.copy_(w[:1].expand_as(w))
     x = input_of((T,)).requires_grad_()
     y = m(x)
@@ -287,12 +328,19 @@ def test_identical_experts_all_chosen_equal_one_mlp(activation):
         xd = x.detach().to(dtype).requires_grad_()
         if activation == "swiglu":
             w1 = m.experts.gate_up_proj[0].detach().to(dtype)
-            out = ref.mlp(xd, w1[:FFN], w1[FFN:], m.experts.down_proj[0].detach().to(dtype),
-                          activation)
+            out = ref.mlp(
+                xd, w1[:FFN], w1[FFN:], m.experts.down_proj[0].detach().to(dtype), activation
+            )
         else:
-            out = ref.mlp(xd, None, m.experts.up_proj[0].detach().to(dtype),
-                          m.experts.down_proj[0].detach().to(dtype), activation)
+            out = ref.mlp(
+                xd,
+                None,
+                m.experts.up_proj[0].detach().to(dtype),
+                m.experts.down_proj[0].detach().to(dtype),
+                activation,
+            )
         return out.detach(), torch.autograd.grad(out, xd, gy.to(dtype))[0]
+
     hi, lo = one(torch.float64), one(torch.float32)
     assert_close_to_ref(y.detach(), hi[0], lo[0], "identical experts: output")
     assert_grad_close(gx, hi[1], lo[1], "identical experts: grad x")
@@ -309,11 +357,15 @@ def test_zero_routed_experts_leave_the_shared_mlp(gate):
 
     def dense(dtype):
         xd = x.to(dtype)
-        w = {n: getattr(s, n).weight.detach().to(dtype) for n in ("gate_proj", "up_proj", "down_proj")}
+        w = {
+            n: getattr(s, n).weight.detach().to(dtype)
+            for n in ("gate_proj", "up_proj", "down_proj")
+        }
         out = ref.mlp(xd, w["gate_proj"], w["up_proj"], w["down_proj"], "swiglu")
         if gate:
             out = torch.sigmoid(xd @ m.shared_expert_gate.weight.detach().to(dtype).T) * out
         return out
+
     assert_close_to_ref(y.detach(), dense(torch.float64), dense(torch.float32), "shared only")
     plain = mixops.nn.MLP(H, 40)
     plain.load_state_dict(s.state_dict())
@@ -349,28 +401,47 @@ def test_aux_loss_against_formula(case, masked):
     assert aux.dim() == 0 and aux.dtype == torch.float32 and aux.requires_grad
     params = {n: ref.leaf_params(m, d) for n, d in (("hi", torch.float64), ("lo", torch.float32))}
     sel = selection_logits(m, x, cfg)
-    outs = {n: ref.moe_forward(p, x.double() if n == "hi" else x, cfg, p["gate.weight"].dtype, sel,
-                               module_bias(m), mask) for n, p in params.items()}
+    outs = {
+        n: ref.moe_forward(
+            p,
+            x.double() if n == "hi" else x,
+            cfg,
+            p["gate.weight"].dtype,
+            sel,
+            module_bias(m),
+            mask,
+        )
+        for n, p in params.items()
+    }
     assert_close_to_ref(aux.detach(), outs["hi"].aux_loss, outs["lo"].aux_loss, f"{case}: aux")
     # the loss's gradient alone, w.r.t. the router weight
     (g,) = torch.autograd.grad(aux, m.gate.weight)
     for n in outs:
         outs[n].aux_loss.backward()
-    assert_grad_close(g, params["hi"]["gate.weight"].grad, params["lo"]["gate.weight"].grad,
-                      f"{case}: d aux / d gate.weight")
+    assert_grad_close(
+        g,
+        params["hi"]["gate.weight"].grad,
+        params["lo"]["gate.weight"].grad,
+        f"{case}: d aux / d gate.weight",
+    )
     if masked:  # padding tokens change nothing in the loss
         m2 = make_moe(cfg)
         m2.load_state_dict(m.state_dict())
         xp = x.clone()
         xp[~mask] = torch.randn(int((~mask).sum()), H)
         m2(xp, token_mask=mask)
-        assert_close_to_ref(m2.aux_loss.detach(), outs["hi"].aux_loss, outs["lo"].aux_loss,
-                            f"{case}: aux with other padding")
+        assert_close_to_ref(
+            m2.aux_loss.detach(),
+            outs["hi"].aux_loss,
+            outs["lo"].aux_loss,
+            f"{case}: aux with other padding",
+        )
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_aux_loss_equals_transformers_mixtral(masked):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     cfg = AUX_CASES["mixtral"]
     coef, E, k = cfg["aux_loss_coef"], cfg["num_experts"], cfg["top_k"]
     m = make_moe(cfg)
@@ -391,6 +462,7 @@ def test_no_aux_loss_by_default():
 
 
 # ---- 6. selection-bias updates ---------------------------------------------------------------
+
 
 def test_update_bias_rule():
     cfg = dict(BASE, score_fn="sigmoid", selection_bias=True, top_k=3)
@@ -447,10 +519,16 @@ def test_state_dict_keys():
     assert "gate.e_score_correction_bias" in sd
     assert sd["gate.e_score_correction_bias"].dtype == torch.float32
     assert not any("tokens_per_expert" in key for key in sd)
-    assert set(sd) == {"gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj",
-                       "experts.down_proj", "shared_experts.gate_proj.weight",
-                       "shared_experts.up_proj.weight", "shared_experts.down_proj.weight",
-                       "shared_expert_gate.weight"}
+    assert set(sd) == {
+        "gate.weight",
+        "gate.e_score_correction_bias",
+        "experts.gate_up_proj",
+        "experts.down_proj",
+        "shared_experts.gate_proj.weight",
+        "shared_experts.up_proj.weight",
+        "shared_experts.down_proj.weight",
+        "shared_expert_gate.weight",
+    }
     m2 = make_moe(dict(BASE, selection_bias=True, shared_ffn_size=16, shared_expert_gate=True))
     m2.load_state_dict(sd)
     assert torch.equal(m2.gate.e_score_correction_bias, m.gate.e_score_correction_bias)
@@ -458,6 +536,7 @@ def test_state_dict_keys():
 
 
 # ---- 7. torch.compile ------------------------------------------------------------------------
+
 
 class Block(nn.Module):
     """Linear -> MoE (-> more MoEs) -> Linear; returns (y, summed aux loss) when there is one."""
@@ -487,8 +566,12 @@ def run_block(mod, x):
     y, aux = out if isinstance(out, tuple) else (out, None)
     loss = (y * torch.linspace(-1, 1, y.numel()).to(y).view_as(y)).sum()
     (loss + (0 if aux is None else aux)).backward()
-    return [y.detach()] + ([] if aux is None else [aux.detach()]) + [x.grad] + \
-        [p.grad for p in mod.parameters()]
+    return (
+        [y.detach()]
+        + ([] if aux is None else [aux.detach()])
+        + [x.grad]
+        + [p.grad for p in mod.parameters()]
+    )
 
 
 def test_compile_matches_eager():
@@ -496,8 +579,17 @@ def test_compile_matches_eager():
     dropless MoE and one with aux + z losses, capacity, shared experts and a selection bias (one
     compiled graph for both keeps this test's compile time down). The reference is the eager Block
     in float64, PyTorch's own error the eager Block in float32."""
-    layers = [dict(), dict(aux_loss_coef=0.01, z_loss_coef=1e-3, capacity_factor=1.0,
-                           shared_ffn_size=16, selection_bias=True, score_fn="sigmoid")]
+    layers = [
+        dict(),
+        dict(
+            aux_loss_coef=0.01,
+            z_loss_coef=1e-3,
+            capacity_factor=1.0,
+            shared_ffn_size=16,
+            selection_bias=True,
+            score_fn="sigmoid",
+        ),
+    ]
     torch._dynamo.reset()
     eager = Block(*layers)
     hi64 = Block(*layers).double()
@@ -518,14 +610,16 @@ def test_compile_matches_eager():
     assert twin.moes[1].tokens_per_expert.sum() == (T + 50) * BASE["top_k"]
 
 
-
-
-@pytest.mark.parametrize("train,cf", [
-    (False, None),
-    (False, 1.0),
-    (True, None),
-    (True, 1.25),
-], ids=["inference", "inference-capacity", "training", "training-capacity"])
+@pytest.mark.parametrize(
+    "train,cf",
+    [
+        (False, None),
+        (False, 1.0),
+        (True, None),
+        (True, 1.25),
+    ],
+    ids=["inference", "inference-capacity", "training", "training-capacity"],
+)
 def test_compile_one_graph_for_all_token_counts(train, cf):
     """dynamic=True should give one graph for any token count (aot_eager: the same tracing as
     inductor without its code generation, so the check is cheap)."""
@@ -544,6 +638,7 @@ def test_compile_one_graph_for_all_token_counts(train, cf):
 
 # ---- 8. autocast -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["swiglu", "shared-gate-geglu", "router-fp32", "groups-top2-bias"])
 def test_autocast_bf16(case):
     cfg = dict(BASE, **CASES[case])
@@ -556,24 +651,29 @@ def test_autocast_bf16(case):
     assert y.dtype == torch.bfloat16
     y.backward(cot)
     assert xg.grad.dtype == torch.float32
-    hi, hi_p, hi_gx = run_ref(m, x, cot, cfg, torch.float64, round_to=torch.bfloat16,
-                              sel_dtype=torch.bfloat16)
-    lo, lo_p, lo_gx = run_ref(m, x, cot, cfg, torch.bfloat16, round_to=torch.bfloat16,
-                              sel_dtype=torch.bfloat16)
+    hi, hi_p, hi_gx = run_ref(
+        m, x, cot, cfg, torch.float64, round_to=torch.bfloat16, sel_dtype=torch.bfloat16
+    )
+    lo, lo_p, lo_gx = run_ref(
+        m, x, cot, cfg, torch.bfloat16, round_to=torch.bfloat16, sel_dtype=torch.bfloat16
+    )
     assert_close_to_ref(y.detach(), hi.y, lo.y, f"autocast {case}: output")
     assert_grad_close(xg.grad, hi_gx, lo_gx.float(), f"autocast {case}: grad x")
     for name, p in m.named_parameters():
         assert p.grad.dtype == torch.float32, name
-        assert_grad_close(p.grad, hi_p[name].grad, lo_p[name].grad.float(),
-                          f"autocast {case}: grad {name}")
+        assert_grad_close(
+            p.grad, hi_p[name].grad, lo_p[name].grad.float(), f"autocast {case}: grad {name}"
+        )
 
 
 # ---- edge cases -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_zero_tokens(cf):
-    m = make_moe(dict(BASE, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.01,
-                      shared_ffn_size=16))
+    m = make_moe(
+        dict(BASE, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.01, shared_ffn_size=16)
+    )
     x = torch.randn(0, H, requires_grad=True)
     y = m(x)
     assert y.shape == (0, H)
@@ -596,22 +696,27 @@ def test_strided_input_and_single_token():
 
 # ---- 9. bad configurations -------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(top_k=9), r"top_k \(9\)"),
-    (dict(num_experts=16, num_groups=4, groups_kept=1, top_k=5), r"top_k \(5\)"),
-    (dict(num_groups=3), r"num_groups \(3\) must divide num_experts \(8\)"),
-    (dict(num_groups=4, groups_kept=5), r"groups_kept \(5\) must be <= num_groups \(4\)"),
-    (dict(activation="swish"), "unknown activation 'swish'"),
-    (dict(capacity_factor=0), "capacity_factor"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
-    (dict(capacity_factor=-1), "capacity_factor"),
-    (dict(capacity_factor=float("nan")), "capacity_factor"),
-    (dict(capacity_factor=float("inf")), "capacity_factor"),
-    (dict(score_fn="softplus"), "score_fn"),
-    (dict(group_score="mean", num_groups=2), "group_score"),
-    (dict(shared_expert_gate=True), "shared_expert_gate needs shared experts"),
-    (dict(top_k=0), "top_k must be a positive int"),
-], ids=str)
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(top_k=9), r"top_k \(9\)"),
+        (dict(num_experts=16, num_groups=4, groups_kept=1, top_k=5), r"top_k \(5\)"),
+        (dict(num_groups=3), r"num_groups \(3\) must divide num_experts \(8\)"),
+        (dict(num_groups=4, groups_kept=5), r"groups_kept \(5\) must be <= num_groups \(4\)"),
+        (dict(activation="swish"), "unknown activation 'swish'"),
+        (dict(capacity_factor=0), "capacity_factor"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=-1), "capacity_factor"),
+        (dict(capacity_factor=float("nan")), "capacity_factor"),
+        (dict(capacity_factor=float("inf")), "capacity_factor"),
+        (dict(score_fn="softplus"), "score_fn"),
+        (dict(group_score="mean", num_groups=2), "group_score"),
+        (dict(shared_expert_gate=True), "shared_expert_gate needs shared experts"),
+        (dict(top_k=0), "top_k must be a positive int"),
+    ],
+    ids=str,
+)
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         MoE(**dict(BASE, **kw))
@@ -626,6 +731,7 @@ def test_wrong_hidden_size():
 
 
 # ---- 10. static shapes, no host sync ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_shapes_do_not_depend_on_routing(monkeypatch, cf):
@@ -642,14 +748,19 @@ def test_shapes_do_not_depend_on_routing(monkeypatch, cf):
     a, b = rec.calls
     assert a.x_sorted.shape == b.x_sorted.shape
     assert a.offsets.shape == b.offsets.shape and a.row_map.shape == b.row_map.shape
-    assert int(b.offsets[5] - b.offsets[4]) == (x.shape[0] * x.shape[1] if cf is None
-                                                else math.ceil(cf * 39 * 2 / 8))
+    assert int(b.offsets[5] - b.offsets[4]) == (
+        x.shape[0] * x.shape[1] if cf is None else math.ceil(cf * 39 * 2 / 8)
+    )
 
 
 @requires_cuda
 def test_no_host_sync_cuda():
-    m = make_moe(dict(BASE, aux_loss_coef=0.01, capacity_factor=1.25, shared_ffn_size=16,
-                      selection_bias=True), device="cuda").train()
+    m = make_moe(
+        dict(
+            BASE, aux_loss_coef=0.01, capacity_factor=1.25, shared_ffn_size=16, selection_bias=True
+        ),
+        device="cuda",
+    ).train()
     x = input_of((T,), device="cuda").requires_grad_()
     m(x)  # warm up (lazy init may sync)
     torch.cuda.synchronize()

@@ -3,56 +3,104 @@
 Parity: outputs and the gradients of the input and of every weight, fp32 within 1e-5 of the
 tensor's scale, bf16 by the project's rule (tests/helpers.py) against the HF block in fp64.
 """
+
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers (requirements-test.txt) "
-                                   "is needed for the HF integration tests")
-from transformers import (DeepseekV3Config, Glm4MoeConfig, MixtralConfig,  # noqa: E402
-                          OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+transformers = pytest.importorskip(
+    "transformers",
+    reason="transformers (requirements-test.txt) is needed for the HF integration tests",
+)
+from transformers import (
+    DeepseekV3Config,
+    Glm4MoeConfig,
+    MixtralConfig,  # noqa: E402
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import (  # noqa: E402
-    MixtralForCausalLM, MixtralSparseMoeBlock)
+    MixtralForCausalLM,
+    MixtralSparseMoeBlock,
+)
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
 from helpers import assert_close_to_ref  # noqa: E402
-from mixops.integrations.transformers import (from_hf, mixops_experts_forward,  # noqa: E402
-                                              patch_model)
+from mixops.integrations.transformers import (
+    from_hf,
+    mixops_experts_forward,  # noqa: E402
+    patch_model,
+)
 from mixops.nn import MoE  # noqa: E402
 
 H, F = 32, 24
 
 
 def _mixtral():
-    return MixtralSparseMoeBlock(MixtralConfig(hidden_size=H, intermediate_size=F,
-                                               num_local_experts=8, num_experts_per_tok=2))
+    return MixtralSparseMoeBlock(
+        MixtralConfig(
+            hidden_size=H, intermediate_size=F, num_local_experts=8, num_experts_per_tok=2
+        )
+    )
 
 
 def _qwen2(norm):
-    return Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
-        hidden_size=H, intermediate_size=48, moe_intermediate_size=F,
-        shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=norm))
+    return Qwen2MoeSparseMoeBlock(
+        Qwen2MoeConfig(
+            hidden_size=H,
+            intermediate_size=48,
+            moe_intermediate_size=F,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=norm,
+        )
+    )
 
 
 def _qwen3():
-    return Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F,
-                                                 num_experts=8, num_experts_per_tok=4,
-                                                 norm_topk_prob=True))
+    return Qwen3MoeSparseMoeBlock(
+        Qwen3MoeConfig(
+            hidden_size=H,
+            moe_intermediate_size=F,
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+        )
+    )
 
 
 def _olmoe():
-    return OlmoeSparseMoeBlock(OlmoeConfig(hidden_size=H, intermediate_size=F, num_experts=8,
-                                           num_experts_per_tok=2, norm_topk_prob=False))
+    return OlmoeSparseMoeBlock(
+        OlmoeConfig(
+            hidden_size=H,
+            intermediate_size=F,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        )
+    )
 
 
 def _deepseek(cfg_cls=DeepseekV3Config, block=DeepseekV3MoE):
-    b = block(cfg_cls(hidden_size=H, intermediate_size=48, moe_intermediate_size=F,
-                      n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                      n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True))
+    b = block(
+        cfg_cls(
+            hidden_size=H,
+            intermediate_size=48,
+            moe_intermediate_size=F,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        )
+    )
     b.gate.e_score_correction_bias.normal_(0, 0.3)  # includes negative biases
     return b
 
@@ -120,9 +168,15 @@ def test_from_hf_parity_bf16(kind):
 
 
 def test_from_hf_refuses_what_it_cannot_express():
-    block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=H, intermediate_size=F,
-                                                num_local_experts=8, num_experts_per_tok=2,
-                                                router_jitter_noise=0.1))
+    block = MixtralSparseMoeBlock(
+        MixtralConfig(
+            hidden_size=H,
+            intermediate_size=F,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.1,
+        )
+    )
     with pytest.raises(ValueError, match="router_jitter_noise"):
         from_hf(block)
     with pytest.raises(ValueError, match="not a supported MoE block"):
@@ -130,10 +184,20 @@ def test_from_hf_refuses_what_it_cannot_express():
 
 
 def _tiny_mixtral(**kw):
-    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=F, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                        num_experts_per_tok=2, max_position_embeddings=64,
-                        output_router_logits=True, router_aux_loss_coef=0.02, **kw)
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=F,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        **kw,
+    )
     torch.manual_seed(0)
     model = MixtralForCausalLM(cfg)
     with torch.no_grad():
@@ -189,6 +253,7 @@ def test_patched_model_matches_unpatched_gradients():
 
 def test_experts_implementation_mixops():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
     assert ALL_EXPERTS_FUNCTIONS["mixops"] is mixops_experts_forward
     eager = _tiny_mixtral()
     eager.set_experts_implementation("eager")

@@ -2,19 +2,28 @@
 express stays exactly as it was, with a warning), DeepSeek-V3 with top_k above the experts of the
 kept groups, meta-device initialisation (to_empty + init_weights, the FSDP2 / empty-weights path)
 and set_experts_implementation after patching."""
+
 import copy
 import warnings
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers (requirements-test.txt) "
-                                   "is needed for the HF integration tests")
+transformers = pytest.importorskip(
+    "transformers",
+    reason="transformers (requirements-test.txt) is needed for the HF integration tests",
+)
 from transformers import DeepseekV3Config, MixtralConfig  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
-    DeepseekV3ForCausalLM, DeepseekV3MoE, DeepseekV3TopkRouter)
+    DeepseekV3ForCausalLM,
+    DeepseekV3MoE,
+    DeepseekV3TopkRouter,
+)
 from transformers.models.mixtral.modeling_mixtral import (  # noqa: E402
-    MixtralForCausalLM, MixtralSparseMoeBlock, MixtralTopKRouter)
+    MixtralForCausalLM,
+    MixtralSparseMoeBlock,
+    MixtralTopKRouter,
+)
 
 from mixops.integrations.transformers import from_hf, patch_model  # noqa: E402
 from mixops.nn import MoE  # noqa: E402
@@ -24,12 +33,29 @@ H = 32
 
 
 def _deepseek_config(**kw):
-    cfg = dict(vocab_size=64, hidden_size=H, intermediate_size=48, moe_intermediate_size=16,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-               n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
-               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8,
-               qk_nope_head_dim=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-               first_k_dense_replace=0, norm_topk_prob=True, max_position_embeddings=64)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        qk_nope_head_dim=8,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        norm_topk_prob=True,
+        max_position_embeddings=64,
+    )
     cfg.update(kw)
     return DeepseekV3Config(**cfg)
 
@@ -46,9 +72,17 @@ def _deepseek(**kw):
 
 def _mixtral():
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                        num_experts_per_tok=2, max_position_embeddings=64)
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     return MixtralForCausalLM(cfg).eval()
 
 
@@ -58,11 +92,14 @@ def _ids():
 
 def _snapshot(model):
     """Each module's class and identity, and every parameter/buffer object, by name."""
-    return ([(n, type(m), id(m)) for n, m in model.named_modules()],
-            [(n, id(t)) for n, t in model.state_dict(keep_vars=True).items()])
+    return (
+        [(n, type(m), id(m)) for n, m in model.named_modules()],
+        [(n, id(t)) for n, t in model.state_dict(keep_vars=True).items()],
+    )
 
 
 # ---- DeepSeek-V3 with top_k above the experts of the kept groups -----------------------------
+
 
 def test_topk_of_all_experts_is_patched_and_equal():
     # HF transformers' own DeepSeek-V3 test numbers: 8 experts in 2 groups, 1 group kept, top-8.
@@ -92,8 +129,9 @@ def test_topk_reaching_into_dropped_groups_stays_hf():
         before = model(ids).logits
     with pytest.warns(UserWarning) as record:
         assert patch_model(model) == []
-    assert [str(w.message).split(" left")[0] for w in record] == \
-        [f"mixops.patch_model: model.layers.{i}.mlp" for i in range(2)]
+    assert [str(w.message).split(" left")[0] for w in record] == [
+        f"mixops.patch_model: model.layers.{i}.mlp" for i in range(2)
+    ]
     assert all("top_k (6) is more than the 4 experts" in str(w.message) for w in record)
     assert _snapshot(model) == snap
     assert type(model.model.layers[0].mlp.gate) is DeepseekV3TopkRouter
@@ -116,6 +154,7 @@ def test_from_hf_topk_of_all_experts_parity():
 
 # ---- all-or-nothing ---------------------------------------------------------------------------
 
+
 def test_one_block_left_alone_the_others_patched():
     model = _mixtral()
     model.model.layers[1].mlp.jitter_noise = 0.1  # no mixops equivalent
@@ -136,8 +175,11 @@ def test_unknown_moe_block_warns_and_stays():
 
     model = torch.nn.Sequential(MyMoeBlock())
     block = model[0]
-    with pytest.warns(UserWarning, match=r"patch_model: 0 left as it is: MyMoeBlock is not a "
-                      r"supported MoE block"):
+    with pytest.warns(
+        UserWarning,
+        match=r"patch_model: 0 left as it is: MyMoeBlock is not a "
+        r"supported MoE block",
+    ):
         assert patch_model(model) == []
     assert model[0] is block and type(block.gate) is torch.nn.Linear
 
@@ -156,6 +198,7 @@ def test_bad_moe_options_change_nothing():
 
 
 # ---- meta-device initialisation ---------------------------------------------------------------
+
 
 def test_meta_patch_to_empty_init_weights(garbage_memory):
     with torch.device("meta"):
@@ -177,11 +220,16 @@ def test_meta_patch_to_empty_init_weights(garbage_memory):
     load = model.model.layers[0].mlp.tokens_per_expert.float()
     used = model.model.layers[0].mlp.update_bias(1e-3)
     assert torch.equal(used, load)
-    torch.testing.assert_close(model.model.layers[0].mlp.gate.e_score_correction_bias,
-                               1e-3 * torch.sign(load.mean() - load), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.gate.e_score_correction_bias,
+        1e-3 * torch.sign(load.mean() - load),
+        rtol=0,
+        atol=0,
+    )
 
 
 # ---- set_experts_implementation after patching -------------------------------------------------
+
 
 def test_set_experts_implementation_warns_after_patch():
     model = _mixtral()

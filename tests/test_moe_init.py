@@ -1,6 +1,7 @@
 """mixops.nn.MoE built on the meta device and materialised (to_empty + reset_parameters, the
 FSDP2 / empty-weights path): every parameter and buffer is initialised as the constructor does,
 the load counter and the selection bias start at zero, whatever memory to_empty handed out."""
+
 import pytest
 import torch
 
@@ -20,14 +21,19 @@ def garbage_memory(monkeypatch):
         if out.device.type != "meta":
             out.fill_(float("nan") if out.is_floating_point() else 77)
         return out
+
     monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(selection_bias=True, shared_ffn_size=16, shared_expert_gate=True),
-    dict(activation="gelu", selection_bias=True, shared_ffn_size=16),
-    dict(),
-], ids=["gated-bias-shared", "plain-bias-shared", "bare"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(selection_bias=True, shared_ffn_size=16, shared_expert_gate=True),
+        dict(activation="gelu", selection_bias=True, shared_ffn_size=16),
+        dict(),
+    ],
+    ids=["gated-bias-shared", "plain-bias-shared", "bare"],
+)
 def test_meta_to_empty_reset_parameters(garbage_memory, kw):
     with torch.device("meta"):
         m = MoE(H, FFN, E, 2, **kw)
@@ -57,5 +63,6 @@ def test_update_bias_after_meta_init(garbage_memory):
     load = m.tokens_per_expert.float()
     assert load.sum() == 13 * 2  # exactly this forward's choices
     m.update_bias(1e-3)
-    torch.testing.assert_close(m.gate.e_score_correction_bias,
-                               1e-3 * torch.sign(load.mean() - load), rtol=0, atol=0)
+    torch.testing.assert_close(
+        m.gate.e_score_correction_bias, 1e-3 * torch.sign(load.mean() - load), rtol=0, atol=0
+    )

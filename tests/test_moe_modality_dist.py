@@ -1,4 +1,5 @@
 """MoE with expert groups per modality, and update_bias summed over a process group (gloo)."""
+
 import socket
 
 import torch
@@ -23,9 +24,9 @@ def test_modality_groups_equal_one_moe_per_modality():
     for g in range(G):
         sub = MoE(H, FFN, per, k)
         with torch.no_grad():
-            sub.gate.weight.copy_(m.gate.weight[g * per:(g + 1) * per])
-            sub.experts.gate_up_proj.copy_(m.experts.gate_up_proj[g * per:(g + 1) * per])
-            sub.experts.down_proj.copy_(m.experts.down_proj[g * per:(g + 1) * per])
+            sub.gate.weight.copy_(m.gate.weight[g * per : (g + 1) * per])
+            sub.experts.gate_up_proj.copy_(m.experts.gate_up_proj[g * per : (g + 1) * per])
+            sub.experts.down_proj.copy_(m.experts.down_proj[g * per : (g + 1) * per])
         rows = modality == g
         assert rows.any()
         torch.testing.assert_close(y[rows], sub(x[rows]), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """NVTX ranges (mixops._nvtx.nvtx_range, used by the MoE layer's stages and the benchmarks) are
 closed when their body raises. torch.cuda.nvtx is replaced by a recorder, so this runs without a
 GPU; the MoE layer's CUDA-only branch is forced on."""
+
 import pytest
 import torch
 
@@ -9,8 +10,15 @@ from mixops._nvtx import nvtx_range
 from mixops.bench import timing
 from mixops.nn import MoE
 
-STAGES = ["router", "permute", "gate_up_gemm", "activation", "down_gemm", "unpermute",
-          "shared_experts"]
+STAGES = [
+    "router",
+    "permute",
+    "gate_up_gemm",
+    "activation",
+    "down_gemm",
+    "unpermute",
+    "shared_experts",
+]
 
 
 @pytest.fixture
@@ -72,6 +80,7 @@ def test_moe_ranges_close_when_a_stage_raises(calls, monkeypatch, failing):
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"{failing} failed")
+
     monkeypatch.setattr(moe_mod, failing, fail)
     with pytest.raises(RuntimeError, match=f"{failing} failed"):
         _moe()(torch.randn(5, 16))

@@ -1,6 +1,7 @@
 """permute / unpermute against the plain-PyTorch reference, properties, gradients, opcheck, edge
 cases and bad input. Integer outputs (offsets, row_map, dropped) and permuted rows are exact;
 unpermute's sums follow helpers.assert_close_to_ref."""
+
 import pytest
 import torch
 
@@ -14,8 +15,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def random_ids(num_tokens, k, num_experts, device="cpu", none_frac=0.0, dtype=torch.int32):
     """Distinct experts per token (as a router gives), optionally some -1."""
-    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(num_tokens)]) \
-        if num_tokens else torch.zeros(0, k, dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(num_experts)[:k] for _ in range(num_tokens)])
+        if num_tokens
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     if none_frac:
         ids[torch.rand(ids.shape) < none_frac] = -1
     return ids.to(dtype).to(device)
@@ -34,8 +38,11 @@ def check_permute(x, ids, num_experts, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(50, 2, 8, 32), (64, 8, 64, 24), (33, 6, 60, 13),
-                                   (7, 1, 256, 5), (300, 8, 256, 16)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(50, 2, 8, 32), (64, 8, 64, 24), (33, 6, 60, 13), (7, 1, 256, 5), (300, 8, 256, 16)],
+    ids=str,
+)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64], ids=str)
 def test_permute_dropless(device, dtype, shape, ids_dtype):
     num_tokens, k, num_experts, hidden = shape
@@ -121,8 +128,9 @@ def test_unpermute(device, dtype, weights_dtype, hidden):
         w = w.to(dtype) if weights_dtype == "same" or dtype == torch.float64 else w
     out = mixops.ops.unpermute(y_sorted, p.row_map, w)
     assert out.dtype == dtype
-    hi = ref.unpermute(y_sorted.cpu().double(), p.row_map.cpu(),
-                       None if w is None else w.cpu().double())
+    hi = ref.unpermute(
+        y_sorted.cpu().double(), p.row_map.cpu(), None if w is None else w.cpu().double()
+    )
     lowp = ref.unpermute(y_sorted.cpu(), p.row_map.cpu(), None if w is None else w.cpu().to(dtype))
     assert_close_to_ref(out, hi, lowp.to(dtype), "unpermute")
 
@@ -174,8 +182,11 @@ def test_opcheck(device, requires_grad):
     x = torch.randn(10, 8, device=device, requires_grad=requires_grad)
     opcheck(torch.ops.mixops.permute.default, (x, ids, 4))
     opcheck(torch.ops.mixops.permute.default, (x, ids, 4), dict(capacity=3))
-    opcheck(torch.ops.mixops.permute.default, (x, ids, 4),
-            dict(capacity=3, priority=torch.rand(10, 2, device=device)))
+    opcheck(
+        torch.ops.mixops.permute.default,
+        (x, ids, 4),
+        dict(capacity=3, priority=torch.rand(10, 2, device=device)),
+    )
     p = mixops.ops.permute(x.detach(), ids, 4)
     y_sorted = torch.randn(20, 8, device=device, requires_grad=requires_grad)
     w = torch.rand(10, 2, device=device, requires_grad=requires_grad)
@@ -183,8 +194,10 @@ def test_opcheck(device, requires_grad):
     opcheck(torch.ops.mixops.unpermute.default, (y_sorted, p.row_map))
     g = torch.randn(10, 8, device=device)
     opcheck(torch.ops.mixops.unpermute_backward.default, (g, p.row_map, w.detach(), 20))
-    opcheck(torch.ops.mixops.unpermute_weights_backward.default,
-            (g, y_sorted.detach(), p.row_map, w.detach()))
+    opcheck(
+        torch.ops.mixops.unpermute_weights_backward.default,
+        (g, y_sorted.detach(), p.row_map, w.detach()),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,12 +248,17 @@ BAD = [
     (lambda x, ids: mixops.ops.permute(x, ids.float(), 8), "ids must be int32 or int64"),
     (lambda x, ids: mixops.ops.permute(x, ids[:5], 8), "ids must have shape"),
     (lambda x, ids: mixops.ops.permute(x, ids, 0), "num_experts must be in"),
-    (lambda x, ids: mixops.ops.permute(x, ids, 4), r"ids values must be in \[-1, num_experts = 4\)"),
+    (
+        lambda x, ids: mixops.ops.permute(x, ids, 4),
+        r"ids values must be in \[-1, num_experts = 4\)",
+    ),
     (lambda x, ids: mixops.ops.permute(x, ids - 3, 8), "ids values must be in"),
     (lambda x, ids: mixops.ops.permute(x, ids, 8, capacity=-1), "capacity must be >= 0"),
     (lambda x, ids: mixops.ops.permute(x, ids, 8, priority=torch.rand(10, 2)), "give capacity"),
-    (lambda x, ids: mixops.ops.permute(x, ids, 8, capacity=2, priority=torch.rand(10, 3)),
-     "priority must have the shape of ids"),
+    (
+        lambda x, ids: mixops.ops.permute(x, ids, 8, capacity=2, priority=torch.rand(10, 3)),
+        "priority must have the shape of ids",
+    ),
 ]
 
 
@@ -312,10 +330,13 @@ print("ok")
 def test_huge_capacity_equals_dropless():
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-c", _HUGE_CAPACITY], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", \
+
+    p = subprocess.run(
+        [sys.executable, "-c", _HUGE_CAPACITY], capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (
         f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
+    )
 
 
 def sequential_unpermute(y_sorted, row_map, weights, dtype):

@@ -1,14 +1,15 @@
 """router_topk against the plain-PyTorch reference over the option grid, properties that need no
 oracle, gradients, opcheck, edge cases. Low-precision values follow helpers.assert_close_to_ref;
 integer outputs (ids, counts) are exact."""
+
 import pytest
 import torch
 
 import mixops
 import mixops.reference as ref
-from mixops.reference.routing import ranked_ids
 from conftest import DEVICES
 from helpers import assert_close_to_ref, opcheck
+from mixops.reference.routing import ranked_ids
 from routing_cases import OPTION_GRID, distinct_logits, router_kwargs
 
 NAMES = ("weights", "ids", "counts", "score_sum", "lse")
@@ -18,8 +19,9 @@ def check_against_reference(logits, k, what="", **kw):
     out = mixops.ops.router_topk(logits, k, **kw)
     cpu_kw = {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in kw.items()}
     hi = ref.router_topk(logits.cpu().double(), k, **cpu_kw)
-    lowp = ref.router_topk(logits.cpu() if logits.dtype == torch.float64 else logits.cpu().float(),
-                           k, **cpu_kw)
+    lowp = ref.router_topk(
+        logits.cpu() if logits.dtype == torch.float64 else logits.cpu().float(), k, **cpu_kw
+    )
     assert torch.equal(out.ids.cpu(), hi[1]), f"{what}: ids differ from the reference"
     assert torch.equal(out.counts.cpu(), hi[2]), f"{what}: counts differ"
     for name, ours, h, lp in zip(NAMES, out, hi, lowp):
@@ -30,8 +32,11 @@ def check_against_reference(logits, k, what="", **kw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", OPTION_GRID, ids=lambda c: "-".join(
-    f"{k}={v}" for k, v in c.items() if v not in (False, None, 1.0)))
+@pytest.mark.parametrize(
+    "case",
+    OPTION_GRID,
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if v not in (False, None, 1.0)),
+)
 def test_options_against_reference(device, case):
     num_tokens, num_experts, k = 37, 16, 3
     logits = distinct_logits(num_tokens, num_experts, device=device)
@@ -40,8 +45,9 @@ def test_options_against_reference(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
 @pytest.mark.parametrize("shape", [(64, 8, 2), (50, 64, 8), (9, 60, 6), (5, 256, 8), (3, 512, 4)])
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
 def test_dtypes_and_sizes(device, dtype, shape, score_fn):
@@ -49,9 +55,15 @@ def test_dtypes_and_sizes(device, dtype, shape, score_fn):
     logits = distinct_logits(num_tokens, num_experts, dtype, device, scale=1 / 64)
     check_against_reference(logits, k, f"{dtype}/{shape}", score_fn=score_fn)
     bias = (torch.rand(num_experts) - 0.5).to(device) * 0.1
-    check_against_reference(logits, k, f"{dtype}/{shape}/bias", score_fn=score_fn, bias=bias,
-                            num_groups=4 if num_experts % 4 == 0 else 1, groups_kept=2
-                            if num_experts % 4 == 0 else 1)
+    check_against_reference(
+        logits,
+        k,
+        f"{dtype}/{shape}/bias",
+        score_fn=score_fn,
+        bias=bias,
+        num_groups=4 if num_experts % 4 == 0 else 1,
+        groups_kept=2 if num_experts % 4 == 0 else 1,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,14 +79,16 @@ def test_token_mask_and_strided_logits(device):
 def test_negative_bias_changes_choice_not_weights(device):
     logits = distinct_logits(32, 16, device=device)
     bias = torch.zeros(16, device=device)
-    bias[: 8] = -10.0  # experts 0..7 can never win over 8..15
-    out = check_against_reference(logits, 4, "bias", score_fn="sigmoid", bias=bias,
-                                  renormalize=False)
+    bias[:8] = -10.0  # experts 0..7 can never win over 8..15
+    out = check_against_reference(
+        logits, 4, "bias", score_fn="sigmoid", bias=bias, renormalize=False
+    )
     assert torch.all(out.ids >= 8)
     assert torch.allclose(out.weights, torch.sigmoid(logits.gather(1, out.ids.long())))
 
 
 # ---- properties that need no oracle --------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_softmax_then_topk_equals_topk_then_softmax(device):
@@ -121,7 +135,7 @@ def test_modality_routes_inside_the_group(device):
     # the softmax is over the token's group: its weights equal routing that group alone
     for m in range(3):
         rows = modality == m
-        alone = mixops.ops.router_topk(logits[rows][:, 4 * m: 4 * m + 4], 2)
+        alone = mixops.ops.router_topk(logits[rows][:, 4 * m : 4 * m + 4], 2)
         torch.testing.assert_close(out.weights[rows], alone.weights)
         torch.testing.assert_close(out.lse[rows], alone.lse)
         assert torch.equal(out.ids[rows] - 4 * m, alone.ids)
@@ -179,8 +193,10 @@ def test_gradients_against_reference(device, dtype, case):
         torch.autograd.backward([w, s, l], [gw.to(w), gs.to(s), gl.to(l)])
         return x.grad
 
-    ours = grad_of(lambda x: (lambda o: (o.weights, o.score_sum, o.lse))(
-        mixops.ops.router_topk(x, 4, **kw)), logits)
+    ours = grad_of(
+        lambda x: (lambda o: (o.weights, o.score_sum, o.lse))(mixops.ops.router_topk(x, 4, **kw)),
+        logits,
+    )
     cpu_kw = {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in kw.items()}
 
     def reference(x):
@@ -196,12 +212,13 @@ def test_gradients_against_reference(device, dtype, case):
 def test_only_used_outputs_need_gradients(device):
     logits = distinct_logits(10, 8, device=device).requires_grad_(True)
     out = mixops.ops.router_topk(logits, 2)
-    (out.lse ** 2).mean().backward()  # the z-loss alone
+    (out.lse**2).mean().backward()  # the z-loss alone
     expected = 2 * out.lse.detach()[:, None] / 10 * torch.softmax(logits.detach(), -1)
     torch.testing.assert_close(logits.grad, expected)
 
 
 # ---- opcheck -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", GRAD_CASES + [dict(bias=True, num_groups=2)], ids=str)
@@ -218,23 +235,40 @@ def test_opcheck(device, case, requires_grad):
 def test_opcheck_backward(device):
     logits = distinct_logits(12, 8, device=device)
     out = mixops.ops.router_topk(logits, 3)
-    args = (torch.randn(12, 3, device=device), torch.randn(8, device=device), None, logits,
-            out.ids, "softmax", False, True, 0.0, 1.0, None, 1, None)
+    args = (
+        torch.randn(12, 3, device=device),
+        torch.randn(8, device=device),
+        None,
+        logits,
+        out.ids,
+        "softmax",
+        False,
+        True,
+        0.0,
+        1.0,
+        None,
+        1,
+        None,
+    )
     opcheck(torch.ops.mixops.router_topk_backward.default, args)
 
 
 # ---- edge cases ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(0, 8, 2), (16, 8, 8), (16, 1, 1), (40, 60, 7), (5, 1024, 3)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape", [(0, 8, 2), (16, 8, 8), (16, 1, 1), (40, 60, 7), (5, 1024, 3)], ids=str
+)
 def test_edge_shapes(device, shape):
     num_tokens, num_experts, k = shape
     logits = distinct_logits(num_tokens, num_experts, device=device, scale=1 / 256)
     out = check_against_reference(logits, k, str(shape))
     if k == num_experts and num_tokens:  # every expert chosen by every token
-        assert torch.equal(out.ids.sort(-1).values.cpu(),
-                           torch.arange(num_experts, dtype=torch.int32).expand(num_tokens, -1))
+        assert torch.equal(
+            out.ids.sort(-1).values.cpu(),
+            torch.arange(num_experts, dtype=torch.int32).expand(num_tokens, -1),
+        )
     assert int(out.counts.sum()) == num_tokens * k
 
 
@@ -249,10 +283,10 @@ def test_all_tokens_to_one_expert(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_and_inf_logits(device):
     logits = distinct_logits(6, 8, device=device)
-    logits[0, 3] = float("nan")         # row 0: NaN ranks last; softmax row is NaN
-    logits[1, 2] = float("inf")         # row 1: +inf chosen first; softmax row is NaN
-    logits[2, :] = float("-inf")        # row 2: all -inf; NaN weights, ids 0..k-1
-    logits[3, 4] = float("-inf")        # row 3: one -inf: an ordinary zero probability
+    logits[0, 3] = float("nan")  # row 0: NaN ranks last; softmax row is NaN
+    logits[1, 2] = float("inf")  # row 1: +inf chosen first; softmax row is NaN
+    logits[2, :] = float("-inf")  # row 2: all -inf; NaN weights, ids 0..k-1
+    logits[3, 4] = float("-inf")  # row 3: one -inf: an ordinary zero probability
     out = mixops.ops.router_topk(logits, 3)
     ids = out.ids.cpu()
     assert 3 not in ids[0].tolist() and ids[1, 0] == 2
@@ -278,13 +312,17 @@ BAD = [
     (dict(num_groups=2, groups_kept=3), "groups_kept must be in"),
     (dict(num_groups=4, groups_kept=1, k=3), "k .* must be <= groups_kept"),
     (dict(bias=torch.zeros(7)), "bias must have shape"),
-    (dict(num_modalities=3, modality=torch.zeros(4, dtype=torch.long)), "num_modalities .* must "
-     "divide"),
+    (
+        dict(num_modalities=3, modality=torch.zeros(4, dtype=torch.long)),
+        "num_modalities .* must divide",
+    ),
     (dict(num_modalities=2), "modality .* must be given exactly when"),
     (dict(num_modalities=2, modality=torch.zeros(5, dtype=torch.long)), "modality must have shape"),
     (dict(num_modalities=2, modality=torch.full((4,), 2)), "modality values must be in"),
-    (dict(num_modalities=2, modality=torch.zeros(4, dtype=torch.long), num_groups=2),
-     "cannot be combined"),
+    (
+        dict(num_modalities=2, modality=torch.zeros(4, dtype=torch.long), num_groups=2),
+        "cannot be combined",
+    ),
     (dict(token_mask=torch.ones(4)), "token_mask must be bool"),
     (dict(renorm_eps=-1.0), "renorm_eps must be"),
 ]
@@ -308,18 +346,53 @@ def test_bad_logits():
 def test_bad_backward_ids():
     logits = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="ids must be int32"):
-        torch.ops.mixops.router_topk_backward(torch.ones(4, 2), None, None, logits,
-                                              torch.zeros(4, 2, dtype=torch.long), "softmax",
-                                              False, True, 0.0, 1.0, None, 1, None)
+        torch.ops.mixops.router_topk_backward(
+            torch.ones(4, 2),
+            None,
+            None,
+            logits,
+            torch.zeros(4, 2, dtype=torch.long),
+            "softmax",
+            False,
+            True,
+            0.0,
+            1.0,
+            None,
+            1,
+            None,
+        )
     with pytest.raises(RuntimeError, match="ids values must be in"):
-        torch.ops.mixops.router_topk_backward(torch.ones(4, 2), None, None, logits,
-                                              torch.full((4, 2), 9, dtype=torch.int32),
-                                              "softmax", False, True, 0.0, 1.0, None, 1, None)
+        torch.ops.mixops.router_topk_backward(
+            torch.ones(4, 2),
+            None,
+            None,
+            logits,
+            torch.full((4, 2), 9, dtype=torch.int32),
+            "softmax",
+            False,
+            True,
+            0.0,
+            1.0,
+            None,
+            1,
+            None,
+        )
     with pytest.raises(RuntimeError, match="not an eligible expert"):  # modality 0: experts 0-3
-        torch.ops.mixops.router_topk_backward(torch.ones(4, 2), None, None, logits,
-                                              torch.full((4, 2), 5, dtype=torch.int32),
-                                              "softmax", False, True, 0.0, 1.0,
-                                              torch.zeros(4, dtype=torch.long), 2, None)
+        torch.ops.mixops.router_topk_backward(
+            torch.ones(4, 2),
+            None,
+            None,
+            logits,
+            torch.full((4, 2), 5, dtype=torch.int32),
+            "softmax",
+            False,
+            True,
+            0.0,
+            1.0,
+            torch.zeros(4, dtype=torch.long),
+            2,
+            None,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

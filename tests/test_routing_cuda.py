@@ -2,6 +2,7 @@
 routing::/det:: code), permute's integer outputs equal the CPU's, no host sync (graph capture of
 the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map, determinism.
 Skipped without a GPU."""
+
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import mixops
 from conftest import requires_cuda
 from helpers import assert_close_to_ref
-from routing_cases import OPTION_GRID, distinct_logits, router_kwargs
+from routing_cases import OPTION_GRID, router_kwargs
 
 pytestmark = requires_cuda
 
@@ -23,8 +24,19 @@ def _on(device, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(4096, 8, 2), (2048, 64, 8), (1000, 60, 4), (512, 256, 8),
-                                   (64, 512, 8), (16, 4096, 16), (300, 1, 1)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4096, 8, 2),
+        (2048, 64, 8),
+        (1000, 60, 4),
+        (512, 256, 8),
+        (64, 512, 8),
+        (16, 4096, 16),
+        (300, 1, 1),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("case", [c for c in OPTION_GRID if c["scaling"] == 1.0], ids=str)
 def test_same_experts_as_cpu(dtype, shape, case):
     """Random normal logits (ties included in bf16/fp16): ids and counts bit-equal to the CPU's,
@@ -48,8 +60,11 @@ def test_same_experts_as_cpu(dtype, shape, case):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6 * max(1.0, b.abs().max().item()))
 
 
-@pytest.mark.parametrize("case", [dict(), dict(score_fn="sigmoid", bias=True),
-                                  dict(topk_then_score=True), dict(modality=True)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(score_fn="sigmoid", bias=True), dict(topk_then_score=True), dict(modality=True)],
+    ids=str,
+)
 def test_backward_matches_cpu(case):
     logits = torch.randn(777, 64)
     kw = {}
@@ -70,8 +85,11 @@ def test_backward_matches_cpu(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(4096, 8, 8, 1024), (32768, 8, 64, 2048), (999, 3, 60, 13),
-                                   (100, 4, 20000, 64)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(4096, 8, 8, 1024), (32768, 8, 64, 2048), (999, 3, 60, 13), (100, 4, 20000, 64)],
+    ids=str,
+)
 @pytest.mark.parametrize("capacity", [None, 7, 1000])
 @pytest.mark.parametrize("priority", [False, True])
 def test_permute_matches_cpu(dtype, shape, capacity, priority):
@@ -129,20 +147,29 @@ def test_deterministic_run_to_run():
 
 
 _BAD = {
-    "ids": ("x = torch.randn(6, 4, device='cuda'); ids = torch.tensor([[0, 9]] * 6, device='cuda')\n"
-            "out = mixops.ops.permute(x, ids, 4).x_sorted", r"ids values must be in \[-1, "
-            r"num_experts = 4\)"),
-    "row_map": ("y = torch.randn(4, 4, device='cuda'); rm = torch.full((2, 2), 7, dtype=torch.int32,"
-                " device='cuda')\nout = mixops.ops.unpermute(y, rm)",
-                r"row_map values must be in \[-1, num_rows = 4\)"),
-    "modality": ("l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"
-                 "out = mixops.ops.router_topk(l, 2, modality=m, num_modalities=2).weights",
-                 r"modality values must be in \[0, num_modalities = 2\)"),
-    "backward_ids": ("l = torch.randn(4, 8, device='cuda'); m = torch.zeros(4, dtype=torch.long, "
-                     "device='cuda'); ids = torch.full((4, 2), 5, dtype=torch.int32, device='cuda')\n"
-                     "out = torch.ops.mixops.router_topk_backward(torch.ones(4, 2, device='cuda'), "
-                     "None, None, l, ids, 'softmax', False, True, 0.0, 1.0, m, 2, None)",
-                     r"ids must name eligible experts"),
+    "ids": (
+        "x = torch.randn(6, 4, device='cuda'); ids = torch.tensor([[0, 9]] * 6, device='cuda')\n"
+        "out = mixops.ops.permute(x, ids, 4).x_sorted",
+        r"ids values must be in \[-1, "
+        r"num_experts = 4\)",
+    ),
+    "row_map": (
+        "y = torch.randn(4, 4, device='cuda'); rm = torch.full((2, 2), 7, dtype=torch.int32,"
+        " device='cuda')\nout = mixops.ops.unpermute(y, rm)",
+        r"row_map values must be in \[-1, num_rows = 4\)",
+    ),
+    "modality": (
+        "l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"
+        "out = mixops.ops.router_topk(l, 2, modality=m, num_modalities=2).weights",
+        r"modality values must be in \[0, num_modalities = 2\)",
+    ),
+    "backward_ids": (
+        "l = torch.randn(4, 8, device='cuda'); m = torch.zeros(4, dtype=torch.long, "
+        "device='cuda'); ids = torch.full((4, 2), 5, dtype=torch.int32, device='cuda')\n"
+        "out = torch.ops.mixops.router_topk_backward(torch.ones(4, 2, device='cuda'), "
+        "None, None, l, ids, 'softmax', False, True, 0.0, 1.0, m, 2, None)",
+        r"ids must name eligible experts",
+    ),
 }
 
 

@@ -7,6 +7,7 @@
 * the grouped_mm path choice (csrc/grouped_mm/path.h) on several GPUs;
 * the per-file CUDA arch flags (cmake/MixopsArchs.cmake) for several TORCH_CUDA_ARCH_LISTs.
 """
+
 import json
 import re
 import shutil
@@ -22,8 +23,15 @@ CXX = shutil.which("g++") or shutil.which("c++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 
 TORCH_FREE_HEADERS = [
-    "core/macros.h", "core/dtype.h", "core/align.h", "core/det_math.h", "core/errors.h",
-    "grouped_mm/grouped_mm.h", "grouped_mm/path.h", "routing/routing.h", "permute/permute.h",
+    "core/macros.h",
+    "core/dtype.h",
+    "core/align.h",
+    "core/det_math.h",
+    "core/errors.h",
+    "grouped_mm/grouped_mm.h",
+    "grouped_mm/path.h",
+    "routing/routing.h",
+    "permute/permute.h",
     "activation/activation.h",
 ]
 
@@ -34,8 +42,11 @@ def test_torch_free_header_compiles_alone(header, tmp_path):
     src = tmp_path / "only.cpp"
     src.write_text(f'#include "{header}"\n#include "{header}"\nint main() {{ return 0; }}\n')
     # Only csrc on the include path: a torch, c10 or CUDA include cannot resolve.
-    proc = subprocess.run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", f"-I{CSRC}",
-                           str(src)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", f"-I{CSRC}", str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -54,8 +65,11 @@ def test_kernel_header_has_no_launch_torch_or_cutlass(header):
     code = re.sub(r"//[^\n]*", "", text)  # comments may name these things
     assert "<<<" not in code, "launches belong in the .cu file"
     includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', code)
-    bad = [i for i in includes
-           if i.split("/")[0] in {"ATen", "c10", "torch", "cutlass", "cute"} or "cutlass" in i]
+    bad = [
+        i
+        for i in includes
+        if i.split("/")[0] in {"ATen", "c10", "torch", "cutlass", "cute"} or "cutlass" in i
+    ]
     assert not bad, f"{header.name} includes {bad}"
     assert "cudaStream_t" not in code and "cudaLaunch" not in code
 
@@ -80,9 +94,22 @@ def test_no_launch_syntax_in_host_files():
 @needs_cxx
 def test_grouped_mm_path_choice(tmp_path):
     exe = tmp_path / "path_test"
-    subprocess.run([CXX, "-std=c++20", "-O1", "-Wall", "-Werror", f"-I{CSRC}",
-                    str(ROOT / "tests" / "cpp" / "grouped_mm_path_test.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            CXX,
+            "-std=c++20",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            f"-I{CSRC}",
+            str(ROOT / "tests" / "cpp" / "grouped_mm_path_test.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     proc = subprocess.run([str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout
 
@@ -91,9 +118,16 @@ CMAKE = shutil.which("cmake")
 
 
 def _arch_flags(arch_list):
-    proc = subprocess.run([CMAKE, f"-DMIXOPS_ARCH_LIST={arch_list}", "-P",
-                           str(ROOT / "cmake" / "print_arch_flags.cmake")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            CMAKE,
+            f"-DMIXOPS_ARCH_LIST={arch_list}",
+            "-P",
+            str(ROOT / "cmake" / "print_arch_flags.cmake"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     return proc
 
 
@@ -103,16 +137,26 @@ def _codes(flags, kind):
 
 
 @pytest.mark.skipif(CMAKE is None, reason="needs cmake")
-@pytest.mark.parametrize("arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, sm90, warns", [
-    ("8.0;9.0a", {"80", "90a"}, {"80"}, {"80", "90a"}, {"80"}, True, False),
-    # CUTLASS 2 files never get PTX below 8.0 (compute_75 PTX JIT-compiled on a newer GPU reaches
-    # CUTLASS's NOT_IMPLEMENTED trap); +PTX adds PTX for that arch.
-    ("7.5 8.0 8.6 9.0+PTX", {"80", "86", "90"}, {"80", "90"}, {"75", "80", "86", "90"},
-     {"75", "90"}, False, True),
-    ("7.5", set(), {"80"}, {"75"}, {"75"}, False, False),
-    ("9.0a", {"90a"}, {"90"}, {"90a"}, {"90"}, True, False),
-    ("8.6+PTX;9.0;9.0a", {"86", "90", "90a"}, {"86"}, {"86", "90", "90a"}, {"86"}, True, False),
-])
+@pytest.mark.parametrize(
+    "arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, sm90, warns",
+    [
+        ("8.0;9.0a", {"80", "90a"}, {"80"}, {"80", "90a"}, {"80"}, True, False),
+        # CUTLASS 2 files never get PTX below 8.0 (compute_75 PTX JIT-compiled on a newer GPU reaches
+        # CUTLASS's NOT_IMPLEMENTED trap); +PTX adds PTX for that arch.
+        (
+            "7.5 8.0 8.6 9.0+PTX",
+            {"80", "86", "90"},
+            {"80", "90"},
+            {"75", "80", "86", "90"},
+            {"75", "90"},
+            False,
+            True,
+        ),
+        ("7.5", set(), {"80"}, {"75"}, {"75"}, False, False),
+        ("9.0a", {"90a"}, {"90"}, {"90a"}, {"90"}, True, False),
+        ("8.6+PTX;9.0;9.0a", {"86", "90", "90a"}, {"86"}, {"86", "90", "90a"}, {"86"}, True, False),
+    ],
+)
 def test_per_file_arch_flags(arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, sm90, warns):
     proc = _arch_flags(arch_list)
     assert proc.returncode == 0, proc.stderr
@@ -127,11 +171,14 @@ def test_per_file_arch_flags(arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, 
 
 
 @pytest.mark.skipif(CMAKE is None, reason="needs cmake")
-@pytest.mark.parametrize("arch_list, message", [
-    ("7.0;8.0", "below 7.5"),
-    ("sm_80", "cannot parse CUDA arch"),
-    ("", "empty CUDA arch list"),
-])
+@pytest.mark.parametrize(
+    "arch_list, message",
+    [
+        ("7.0;8.0", "below 7.5"),
+        ("sm_80", "cannot parse CUDA arch"),
+        ("", "empty CUDA arch list"),
+    ],
+)
 def test_bad_arch_lists_are_clear_errors(arch_list, message):
     proc = _arch_flags(arch_list)
     assert proc.returncode != 0 and message in proc.stderr

@@ -14,7 +14,8 @@
 namespace mixops::cuda {
 namespace {
 
-using namespace activation_kernels;  // NOLINT(google-build-using-namespace): this file launches its kernels
+// This file launches its kernels.
+using namespace activation_kernels;  // NOLINT(google-build-using-namespace)
 
 unsigned grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;

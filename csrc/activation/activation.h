@@ -40,8 +40,8 @@ MIXOPS_INLINE void value_and_grad(T g, T& value, T& grad) {
     const T inner = kBeta * (g + kKappa * g * g * g);
     const T t = tanh_(inner);
     value = T(0.5) * g * (T(1) + t);
-    grad = T(0.5) * (T(1) + t) +
-           T(0.5) * g * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * g * g);
+    grad =
+        T(0.5) * (T(1) + t) + T(0.5) * g * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * g * g);
   } else {  // kRelu; NaN stays NaN as in torch.relu
     value = g > T(0) ? g : (g != g ? g : T(0));
     grad = g > T(0) ? T(1) : T(0);
@@ -67,10 +67,10 @@ MIXOPS_INLINE T value(T g) {
 struct GatedActParams {
   Dtype dtype = Dtype::kFloat32;
   GatedAct act = GatedAct::kSilu;
-  int64_t rows = 0, f = 0;      // gate_up is [rows, 2f], out and grad_out [rows, f]
+  int64_t rows = 0, f = 0;  // gate_up is [rows, 2f], out and grad_out [rows, f]
   const void* gate_up = nullptr;
-  int64_t gate_up_stride = 0;   // elements between rows (columns are contiguous)
-  void* out = nullptr;          // forward: [rows, f] contiguous
+  int64_t gate_up_stride = 0;      // elements between rows (columns are contiguous)
+  void* out = nullptr;             // forward: [rows, f] contiguous
   const void* grad_out = nullptr;  // backward: [rows, f] contiguous
   void* grad_gate_up = nullptr;    // backward: [rows, 2f] contiguous
 };

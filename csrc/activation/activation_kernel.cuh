@@ -15,8 +15,8 @@ constexpr int kThreads = 256;
 
 template <GatedAct Act, typename T>
 __global__ void __launch_bounds__(kThreads)
-gated_act_kernel(const T* __restrict__ h, int64_t ld, T* __restrict__ out, int64_t rows,
-                 int64_t f) {
+    gated_act_kernel(const T* __restrict__ h, int64_t ld, T* __restrict__ out, int64_t rows,
+                     int64_t f) {
   using A = acc_t<T>;
   const int64_t n = rows * f;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n;
@@ -30,8 +30,8 @@ gated_act_kernel(const T* __restrict__ h, int64_t ld, T* __restrict__ out, int64
 
 template <GatedAct Act, typename T>
 __global__ void __launch_bounds__(kThreads)
-gated_act_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t ld,
-                          T* __restrict__ dh, int64_t rows, int64_t f) {
+    gated_act_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t ld,
+                              T* __restrict__ dh, int64_t rows, int64_t f) {
   using A = acc_t<T>;
   const int64_t n = rows * f;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n;

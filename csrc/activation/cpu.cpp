@@ -7,17 +7,19 @@
 
 #include <algorithm>
 
+#include "activation/activation.h"
 #include "activation/check.h"
 #include "core/cpu_alloc.h"
 #include "core/elem_io.h"
-#include "activation/activation.h"
 
 namespace mixops {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 14;  // elements of out per parallel task, at least
 
-int64_t grain_rows(int64_t f) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f, 1)); }
+int64_t grain_rows(int64_t f) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f, 1));
+}
 
 // The row loops, compiled twice: for AVX2 and for the baseline, picked at load time (the build
 // targets baseline x86-64; without AVX2 these loops ran at half the speed of torch's silu).
@@ -37,8 +39,8 @@ MIXOPS_CLONES void forward_row(const T* __restrict__ gate, const T* __restrict__
 
 template <GatedAct A, class T>
 MIXOPS_CLONES void backward_row(const T* __restrict__ gate, const T* __restrict__ up,
-                                const T* __restrict__ g, T* __restrict__ dgate,
-                                T* __restrict__ dup, int64_t f) {
+                                const T* __restrict__ g, T* __restrict__ dgate, T* __restrict__ dup,
+                                int64_t f) {
   using acc_t = acc_of<T>;
   for (int64_t c = 0; c < f; ++c) {
     acc_t v, d;
@@ -84,13 +86,13 @@ at::Tensor gated_activation_cpu(const at::Tensor& gate_up_in, c10::string_view a
   out_shape.back() = f;
   at::Tensor out = empty_large(out_shape, gate_up_in.options());
   if (rows == 0 || f == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "gated_activation",
-                                  [&] {
-    with_act(a, [&](auto A) {
-      forward_rows<decltype(A)::value>(h.data_ptr<scalar_t>(), h.stride(0),
-                                       out.data_ptr<scalar_t>(), rows, f);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, h.scalar_type(), "gated_activation", [&] {
+        with_act(a, [&](auto A) {
+          forward_rows<decltype(A)::value>(h.data_ptr<scalar_t>(), h.stride(0),
+                                           out.data_ptr<scalar_t>(), rows, f);
+        });
+      });
   return out;
 }
 
@@ -102,13 +104,13 @@ at::Tensor gated_activation_backward_cpu(const at::Tensor& grad_in, const at::Te
   const int64_t rows = h.size(0), f = h.size(1) / 2;
   at::Tensor dh = empty_large(gate_up_in.sizes(), gate_up_in.options());
   if (rows == 0 || f == 0) return dh;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
-                                  "gated_activation_backward", [&] {
-    with_act(a, [&](auto A) {
-      backward_rows<decltype(A)::value>(grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                        h.stride(0), dh.data_ptr<scalar_t>(), rows, f);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, h.scalar_type(), "gated_activation_backward", [&] {
+        with_act(a, [&](auto A) {
+          backward_rows<decltype(A)::value>(grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                                            h.stride(0), dh.data_ptr<scalar_t>(), rows, f);
+        });
+      });
   return dh;
 }
 

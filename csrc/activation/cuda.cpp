@@ -6,8 +6,8 @@
 #include <torch/library.h>
 
 #include "activation/check.h"
-#include "core/op_dtype.h"
 #include "activation/launch.h"
+#include "core/op_dtype.h"
 #include "core/op_launch.h"
 
 namespace mixops {

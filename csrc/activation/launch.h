@@ -1,5 +1,6 @@
 // gated_activation on CUDA: the torch-free boundary between the op layer (cuda.cpp:
-// validation, allocation, stream) and the kernels (activation.cu, activation_kernel.cuh). Params and math:
+// validation, allocation, stream) and the kernels (activation.cu, activation_kernel.cuh). Params
+// and math:
 // activation.h. Everything is enqueued on `stream`; no host sync.
 #pragma once
 

@@ -38,7 +38,8 @@ constexpr size_t kHugePage = size_t(2) << 20;
 class LargeBlockCache {
  public:
   static LargeBlockCache& get() {
-    static LargeBlockCache* cache = new LargeBlockCache();  // never destroyed: deleters may run late
+    static LargeBlockCache* cache =
+        new LargeBlockCache();  // never destroyed: deleters may run late
     return *cache;
   }
 
@@ -114,10 +115,7 @@ inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& op
   void* p = cache.take(rounded);
   if (p == nullptr) return at::empty(sizes, options);
   auto* ctx = new detail::CachedBlock{p, rounded};
-  return at::for_blob(p, sizes)
-      .context(ctx, &detail::return_block)
-      .options(options)
-      .make_tensor();
+  return at::for_blob(p, sizes).context(ctx, &detail::return_block).options(options).make_tensor();
 }
 
 }  // namespace mixops

@@ -4,8 +4,8 @@
 // except inside check_errors() and MIXOPS_DEBUG=1.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
@@ -53,8 +53,7 @@ std::vector<std::vector<int32_t>> read_and_clear_all() {
     if (rec == nullptr) continue;
     out.resize(d + 1);
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(d));
-    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
-                    c10::cuda::CaptureStatus::None,
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
                 "mixops.check_errors() cannot run while a CUDA graph is being captured; call it "
                 "after capture or after replay");
     // One synchronisation: every kernel enqueued before has OR-ed its bits.
@@ -77,8 +76,7 @@ const bool g_reader_registered = [] {
 int32_t* device_error_slot(int device, ErrorSlot slot) {
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "mixops: CUDA device index ", device,
               " out of range [0, ", kMaxDevices, ")");
-  std::call_once(g_once[device],
-                 [device] { g_records[device].store(allocate_record(device)); });
+  std::call_once(g_once[device], [device] { g_records[device].store(allocate_record(device)); });
   return g_records[device].load(std::memory_order_acquire) + static_cast<int>(slot);
 }
 

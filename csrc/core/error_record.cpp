@@ -48,9 +48,9 @@ std::string describe_device_errors(int device, const int32_t* bits) {
     const ErrorContext ctx = it != r.context.end() ? it->second : ErrorContext{};
     const ErrorMessageFn fn = r.message[s];
     const std::string text = fn != nullptr
-        ? fn(bits[s], ctx)
-        : std::string(error_slot_name(static_cast<ErrorSlot>(s))) + ": error bits " +
-              std::to_string(bits[s]);
+                                 ? fn(bits[s], ctx)
+                                 : std::string(error_slot_name(static_cast<ErrorSlot>(s))) +
+                                       ": error bits " + std::to_string(bits[s]);
     if (!out.empty()) out += "\n";
     out += "cuda:" + std::to_string(device) + ": " + text;
   }
@@ -80,9 +80,11 @@ void check_errors() {
     if (!msg.empty()) msg += "\n";
     msg += text;
   }
-  TORCH_CHECK(msg.empty(), "mixops.check_errors: CUDA ops saw invalid input values since the last "
+  TORCH_CHECK(msg.empty(),
+              "mixops.check_errors: CUDA ops saw invalid input values since the last "
               "check (they were clamped or ignored; sizes shown are those of the op's latest "
-              "call):\n", msg);
+              "call):\n",
+              msg);
 }
 
 }  // namespace mixops

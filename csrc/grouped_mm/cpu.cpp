@@ -32,16 +32,16 @@
 #include <iterator>
 #include <vector>
 
-#include "grouped_mm/check.h"
 #include "core/cpu_alloc.h"
+#include "grouped_mm/check.h"
 #include "grouped_mm/grouped_mm.h"
 
 namespace mixops {
 namespace {
 
-constexpr int64_t kBigMinDim = 64;     // every GEMM dimension at least this, and
-constexpr double kBigMinFlops = 32e6;  // at least this many FLOPs: BLAS's threads pay off,
-constexpr double kHugeFlops = 1e9;     // unless below this and there are
+constexpr int64_t kBigMinDim = 64;       // every GEMM dimension at least this, and
+constexpr double kBigMinFlops = 32e6;    // at least this many FLOPs: BLAS's threads pay off,
+constexpr double kHugeFlops = 1e9;       // unless below this and there are
 constexpr int64_t kMediumPerThread = 4;  // at least this many such groups per thread
 
 struct GroupWork {
@@ -120,13 +120,13 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     const int64_t gm = ragged_k ? m : end - begin;
     const int64_t gk = ragged_k ? end - begin : a.size(1);
     const double flops = 2.0 * double(gm) * double(gk) * double(n);
-    const bool big = gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
+    const bool big =
+        gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
     if (gm == 0 || n == 0 || (gk == 0 && !ragged_k)) continue;  // nothing to write (or tail zero)
     work.push_back({g, begin, end, flops, big});
   }
-  const int64_t medium = std::count_if(work.begin(), work.end(), [](const GroupWork& w) {
-    return w.big && w.flops < kHugeFlops;
-  });
+  const int64_t medium = std::count_if(
+      work.begin(), work.end(), [](const GroupWork& w) { return w.big && w.flops < kHugeFlops; });
   if (medium >= kMediumPerThread * nthreads) {
     for (GroupWork& w : work) w.big = w.big && w.flops >= kHugeFlops;
   }
@@ -183,8 +183,6 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixops, CPU, m) {
-  m.impl("grouped_mm", &grouped_mm_cpu);
-}
+TORCH_LIBRARY_IMPL(mixops, CPU, m) { m.impl("grouped_mm", &grouped_mm_cpu); }
 
 }  // namespace mixops

@@ -13,10 +13,10 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "grouped_mm/check.h"
 #include "core/op_dtype.h"
-#include "grouped_mm/launch.h"
 #include "core/op_scratch.h"
+#include "grouped_mm/check.h"
+#include "grouped_mm/launch.h"
 
 namespace mixops {
 namespace {
@@ -136,8 +136,6 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
-  m.impl("grouped_mm", &grouped_mm_cuda);
-}
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) { m.impl("grouped_mm", &grouped_mm_cuda); }
 
 }  // namespace mixops

@@ -1,7 +1,9 @@
 // grouped_mm SM90 path, the dispatcher: supported(), workspace_bytes() and run() over the six
 // CUTLASS instantiations (gemm_<dtype>_<ab>_sm90.cu), plus the launch of the CUDA-core rescue
-// kernel (rescue_kernel.cuh) for groups whose start breaks TMA's 16-byte alignment. Kept apart from the instantiations
-// so it compiles fast and without CUTLASS; named *_sm90.cu so it is built for sm_90a only, like them.
+// kernel (rescue_kernel.cuh) for groups whose start breaks TMA's 16-byte alignment. Kept apart from
+// the instantiations
+// so it compiles fast and without CUTLASS; named *_sm90.cu so it is built for sm_90a only, like
+// them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,7 +59,8 @@ size_t workspace_bytes(const GroupedMmParams& p, const LaunchConfig& cfg) {
 
 void run(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg) {
   if (!supported(p)) {
-    throw std::runtime_error("grouped_mm sm90: parameters not supported (dtype, layout or alignment)");
+    throw std::runtime_error(
+        "grouped_mm sm90: parameters not supported (dtype, layout or alignment)");
   }
   if (p.num_groups <= 0) return;
   if (workspace == nullptr || !is_aligned(workspace, kWorkspaceAlign)) {

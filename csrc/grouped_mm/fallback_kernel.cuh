@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
           const int r = a_k_fast ? idx / kBK : idx % kBM;
           const int kk = a_k_fast ? idx % kBK : idx / kBM;
           const int64_t gr = m0 + r, gk = k0 + kk;
-          As[kk][r] = (gr < q.gm && gk < q.gk) ? to_acc(A[gr * p.a_stride_m + gk * p.a_stride_k])
-                                               : Acc(0);
+          As[kk][r] =
+              (gr < q.gm && gk < q.gk) ? to_acc(A[gr * p.a_stride_m + gk * p.a_stride_k]) : Acc(0);
         }
 #pragma unroll
         for (int l = 0; l < (kBN * kBK) / kThreads; ++l) {
@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
           const int c = b_n_fast ? idx % kBN : idx / kBK;
           const int kk = b_n_fast ? idx / kBN : idx % kBK;
           const int64_t gc = n0 + c, gk = k0 + kk;
-          Bs[kk][c] = (gc < q.gn && gk < q.gk) ? to_acc(B[gk * p.b_stride_k + gc * p.b_stride_n])
-                                               : Acc(0);
+          Bs[kk][c] =
+              (gc < q.gn && gk < q.gk) ? to_acc(B[gk * p.b_stride_k + gc * p.b_stride_n]) : Acc(0);
         }
         __syncthreads();
 #pragma unroll
@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t c = n0 + tx + 16 * j;
-          if (c < q.gn) O[r * p.out_stride_m + c] = from_acc<T>(acc[i][j]);  // out is unit-stride in n
+          if (c < q.gn)
+            O[r * p.out_stride_m + c] = from_acc<T>(acc[i][j]);  // out is unit-stride in n
         }
       }
     }

@@ -6,8 +6,8 @@
 namespace mixops::cuda::sm80 {
 
 void run_bf16_cr(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg) {
-  run_grouped<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, TensorOp16Config>(
-      p, workspace, cfg);
+  run_grouped<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
+              TensorOp16Config>(p, workspace, cfg);
 }
 
 }  // namespace mixops::cuda::sm80

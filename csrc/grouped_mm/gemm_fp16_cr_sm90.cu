@@ -1,4 +1,5 @@
-// grouped_mm SM90 (sm_90a) instantiation: fp16, column-major A, row-major B. One CUTLASS grouped GEMM per
+// grouped_mm SM90 (sm_90a) instantiation: fp16, column-major A, row-major B. One CUTLASS grouped
+// GEMM per
 // translation unit so the six heavy instantiations compile in parallel; the template is in
 // sm90.cuh and the dispatcher over the six in dispatch_sm90.cu.
 #include "grouped_mm/sm90.cuh"

@@ -6,8 +6,8 @@
 namespace mixops::cuda::sm80 {
 
 void run_fp16_rr(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg) {
-  run_grouped<cutlass::half_t, cutlass::layout::RowMajor, cutlass::layout::RowMajor, TensorOp16Config>(
-      p, workspace, cfg);
+  run_grouped<cutlass::half_t, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
+              TensorOp16Config>(p, workspace, cfg);
 }
 
 }  // namespace mixops::cuda::sm80

@@ -38,7 +38,7 @@ struct GroupedMmParams {
   const void* b;
   int64_t b_stride_e, b_stride_k, b_stride_n;  // b_stride_e unused when ragged_k
   Layout b_layout;
-  void* out;  // always row-major with unit stride along n
+  void* out;                           // always row-major with unit stride along n
   int64_t out_stride_e, out_stride_m;  // out_stride_e unused when !ragged_k
 
   const int32_t* offsets;  // [E] cumulative group ends, int32 (device memory for CUDA)
@@ -53,9 +53,7 @@ struct GroupProblem {
   int64_t begin, end;  // the clamped range of the ragged dimension
 };
 
-MIXOPS_INLINE int64_t grouped_mm_total(const GroupedMmParams& p) {
-  return p.ragged_k ? p.k : p.m;
-}
+MIXOPS_INLINE int64_t grouped_mm_total(const GroupedMmParams& p) { return p.ragged_k ? p.k : p.m; }
 
 // Clamped bounds of group g: begin = clamp(offsets[g-1], 0, total), end in [begin, total].
 // Invalid offsets set bits in *error (never read past total, never a negative length).
@@ -111,7 +109,8 @@ MIXOPS_INLINE int64_t grouped_mm_ldb(const GroupedMmParams& p) {
 // (the path checks), but a group that starts inside a unit-stride dimension starts at an
 // arbitrary element: A for ragged_k with row-major A (a + begin), B for ragged_k with col-major B
 // (b + begin), A for !ragged_k with col-major A (a + begin). Offsets live on the device, so this
-// is decided per group there: such groups get no CUTLASS tiles and a CUDA-core kernel computes them.
+// is decided per group there: such groups get no CUTLASS tiles and a CUDA-core kernel computes
+// them.
 MIXOPS_INLINE bool grouped_mm_may_misalign(const GroupedMmParams& p) {
   return p.ragged_k ? (p.a_layout == Layout::kRowMajor || p.b_layout == Layout::kColMajor)
                     : p.a_layout == Layout::kColMajor;

@@ -82,8 +82,7 @@ size_t grouped_mm_workspace_bytes(const GroupedMmParams& p, const LaunchConfig& 
     case GroupedMmPath::kFp32Simt:
     case GroupedMmPath::kFp32Tf32:
       return sm80::workspace_bytes(p);  // per-group argument arrays, 256-byte-aligned sub-buffers
-    case GroupedMmPath::kFallback:
-      return 0;
+    case GroupedMmPath::kFallback: return 0;
   }
   return 0;
 }
@@ -105,18 +104,10 @@ void grouped_mm_launch(const GroupedMmParams& p, void* workspace, const LaunchCo
 #else
       throw std::runtime_error("mixops::grouped_mm: SM90 path selected but not built");
 #endif
-    case GroupedMmPath::kSm80TensorOp:
-      run_sm80_tensorop(p, workspace, cfg);
-      break;
-    case GroupedMmPath::kFp32Simt:
-      run_fp32(p, workspace, cfg, /*tf32=*/false);
-      break;
-    case GroupedMmPath::kFp32Tf32:
-      run_fp32(p, workspace, cfg, /*tf32=*/true);
-      break;
-    case GroupedMmPath::kFallback:
-      detail::launch_grouped_mm_fallback(p, cfg);
-      break;
+    case GroupedMmPath::kSm80TensorOp: run_sm80_tensorop(p, workspace, cfg); break;
+    case GroupedMmPath::kFp32Simt: run_fp32(p, workspace, cfg, /*tf32=*/false); break;
+    case GroupedMmPath::kFp32Tf32: run_fp32(p, workspace, cfg, /*tf32=*/true); break;
+    case GroupedMmPath::kFallback: detail::launch_grouped_mm_fallback(p, cfg); break;
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) {

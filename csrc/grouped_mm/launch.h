@@ -9,7 +9,8 @@
 //  * layouts are one of: (A row, B row), (A row, B col), (A col, B row); out is row-major.
 //  * workspace points to grouped_mm_workspace_bytes(...) bytes of device memory, 256-byte aligned.
 //  * everything is enqueued on cfg.stream; nothing synchronises the host (CUDA-graph capturable).
-//  * errors that are the caller's fault or a CUTLASS can_implement failure throw std::runtime_error.
+//  * errors that are the caller's fault or a CUTLASS can_implement failure throw
+// std::runtime_error.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,9 +23,9 @@
 namespace mixops::cuda {
 
 struct LaunchConfig {
-  int cc_major = 0;    // compute capability of the current device
+  int cc_major = 0;  // compute capability of the current device
   int cc_minor = 0;
-  int num_sms = 0;     // multiprocessor count of the current device
+  int num_sms = 0;          // multiprocessor count of the current device
   bool allow_tf32 = false;  // torch.backends.cuda.matmul.allow_tf32
   cudaStream_t stream = nullptr;
 };

@@ -9,7 +9,8 @@
 //                                            there), when built and grouped_mm_sm90_supported;
 //   SM80 tensor op (CUTLASS 2 GemmGrouped)   bf16/fp16 on cc >= 8.0 meeting the 8-element rules;
 //   fp32 TF32 / fp32 SIMT (CUTLASS 2)        fp32 on cc >= 8.0: TF32 when allow_tf32 and 4-aligned;
-//   fallback (mixops's own tiled kernel)     everything else (fp64, odd strides, huge sizes, < 8.0).
+//   fallback (mixops's own tiled kernel)     everything else (fp64, odd strides, huge sizes, <
+// 8.0).
 #pragma once
 
 #include <cstdint>
@@ -87,11 +88,13 @@ inline bool cutlass2_aligned(const GroupedMmParams& p, int64_t align) {
 // layouts RR, RC or CR.
 inline bool grouped_mm_sm90_supported(const GroupedMmParams& p) {
   if (p.dtype != Dtype::kBFloat16 && p.dtype != Dtype::kFloat16) return false;
-  if (p.a_layout == Layout::kColMajor && p.b_layout == Layout::kColMajor) return false;  // RR, RC, CR only
+  if (p.a_layout == Layout::kColMajor && p.b_layout == Layout::kColMajor)
+    return false;  // RR, RC, CR only
   if (!is_aligned(p.a, 16) || !is_aligned(p.b, 16) || !is_aligned(p.out, 16)) return false;
   // TMA: non-unit strides multiples of 16 bytes and below 2^40 bytes.
   auto ld_ok = [](int64_t ld) { return ld > 0 && ld % 8 == 0 && ld < (int64_t(1) << 39); };
-  if (!ld_ok(grouped_mm_lda(p)) || !ld_ok(grouped_mm_ldb(p)) || !ld_ok(p.out_stride_m)) return false;
+  if (!ld_ok(grouped_mm_lda(p)) || !ld_ok(grouped_mm_ldb(p)) || !ld_ok(p.out_stride_m))
+    return false;
   const int64_t group_stride = p.ragged_k ? p.out_stride_e : p.b_stride_e;  // 0: broadcast, fine
   if (group_stride < 0 || group_stride % 8 != 0) return false;
   // CUTLASS problem shapes are int32 (the scheduler's tile counts are 64-bit).
@@ -115,8 +118,7 @@ inline GroupedMmPath select_path(const GroupedMmParams& p, const DeviceFacts& cf
       if (!cutlass_ok) return GroupedMmPath::kFallback;
       if (cfg.allow_tf32 && cutlass2_aligned(p, 4)) return GroupedMmPath::kFp32Tf32;
       return GroupedMmPath::kFp32Simt;  // alignment 1: any strides of a supported combo
-    default:
-      return GroupedMmPath::kFallback;
+    default: return GroupedMmPath::kFallback;
   }
 }
 

@@ -13,8 +13,10 @@ namespace mixops::cuda::sm90 {
 constexpr int kRescueThreads = 256;
 
 // Computes, on CUDA cores with fp32 accumulation, exactly the groups the argument builder gave no
-// CUTLASS tiles for because their start is misaligned (same predicate: grouped_mm_group_tma_aligned).
-// Only launched for layouts where that can happen (grouped_mm_may_misalign). Correct but slow (one output element
+// CUTLASS tiles for because their start is misaligned (same predicate:
+// grouped_mm_group_tma_aligned).
+// Only launched for layouts where that can happen (grouped_mm_may_misalign). Correct but slow (one
+// output element
 // per thread, operands from L1/L2): a safety net for offsets that are not multiples of 8, not a
 // fast path. Every block walks all groups; aligned ones cost two offset loads.
 template <class T>

@@ -168,13 +168,11 @@ void run_grouped(const GroupedMmParams& p, void* workspace, const LaunchConfig& 
   using EC = typename Gemm::ElementC;
   const ArgsLayout l = args_layout(p.num_groups);
   char* ws = static_cast<char*>(workspace);
-  const GroupArgs<EA, EB, EC> d{reinterpret_cast<int32_t*>(ws + l.problems),
-                                reinterpret_cast<EA**>(ws + l.ptr_a),
-                                reinterpret_cast<EB**>(ws + l.ptr_b),
-                                reinterpret_cast<EC**>(ws + l.ptr_d),
-                                reinterpret_cast<int64_t*>(ws + l.lda),
-                                reinterpret_cast<int64_t*>(ws + l.ldb),
-                                reinterpret_cast<int64_t*>(ws + l.ldd)};
+  const GroupArgs<EA, EB, EC> d{
+      reinterpret_cast<int32_t*>(ws + l.problems), reinterpret_cast<EA**>(ws + l.ptr_a),
+      reinterpret_cast<EB**>(ws + l.ptr_b),        reinterpret_cast<EC**>(ws + l.ptr_d),
+      reinterpret_cast<int64_t*>(ws + l.lda),      reinterpret_cast<int64_t*>(ws + l.ldb),
+      reinterpret_cast<int64_t*>(ws + l.ldd)};
   auto* problems = reinterpret_cast<cutlass::gemm::GemmCoord*>(d.shapes);
 
   const unsigned build_blocks =

@@ -4,8 +4,10 @@
 //
 // Kernel: pointer-array grouped GEMM (CUTLASS example 57): TMA loads, GMMA, warp-specialised
 // cooperative schedule, per-group problem shapes / pointers / strides read from device memory, so
-// nothing about offsets is ever known on the host. The device kernel of args_kernel.cuh builds those
-// arrays from params.offsets right before the GEMM on the same stream (CUDA-graph capturable: no sync, no
+// nothing about offsets is ever known on the host. The device kernel of args_kernel.cuh builds
+// those
+// arrays from params.offsets right before the GEMM on the same stream (CUDA-graph capturable: no
+// sync, no
 // allocation, no host read of device memory).
 #pragma once
 
@@ -17,6 +19,8 @@
 #include <string>
 #include <type_traits>
 
+#include "core/align.h"
+#include "core/cuda_launch.h"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -25,8 +29,6 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "core/align.h"
-#include "core/cuda_launch.h"
 #include "grouped_mm/args_kernel.cuh"
 #include "grouped_mm/sm90.h"
 
@@ -36,9 +38,16 @@
 
 namespace mixops::cuda::sm90::detail {
 
-template <Dtype> struct CutlassElement;
-template <> struct CutlassElement<Dtype::kBFloat16> { using type = cutlass::bfloat16_t; };
-template <> struct CutlassElement<Dtype::kFloat16> { using type = cutlass::half_t; };
+template <Dtype>
+struct CutlassElement;
+template <>
+struct CutlassElement<Dtype::kBFloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CutlassElement<Dtype::kFloat16> {
+  using type = cutlass::half_t;
+};
 
 template <Layout L>
 using CutlassLayout = cute::conditional_t<L == Layout::kRowMajor, cutlass::layout::RowMajor,
@@ -60,16 +69,15 @@ struct Config {
   // D = 1 * acc (no C source: ElementC = void, beta = 0), stored by TMA in Element.
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accum, Accum,
-      void, LayoutD*, kAlign, Element, LayoutD*, kAlign,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accum, Accum, void, LayoutD*, kAlign,
+      Element, LayoutD*, kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::fusion::LinearCombination<Element, Accum>>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, LayoutA*, kAlign, Element, LayoutB*, kAlign, Accum, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
+      LayoutB*, kAlign, Accum, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
@@ -94,7 +102,8 @@ struct ArgsLayoutCheck {
     }
     return s;
   }
-  static_assert(sizeof(typename Cfg::Shape) == 3 * sizeof(int32_t), "Shape must be (int, int, int)");
+  static_assert(sizeof(typename Cfg::Shape) == 3 * sizeof(int32_t),
+                "Shape must be (int, int, int)");
   static_assert(sizeof(typename Cfg::StrideA) == sizeof(int64_t) &&
                     std::bit_cast<int64_t>(ld_stride<typename Cfg::StrideA>(12345)) == 12345,
                 "StrideA must be exactly its int64 leading dimension");
@@ -144,7 +153,8 @@ inline int sm_count_of(const LaunchConfig& cfg) {
   if (cfg.num_sms > 0) return cfg.num_sms;
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      sms <= 0) {
     throw std::runtime_error("grouped_mm sm90: cannot query the multiprocessor count");
   }
   return sms;
@@ -153,8 +163,9 @@ inline int sm_count_of(const LaunchConfig& cfg) {
 // Arguments over the device arrays in `w` (also used, with a null base, just to size CUTLASS's
 // workspace: get_workspace_size reads only hw_info.sm_count here).
 template <class Cfg, class Element>
-typename Cfg::Gemm::Arguments make_arguments(const GroupedMmParams& p, const DeviceArgs<Cfg, Element>& d,
-                                             int sm_count, int device_id) {
+typename Cfg::Gemm::Arguments make_arguments(const GroupedMmParams& p,
+                                             const DeviceArgs<Cfg, Element>& d, int sm_count,
+                                             int device_id) {
   typename Cfg::Gemm::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
   args.problem_shape = {p.num_groups, d.shapes, nullptr};  // shapes on the device only
@@ -175,7 +186,8 @@ size_t GroupedGemm<kDtype, kLayoutA, kLayoutB>::workspace_bytes(const GroupedMmP
                                                                 const LaunchConfig& cfg) {
   using Element = typename CutlassElement<kDtype>::type;
   using Cfg = Config<Element, CutlassLayout<kLayoutA>, CutlassLayout<kLayoutB>>;
-  const auto args = make_arguments<Cfg, Element>(p, DeviceArgs<Cfg, Element>{}, sm_count_of(cfg), 0);
+  const auto args =
+      make_arguments<Cfg, Element>(p, DeviceArgs<Cfg, Element>{}, sm_count_of(cfg), 0);
   return make_plan(p.num_groups, Cfg::Gemm::get_workspace_size(args)).total;
 }
 
@@ -193,8 +205,8 @@ void GroupedGemm<kDtype, kLayoutA, kLayoutB>::run(const GroupedMmParams& p, void
   }
 
   // Same sizing as workspace_bytes (same sm count), so the caller's buffer fits this plan.
-  const size_t cutlass_bytes =
-      Gemm::get_workspace_size(make_arguments<Cfg, Element>(p, DeviceArgs<Cfg, Element>{}, sms, device_id));
+  const size_t cutlass_bytes = Gemm::get_workspace_size(
+      make_arguments<Cfg, Element>(p, DeviceArgs<Cfg, Element>{}, sms, device_id));
   static_assert(ArgsLayoutCheck<Cfg>::ok);
   const Plan w = make_plan(p.num_groups, cutlass_bytes);
   auto* base = static_cast<uint8_t*>(workspace);
@@ -231,8 +243,9 @@ void GroupedGemm<kDtype, kLayoutA, kLayoutB>::run(const GroupedMmParams& p, void
   if (st == cutlass::Status::kSuccess) st = gemm.run(cfg.stream);
   if (st != cutlass::Status::kSuccess) {
     const cudaError_t e = cudaGetLastError();
-    throw std::runtime_error(std::string("grouped_mm sm90: CUTLASS ") + cutlass::cutlassGetStatusString(st) +
-                             " (" + cudaGetErrorString(e) + ")");
+    throw std::runtime_error(std::string("grouped_mm sm90: CUTLASS ") +
+                             cutlass::cutlassGetStatusString(st) + " (" + cudaGetErrorString(e) +
+                             ")");
   }
 }
 

@@ -8,8 +8,8 @@
 
 #include <cstddef>
 
-#include "grouped_mm/launch.h"
 #include "grouped_mm/grouped_mm.h"
+#include "grouped_mm/launch.h"
 
 namespace mixops::cuda::sm90 {
 

@@ -32,8 +32,8 @@ void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
       static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_x));
   const unsigned gy =
       p.ragged_k ? static_cast<unsigned>(std::clamp<int64_t>(p.num_groups, 1, 65535)) : 1u;
-  zero_fill_kernel<V><<<dim3(gx, gy, 1), kThreads, 0, cfg.stream>>>(p, row_v, stride_m_v,
-                                                                     stride_e_v);
+  zero_fill_kernel<V>
+      <<<dim3(gx, gy, 1), kThreads, 0, cfg.stream>>>(p, row_v, stride_m_v, stride_e_v);
 }
 
 }  // namespace
@@ -42,8 +42,7 @@ void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
 void launch_grouped_mm_zero(const GroupedMmParams& p, const LaunchConfig& cfg) {
   if (p.num_groups <= 0 && p.ragged_k) return;  // out is [0, m, n]: nothing to write or check
   const size_t es = dtype_size(p.dtype);
-  const bool vec16 = is_aligned(p.out, 16) &&
-                     (p.n * static_cast<int64_t>(es)) % 16 == 0 &&
+  const bool vec16 = is_aligned(p.out, 16) && (p.n * static_cast<int64_t>(es)) % 16 == 0 &&
                      (p.out_stride_m * static_cast<int64_t>(es)) % 16 == 0 &&
                      (!p.ragged_k || (p.out_stride_e * static_cast<int64_t>(es)) % 16 == 0);
   if (vec16) {

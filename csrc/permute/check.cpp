@@ -1,11 +1,12 @@
 // permute / unpermute validation: every message in one place (see check.h).
 #include "permute/check.h"
-#include "core/error_record.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "core/error_record.h"
 
 namespace mixops {
 namespace {
@@ -16,23 +17,29 @@ void check_float(const at::Tensor& t, const char* op, const char* name) {
               ": ", name, " must be float32, bfloat16 or float16 (or float64), got ", dt);
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                       const char* name, const char* ref_name) {
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
               ref_name, " (", ref.device(), "), got ", t.device());
 }
 
 void check_row_map(const at::Tensor& row_map, int64_t num_tokens, const char* op,
                    const char* tokens_from) {
-  TORCH_CHECK(row_map.scalar_type() == at::kInt, op, ": row_map must be int32 (from permute), "
-              "got ", row_map.scalar_type());
-  TORCH_CHECK(row_map.dim() == 2 && row_map.size(0) == num_tokens, op, ": row_map must have "
-              "shape [num_tokens, k] with num_tokens = ", tokens_from, " = ", num_tokens,
-              ", got ", row_map.sizes(), "; is it from a permute call of another shape?");
+  TORCH_CHECK(row_map.scalar_type() == at::kInt, op,
+              ": row_map must be int32 (from permute), "
+              "got ",
+              row_map.scalar_type());
+  TORCH_CHECK(row_map.dim() == 2 && row_map.size(0) == num_tokens, op,
+              ": row_map must have "
+              "shape [num_tokens, k] with num_tokens = ",
+              tokens_from, " = ", num_tokens, ", got ", row_map.sizes(),
+              "; is it from a permute call of another shape?");
   TORCH_CHECK(row_map.size(1) >= 1, op, ": row_map must have k >= 1 columns, got ",
               row_map.sizes());
-  TORCH_CHECK(row_map.numel() < INT32_MAX, op, ": row_map must have num_tokens * k < 2^31 - 1 "
-              "slots (as permute gives), got shape ", row_map.sizes());
+  TORCH_CHECK(row_map.numel() < INT32_MAX, op,
+              ": row_map must have num_tokens * k < 2^31 - 1 "
+              "slots (as permute gives), got shape ",
+              row_map.sizes());
 }
 
 void check_weights(const std::optional<at::Tensor>& weights, const at::Tensor& row_map,
@@ -55,23 +62,32 @@ int64_t permute_check(const at::Tensor& x, const at::Tensor& ids, int64_t num_ex
   check_float(x, "permute", "x");
   TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
               "permute: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0), "permute: ids must have shape "
-              "[num_tokens, k] with num_tokens = x.size(0) = ", x.size(0), ", got ", ids.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0),
+              "permute: ids must have shape "
+              "[num_tokens, k] with num_tokens = x.size(0) = ",
+              x.size(0), ", got ", ids.sizes());
   TORCH_CHECK(ids.size(1) >= 1, "permute: ids must have k >= 1 columns, got ", ids.sizes());
   check_same_device(ids, x, "permute", "ids", "x");
-  TORCH_CHECK(num_experts >= 1 && num_experts <= INT32_MAX, "permute: num_experts must be in "
-              "[1, 2^31), got ", num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= INT32_MAX,
+              "permute: num_experts must be in "
+              "[1, 2^31), got ",
+              num_experts);
   const int64_t slots = ids.size(0) * ids.size(1);
-  TORCH_CHECK(slots < INT32_MAX, "permute: num_tokens * k must be < 2^31 - 1 (row_map is int32), "
-              "got ids of shape ", ids.sizes());
+  TORCH_CHECK(slots < INT32_MAX,
+              "permute: num_tokens * k must be < 2^31 - 1 (row_map is int32), "
+              "got ids of shape ",
+              ids.sizes());
   if (capacity) TORCH_CHECK(*capacity >= 0, "permute: capacity must be >= 0, got ", *capacity);
   if (priority) {
-    TORCH_CHECK(capacity.has_value(), "permute: priority only orders slots competing for "
+    TORCH_CHECK(capacity.has_value(),
+                "permute: priority only orders slots competing for "
                 "capacity; give capacity too");
     TORCH_CHECK(priority->sizes() == ids.sizes(), "permute: priority must have the shape of ids ",
                 ids.sizes(), ", got ", priority->sizes());
-    TORCH_CHECK(at::isFloatingType(priority->scalar_type()), "permute: priority must be a "
-                "floating point tensor, got ", priority->scalar_type());
+    TORCH_CHECK(at::isFloatingType(priority->scalar_type()),
+                "permute: priority must be a "
+                "floating point tensor, got ",
+                priority->scalar_type());
     check_same_device(*priority, x, "permute", "priority", "x");
   }
   return permute::num_rows(ids.size(0), ids.size(1), num_experts, capacity ? *capacity : -1);
@@ -82,15 +98,18 @@ void permute_check_ids_values(const at::Tensor& ids, int64_t num_experts) {
   const int64_t* p = c.data_ptr<int64_t>();
   const int64_t k = ids.size(1);
   for (int64_t i = 0; i < c.numel(); ++i)
-    TORCH_CHECK(p[i] >= -1 && p[i] < num_experts, "permute: ids values must be in [-1, "
-                "num_experts = ", num_experts, ") (-1: no expert), got ids[", i / k, ", ", i % k,
-                "] = ", p[i]);
+    TORCH_CHECK(p[i] >= -1 && p[i] < num_experts,
+                "permute: ids values must be in [-1, "
+                "num_experts = ",
+                num_experts, ") (-1: no expert), got ids[", i / k, ", ", i % k, "] = ", p[i]);
 }
 
 void unpermute_check(const at::Tensor& y_sorted, const at::Tensor& row_map,
                      const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(y_sorted.dim() == 2, "unpermute: y_sorted must be 2-D [num_rows, hidden], got "
-              "shape ", y_sorted.sizes());
+  TORCH_CHECK(y_sorted.dim() == 2,
+              "unpermute: y_sorted must be 2-D [num_rows, hidden], got "
+              "shape ",
+              y_sorted.sizes());
   check_float(y_sorted, "unpermute", "y_sorted");
   TORCH_CHECK(row_map.dim() == 2, "unpermute: row_map must be 2-D [num_tokens, k], got shape ",
               row_map.sizes());
@@ -101,8 +120,10 @@ void unpermute_check(const at::Tensor& y_sorted, const at::Tensor& row_map,
 
 void unpermute_backward_check(const at::Tensor& grad_y, const at::Tensor& row_map,
                               const std::optional<at::Tensor>& weights, int64_t num_rows) {
-  TORCH_CHECK(grad_y.dim() == 2, "unpermute_backward: grad_y must be 2-D [num_tokens, hidden], "
-              "got shape ", grad_y.sizes());
+  TORCH_CHECK(grad_y.dim() == 2,
+              "unpermute_backward: grad_y must be 2-D [num_tokens, hidden], "
+              "got shape ",
+              grad_y.sizes());
   check_float(grad_y, "unpermute_backward", "grad_y");
   check_row_map(row_map, grad_y.size(0), "unpermute_backward", "grad_y.size(0)");
   check_same_device(row_map, grad_y, "unpermute_backward", "row_map", "grad_y");
@@ -113,14 +134,17 @@ void unpermute_backward_check(const at::Tensor& grad_y, const at::Tensor& row_ma
 void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor& y_sorted,
                                       const at::Tensor& row_map, const at::Tensor& weights) {
   const char* op = "unpermute_weights_backward";
-  TORCH_CHECK(grad_y.dim() == 2 && y_sorted.dim() == 2, op, ": grad_y [num_tokens, hidden] and "
-              "y_sorted [num_rows, hidden] must be 2-D, got ", grad_y.sizes(), " and ",
-              y_sorted.sizes());
+  TORCH_CHECK(grad_y.dim() == 2 && y_sorted.dim() == 2, op,
+              ": grad_y [num_tokens, hidden] and "
+              "y_sorted [num_rows, hidden] must be 2-D, got ",
+              grad_y.sizes(), " and ", y_sorted.sizes());
   check_float(grad_y, op, "grad_y");
-  TORCH_CHECK(y_sorted.scalar_type() == grad_y.scalar_type() &&
-              y_sorted.size(1) == grad_y.size(1), op, ": y_sorted must match grad_y in dtype "
-              "and hidden size, got ", y_sorted.scalar_type(), " ", y_sorted.sizes(), " and ",
-              grad_y.scalar_type(), " ", grad_y.sizes());
+  TORCH_CHECK(y_sorted.scalar_type() == grad_y.scalar_type() && y_sorted.size(1) == grad_y.size(1),
+              op,
+              ": y_sorted must match grad_y in dtype "
+              "and hidden size, got ",
+              y_sorted.scalar_type(), " ", y_sorted.sizes(), " and ", grad_y.scalar_type(), " ",
+              grad_y.sizes());
   check_same_device(y_sorted, grad_y, op, "y_sorted", "grad_y");
   check_row_map(row_map, grad_y.size(0), op, "grad_y.size(0)");
   check_same_device(row_map, grad_y, op, "row_map", "grad_y");
@@ -140,8 +164,10 @@ void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows,
   std::fill(slot_of, slot_of + num_rows, -1);
   for (int64_t i = 0; i < c.numel(); ++i) {
     const int64_t r = p[i];
-    TORCH_CHECK(r >= -1 && r < num_rows, op, ": row_map values must be in [-1, num_rows = ",
-                num_rows, "), got row_map[", i / k, ", ", i % k, "] = ", r, "; row_map must "
+    TORCH_CHECK(r >= -1 && r < num_rows, op,
+                ": row_map values must be in [-1, num_rows = ", num_rows, "), got row_map[", i / k,
+                ", ", i % k, "] = ", r,
+                "; row_map must "
                 "come from the permute call that produced these rows");
     if (r < 0) continue;
     TORCH_CHECK(slot_of[r] < 0, op, ": row_map maps two slots to row ", r, " (at row_map[", i / k,
@@ -174,11 +200,10 @@ const bool kPermuteMessagesRegistered = [] {
   register_error_message(ErrorSlot::kUnpermuteBackward, [](int32_t bits, const ErrorContext& c) {
     return permute_error_message(bits, "unpermute_backward", c.a, c.b);
   });
-  register_error_message(ErrorSlot::kUnpermuteWeightsBackward,
-                         [](int32_t bits, const ErrorContext& c) {
-                           return permute_error_message(bits, "unpermute_weights_backward", c.a,
-                                                        c.b);
-                         });
+  register_error_message(
+      ErrorSlot::kUnpermuteWeightsBackward, [](int32_t bits, const ErrorContext& c) {
+        return permute_error_message(bits, "unpermute_weights_backward", c.a, c.b);
+      });
   return true;
 }();
 

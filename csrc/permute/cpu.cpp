@@ -1,7 +1,8 @@
 // permute, unpermute and their backward ops on CPU (formats: csrc/permute/permute.h).
 // permute: per-chunk expert histograms (chunks of permute::kChunkSlots slots, in parallel), a scan
 // giving each chunk its first row per expert, then each chunk places its slots in order (stable,
-// so rows of an expert are in slot order), and the rows are gathered in output order. Capacity first ranks the slots of
+// so rows of an expert are in slot order), and the rows are gathered in output order. Capacity
+// first ranks the slots of
 // each expert in priority order (a sequential pass over choice-major slots, or a stable sort per
 // choice rank with priorities) and drops those ranked past the capacity.
 // unpermute: a token per iteration gathers its k rows (fp32 accumulation, j in order): no
@@ -140,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
   at::Tensor dropped = at::zeros({num_experts}, iopt);
   std::vector<int32_t> e_of(slots);
   const bool ok = ids.scalar_type() == at::kInt
-      ? experts_of_slots(ids.data_ptr<int32_t>(), slots, num_experts, e_of.data())
-      : experts_of_slots(ids.data_ptr<int64_t>(), slots, num_experts, e_of.data());
+                      ? experts_of_slots(ids.data_ptr<int32_t>(), slots, num_experts, e_of.data())
+                      : experts_of_slots(ids.data_ptr<int64_t>(), slots, num_experts, e_of.data());
   if (!ok) permute_check_ids_values(ids, num_experts);  // raises, naming the first bad id
   if (capacity) {
     const at::Tensor pr = priority ? priority->to(at::kFloat).contiguous() : at::Tensor();
@@ -150,9 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(
                    dropped.data_ptr<int32_t>());
   }
   std::vector<int32_t> src_token(num_rows);
-  const int64_t used = place_rows(e_of.data(), slots, static_cast<int32_t>(k),
-                                  static_cast<int32_t>(num_experts), offsets.data_ptr<int32_t>(),
-                                  row_map.data_ptr<int32_t>(), src_token.data());
+  const int64_t used =
+      place_rows(e_of.data(), slots, static_cast<int32_t>(k), static_cast<int32_t>(num_experts),
+                 offsets.data_ptr<int32_t>(), row_map.data_ptr<int32_t>(), src_token.data());
   gather_rows(static_cast<const uint8_t*>(x.data_ptr()), x.stride(0) * x.element_size(),
               h * x.element_size(), src_token.data(), used, num_rows,
               static_cast<uint8_t*>(x_sorted.data_ptr()));
@@ -239,30 +240,31 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
   const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
   const int64_t k = row_map.size(1), h = grad_y.size(1);
   at::Tensor out = empty_large({num_rows, h}, grad_y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
-                                  "unpermute_backward", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* g = grad_y.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    // Written in row order (as permute's gather: sequential stores and page faults).
-    at::parallel_for(0, num_rows, kTokenGrain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* row = dst + r * h;
-        const int32_t i = slot_of[r];
-        if (i < 0) {
-          std::fill(row, row + h, scalar_t(0));
-          continue;
-        }
-        const acc_t wi = weight_at<acc_t>(w, i);
-        const scalar_t* src = g + (i / k) * h;
-        for (int64_t c = 0; c < h; ++c) store(row, c, wi * load(src, c));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, out.scalar_type(), "unpermute_backward", [&] {
+        using acc_t = acc_of<scalar_t>;
+        const scalar_t* g = grad_y.data_ptr<scalar_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        // Written in row order (as permute's gather: sequential stores and page faults).
+        at::parallel_for(0, num_rows, kTokenGrain, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            scalar_t* row = dst + r * h;
+            const int32_t i = slot_of[r];
+            if (i < 0) {
+              std::fill(row, row + h, scalar_t(0));
+              continue;
+            }
+            const acc_t wi = weight_at<acc_t>(w, i);
+            const scalar_t* src = g + (i / k) * h;
+            for (int64_t c = 0; c < h; ++c) store(row, c, wi * load(src, c));
+          }
+        });
+      });
   return out;
 }
 
-at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_sorted_in,
+at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in,
+                                          const at::Tensor& y_sorted_in,
                                           const at::Tensor& row_map_in, const at::Tensor& weights) {
   unpermute_weights_backward_check(grad_y_in, y_sorted_in, row_map_in, weights);
   const at::Tensor grad_y = grad_y_in.contiguous();
@@ -272,44 +274,44 @@ at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in, const at:
   const int64_t t = row_map.size(0), k = row_map.size(1), h = grad_y.size(1);
   at::Tensor gw = at::empty({t, k}, weights.options());
   const int32_t* rm = row_map.data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(),
-                                  "unpermute_weights_backward", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* g = grad_y.data_ptr<scalar_t>();
-    const scalar_t* ys = y_sorted.data_ptr<scalar_t>();
-    const int64_t ld = y_sorted.stride(0);
-    std::vector<acc_t> dots(t * k);
-    at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      for (int64_t tok = t0; tok < t1; ++tok) {
-        // The token's rows side by side, a block of columns at a time (as in unpermute).
-        const scalar_t* a = g + tok * h;
-        for (int64_t j0 = 0; j0 < k; j0 += kMaxGatherRows) {
-          const int64_t n = std::min<int64_t>(kMaxGatherRows, k - j0);
-          const scalar_t* rows[kMaxGatherRows];
-          acc_t d[kMaxGatherRows];
-          for (int64_t i = 0; i < n; ++i) {
-            const int32_t r = rm[tok * k + j0 + i];
-            rows[i] = r >= 0 ? ys + r * ld : nullptr;
-            d[i] = 0;
-          }
-          for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
-            const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
-            for (int64_t i = 0; i < n; ++i) {
-              if (!rows[i]) continue;
-              const scalar_t* b = rows[i] + c0;
-              acc_t part = 0;
-              for (int64_t c = 0; c < nc; ++c)
-                part += load(a, c0 + c) * load(b, c);
-              d[i] += part;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad_y.scalar_type(), "unpermute_weights_backward", [&] {
+        using acc_t = acc_of<scalar_t>;
+        const scalar_t* g = grad_y.data_ptr<scalar_t>();
+        const scalar_t* ys = y_sorted.data_ptr<scalar_t>();
+        const int64_t ld = y_sorted.stride(0);
+        std::vector<acc_t> dots(t * k);
+        at::parallel_for(0, t, kTokenGrain, [&](int64_t t0, int64_t t1) {
+          for (int64_t tok = t0; tok < t1; ++tok) {
+            // The token's rows side by side, a block of columns at a time (as in unpermute).
+            const scalar_t* a = g + tok * h;
+            for (int64_t j0 = 0; j0 < k; j0 += kMaxGatherRows) {
+              const int64_t n = std::min<int64_t>(kMaxGatherRows, k - j0);
+              const scalar_t* rows[kMaxGatherRows];
+              acc_t d[kMaxGatherRows];
+              for (int64_t i = 0; i < n; ++i) {
+                const int32_t r = rm[tok * k + j0 + i];
+                rows[i] = r >= 0 ? ys + r * ld : nullptr;
+                d[i] = 0;
+              }
+              for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
+                const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
+                for (int64_t i = 0; i < n; ++i) {
+                  if (!rows[i]) continue;
+                  const scalar_t* b = rows[i] + c0;
+                  acc_t part = 0;
+                  for (int64_t c = 0; c < nc; ++c) part += load(a, c0 + c) * load(b, c);
+                  d[i] += part;
+                }
+              }
+              for (int64_t i = 0; i < n; ++i) dots[tok * k + j0 + i] = d[i];
             }
           }
-          for (int64_t i = 0; i < n; ++i) dots[tok * k + j0 + i] = d[i];
-        }
-      }
-    });
-    gw.copy_(at::from_blob(dots.data(), {t, k}, at::TensorOptions().dtype(
-        std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)));
-  });
+        });
+        gw.copy_(at::from_blob(
+            dots.data(), {t, k},
+            at::TensorOptions().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)));
+      });
   return gw;
 }
 

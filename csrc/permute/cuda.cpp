@@ -9,9 +9,9 @@
 #include <torch/library.h>
 
 #include "core/op_dtype.h"
-#include "permute/check.h"
 #include "core/op_launch.h"
 #include "core/op_scratch.h"
+#include "permute/check.h"
 #include "permute/launch.h"
 
 namespace mixops {
@@ -119,9 +119,8 @@ at::Tensor unpermute_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor
   const cuda::OpScratch scratch(out.options(), cuda::unpermute_backward_workspace_bytes(p), stream,
                                 ErrorSlot::kUnpermuteBackward, {0, num_rows});
   p.error_flag = scratch.flag();
-  launch_checked("unpermute_backward", [&] {
-    cuda::unpermute_backward_launch(p, scratch.workspace(), stream);
-  });
+  launch_checked("unpermute_backward",
+                 [&] { cuda::unpermute_backward_launch(p, scratch.workspace(), stream); });
   scratch.check();
   return out;
 }
@@ -146,7 +145,7 @@ at::Tensor unpermute_weights_backward_cuda(const at::Tensor& grad_y_in,
                                 {0, p.num_rows});
   p.error_flag = scratch.flag();
   launch_checked("unpermute_weights_backward",
-         [&] { cuda::unpermute_weights_backward_launch(p, stream); });
+                 [&] { cuda::unpermute_weights_backward_launch(p, stream); });
   scratch.check();
   return gw;
 }

@@ -1,5 +1,6 @@
 // permute / unpermute on CUDA: the torch-free boundary between the op layer (cuda.cpp:
-// validation, allocation through the torch allocator, stream) and the kernels (permute.cu + permute_kernel.cuh,
+// validation, allocation through the torch allocator, stream) and the kernels (permute.cu +
+// permute_kernel.cuh,
 // unpermute.cu + unpermute_kernel.cuh). Formats: permute.h.
 //
 // Contract for callers:
@@ -28,7 +29,7 @@ void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream);
 size_t unpermute_backward_workspace_bytes(const UnpermuteBackwardParams& p);
 // grad_y_sorted (every row written; rows no slot maps to are zero).
 void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace,
-                                    cudaStream_t stream);
+                               cudaStream_t stream);
 // grad_weights [T, k].
 void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStream_t stream);
 

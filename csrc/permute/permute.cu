@@ -1,10 +1,10 @@
 // permute on CUDA: the workspace plan and the launches of the kernels in permute_kernel.cuh
-// (histogram, chunk scan, expert scan, rank, gather; a CUB radix sort for priority capacity), behind
+// (histogram, chunk scan, expert scan, rank, gather; a CUB radix sort for priority capacity),
+// behind
 // launch.h. Everything is enqueued on the caller's stream; nothing synchronises the host.
+#include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime_api.h>
 #include <nvtx3/nvtx3.hpp>
-
-#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -18,7 +18,8 @@
 namespace mixops::cuda {
 namespace {
 
-using namespace permute_kernels;  // NOLINT(google-build-using-namespace): this file launches its kernels
+// This file launches its kernels.
+using namespace permute_kernels;  // NOLINT(google-build-using-namespace)
 
 // Byte offsets into the workspace (each 256-aligned); all sizes depend only on the shapes.
 struct Plan {
@@ -32,9 +33,10 @@ struct Plan {
 
 Plan make_plan(const PermuteParams& p) {
   const int64_t slots = p.num_tokens * p.k;
-  if (p.num_tokens < 0 || p.k < 0 || p.num_experts < 1 || slots >= INT32_MAX ||
-      p.num_rows < 0 || p.num_rows > INT32_MAX || p.hidden < 0) {
-    fail("permute", "unsupported shape (need num_experts >= 1 and num_tokens * k, num_rows < 2^31)");
+  if (p.num_tokens < 0 || p.k < 0 || p.num_experts < 1 || slots >= INT32_MAX || p.num_rows < 0 ||
+      p.num_rows > INT32_MAX || p.hidden < 0) {
+    fail("permute",
+         "unsupported shape (need num_experts >= 1 and num_tokens * k, num_rows < 2^31)");
   }
   Plan w;
   w.slots = static_cast<int32_t>(slots);
@@ -56,8 +58,9 @@ Plan make_plan(const PermuteParams& p) {
     for (int i = 0; i < 2; ++i) w.vals[i] = take(s4);
     cub::DoubleBuffer<uint64_t> kb(nullptr, nullptr);
     cub::DoubleBuffer<int32_t> vb(nullptr, nullptr);
-    check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, w.temp_bytes, kb, vb, w.slots, 0,
-                                               w.sort_end_bit), "permute", "radix sort size query");
+    check_cuda(
+        cub::DeviceRadixSort::SortPairs(nullptr, w.temp_bytes, kb, vb, w.slots, 0, w.sort_end_bit),
+        "permute", "radix sort size query");
     w.temp = take(w.temp_bytes);
   }
   w.total = ws.total;
@@ -75,7 +78,8 @@ void run_pass(const PermuteParams& p, const Plan& w, const SeqView& v, char* ws,
   if (E <= kHistSharedMaxE) {
     hist_kernel<kSeq, true><<<w.chunks, kHistThreads, E * sizeof(int32_t), stream>>>(v, E, hist);
   } else {
-    check_cuda(cudaMemsetAsync(hist, 0, static_cast<size_t>(w.chunks) * E * 4, stream), "permute", "histogram memset");
+    check_cuda(cudaMemsetAsync(hist, 0, static_cast<size_t>(w.chunks) * E * 4, stream), "permute",
+               "histogram memset");
     hist_kernel<kSeq, false><<<w.chunks, kHistThreads, 0, stream>>>(v, E, hist);
   }
   check_launch("permute", "histogram launch");
@@ -103,8 +107,8 @@ void launch_gather(const PermuteParams& p, const int32_t* row_token, cudaStream_
   const int64_t es = dtype_size(p.dtype);
   const int64_t row_v = p.hidden * es / static_cast<int64_t>(sizeof(V));
   const int64_t x_stride_v = p.x_stride * es / static_cast<int64_t>(sizeof(V));
-  const int64_t blocks = std::min<int64_t>((p.num_rows + kGatherWarps - 1) / kGatherWarps,
-                                           int64_t{1} << 16);
+  const int64_t blocks =
+      std::min<int64_t>((p.num_rows + kGatherWarps - 1) / kGatherWarps, int64_t{1} << 16);
   gather_kernel<V><<<static_cast<unsigned>(blocks), kGatherWarps * 32, 0, stream>>>(
       static_cast<const V*>(p.x), x_stride_v, static_cast<V*>(p.x_sorted), row_v, row_token,
       p.offsets, p.num_experts, p.num_rows, p.num_tokens);
@@ -150,8 +154,8 @@ void permute_launch(const PermuteParams& p, void* workspace, cudaStream_t stream
     return;
   }
 
-  SeqView v{reinterpret_cast<int32_t*>(ws + w.expert), nullptr,
-            static_cast<int32_t>(p.num_tokens), p.k, w.slots};
+  SeqView v{reinterpret_cast<int32_t*>(ws + w.expert), nullptr, static_cast<int32_t>(p.num_tokens),
+            p.k, w.slots};
   uint64_t* keys = w.sort ? reinterpret_cast<uint64_t*>(ws + w.keys[0]) : nullptr;
   int32_t* vals = w.sort ? reinterpret_cast<int32_t*>(ws + w.vals[0]) : nullptr;
   const int prep_blocks = static_cast<int>(
@@ -164,7 +168,8 @@ void permute_launch(const PermuteParams& p, void* workspace, cudaStream_t stream
     cub::DoubleBuffer<int32_t> vb(vals, reinterpret_cast<int32_t*>(ws + w.vals[1]));
     size_t temp_bytes = w.temp_bytes;
     check_cuda(cub::DeviceRadixSort::SortPairs(ws + w.temp, temp_bytes, kb, vb, w.slots, 0,
-                                               w.sort_end_bit, stream), "permute", "radix sort");
+                                               w.sort_end_bit, stream),
+               "permute", "radix sort");
     v.sorted = vb.Current();
     run_pass<Seq::kSorted, false>(p, w, v, ws, stream);
   } else if (w.rank_pass) {  // token order inside each choice rank

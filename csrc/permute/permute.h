@@ -37,37 +37,37 @@ enum PermuteError : int32_t {
 };
 
 struct PermuteParams {
-  Dtype dtype;           // of x and x_sorted
-  int64_t num_tokens;    // T
-  int32_t k;             // choices per token
-  int32_t num_experts;   // E
-  int64_t hidden;        // H
-  int64_t capacity;      // slots per expert; < 0: dropless
-  int64_t num_rows;      // permute_num_rows(T, k, E, capacity)
-  const void* x;         // [T, H], row stride x_stride, unit column stride
+  Dtype dtype;          // of x and x_sorted
+  int64_t num_tokens;   // T
+  int32_t k;            // choices per token
+  int32_t num_experts;  // E
+  int64_t hidden;       // H
+  int64_t capacity;     // slots per expert; < 0: dropless
+  int64_t num_rows;     // permute_num_rows(T, k, E, capacity)
+  const void* x;        // [T, H], row stride x_stride, unit column stride
   int64_t x_stride;
-  const void* ids;       // [T, k] contiguous, int32 or int64 (ids_int64)
+  const void* ids;  // [T, k] contiguous, int32 or int64 (ids_int64)
   bool ids_int64;
-  const float* priority; // [T, k] contiguous fp32, nullable (capacity priority by weight)
-  void* x_sorted;        // [num_rows, H] contiguous
-  int32_t* offsets;      // [E] cumulative row ends
-  int32_t* row_map;      // [T, k]
-  int32_t* dropped;      // [E] dropped slots per expert
-  int32_t* error_flag;   // nullable; CUDA: the op's device error slot (core/errors.h)
+  const float* priority;  // [T, k] contiguous fp32, nullable (capacity priority by weight)
+  void* x_sorted;         // [num_rows, H] contiguous
+  int32_t* offsets;       // [E] cumulative row ends
+  int32_t* row_map;       // [T, k]
+  int32_t* dropped;       // [E] dropped slots per expert
+  int32_t* error_flag;    // nullable; CUDA: the op's device error slot (core/errors.h)
 };
 
 struct UnpermuteParams {
-  Dtype dtype;            // of y_sorted and y
-  Dtype weights_dtype;    // fp32, fp64, or y's dtype
-  int64_t num_tokens;     // T
+  Dtype dtype;          // of y_sorted and y
+  Dtype weights_dtype;  // fp32, fp64, or y's dtype
+  int64_t num_tokens;   // T
   int32_t k;
-  int64_t hidden;         // H
-  int64_t num_rows;       // rows of y_sorted
-  const void* y_sorted;   // [num_rows, H], row stride y_sorted_stride, unit column stride
+  int64_t hidden;        // H
+  int64_t num_rows;      // rows of y_sorted
+  const void* y_sorted;  // [num_rows, H], row stride y_sorted_stride, unit column stride
   int64_t y_sorted_stride;
-  const int32_t* row_map; // [T, k] contiguous
-  const void* weights;    // [T, k] contiguous, nullable (= all ones)
-  void* y;                // [T, H] contiguous
+  const int32_t* row_map;  // [T, k] contiguous
+  const void* weights;     // [T, k] contiguous, nullable (= all ones)
+  void* y;                 // [T, H] contiguous
   int32_t* error_flag;
 };
 
@@ -75,12 +75,12 @@ struct UnpermuteParams {
 // maps to are zero. Backward (weights): grad_w[t, j] = <grad_y[t], y_sorted[row_map[t, j]]>
 // (0 for slots without a row), accumulated in fp32 (fp64 for fp64).
 struct UnpermuteBackwardParams {
-  Dtype dtype;             // of grad_y, y_sorted, grad_y_sorted
+  Dtype dtype;  // of grad_y, y_sorted, grad_y_sorted
   Dtype weights_dtype;
   int64_t num_tokens, hidden, num_rows;
   int32_t k;
-  const void* grad_y;      // [T, H] contiguous
-  const void* y_sorted;    // [num_rows, H] row stride y_sorted_stride (weights backward only)
+  const void* grad_y;    // [T, H] contiguous
+  const void* y_sorted;  // [num_rows, H] row stride y_sorted_stride (weights backward only)
   int64_t y_sorted_stride;
   const int32_t* row_map;  // [T, k]
   const void* weights;     // [T, k], nullable (= ones)
@@ -152,9 +152,7 @@ MIXOPS_INLINE uint32_t priority_sort_key(float p) {
 // same chunks so its per-chunk partial counts are laid out alike).
 constexpr int64_t kChunkSlots = 2048;
 
-MIXOPS_INLINE int64_t num_chunks(int64_t slots) {
-  return (slots + kChunkSlots - 1) / kChunkSlots;
-}
+MIXOPS_INLINE int64_t num_chunks(int64_t slots) { return (slots + kChunkSlots - 1) / kChunkSlots; }
 
 }  // namespace permute
 }  // namespace mixops

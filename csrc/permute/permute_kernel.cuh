@@ -37,7 +37,7 @@ constexpr int kRankSharedMaxE = 1024;  // shared counters: kRankWarps * E * 4 by
 constexpr int kRankBatch = 8;          // steps of 32 positions whose loads are issued together
 constexpr int kScanThreads = 1024;
 constexpr int kGatherWarps = 8;
-constexpr int kGatherUnroll = 4;       // vectors per lane in flight
+constexpr int kGatherUnroll = 4;  // vectors per lane in flight
 
 // Which slot sits at position q of the sequence being ranked.
 enum class Seq { kSlot, kChoiceMajor, kSorted };
@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kPrepThreads, 1)
   const uint32_t stride = gridDim.x * kPrepThreads;
   for (uint32_t i = blockIdx.x * kPrepThreads + threadIdx.x; i < static_cast<uint32_t>(slots);
        i += stride) {
-    const int64_t id = p.ids_int64 ? static_cast<const int64_t*>(p.ids)[i]
-                                   : static_cast<const int32_t*>(p.ids)[i];
+    const int64_t id =
+        p.ids_int64 ? static_cast<const int64_t*>(p.ids)[i] : static_cast<const int32_t*>(p.ids)[i];
     expert[i] = permute::expert_of(id, p.num_experts, &bad);
     if (keys != nullptr) {
       const uint64_t j = i % static_cast<uint32_t>(p.k);
@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(kGatherWarps * 32, 1)
   const int lane = threadIdx.x % 32;
   const int64_t used = std::min<int64_t>(offsets[num_experts - 1], num_rows);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kGatherWarps;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGatherWarps + threadIdx.x / 32;
-       r < num_rows; r += warps) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGatherWarps + threadIdx.x / 32; r < num_rows;
+       r += warps) {
     const int64_t t = r < used ? row_token[r] : -1;
     V* dst = out + r * row_v;
     if (t < 0 || t >= num_tokens) {

@@ -15,7 +15,8 @@
 namespace mixops::cuda {
 namespace {
 
-using namespace unpermute_kernels;  // NOLINT(google-build-using-namespace): this file launches its kernels
+// This file launches its kernels.
+using namespace unpermute_kernels;  // NOLINT(google-build-using-namespace)
 
 // Calls f.template operator()<T, N>() for the data dtype, N = 16 bytes of elements when `vec16`
 // (every row start 16-byte aligned), else N = 1.
@@ -29,8 +30,7 @@ void dispatch(Dtype d, bool vec16, const F& f) {
                    : f.template operator()<__nv_bfloat16, 1>();
     case Dtype::kFloat16:
       return vec16 ? f.template operator()<__half, 8>() : f.template operator()<__half, 1>();
-    default:
-      return vec16 ? f.template operator()<float, 4>() : f.template operator()<float, 1>();
+    default: return vec16 ? f.template operator()<float, 4>() : f.template operator()<float, 1>();
   }
 }
 
@@ -46,8 +46,8 @@ void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream) {
   if (p.num_tokens <= 0 || p.hidden <= 0) return;  // y is empty
   // 16-byte vectors need every row start of both operands and the row length 16-byte aligned.
   const int64_t es = dtype_size(p.dtype);
-  const bool vec16 = is_aligned(p.y_sorted, 16) && is_aligned(p.y, 16) && (p.hidden * es) % 16 == 0 &&
-                     (p.y_sorted_stride * es) % 16 == 0;
+  const bool vec16 = is_aligned(p.y_sorted, 16) && is_aligned(p.y, 16) &&
+                     (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
   dispatch(p.dtype, vec16, [&]<typename T, int N>() {
     unpermute_kernel<T, N><<<blocks_for(p.num_tokens), kWarps * 32, 0, stream>>>(
         p, p.hidden / N, p.y_sorted_stride / N);
@@ -60,7 +60,7 @@ size_t unpermute_backward_workspace_bytes(const UnpermuteBackwardParams& p) {
 }
 
 void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace,
-                                    cudaStream_t stream) {
+                               cudaStream_t stream) {
   nvtx3::scoped_range range{"mixops::unpermute_backward"};
   const int64_t slots = p.num_tokens * p.k;
   if (slots > INT32_MAX) {
@@ -75,16 +75,16 @@ void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace
     const unsigned blocks = static_cast<unsigned>(
         std::min<int64_t>((slots + kScatterThreads - 1) / kScatterThreads, 1 << 16));
     scatter_kernel<<<blocks, kScatterThreads, 0, stream>>>(p.row_map, slots, p.num_rows, row_slot,
-                                                          p.error_flag);
+                                                           p.error_flag);
     check_launch("unpermute_backward", "scatter launch");
   }
   if (p.num_rows <= 0 || p.hidden <= 0) return;  // grad_y_sorted is empty
   const int64_t es = dtype_size(p.dtype);
-  const bool vec16 = is_aligned(p.grad_y, 16) && is_aligned(p.grad_y_sorted, 16) &&
-                     (p.hidden * es) % 16 == 0;
+  const bool vec16 =
+      is_aligned(p.grad_y, 16) && is_aligned(p.grad_y_sorted, 16) && (p.hidden * es) % 16 == 0;
   dispatch(p.dtype, vec16, [&]<typename T, int N>() {
-    backward_rows_kernel<T, N><<<blocks_for(p.num_rows), kWarps * 32, 0, stream>>>(
-        p, row_slot, p.hidden / N);
+    backward_rows_kernel<T, N>
+        <<<blocks_for(p.num_rows), kWarps * 32, 0, stream>>>(p, row_slot, p.hidden / N);
   });
   check_launch("unpermute_backward", "rows launch");
 }
@@ -97,8 +97,8 @@ void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStr
   const bool vec16 = is_aligned(p.grad_y, 16) && is_aligned(p.y_sorted, 16) &&
                      (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
   dispatch(p.dtype, vec16, [&]<typename T, int N>() {
-    backward_weights_kernel<T, N><<<blocks_for(slots), kWarps * 32, 0, stream>>>(
-        p, p.hidden / N, p.y_sorted_stride / N);
+    backward_weights_kernel<T, N>
+        <<<blocks_for(slots), kWarps * 32, 0, stream>>>(p, p.hidden / N, p.y_sorted_stride / N);
   });
   check_launch("unpermute_backward", "weights launch");
 }

@@ -4,7 +4,8 @@
 //                    order, accumulated in fp32 (fp64 for fp64) in registers;
 //   backward rows    row_slot[row] = the slot mapping to it (memset -1, scatter with atomicMax so a
 //                    duplicated row deterministically keeps its last slot), then one warp per
-//                    row: grad_y_sorted[r] = w[row_slot[r]] * grad_y[token of row_slot[r]], or zeros;
+//                    row: grad_y_sorted[r] = w[row_slot[r]] * grad_y[token of row_slot[r]], or
+// zeros;
 //   backward weights one warp per slot: <grad_y[t], y_sorted[row]> in lane-strided partials and
 //                    a fixed xor butterfly (deterministic), 0 without a row.
 // Rows move in vectors of N elements (16 bytes) when every row start is 16-byte aligned, else
@@ -22,7 +23,6 @@ constexpr int kWarps = 8;   // warps per block; each owns a token, row or slot
 constexpr int kUnroll = 4;  // vectors per lane in flight
 constexpr int kScatterThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
-
 
 // Weight i in its own dtype (1 when there are no weights), as A.
 template <typename A>
@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kScatterThreads, 1)
 // grad_y_sorted[r] = w[i] * grad_y[i / k] for i = row_slot[r] >= 0, else zeros. One warp per row.
 template <typename T, int N>
 __global__ void __launch_bounds__(kWarps * 32, 1)
-    backward_rows_kernel(UnpermuteBackwardParams p, const int32_t* __restrict__ row_slot, int64_t hv) {
+    backward_rows_kernel(UnpermuteBackwardParams p, const int32_t* __restrict__ row_slot,
+                         int64_t hv) {
   using A = acc_t<T>;
   using V = Vec<T, N>;
   const V* __restrict__ g = static_cast<const V*>(p.grad_y);

@@ -1,10 +1,11 @@
 // router_topk validation: every message in one place (see check.h).
 #include "routing/check.h"
-#include "core/error_record.h"
 
 #include <c10/util/Exception.h>
 
 #include <cmath>
+
+#include "core/error_record.h"
 
 namespace mixops {
 namespace {
@@ -15,8 +16,8 @@ ScoreFn parse_score_fn(c10::string_view s, const char* op) {
   if (s == "softmax") return ScoreFn::kSoftmax;
   if (s == "sigmoid") return ScoreFn::kSigmoid;
   if (s == "none") return ScoreFn::kNone;
-  TORCH_CHECK(false, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
-              std::string(s), "'");
+  TORCH_CHECK(false, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '", std::string(s),
+              "'");
 }
 
 GroupScore parse_group_score(c10::string_view s) {
@@ -35,8 +36,10 @@ void check_logits(const at::Tensor& logits, const char* op) {
               dt);
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have num_experts >= 1 columns, got shape ",
               logits.sizes());
-  TORCH_CHECK(logits.size(1) <= INT32_MAX, op, ": logits must have num_experts <= 2^31 - 1 "
-              "columns (int32 expert ids), got shape ", logits.sizes());
+  TORCH_CHECK(logits.size(1) <= INT32_MAX, op,
+              ": logits must have num_experts <= 2^31 - 1 "
+              "columns (int32 expert ids), got shape ",
+              logits.sizes());
 }
 
 // modality, num_modalities and token_mask, shared by forward and backward.
@@ -53,18 +56,26 @@ void check_token_args(const at::Tensor& logits, const std::optional<at::Tensor>&
   if (modality) {
     TORCH_CHECK(modality->scalar_type() == at::kInt || modality->scalar_type() == at::kLong, op,
                 ": modality must be int32 or int64, got ", modality->scalar_type());
-    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == t, op, ": modality must have "
-                "shape [num_tokens] = [", t, "], got ", modality->sizes());
-    TORCH_CHECK(modality->device() == logits.device(), op, ": modality must be on the same "
-                "device as logits (", logits.device(), "), got ", modality->device());
+    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == t, op,
+                ": modality must have "
+                "shape [num_tokens] = [",
+                t, "], got ", modality->sizes());
+    TORCH_CHECK(modality->device() == logits.device(), op,
+                ": modality must be on the same "
+                "device as logits (",
+                logits.device(), "), got ", modality->device());
   }
   if (token_mask) {
     TORCH_CHECK(token_mask->scalar_type() == at::kBool, op, ": token_mask must be bool, got ",
                 token_mask->scalar_type());
-    TORCH_CHECK(token_mask->dim() == 1 && token_mask->size(0) == t, op, ": token_mask "
-                "must have shape [num_tokens] = [", t, "], got ", token_mask->sizes());
-    TORCH_CHECK(token_mask->device() == logits.device(), op, ": token_mask must be on the "
-                "same device as logits (", logits.device(), "), got ", token_mask->device());
+    TORCH_CHECK(token_mask->dim() == 1 && token_mask->size(0) == t, op,
+                ": token_mask "
+                "must have shape [num_tokens] = [",
+                t, "], got ", token_mask->sizes());
+    TORCH_CHECK(token_mask->device() == logits.device(), op,
+                ": token_mask must be on the "
+                "same device as logits (",
+                logits.device(), "), got ", token_mask->device());
   }
 }
 
@@ -78,16 +89,18 @@ RouterOptions common_options(const at::Tensor& logits, int64_t k, c10::string_vi
   o.score_fn = parse_score_fn(score_fn, op);
   o.topk_then_score = topk_then_score;
   o.renormalize = renormalize;
-  TORCH_CHECK(std::isfinite(renorm_eps) && renorm_eps >= 0, op, ": renorm_eps must be a finite "
-              "number >= 0, got ", renorm_eps);
+  TORCH_CHECK(std::isfinite(renorm_eps) && renorm_eps >= 0, op,
+              ": renorm_eps must be a finite "
+              "number >= 0, got ",
+              renorm_eps);
   TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   o.renorm_eps = renorm_eps;
   o.scaling = scaling;
   o.num_modalities = static_cast<int32_t>(num_modalities);
   const int64_t eligible = o.num_experts / num_modalities;
   TORCH_CHECK(k >= 1 && k <= eligible, op, ": ", k_name, " must be in [1, ", eligible, "] (",
-              num_modalities > 1 ? "experts per modality" : "num_experts", "), got ", k_name,
-              " = ", k);
+              num_modalities > 1 ? "experts per modality" : "num_experts", "), got ", k_name, " = ",
+              k);
   o.k = static_cast<int32_t>(k);
   return o;
 }
@@ -111,42 +124,55 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                                    scaling, num_modalities, op, "k");
   const int64_t e = o.num_experts;
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e, "router_topk: bias must have shape "
-                "[num_experts] = [", e, "], got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "router_topk: bias must be a floating "
-                "point tensor, got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == logits.device(), "router_topk: bias must be on the same device "
-                "as logits (", logits.device(), "), got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e,
+                "router_topk: bias must have shape "
+                "[num_experts] = [",
+                e, "], got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()),
+                "router_topk: bias must be a floating "
+                "point tensor, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device() == logits.device(),
+                "router_topk: bias must be on the same device "
+                "as logits (",
+                logits.device(), "), got ", bias->device());
     o.has_bias = true;
   }
   TORCH_CHECK(num_groups >= 1, "router_topk: num_groups must be >= 1, got ", num_groups);
-  TORCH_CHECK(e % num_groups == 0, "router_topk: num_groups (", num_groups, ") must divide "
-              "num_experts (", e, ")");
-  TORCH_CHECK(num_groups == 1 || num_modalities == 1, "router_topk: group-limited selection "
-              "(num_groups = ", num_groups, ") cannot be combined with modality groups "
-              "(num_modalities = ", num_modalities, ")");
-  TORCH_CHECK(groups_kept >= 1 && groups_kept <= num_groups, "router_topk: groups_kept must be "
-              "in [1, num_groups = ", num_groups, "], got ", groups_kept);
+  TORCH_CHECK(e % num_groups == 0, "router_topk: num_groups (", num_groups,
+              ") must divide "
+              "num_experts (",
+              e, ")");
+  TORCH_CHECK(num_groups == 1 || num_modalities == 1,
+              "router_topk: group-limited selection "
+              "(num_groups = ",
+              num_groups,
+              ") cannot be combined with modality groups "
+              "(num_modalities = ",
+              num_modalities, ")");
+  TORCH_CHECK(groups_kept >= 1 && groups_kept <= num_groups,
+              "router_topk: groups_kept must be "
+              "in [1, num_groups = ",
+              num_groups, "], got ", groups_kept);
   o.num_groups = static_cast<int32_t>(num_groups);
   o.groups_kept = static_cast<int32_t>(num_groups == 1 ? 1 : groups_kept);
   o.group_score = parse_group_score(group_score);
   if (num_groups > 1) {
     const int64_t eligible = groups_kept * (e / num_groups);
-    TORCH_CHECK(k <= eligible, "router_topk: k (", k, ") must be <= groups_kept * experts per "
-                "group = ", groups_kept, " * ", e / num_groups, " = ", eligible);
+    TORCH_CHECK(k <= eligible, "router_topk: k (", k,
+                ") must be <= groups_kept * experts per "
+                "group = ",
+                groups_kept, " * ", e / num_groups, " = ", eligible);
   }
   return o;
 }
 
-RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weights,
-                                    const std::optional<at::Tensor>& grad_score_sum,
-                                    const std::optional<at::Tensor>& grad_lse,
-                                    const at::Tensor& logits, const at::Tensor& ids,
-                                    c10::string_view score_fn, bool topk_then_score,
-                                    bool renormalize, double renorm_eps, double scaling,
-                                    const std::optional<at::Tensor>& modality,
-                                    int64_t num_modalities,
-                                    const std::optional<at::Tensor>& token_mask) {
+RouterOptions router_backward_check(
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_score_sum,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits, const at::Tensor& ids,
+    c10::string_view score_fn, bool topk_then_score, bool renormalize, double renorm_eps,
+    double scaling, const std::optional<at::Tensor>& modality, int64_t num_modalities,
+    const std::optional<at::Tensor>& token_mask) {
   const char* op = "router_topk_backward";
   check_logits(logits, op);
   check_token_args(logits, modality, num_modalities, token_mask, op);
@@ -154,8 +180,10 @@ RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weight
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == t && ids.scalar_type() == at::kInt,
               "router_topk_backward: ids must be int32 [num_tokens = ", t, ", k], got ",
               ids.scalar_type(), " ", ids.sizes());
-  TORCH_CHECK(ids.device() == logits.device(), "router_topk_backward: ids must be on the same "
-              "device as logits (", logits.device(), "), got ", ids.device());
+  TORCH_CHECK(ids.device() == logits.device(),
+              "router_topk_backward: ids must be on the same "
+              "device as logits (",
+              logits.device(), "), got ", ids.device());
   RouterOptions o = common_options(logits, ids.size(1), score_fn, topk_then_score, renormalize,
                                    renorm_eps, scaling, num_modalities, op, "k = ids.size(1)");
   const auto acc = router_acc_dtype(logits);
@@ -164,11 +192,10 @@ RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weight
     if (!g) return;
     TORCH_CHECK(g->sizes() == at::IntArrayRef(shape), "router_topk_backward: ", name,
                 " must have shape ", at::IntArrayRef(shape), ", got ", g->sizes());
-    TORCH_CHECK(g->scalar_type() == acc, "router_topk_backward: ", name, " must be ", acc,
-                ", got ", g->scalar_type());
+    TORCH_CHECK(g->scalar_type() == acc, "router_topk_backward: ", name, " must be ", acc, ", got ",
+                g->scalar_type());
     TORCH_CHECK(g->device() == logits.device(), "router_topk_backward: ", name,
-                " must be on the same device as logits (", logits.device(), "), got ",
-                g->device());
+                " must be on the same device as logits (", logits.device(), "), got ", g->device());
   };
   check_grad(grad_weights, "grad_weights", {t, ids.size(1)});
   check_grad(grad_score_sum, "grad_score_sum", {e});
@@ -180,8 +207,10 @@ void router_check_modality_values(const at::Tensor& modality, int64_t num_modali
   const at::Tensor m = modality.to(at::kLong).contiguous();
   const int64_t* p = m.data_ptr<int64_t>();
   for (int64_t t = 0; t < m.numel(); ++t)
-    TORCH_CHECK(p[t] >= 0 && p[t] < num_modalities, "router_topk: modality values must be in "
-                "[0, num_modalities = ", num_modalities, "), got modality[", t, "] = ", p[t]);
+    TORCH_CHECK(p[t] >= 0 && p[t] < num_modalities,
+                "router_topk: modality values must be in "
+                "[0, num_modalities = ",
+                num_modalities, "), got modality[", t, "] = ", p[t]);
 }
 
 std::string router_error_message(int32_t bits, int64_t num_modalities) {
@@ -190,8 +219,9 @@ std::string router_error_message(int32_t bits, int64_t num_modalities) {
     msg += " modality values must be in [0, num_modalities = " + std::to_string(num_modalities) +
            ") (rows with a bad modality were routed as modality 0);";
   if (bits & kIdsNotEligible)
-    msg += " router_topk_backward: ids must name eligible experts of their token (from "
-           "router_topk with the same options; other ids were ignored);";
+    msg +=
+        " router_topk_backward: ids must name eligible experts of their token (from "
+        "router_topk with the same options; other ids were ignored);";
   return msg;
 }
 
@@ -199,9 +229,8 @@ std::string router_error_message(int32_t bits, int64_t num_modalities) {
 // context: a = num_modalities.
 const bool kRouterMessagesRegistered = [] {
   for (ErrorSlot s : {ErrorSlot::kRouterTopk, ErrorSlot::kRouterTopkBackward}) {
-    register_error_message(s, [](int32_t bits, const ErrorContext& c) {
-      return router_error_message(bits, c.a);
-    });
+    register_error_message(
+        s, [](int32_t bits, const ErrorContext& c) { return router_error_message(bits, c.a); });
   }
   return true;
 }();

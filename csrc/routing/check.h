@@ -22,15 +22,12 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                            const std::optional<at::Tensor>& token_mask);
 
 // Validates the backward arguments (ids [T, k] from the forward); returns the options.
-RouterOptions router_backward_check(const std::optional<at::Tensor>& grad_weights,
-                                    const std::optional<at::Tensor>& grad_score_sum,
-                                    const std::optional<at::Tensor>& grad_lse,
-                                    const at::Tensor& logits, const at::Tensor& ids,
-                                    c10::string_view score_fn, bool topk_then_score,
-                                    bool renormalize, double renorm_eps, double scaling,
-                                    const std::optional<at::Tensor>& modality,
-                                    int64_t num_modalities,
-                                    const std::optional<at::Tensor>& token_mask);
+RouterOptions router_backward_check(
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_score_sum,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits, const at::Tensor& ids,
+    c10::string_view score_fn, bool topk_then_score, bool renormalize, double renorm_eps,
+    double scaling, const std::optional<at::Tensor>& modality, int64_t num_modalities,
+    const std::optional<at::Tensor>& token_mask);
 
 // The accumulation dtype of the router math for these logits: float64 for float64, else float32.
 at::ScalarType router_acc_dtype(const at::Tensor& logits);

@@ -24,8 +24,17 @@ struct RowScratch {
   std::vector<int32_t> top_ids;
   std::vector<uint8_t> keep;
   RowScratch(int64_t n, int32_t k, int32_t groups)
-      : x(n), num(n), sig(n), key(n), group_scores(groups), top_keys(k), raw(k), grad(n),
-        grad_k(k), top_ids(k), keep(groups) {}
+      : x(n),
+        num(n),
+        sig(n),
+        key(n),
+        group_scores(groups),
+        top_keys(k),
+        raw(k),
+        grad(n),
+        grad_k(k),
+        top_ids(k),
+        keep(groups) {}
 };
 
 // Row quantities every pass needs: logits in acc_t, max, softmax numerators and denominator,
@@ -135,8 +144,8 @@ void forward_rows(const RouterOptions& o, const at::Tensor& logits, const acc_t*
         int32_t count = 0;
         for (int32_t g = 0; g < (o.num_groups > 1 ? o.num_groups : 1); ++g) {
           if (o.num_groups > 1 && !s.keep[g]) continue;
-          select_ascending(key + g * gs, gs, lo + g * gs, o.k, s.top_keys.data(),
-                           s.top_ids.data(), &count);
+          select_ascending(key + g * gs, gs, lo + g * gs, o.k, s.top_keys.data(), s.top_ids.data(),
+                           &count);
         }
         row.raw_weights(o, s.top_ids.data(), s);
         routing::finish_weights(o, s.raw.data(), o.k);
@@ -169,9 +178,12 @@ void backward_rows(const RouterOptions& o, const at::Tensor& logits, const int64
       for (int32_t i = 0; i < n; ++i) gx[i] = 0;
       const int32_t* tid = ids + t * k;
       for (int64_t j = 0; j < k; ++j)
-        TORCH_CHECK(tid[j] >= lo && tid[j] < lo + n, "router_topk_backward: ids values must be "
-                    "in the token's eligible experts [", lo, ", ", lo + n, "), got ids[", t, ", ",
-                    j, "] = ", tid[j], " (not an eligible expert of token ", t, "); ids must "
+        TORCH_CHECK(tid[j] >= lo && tid[j] < lo + n,
+                    "router_topk_backward: ids values must be "
+                    "in the token's eligible experts [",
+                    lo, ", ", lo + n, "), got ids[", t, ", ", j, "] = ", tid[j],
+                    " (not an eligible expert of token ", t,
+                    "); ids must "
                     "come from router_topk with the same options");
       if (gw) {
         acc_t* gj = s.grad_k.data();
@@ -228,9 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
     const std::optional<at::Tensor>& modality, int64_t num_modalities,
     const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o = router_check(logits_in, k, score_fn, topk_then_score, renormalize,
-                                       renorm_eps, scaling, bias, num_groups, groups_kept,
-                                       group_score, modality, num_modalities, token_mask);
+  const RouterOptions o =
+      router_check(logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias,
+                   num_groups, groups_kept, group_score, modality, num_modalities, token_mask);
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t t = logits.size(0), e = o.num_experts;
   const auto acc = router_acc_dtype(logits);
@@ -244,45 +256,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   if (mod) router_check_modality_values(*mod, num_modalities);  // no copy: already int64
   const at::Tensor mask = token_mask ? token_mask->contiguous() : at::Tensor();
   const int64_t chunks = (t + kChunkRows - 1) / kChunkRows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "router_topk",
-                                  [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor b = bias ? bias->to(acc).contiguous() : at::Tensor();
-    std::vector<int32_t> part_counts(chunks * e, 0);
-    std::vector<acc_t> part_sums(chunks * e, acc_t(0));
-    forward_rows<scalar_t, acc_t>(o, logits, bias ? b.data_ptr<acc_t>() : nullptr,
-                                  mod ? mod->data_ptr<int64_t>() : nullptr,
-                                  token_mask ? mask.data_ptr<bool>() : nullptr,
-                                  weights.data_ptr<acc_t>(), ids.data_ptr<int32_t>(),
-                                  lse.data_ptr<acc_t>(), part_counts, part_sums);
-    int32_t* cnt = counts.data_ptr<int32_t>();
-    acc_t* sum = score_sum.data_ptr<acc_t>();
-    for (int64_t i = 0; i < e; ++i) {
-      cnt[i] = 0;
-      sum[i] = 0;
-    }
-    for (int64_t c = 0; c < chunks; ++c)  // chunk order: independent of the thread count
-      for (int64_t i = 0; i < e; ++i) {
-        cnt[i] += part_counts[c * e + i];
-        sum[i] += part_sums[c * e + i];
-      }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "router_topk", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const at::Tensor b = bias ? bias->to(acc).contiguous() : at::Tensor();
+        std::vector<int32_t> part_counts(chunks * e, 0);
+        std::vector<acc_t> part_sums(chunks * e, acc_t(0));
+        forward_rows<scalar_t, acc_t>(o, logits, bias ? b.data_ptr<acc_t>() : nullptr,
+                                      mod ? mod->data_ptr<int64_t>() : nullptr,
+                                      token_mask ? mask.data_ptr<bool>() : nullptr,
+                                      weights.data_ptr<acc_t>(), ids.data_ptr<int32_t>(),
+                                      lse.data_ptr<acc_t>(), part_counts, part_sums);
+        int32_t* cnt = counts.data_ptr<int32_t>();
+        acc_t* sum = score_sum.data_ptr<acc_t>();
+        for (int64_t i = 0; i < e; ++i) {
+          cnt[i] = 0;
+          sum[i] = 0;
+        }
+        for (int64_t c = 0; c < chunks; ++c)  // chunk order: independent of the thread count
+          for (int64_t i = 0; i < e; ++i) {
+            cnt[i] += part_counts[c * e + i];
+            sum[i] += part_sums[c * e + i];
+          }
+      });
   return {weights, ids, counts, score_sum, lse};
 }
 
-at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_weights,
-                                    const std::optional<at::Tensor>& grad_score_sum,
-                                    const std::optional<at::Tensor>& grad_lse,
-                                    const at::Tensor& logits_in, const at::Tensor& ids_in,
-                                    c10::string_view score_fn, bool topk_then_score,
-                                    bool renormalize, double renorm_eps, double scaling,
-                                    const std::optional<at::Tensor>& modality,
-                                    int64_t num_modalities,
-                                    const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o = router_backward_check(grad_weights, grad_score_sum, grad_lse, logits_in,
-                                                ids_in, score_fn, topk_then_score, renormalize,
-                                                renorm_eps, scaling, modality, num_modalities,
-                                                token_mask);
+at::Tensor router_topk_backward_cpu(
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_score_sum,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits_in,
+    const at::Tensor& ids_in, c10::string_view score_fn, bool topk_then_score, bool renormalize,
+    double renorm_eps, double scaling, const std::optional<at::Tensor>& modality,
+    int64_t num_modalities, const std::optional<at::Tensor>& token_mask) {
+  const RouterOptions o = router_backward_check(
+      grad_weights, grad_score_sum, grad_lse, logits_in, ids_in, score_fn, topk_then_score,
+      renormalize, renorm_eps, scaling, modality, num_modalities, token_mask);
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
@@ -291,15 +299,15 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_weight
   const at::Tensor mask = token_mask ? token_mask->contiguous() : at::Tensor();
   auto c = [](const std::optional<at::Tensor>& g) { return g ? g->contiguous() : at::Tensor(); };
   const at::Tensor gw = c(grad_weights), gss = c(grad_score_sum), glse = c(grad_lse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
-                                  "router_topk_backward", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
-    backward_rows<scalar_t, acc_t>(o, logits, mod ? mod->data_ptr<int64_t>() : nullptr,
-                                   token_mask ? mask.data_ptr<bool>() : nullptr,
-                                   ids.data_ptr<int32_t>(), ptr(gw), ptr(gss), ptr(glse),
-                                   grad.data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "router_topk_backward", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
+        backward_rows<scalar_t, acc_t>(o, logits, mod ? mod->data_ptr<int64_t>() : nullptr,
+                                       token_mask ? mask.data_ptr<bool>() : nullptr,
+                                       ids.data_ptr<int32_t>(), ptr(gw), ptr(gss), ptr(glse),
+                                       grad.data_ptr<scalar_t>());
+      });
   return grad;
 }
 

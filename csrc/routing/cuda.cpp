@@ -8,9 +8,9 @@
 #include <torch/library.h>
 
 #include "core/op_dtype.h"
-#include "routing/check.h"
 #include "core/op_launch.h"
 #include "core/op_scratch.h"
+#include "routing/check.h"
 #include "routing/launch.h"
 
 namespace mixops {
@@ -24,9 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
     const std::optional<at::Tensor>& modality, int64_t num_modalities,
     const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o = router_check(logits_in, k, score_fn, topk_then_score, renormalize,
-                                       renorm_eps, scaling, bias, num_groups, groups_kept,
-                                       group_score, modality, num_modalities, token_mask);
+  const RouterOptions o =
+      router_check(logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias,
+                   num_groups, groups_kept, group_score, modality, num_modalities, token_mask);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t t = logits.size(0), e = o.num_experts;
@@ -66,19 +66,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   return {weights, ids, counts, score_sum, lse};
 }
 
-at::Tensor router_topk_backward_cuda(const std::optional<at::Tensor>& grad_weights,
-                                     const std::optional<at::Tensor>& grad_score_sum,
-                                     const std::optional<at::Tensor>& grad_lse,
-                                     const at::Tensor& logits_in, const at::Tensor& ids_in,
-                                     c10::string_view score_fn, bool topk_then_score,
-                                     bool renormalize, double renorm_eps, double scaling,
-                                     const std::optional<at::Tensor>& modality,
-                                     int64_t num_modalities,
-                                     const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o = router_backward_check(grad_weights, grad_score_sum, grad_lse, logits_in,
-                                                ids_in, score_fn, topk_then_score, renormalize,
-                                                renorm_eps, scaling, modality, num_modalities,
-                                                token_mask);
+at::Tensor router_topk_backward_cuda(
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_score_sum,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits_in,
+    const at::Tensor& ids_in, c10::string_view score_fn, bool topk_then_score, bool renormalize,
+    double renorm_eps, double scaling, const std::optional<at::Tensor>& modality,
+    int64_t num_modalities, const std::optional<at::Tensor>& token_mask) {
+  const RouterOptions o = router_backward_check(
+      grad_weights, grad_score_sum, grad_lse, logits_in, ids_in, score_fn, topk_then_score,
+      renormalize, renorm_eps, scaling, modality, num_modalities, token_mask);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();

@@ -1,5 +1,6 @@
 // router_topk on CUDA: the launches of the kernels in router_kernel.cuh (the plan, the one dtype
-// switch, the shared-memory opt-in), behind launch.h. Everything is enqueued on the caller's stream.
+// switch, the shared-memory opt-in), behind launch.h. Everything is enqueued on the caller's
+// stream.
 #include <cuda_runtime_api.h>
 #include <nvtx3/nvtx3.hpp>
 
@@ -14,7 +15,8 @@
 namespace mixops::cuda {
 namespace {
 
-using namespace router;  // NOLINT(google-build-using-namespace): this file launches its kernels
+// This file launches its kernels.
+using namespace router;  // NOLINT(google-build-using-namespace)
 
 // f(std::integral_constant<int, VPT>{}) for the plan's values per lane.
 template <class F>
@@ -51,8 +53,8 @@ void router_topk_launch(const RouterParams& p, void* workspace, cudaStream_t str
     auto* part_count = reinterpret_cast<int32_t*>(
         static_cast<char*>(workspace) + count_partials_offset(pl.num_blocks, E, sizeof(Acc)));
     if (pl.num_blocks > 0) {  // T == 0: only the reduction runs (it writes zeros)
-      auto* kernel = dispatch_vpt(
-          pl.vpt, [](auto v) { return &router_fwd_kernel<T, decltype(v)::value>; });
+      auto* kernel =
+          dispatch_vpt(pl.vpt, [](auto v) { return &router_fwd_kernel<T, decltype(v)::value>; });
       allow_dynamic_smem(kernel, pl.smem, what, "num_experts / k too large for this GPU");
       kernel<<<static_cast<unsigned>(pl.num_blocks), pl.warps * kWarp, pl.smem, stream>>>(
           p, pl, part_sum, part_count);

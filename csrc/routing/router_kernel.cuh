@@ -1,4 +1,5 @@
-// router_topk on CUDA, device code (router.cu launches it; no launch syntax, no torch, no CUTLASS): the kernels behind launch.h (forward top-k with per-block statistic
+// router_topk on CUDA, device code (router.cu launches it; no launch syntax, no torch, no CUTLASS):
+// the kernels behind launch.h (forward top-k with per-block statistic
 // partials, the fixed-order reduction of those partials, and the backward).
 //
 // One warp routes one row at a time; a block holds 1..8 warps. A row's eligible experts
@@ -64,7 +65,8 @@ inline int pick_vpt(int64_t n) {
 // Lays the per-warp regions out (16-byte aligned), then takes the most warps per block (up to 8,
 // at least 1) whose shared memory stays under 48 KB. Each warp gets rpw rows, rpw the smallest
 // that keeps the grid at kTargetBlocks blocks or fewer.
-inline Plan make_plan(int64_t T, int64_t n, std::initializer_list<int64_t> regions, int64_t block_bytes) {
+inline Plan make_plan(int64_t T, int64_t n, std::initializer_list<int64_t> regions,
+                      int64_t block_bytes) {
   Plan pl{};
   pl.vpt = pick_vpt(n);
   int r = 0;
@@ -130,8 +132,10 @@ struct RowVals {
       xv[j] = lane + kWarp * j < n ? to_acc(row[lane + kWarp * j]) : Acc(0);
   }
   __device__ __forceinline__ Acc x(int j, int i) const {
-    if constexpr (VPT > 0) return xv[j];
-    else return to_acc(row[i]);
+    if constexpr (VPT > 0)
+      return xv[j];
+    else
+      return to_acc(row[i]);
   }
   template <class F>
   __device__ __forceinline__ void each(F&& f) const {
@@ -388,9 +392,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
 
     // Softmax-space gradient a (weights and/or softmax-probability stats): dx = s (a - <a, s>).
     // Sigmoid-probability stats: dx = (G - <G, p>) / S * sig (1 - sig).
-    auto a_of = [&](int i) {
-      return (soft_w ? cw[i] : Acc(0)) + (soft_g ? gss[lo + i] : Acc(0));
-    };
+    auto a_of = [&](int i) { return (soft_w ? cw[i] : Acc(0)) + (soft_g ? gss[lo + i] : Acc(0)); };
     Acc dot = Acc(0), dotp = Acc(0);
     rv.each([&](int j, int i) {
       if (soft_w || soft_g) dot += a_of(i) * softmax(rv.x(j, i));

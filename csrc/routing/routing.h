@@ -236,12 +236,12 @@ namespace mixops {
 // acc_t is double for fp64 logits and float otherwise; weights, score_sum and lse are acc_t.
 struct RouterParams {
   RouterOptions opt;
-  Dtype dtype;                // of logits: fp32, bf16, fp16 or fp64
-  int64_t num_tokens;         // T
-  const void* logits;         // [T, E], row stride logits_stride, unit column stride
+  Dtype dtype;         // of logits: fp32, bf16, fp16 or fp64
+  int64_t num_tokens;  // T
+  const void* logits;  // [T, E], row stride logits_stride, unit column stride
   int64_t logits_stride;
-  const void* bias;           // [E] acc_t, nullable (opt.has_bias)
-  const void* modality;       // [T] int32 or int64 (modality_int64), nullable (num_modalities > 1)
+  const void* bias;      // [E] acc_t, nullable (opt.has_bias)
+  const void* modality;  // [T] int32 or int64 (modality_int64), nullable (num_modalities > 1)
   bool modality_int64;
   const uint8_t* token_mask;  // [T] bool, nullable: stats count only tokens where it is true
   void* weights;              // [T, k] acc_t
@@ -256,11 +256,11 @@ struct RouterParams {
 // zero). The chosen ids fix the selection; everything else is recomputed from the logits.
 struct RouterBackwardParams {
   RouterOptions opt;
-  Dtype dtype;                 // of logits and grad_logits
+  Dtype dtype;  // of logits and grad_logits
   int64_t num_tokens;
-  const void* logits;          // [T, E], row stride logits_stride
+  const void* logits;  // [T, E], row stride logits_stride
   int64_t logits_stride;
-  const void* modality;        // as in RouterParams
+  const void* modality;  // as in RouterParams
   bool modality_int64;
   const uint8_t* token_mask;
   const int32_t* ids;          // [T, k]

@@ -3,6 +3,7 @@
 Importing mixops loads the compiled extension ``mixops._C`` (which registers ``torch.ops.mixops.*``)
 and the Python side of every op (fake implementations and autograd, in ``mixops.ops``).
 """
+
 import torch
 
 from ._loader import build_info, load_extension

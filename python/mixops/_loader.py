@@ -1,4 +1,5 @@
 """Loading mixops._C with a clear error when it was built against another torch."""
+
 import importlib
 import json
 from pathlib import Path
@@ -26,14 +27,16 @@ def load_extension():
         raise ImportError(
             f"mixops was built against torch {meta['torch_version']} but torch {running} is "
             "installed; rebuild mixops against the installed torch: "
-            "pip install --no-build-isolation --force-reinstall --no-deps .")
+            "pip install --no-build-isolation --force-reinstall --no-deps ."
+        )
     try:
         return importlib.import_module("mixops._C")
     except ImportError as e:
         raise ImportError(
             f"mixops: cannot load the compiled extension mixops._C ({e}). Build it with "
             "`pip install --no-build-isolation .` (see README.md)"
-            + (f"; it was built against torch {meta['torch_version']}" if meta else "")) from e
+            + (f"; it was built against torch {meta['torch_version']}" if meta else "")
+        ) from e
 
 
 def build_info():

@@ -1,6 +1,7 @@
 """NVTX ranges for the whole package (the MoE layer's stages, the benchmarks): one context manager,
 so a range is closed even when its body raises and an nsys trace never shows a stage that runs on
 into the rest of the program."""
+
 from contextlib import contextmanager, nullcontext
 
 import torch

@@ -1,4 +1,5 @@
 """python -m mixops.info: print what this mixops build contains."""
+
 import torch
 
 import mixops

@@ -11,8 +11,8 @@ using mixops::Dtype;
 using mixops::GroupedMmParams;
 using mixops::Layout;
 using mixops::cuda::DeviceFacts;
-using mixops::cuda::GroupedMmPath;
 using mixops::cuda::grouped_mm_path_name;
+using mixops::cuda::GroupedMmPath;
 using mixops::cuda::select_path;
 
 namespace {

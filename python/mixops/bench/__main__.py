@@ -1,6 +1,7 @@
 """python -m mixops.bench [moe | grouped_mm | routing]: benchmarks that time mixops beside its peers
 in one run and print medians and ratios. moe (the default) times the whole MoE layer against HF
 transformers' Mixtral block; grouped_mm and routing time the ops underneath it."""
+
 import argparse
 
 import torch

@@ -1,12 +1,14 @@
 """Grouped GEMM benchmark: mixops.grouped_mm beside torch._grouped_mm, a per-expert loop, and the
 floor (one dense matmul with the same FLOPs), forward and forward+backward (input and weight
 gradients), balanced and Zipf-skewed groups, fp32 and bf16."""
+
 import argparse
 from dataclasses import dataclass
 
 import torch
 
 import mixops
+
 from .timing import interleaved_median_ms, nvtx_range
 
 
@@ -61,7 +63,7 @@ def _run_case(shape, dist, dtype, device, reps, impls=()):
     sizes = group_sizes(shape, dist)
     off = torch.cumsum(sizes, 0).to(torch.int32).to(device)
     x = torch.randn(shape.m, shape.k, dtype=dtype, device=device)
-    w = torch.randn(shape.experts, shape.k, shape.n, dtype=dtype, device=device) / shape.k ** 0.5
+    w = torch.randn(shape.experts, shape.k, shape.n, dtype=dtype, device=device) / shape.k**0.5
     gy = torch.randn(shape.m, shape.n, dtype=dtype, device=device)
     # Floor: the same FLOPs as one dense [m, k] x [k, n] product (and its two gradients). Where
     # torch has no native GEMM for the dtype (bf16 on CPUs without AVX512-BF16), the floor is the
@@ -102,13 +104,19 @@ def run(args):
         dists = ("balanced", "zipf")
     for dtype in dtypes:
         if not native_lowp_matmul(dtype, device):
-            print(f"note: this CPU has no native {dtype} GEMM; the {dtype} floor is the dense "
-                  "product in float32, and slow peers are timed once")
-    print(f"mixops grouped_mm benchmark on {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}; median ms of {args.reps} reps")
-    header = (f"{'case':<34} {'impl':<18} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} "
-              f"{'x floor':>8} {'mixops speedup fwd / fwd+bwd':>30}")
+            print(
+                f"note: this CPU has no native {dtype} GEMM; the {dtype} floor is the dense "
+                "product in float32, and slow peers are timed once"
+            )
+    print(
+        f"mixops grouped_mm benchmark on {device} "
+        f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}; median ms of {args.reps} reps"
+    )
+    header = (
+        f"{'case':<34} {'impl':<18} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} "
+        f"{'x floor':>8} {'mixops speedup fwd / fwd+bwd':>30}"
+    )
 
     def table_rows(case, rows):
         floor_f, floor_fb = rows["floor (dense)"]
@@ -116,17 +124,25 @@ def run(args):
             return
         ours_f, ours_fb = rows["mixops"]
         for name, (f, fb) in rows.items():
-            speed = "" if name in ("mixops", "floor (dense)") else f"{f / ours_f:.2f}x / {fb / ours_fb:.2f}x"
-            yield (f"{case:<34} {name:<18} {f:>9.2f} {f / floor_f:>8.2f} {fb:>11.2f} "
-                   f"{fb / floor_fb:>8.2f} {speed:>30}")
+            speed = (
+                ""
+                if name in ("mixops", "floor (dense)")
+                else f"{f / ours_f:.2f}x / {fb / ours_fb:.2f}x"
+            )
+            yield (
+                f"{case:<34} {name:<18} {f:>9.2f} {f / floor_f:>8.2f} {fb:>11.2f} "
+                f"{fb / floor_fb:>8.2f} {speed:>30}"
+            )
 
     results = []
     total = len(dtypes) * len(shapes) * len(dists)
     for dtype in dtypes:
         for shape in shapes:
             for dist in dists:
-                case = (f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
-                        f"{dist} {str(dtype).replace('torch.', '')}")
+                case = (
+                    f"E={shape.experts} M={shape.m} K={shape.k} N={shape.n} "
+                    f"{dist} {str(dtype).replace('torch.', '')}"
+                )
                 print(f"[{len(results) + 1}/{total}] {case}", flush=True)
                 rows = _run_case(shape, dist, dtype, device, args.reps, impls)
                 for line in table_rows(case, rows):  # as it goes, for long runs
@@ -145,5 +161,9 @@ def run(args):
 def add_args(p: argparse.ArgumentParser):
     """grouped_mm's own options (--quick, --reps, --dtype, --experts are shared)."""
     p.add_argument("--dist", default="all", choices=["all", "balanced", "zipf"])
-    p.add_argument("--impls", default="", help="comma list of peers to time beside mixops and the "
-                   "floor (default: all: torch._grouped_mm,per-expert loop)")
+    p.add_argument(
+        "--impls",
+        default="",
+        help="comma list of peers to time beside mixops and the "
+        "floor (default: all: torch._grouped_mm,per-expert loop)",
+    )

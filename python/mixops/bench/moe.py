@@ -9,6 +9,7 @@ identical; in fp32 mixops' output and input gradient must equal HF eager's befor
 timed. Peak memory on CPU comes from ru_maxrss in a fresh process per measurement (a fork of a
 forkserver that has imported torch, mixops and transformers once), on CUDA from the allocator.
 """
+
 import argparse
 import gc
 import math
@@ -49,12 +50,19 @@ def build(cfg, impl, device, dtype):
     parameters uninitialised for HF (built on meta, then materialised: no fp32 transient)."""
     if impl == "mixops":
         import mixops.nn
+
         return mixops.nn.MoE(cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, device=device, dtype=dtype)
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    hf_cfg = MixtralConfig(hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
-                           num_local_experts=cfg.experts, num_experts_per_tok=cfg.topk,
-                           router_jitter_noise=0.0, experts_implementation=impl[3:])
+
+    hf_cfg = MixtralConfig(
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.ffn,
+        num_local_experts=cfg.experts,
+        num_experts_per_tok=cfg.topk,
+        router_jitter_noise=0.0,
+        experts_implementation=impl[3:],
+    )
     with torch.device("meta"):
         block = MixtralSparseMoeBlock(hf_cfg)
     return block.to(dtype).to_empty(device=device)
@@ -84,6 +92,7 @@ def fwd_step(module, x, name):
     def step():
         with nvtx_range(name):
             return module(x)
+
     return step
 
 
@@ -96,12 +105,14 @@ def fwd_bwd_step(module, x, gy, name):
             for p in params:
                 p.grad = None
             module(x).backward(gy)
+
     return step
 
 
 def peer(step):
     """A peer's step whose failure (any exception) reads as RuntimeError, which the timing and
     the memory measurement report as NaN instead of stopping the run."""
+
     def call():
         try:
             return step()
@@ -109,6 +120,7 @@ def peer(step):
             raise
         except Exception as e:
             raise RuntimeError(f"{type(e).__name__}: {e}") from e
+
     return call
 
 
@@ -121,8 +133,12 @@ def floor_steps(cfg, device, dtype):
     def r(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dtype)
 
-    leaves = [r(rows, cfg.hidden), r(cfg.hidden, 2 * cfg.ffn) * cfg.hidden ** -0.5,
-              r(rows, cfg.ffn), r(cfg.ffn, cfg.hidden) * cfg.ffn ** -0.5]
+    leaves = [
+        r(rows, cfg.hidden),
+        r(cfg.hidden, 2 * cfg.ffn) * cfg.hidden**-0.5,
+        r(rows, cfg.ffn),
+        r(cfg.ffn, cfg.hidden) * cfg.ffn**-0.5,
+    ]
     xr, w1, a, w2 = [t.requires_grad_(True) for t in leaves]
     gh, go = r(rows, 2 * cfg.ffn), r(rows, cfg.hidden)
 
@@ -135,6 +151,7 @@ def floor_steps(cfg, device, dtype):
             for t in (xr, w1, a, w2):
                 t.grad = None
             torch.autograd.backward([xr @ w1, a @ w2], [gh, go])
+
     return fwd, fwd_bwd
 
 
@@ -162,11 +179,18 @@ def check_same(cfg, device):
             raise
         out[name] = (y.detach(), xi.grad)
     for i, what in enumerate(("output", "input gradient")):
-        torch.testing.assert_close(out["mixops"][i], out["HF eager"][i], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{cfg.name} float32: mixops {what} differs from "
-                                                 f"HF eager's\n{m}")
-        if "HF grouped_mm" in out and not torch.allclose(out["HF grouped_mm"][i], out["HF eager"][i],
-                                                         rtol=1e-4, atol=1e-5):
+        torch.testing.assert_close(
+            out["mixops"][i],
+            out["HF eager"][i],
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m, what=what: (
+                f"{cfg.name} float32: mixops {what} differs from HF eager's\n{m}"
+            ),
+        )
+        if "HF grouped_mm" in out and not torch.allclose(
+            out["HF grouped_mm"][i], out["HF eager"][i], rtol=1e-4, atol=1e-5
+        ):
             print(f"note: {cfg.name}: HF grouped_mm's {what} differs from HF eager's")
 
 
@@ -193,7 +217,7 @@ def peak_mem_mib(cfg, dtype_name, impl, device):
             torch.cuda.reset_peak_memory_stats()
             step()
             torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step()
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
@@ -218,7 +242,9 @@ def measure_peak_mem(configs, dtypes, device):
     try:
         for cfg, dt, impl in tqdm(jobs, desc="peak memory", file=sys.stderr, disable=None):
             args = (cfg, dt, impl, device)
-            mem[cfg.name, dt, impl] = pool.apply(peak_mem_mib, args) if pool else peak_mem_mib(*args)
+            mem[cfg.name, dt, impl] = (
+                pool.apply(peak_mem_mib, args) if pool else peak_mem_mib(*args)
+            )
     finally:
         if pool is not None:
             pool.close()
@@ -242,18 +268,23 @@ def table_rows(case, ms):
     cfg, dt, pas = case
     for name in (*IMPLS, FLOOR):
         speed = f"{ms[name] / ms['mixops']:.2f}x" if name in PEERS else ""
-        yield (f"{cfg:<11} {dt:<9} {pas:<8} {name:<14} {ms[name]:>11.3f} "
-               f"{ms[name] / ms[FLOOR]:>8.2f} {speed:>15}")
+        yield (
+            f"{cfg:<11} {dt:<9} {pas:<8} {name:<14} {ms[name]:>11.3f} "
+            f"{ms[name] / ms[FLOOR]:>8.2f} {speed:>15}"
+        )
 
 
 def summary(case, ms):
-    return (f"{' '.join(case)}: mixops {ms['mixops'] / ms[FLOOR]:.2f}x floor, speedup "
-            f"{ms['HF eager'] / ms['mixops']:.2f}x vs HF eager, "
-            f"{ms['HF grouped_mm'] / ms['mixops']:.2f}x vs HF grouped_mm")
+    return (
+        f"{' '.join(case)}: mixops {ms['mixops'] / ms[FLOOR]:.2f}x floor, speedup "
+        f"{ms['HF eager'] / ms['mixops']:.2f}x vs HF eager, "
+        f"{ms['HF grouped_mm'] / ms['mixops']:.2f}x vs HF grouped_mm"
+    )
 
 
 def write_png(results, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -281,21 +312,31 @@ def run(args):
     device = args.device
     configs = [c for c in (QUICK if args.quick else FULL) if args.experts in (0, c.experts)]
     dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
-    where = (torch.cuda.get_device_name() if device == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    title = (f"mixops MoE-layer benchmark on {device} ({where}), torch {torch.__version__}, "
-             f"transformers {transformers.__version__}; median ms of {args.reps} reps")
+    where = (
+        torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+    title = (
+        f"mixops MoE-layer benchmark on {device} ({where}), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; median ms of {args.reps} reps"
+    )
     print(title)
-    print("impls: mixops.nn.MoE, HF MixtralSparseMoeBlock (experts 'eager' and 'grouped_mm'); "
-          "floor = the same GEMMs dense over tokens*k rows, no routing")
+    print(
+        "impls: mixops.nn.MoE, HF MixtralSparseMoeBlock (experts 'eager' and 'grouped_mm'); "
+        "floor = the same GEMMs dense over tokens*k rows, no routing"
+    )
     for dtype in dtypes:
         if not native_lowp_matmul(dtype, device):
-            print(f"note: this CPU has no native {str(dtype)[6:]} GEMM; the {str(dtype)[6:]} floor is the dense "
-                  "product in float32, and peers slower than 7 s are timed once")
+            print(
+                f"note: this CPU has no native {str(dtype)[6:]} GEMM; the {str(dtype)[6:]} floor is the dense "
+                "product in float32, and peers slower than 7 s are timed once"
+            )
     for cfg in configs:
         check_same(cfg, device)
-    print(f"checked: mixops output and input gradient == HF eager's in float32 "
-          f"(rtol 1e-4, atol 1e-5) for {', '.join(c.name for c in configs)}", flush=True)
+    print(
+        f"checked: mixops output and input gradient == HF eager's in float32 "
+        f"(rtol 1e-4, atol 1e-5) for {', '.join(c.name for c in configs)}",
+        flush=True,
+    )
 
     results = []
     total = len(configs) * len(dtypes) * len(PASSES)
@@ -317,8 +358,10 @@ def run(args):
             gc.collect()
     bar.close()
 
-    header = (f"{'config':<11} {'dtype':<9} {'pass':<8} {'impl':<14} {'median ms':>11} "
-              f"{'x floor':>8} {'mixops speedup':>15}")
+    header = (
+        f"{'config':<11} {'dtype':<9} {'pass':<8} {'impl':<14} {'median ms':>11} "
+        f"{'x floor':>8} {'mixops speedup':>15}"
+    )
     print()
     print(header)
     print("-" * len(header))
@@ -332,18 +375,24 @@ def run(args):
 
     mem = {}
     if not args.no_peak_mem:
-        how = "CUDA allocator peak" if device == "cuda" else "ru_maxrss increase, fresh process each"
+        how = (
+            "CUDA allocator peak" if device == "cuda" else "ru_maxrss increase, fresh process each"
+        )
         print(f"\npeak memory of one fwd+bwd, MiB above the memory before it ({how})")
         mem = measure_peak_mem(configs, dtypes, device)
-        head = (f"{'config':<11} {'dtype':<9} {'mixops':>9} {'HF eager':>9} {'HF grouped_mm':>14} "
-                f"{'mixops/HF grouped_mm':>21} {'mixops/HF eager':>16}")
+        head = (
+            f"{'config':<11} {'dtype':<9} {'mixops':>9} {'HF eager':>9} {'HF grouped_mm':>14} "
+            f"{'mixops/HF grouped_mm':>21} {'mixops/HF eager':>16}"
+        )
         print(head)
         print("-" * len(head))
         for cfg in configs:
             for dtype in dtypes:
                 m = [mem[cfg.name, str(dtype)[6:], impl] for impl in IMPLS]
-                print(f"{cfg.name:<11} {str(dtype)[6:]:<9} {m[0]:>9.1f} {m[1]:>9.1f} {m[2]:>14.1f} "
-                      f"{m[0] / m[2]:>21.2f} {m[0] / m[1]:>16.2f}")
+                print(
+                    f"{cfg.name:<11} {str(dtype)[6:]:<9} {m[0]:>9.1f} {m[1]:>9.1f} {m[2]:>14.1f} "
+                    f"{m[0] / m[2]:>21.2f} {m[0] / m[1]:>16.2f}"
+                )
 
     if args.png:
         write_png(results, args.png, title)
@@ -353,7 +402,13 @@ def run(args):
 
 def add_args(p: argparse.ArgumentParser):
     """moe's own options (--device, --quick, --reps, --dtype, --experts are shared)."""
-    p.add_argument("--png", default="mixops_bench_moe.png",
-                   help="moe: where to write the x-floor bar chart ('' for none)")
-    p.add_argument("--no-peak-mem", action="store_true",
-                   help="moe: skip the peak-memory measurement of fwd+bwd")
+    p.add_argument(
+        "--png",
+        default="mixops_bench_moe.png",
+        help="moe: where to write the x-floor bar chart ('' for none)",
+    )
+    p.add_argument(
+        "--no-peak-mem",
+        action="store_true",
+        help="moe: skip the peak-memory measurement of fwd+bwd",
+    )

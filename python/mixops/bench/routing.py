@@ -6,6 +6,7 @@ Grid: num_tokens in {1, 128, 4096, 32768} x E in {8, 64, 256} x k in {1, 2, 8},
 float32 and bfloat16, hidden 1024 (--hidden). Target on CPU: >= 3x at T=4096, E=64, k=8 and
 never slower at T=1.
 """
+
 import argparse
 import itertools
 
@@ -51,13 +52,18 @@ def run(args):
     device = args.device
     dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
     grid = QUICK if args.quick else tuple(itertools.product(TOKENS, EXPERTS, TOPK))
-    grid = [(t, e, k) for t, e, k in grid if args.experts in (0, e)
-            and (not args.tokens or t in args.tokens)]
+    grid = [
+        (t, e, k)
+        for t, e, k in grid
+        if args.experts in (0, e) and (not args.tokens or t in args.tokens)
+    ]
     hidden = args.hidden
-    print(f"mixops routing benchmark on {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}; hidden {hidden}; median ms of {args.reps} reps; "
-          "router_topk + permute + unpermute vs the PyTorch chain")
+    print(
+        f"mixops routing benchmark on {device} "
+        f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}; hidden {hidden}; median ms of {args.reps} reps; "
+        "router_topk + permute + unpermute vs the PyTorch chain"
+    )
     header = f"{'dtype':<9} {'tokens':>6} {'E':>4} {'k':>2} {'mixops ms':>10} {'torch ms':>10} {'speedup':>8}"
     rows = []
     total = len(grid) * len(dtypes)
@@ -66,15 +72,20 @@ def run(args):
             gen = torch.Generator().manual_seed(num_tokens * 1000 + num_experts)
             logits = torch.randn(num_tokens, num_experts, generator=gen).to(dtype).to(device)
             x = torch.randn(num_tokens, hidden, generator=gen).to(dtype).to(device)
-            fns = {"mixops": lambda: mixops_chain(logits, x, k, num_experts),
-                   "torch": lambda: torch_chain(logits, x, k, num_experts)}
+            inputs = (logits, x, k, num_experts)
+            fns = {
+                "mixops": lambda inputs=inputs: mixops_chain(*inputs),
+                "torch": lambda inputs=inputs: torch_chain(*inputs),
+            }
             if dtype == torch.float32:  # same answer first (bf16 logits tie; torch.topk breaks
                 ours, theirs = fns["mixops"](), fns["torch"]()  # ties its own way)
                 torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(ours[1].long(), theirs[1].long())
             t = interleaved_median_ms(fns, device, args.reps)
-            line = (f"{str(dtype)[6:]:<9} {num_tokens:>6} {num_experts:>4} {k:>2} "
-                    f"{t['mixops']:>10.3f} {t['torch']:>10.3f} {t['torch'] / t['mixops']:>7.2f}x")
+            line = (
+                f"{str(dtype)[6:]:<9} {num_tokens:>6} {num_experts:>4} {k:>2} "
+                f"{t['mixops']:>10.3f} {t['torch']:>10.3f} {t['torch'] / t['mixops']:>7.2f}x"
+            )
             print(f"[{len(rows) + 1}/{total}] {line}", flush=True)
             rows.append(line)
     print()
@@ -88,5 +99,6 @@ def run(args):
 def add_args(p: argparse.ArgumentParser):
     """routing's own options (--quick, --reps, --dtype, --experts are shared)."""
     p.add_argument("--hidden", type=int, default=1024, help="routing: hidden size of x")
-    p.add_argument("--tokens", type=int, nargs="*", default=[],
-                   help="routing: only these token counts")
+    p.add_argument(
+        "--tokens", type=int, nargs="*", default=[], help="routing: only these token counts"
+    )

@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmarks: medians over repeats, CUDA events on GPU, NVTX ranges."""
+
 import statistics
 import time
 

@@ -11,6 +11,7 @@ and the ``"mixops"`` experts implementation (``experts_implementation="mixops"``
 transformers is an optional dependency (``pip install mixops[transformers]``); importing this module
 without it raises ImportError saying so.
 """
+
 import warnings
 from dataclasses import dataclass
 
@@ -24,8 +25,9 @@ try:
     from transformers.integrations.moe import ExpertsInterface
     from transformers.modeling_utils import PreTrainedModel
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("mixops.integrations.transformers needs HF transformers: "
-                      "pip install 'mixops[transformers]'") from e
+    raise ImportError(
+        "mixops.integrations.transformers needs HF transformers: pip install 'mixops[transformers]'"
+    ) from e
 
 from ..nn import MoE, MoEParts, RouterConfig
 from ..ops import grouped_mm, permute, unpermute
@@ -35,8 +37,10 @@ __all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPP
 
 @dataclass(frozen=True)
 class _RouterSpec:
-    score_fn: str          # "softmax" | "sigmoid"
-    deepseek: bool = False  # sigmoid + selection bias + groups + eps 1e-20 + routed scaling, fp32 logits
+    score_fn: str  # "softmax" | "sigmoid"
+    deepseek: bool = (
+        False  # sigmoid + selection bias + groups + eps 1e-20 + routed scaling, fp32 logits
+    )
     always_renormalize: bool = False  # Mixtral renormalises without a flag
 
 
@@ -50,12 +54,24 @@ _ROUTERS = {
     "DeepseekV3TopkRouter": _RouterSpec("sigmoid", deepseek=True),
     "Glm4MoeTopkRouter": _RouterSpec("sigmoid", deepseek=True),
 }
-SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
-                    "OlmoeSparseMoeBlock", "DeepseekV3MoE", "Glm4MoeMoE")
+SUPPORTED_BLOCKS = (
+    "MixtralSparseMoeBlock",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+    "DeepseekV3MoE",
+    "Glm4MoeMoE",
+)
 
 # HF hidden_act of gated experts -> mixops activation.
-_GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu",
-               "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "relu": "reglu"}
+_GATED_ACTS = {
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "gelu": "geglu",
+    "gelu_pytorch_tanh": "geglu_tanh",
+    "gelu_new": "geglu_tanh",
+    "relu": "reglu",
+}
 
 
 class _Unsupported(ValueError):
@@ -65,11 +81,14 @@ class _Unsupported(ValueError):
 def _hidden_act(experts):
     act = getattr(getattr(experts, "config", None), "hidden_act", None)
     if act is None:
-        raise _Unsupported(f"cannot tell the activation of {type(experts).__name__} "
-                           "(no config.hidden_act)")
+        raise _Unsupported(
+            f"cannot tell the activation of {type(experts).__name__} (no config.hidden_act)"
+        )
     if act not in _GATED_ACTS:
-        raise _Unsupported(f"activation {act!r} of {type(experts).__name__} is not supported "
-                           f"(supported: {', '.join(_GATED_ACTS)})")
+        raise _Unsupported(
+            f"activation {act!r} of {type(experts).__name__} is not supported "
+            f"(supported: {', '.join(_GATED_ACTS)})"
+        )
     return _GATED_ACTS[act]
 
 
@@ -77,22 +96,30 @@ def _check_block(block):
     """Raises _Unsupported saying what is missing unless mixops can hold this block's modules."""
     name = type(block).__name__
     if name not in SUPPORTED_BLOCKS:
-        raise _Unsupported(f"{name} is not a supported MoE block "
-                           f"(supported: {', '.join(SUPPORTED_BLOCKS)})")
+        raise _Unsupported(
+            f"{name} is not a supported MoE block (supported: {', '.join(SUPPORTED_BLOCKS)})"
+        )
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or _router_name(gate) not in _ROUTERS:
         raise _Unsupported(f"{name}: router {type(gate).__name__} has no mixops equivalent")
     if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        raise _Unsupported(f"{name}: experts without 3-D gate_up_proj/down_proj weights are not "
-                           "supported")
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) \
-            or getattr(experts, "has_post_expert_norm", False) \
-            or not getattr(experts, "is_concatenated", True):
-        raise _Unsupported(f"{name}: expert biases, transposed or interleaved weights and "
-                           "post-expert norms are not supported")
+        raise _Unsupported(
+            f"{name}: experts without 3-D gate_up_proj/down_proj weights are not supported"
+        )
+    if (
+        getattr(experts, "has_bias", False)
+        or getattr(experts, "is_transposed", False)
+        or getattr(experts, "has_post_expert_norm", False)
+        or not getattr(experts, "is_concatenated", True)
+    ):
+        raise _Unsupported(
+            f"{name}: expert biases, transposed or interleaved weights and "
+            "post-expert norms are not supported"
+        )
     if getattr(block, "jitter_noise", 0) and block.jitter_noise > 0:
-        raise _Unsupported(f"{name}: router_jitter_noise={block.jitter_noise} has no mixops "
-                           "equivalent")
+        raise _Unsupported(
+            f"{name}: router_jitter_noise={block.jitter_noise} has no mixops equivalent"
+        )
 
 
 def _router_config(gate) -> RouterConfig:
@@ -100,8 +127,12 @@ def _router_config(gate) -> RouterConfig:
     spec = _ROUTERS[_router_name(gate)]
     E, k = gate.weight.shape[0], gate.top_k
     if not spec.deepseek:
-        return RouterConfig(num_experts=E, top_k=k, score_fn=spec.score_fn,
-                            renormalize=spec.always_renormalize or bool(gate.norm_topk_prob))
+        return RouterConfig(
+            num_experts=E,
+            top_k=k,
+            score_fn=spec.score_fn,
+            renormalize=spec.always_renormalize or bool(gate.norm_topk_prob),
+        )
     groups, kept = gate.num_group, gate.topk_group
     if k == E:
         # HF masks the dropped groups' scores to -inf and still takes the top E: every expert,
@@ -112,13 +143,22 @@ def _router_config(gate) -> RouterConfig:
             f"{type(gate).__name__}: top_k ({k}) is more than the {kept * (E // groups)} experts "
             f"of the {kept} kept group(s) (n_group={groups}, topk_group={kept}); HF then also "
             "picks experts of dropped groups, whose -inf scores torch.topk orders in no "
-            "specified way, and mixops does not reproduce that choice")
+            "specified way, and mixops does not reproduce that choice"
+        )
     try:
-        return RouterConfig(num_experts=E, top_k=k, score_fn="sigmoid",
-                            renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-20,
-                            scaling=float(gate.routed_scaling_factor), selection_bias=True,
-                            num_groups=groups, groups_kept=kept, group_score="top2_sum",
-                            router_fp32=True)
+        return RouterConfig(
+            num_experts=E,
+            top_k=k,
+            score_fn="sigmoid",
+            renormalize=bool(gate.norm_topk_prob),
+            renorm_eps=1e-20,
+            scaling=float(gate.routed_scaling_factor),
+            selection_bias=True,
+            num_groups=groups,
+            groups_kept=kept,
+            group_score="top2_sum",
+            router_fp32=True,
+        )
     except ValueError as e:
         raise _Unsupported(f"{type(gate).__name__}: {e}") from e
 
@@ -139,10 +179,21 @@ def _build(block, gate, moe_kwargs) -> MoE:
     activation = _hidden_act(block.experts)
     E, H = block.gate.weight.shape
     shared, shared_gate, shared_name = _shared(block)
-    parts = MoEParts(gate=gate, experts=block.experts, shared=shared, shared_gate=shared_gate,
-                     shared_name=shared_name)
-    return MoE(H, block.experts.down_proj.shape[-1], router=router, activation=activation,
-               parts=parts, **moe_kwargs)
+    parts = MoEParts(
+        gate=gate,
+        experts=block.experts,
+        shared=shared,
+        shared_gate=shared_gate,
+        shared_name=shared_name,
+    )
+    return MoE(
+        H,
+        block.experts.down_proj.shape[-1],
+        router=router,
+        activation=activation,
+        parts=parts,
+        **moe_kwargs,
+    )
 
 
 class _Logits(nn.Module):
@@ -181,8 +232,9 @@ def _patch_router_class(gate):
     if cls in _PATCHED_ROUTER_CLASSES.values():
         return
     if cls not in _PATCHED_ROUTER_CLASSES:
-        _PATCHED_ROUTER_CLASSES[cls] = type("Mixops" + cls.__name__, (cls,),
-                                            {"forward": _hf_router_logits_forward})
+        _PATCHED_ROUTER_CLASSES[cls] = type(
+            "Mixops" + cls.__name__, (cls,), {"forward": _hf_router_logits_forward}
+        )
     gate.__class__ = _PATCHED_ROUTER_CLASSES[cls]
 
 
@@ -210,9 +262,13 @@ class _SetExpertsImplementation:
 
     def __call__(self, experts_implementation):
         if any(isinstance(m, MoE) for m in self.model.modules()):
-            warnings.warn("mixops: set_experts_implementation() does not change the MoE blocks "
-                          "that patch_model replaced (they run mixops.nn.MoE); it affects only "
-                          "blocks that were not patched", UserWarning, stacklevel=2)
+            warnings.warn(
+                "mixops: set_experts_implementation() does not change the MoE blocks "
+                "that patch_model replaced (they run mixops.nn.MoE); it affects only "
+                "blocks that were not patched",
+                UserWarning,
+                stacklevel=2,
+            )
         return type(self.model).set_experts_implementation(self.model, experts_implementation)
 
 
@@ -220,8 +276,9 @@ def _hook_hf_models(model):
     # Instance attributes (deep copies and pickles carry them along with the model they serve).
     # Every PreTrainedModel inside needs them: HF's init hands sub-models their own _init_weights.
     for m in model.modules():
-        if isinstance(m, PreTrainedModel) and not isinstance(m.__dict__.get("_init_weights"),
-                                                             _InitWeights):
+        if isinstance(m, PreTrainedModel) and not isinstance(
+            m.__dict__.get("_init_weights"), _InitWeights
+        ):
             m._init_weights = _InitWeights(m)
             m.set_experts_implementation = _SetExpertsImplementation(m)
 
@@ -255,14 +312,16 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     ``set_experts_implementation()`` warns that the replaced blocks no longer follow it."""
     plans = []
     for name, block in model.named_modules():
-        if isinstance(block, MoE) or not (type(block).__name__ in SUPPORTED_BLOCKS
-                                          or _looks_like_moe(block)):
+        if isinstance(block, MoE) or not (
+            type(block).__name__ in SUPPORTED_BLOCKS or _looks_like_moe(block)
+        ):
             continue
         try:
             plans.append((name, block, _build(block, block.gate, moe_kwargs)))
         except _Unsupported as e:
-            warnings.warn(f"mixops.patch_model: {name} left as it is: {e}", UserWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=2
+            )
     for name, block, moe in plans:  # nothing can fail from here on
         _patch_router_class(block.gate)
         moe.train(block.training)
@@ -275,12 +334,14 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
 
 
 def _looks_like_moe(module):
-    return isinstance(getattr(module, "gate", None), nn.Module) and \
-        isinstance(getattr(module, "experts", None), nn.Module)
+    return isinstance(getattr(module, "gate", None), nn.Module) and isinstance(
+        getattr(module, "experts", None), nn.Module
+    )
 
 
-def mixops_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                           top_k_weights: torch.Tensor) -> torch.Tensor:
+def mixops_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The ``"mixops"`` experts implementation: permute -> grouped_mm -> HF's own gating ->
     grouped_mm -> unpermute, on any HF experts module made with ``use_experts_implementation``."""
     if getattr(self, "has_post_expert_norm", False):

@@ -1,5 +1,6 @@
 """nn.Modules built from the mixops ops: the MoE layer (moe.py), its router and router
 configuration (router.py), its experts (experts.py) and the activations by name."""
+
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
 from .moe import MoE, MoEParts

@@ -1,5 +1,6 @@
 """Expert activations by name: gated ones (``act(gate) * up`` on the [rows, 2*ffn] output of the
 fused gate/up projection, gate first as in HF transformers' ``chunk(2)``) and plain ones."""
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +31,9 @@ def act_fn(name: str):
 
 def check_activation(name: str) -> None:
     if name not in _FNS:
-        raise ValueError(f"MoE: unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+        raise ValueError(
+            f"MoE: unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}"
+        )
 
 
 def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -38,4 +41,3 @@ def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
     if name in _FUSED:
         return gated_activation(h, _FUSED[name])
     return _FNS[name](h)
-

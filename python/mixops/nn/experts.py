@@ -1,6 +1,7 @@
 """The expert weights of the mixture layers: ``Experts`` (the routed experts, all E of them in 3-D
 tensors for the grouped GEMMs, in HF transformers' v5 layout) and ``MLP`` (one dense expert: the
 shared experts that every token goes through)."""
+
 import torch
 from torch import nn
 
@@ -21,8 +22,9 @@ class Experts(nn.Module):
             self.gate_up_proj = w1
         else:
             self.up_proj = w1
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, device=device,
-                                                  dtype=dtype))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, ffn_size, device=device, dtype=dtype)
+        )
         self.reset_parameters()
 
     def reset_parameters(self):

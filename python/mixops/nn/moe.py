@@ -6,6 +6,7 @@ router logits -> router_topk -> permute -> grouped_mm (gate+up) -> activation ->
 (``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
 ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj``), so state dicts move between the two.
 """
+
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,22 +45,30 @@ def _router_config(num_experts, top_k, router, options):
     if not isinstance(router, RouterConfig):
         raise TypeError(f"MoE: router must be a RouterConfig, got {type(router).__name__}")
     if options:
-        raise ValueError(f"MoE: give the routing options either as router=RouterConfig(...) or as "
-                         f"keywords, not both (got router= and {', '.join(sorted(options))})")
+        raise ValueError(
+            f"MoE: give the routing options either as router=RouterConfig(...) or as "
+            f"keywords, not both (got router= and {', '.join(sorted(options))})"
+        )
     for name, v in (("num_experts", num_experts), ("top_k", top_k)):
         if v is not None and v != getattr(router, name):
-            raise ValueError(f"MoE: {name}={v!r} disagrees with router.{name}="
-                             f"{getattr(router, name)!r}")
+            raise ValueError(
+                f"MoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
+            )
     return router
 
 
 def _capacity_fraction(capacity_factor):
     if capacity_factor is None:
         return None
-    if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor)
-            and capacity_factor > 0):
-        raise ValueError(f"MoE: capacity_factor must be a finite number > 0 (or None for dropless), "
-                         f"got {capacity_factor!r}")
+    if not (
+        isinstance(capacity_factor, (int, float))
+        and math.isfinite(capacity_factor)
+        and capacity_factor > 0
+    ):
+        raise ValueError(
+            f"MoE: capacity_factor must be a finite number > 0 (or None for dropless), "
+            f"got {capacity_factor!r}"
+        )
     return Fraction(capacity_factor).limit_denominator(1 << 20)
 
 
@@ -71,6 +80,7 @@ class MoEParts:
     ``gate_up_proj``/``up_proj`` and ``down_proj`` in HF's layout; ``shared`` maps x -> y;
     ``shared_gate`` maps x -> [tokens, 1]. ``shared_name`` is the attribute (and state-dict prefix)
     the shared module goes under."""
+
     gate: nn.Module
     experts: nn.Module
     shared: Optional[nn.Module] = None
@@ -114,12 +124,25 @@ class MoE(nn.Module):
     Built on the meta device: ``to_empty(device=...)`` then ``reset_parameters()``.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: Optional[int] = None,
-                 top_k: Optional[int] = None, *, router: Optional[RouterConfig] = None,
-                 activation: str = "swiglu", shared_ffn_size: int = 0,
-                 shared_expert_gate: bool = False, capacity_factor: Optional[float] = None,
-                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
-                 parts: Optional[MoEParts] = None, device=None, dtype=None, **router_options):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: Optional[int] = None,
+        top_k: Optional[int] = None,
+        *,
+        router: Optional[RouterConfig] = None,
+        activation: str = "swiglu",
+        shared_ffn_size: int = 0,
+        shared_expert_gate: bool = False,
+        capacity_factor: Optional[float] = None,
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        parts: Optional[MoEParts] = None,
+        device=None,
+        dtype=None,
+        **router_options,
+    ):
         super().__init__()
         router = _router_config(num_experts, top_k, router, router_options)
         if parts is not None:
@@ -137,12 +160,20 @@ class MoE(nn.Module):
         if parts is None:
             parts = MoEParts(
                 gate=TopKRouter(hidden_size, E, router.selection_bias, device=device, dtype=dtype),
-                experts=Experts(hidden_size, ffn_size, E, activation in GATED,
-                                device=device, dtype=dtype),
-                shared=(MLP(hidden_size, shared_ffn_size, activation, device=device, dtype=dtype)
-                        if shared_ffn_size else None),
-                shared_gate=(nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
-                             if shared_expert_gate else None))
+                experts=Experts(
+                    hidden_size, ffn_size, E, activation in GATED, device=device, dtype=dtype
+                ),
+                shared=(
+                    MLP(hidden_size, shared_ffn_size, activation, device=device, dtype=dtype)
+                    if shared_ffn_size
+                    else None
+                ),
+                shared_gate=(
+                    nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
+                    if shared_expert_gate
+                    else None
+                ),
+            )
         elif router.selection_bias and not hasattr(parts.gate, "e_score_correction_bias"):
             raise ValueError("MoE: selection_bias=True needs parts.gate.e_score_correction_bias")
         self.gate = parts.gate
@@ -154,8 +185,9 @@ class MoE(nn.Module):
         if device is None:
             device = parts.gate.weight.device
         # Tokens routed to each expert since the last update_bias (not saved: a training-loop state).
-        self.register_buffer("tokens_per_expert",
-                             torch.zeros(E, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(E, dtype=torch.int64, device=device), persistent=False
+        )
         self.aux_loss = None
 
     # The router's shape and flags, read from its config (which is immutable).
@@ -184,11 +216,17 @@ class MoE(nn.Module):
         self.tokens_per_expert.zero_()
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                modality: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_mask: Optional[torch.Tensor] = None,
+        modality: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"MoE: x must have hidden size {self.hidden_size} in its last "
-                             f"dimension, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"MoE: x must have hidden size {self.hidden_size} in its last "
+                f"dimension, got shape {tuple(x.shape)}"
+            )
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         if token_mask is not None:  # HF-style 0/1 attention masks are accepted too
@@ -227,8 +265,9 @@ class MoE(nn.Module):
             bias = None
             if self.selection_bias:
                 bias = self.gate.e_score_correction_bias.float()
-            r = router_topk(logits, bias=bias, modality=modality, token_mask=token_mask,
-                            **self._router_kwargs)
+            r = router_topk(
+                logits, bias=bias, modality=modality, token_mask=token_mask, **self._router_kwargs
+            )
         if self.selection_bias and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(r.counts)
@@ -283,11 +322,14 @@ class MoE(nn.Module):
         last call, summed over ``group`` (a torch.distributed process group) first when given.
         Resets the count and returns the load that was used."""
         if not self.selection_bias:
-            raise RuntimeError("MoE.update_bias: this layer has no selection bias "
-                               "(construct it with selection_bias=True)")
+            raise RuntimeError(
+                "MoE.update_bias: this layer has no selection bias "
+                "(construct it with selection_bias=True)"
+            )
         load = self.tokens_per_expert.to(torch.float32)
         if group is not None:
             import torch.distributed as dist
+
             dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
         bias = self.gate.e_score_correction_bias
         bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
@@ -295,8 +337,10 @@ class MoE(nn.Module):
         return load
 
     def extra_repr(self):
-        return (f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
-                f"capacity_factor={self.capacity_factor},\n{self.router_config}")
+        return (
+            f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
+            f"capacity_factor={self.capacity_factor},\n{self.router_config}"
+        )
 
 
 def _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expert_gate):

@@ -2,6 +2,7 @@
 ``mixops.ops.router_topk`` plus how the logits are made, checked once) and ``TopKRouter`` (the
 projection that makes the logits). MoE uses both; MoA will use the same config for its heads.
 """
+
 import math
 from dataclasses import dataclass, fields
 
@@ -33,6 +34,7 @@ class RouterConfig:
 
     ``op_kwargs()`` gives the keyword arguments of ``router_topk`` (``k`` included).
     """
+
     num_experts: int
     top_k: int
     score_fn: str = "softmax"
@@ -54,41 +56,61 @@ class RouterConfig:
                 raise ValueError(f"RouterConfig: {name} must be a positive int, got {v!r}")
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RouterConfig: {name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"RouterConfig: {name} must be a bool, got {getattr(self, name)!r}"
+                )
         for name, low in (("renorm_eps", 0.0), ("scaling", -math.inf)):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
-                    or v < low:
-                raise ValueError(f"RouterConfig: {name} must be a finite number"
-                                 f"{' >= 0' if low == 0 else ''}, got {v!r}")
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < low
+            ):
+                raise ValueError(
+                    f"RouterConfig: {name} must be a finite number"
+                    f"{' >= 0' if low == 0 else ''}, got {v!r}"
+                )
             object.__setattr__(self, name, float(v))  # the op takes doubles
         if self.score_fn not in _SCORE_FNS:
-            raise ValueError(f"RouterConfig: score_fn must be 'softmax', 'sigmoid' or 'none', "
-                             f"got {self.score_fn!r}")
+            raise ValueError(
+                f"RouterConfig: score_fn must be 'softmax', 'sigmoid' or 'none', "
+                f"got {self.score_fn!r}"
+            )
         if self.group_score not in _GROUP_SCORES:
-            raise ValueError(f"RouterConfig: group_score must be 'top2_sum' or 'max', "
-                             f"got {self.group_score!r}")
+            raise ValueError(
+                f"RouterConfig: group_score must be 'top2_sum' or 'max', got {self.group_score!r}"
+            )
         E = self.num_experts
         if E % self.num_groups:
-            raise ValueError(f"RouterConfig: num_groups ({self.num_groups}) must divide "
-                             f"num_experts ({E})")
+            raise ValueError(
+                f"RouterConfig: num_groups ({self.num_groups}) must divide num_experts ({E})"
+            )
         if self.groups_kept > self.num_groups:
-            raise ValueError(f"RouterConfig: groups_kept ({self.groups_kept}) must be <= "
-                             f"num_groups ({self.num_groups})")
+            raise ValueError(
+                f"RouterConfig: groups_kept ({self.groups_kept}) must be <= "
+                f"num_groups ({self.num_groups})"
+            )
         if E % self.num_modalities:
-            raise ValueError(f"RouterConfig: num_modalities ({self.num_modalities}) must divide "
-                             f"num_experts ({E})")
+            raise ValueError(
+                f"RouterConfig: num_modalities ({self.num_modalities}) must divide "
+                f"num_experts ({E})"
+            )
         if self.num_groups > 1 and self.num_modalities > 1:
-            raise ValueError("RouterConfig: num_groups > 1 and num_modalities > 1 cannot be "
-                             "combined")
+            raise ValueError(
+                "RouterConfig: num_groups > 1 and num_modalities > 1 cannot be combined"
+            )
         if self.group_score == "top2_sum" and self.num_groups > 1 and E // self.num_groups < 2:
-            raise ValueError("RouterConfig: group_score='top2_sum' needs at least 2 experts per "
-                             "group")
+            raise ValueError(
+                "RouterConfig: group_score='top2_sum' needs at least 2 experts per group"
+            )
         if self.top_k > self.eligible:
-            raise ValueError(f"RouterConfig: top_k ({self.top_k}) must be <= the experts a token "
-                             f"can choose from ({self.eligible}: num_experts={E}, "
-                             f"num_groups={self.num_groups}, groups_kept={self.groups_kept}, "
-                             f"num_modalities={self.num_modalities})")
+            raise ValueError(
+                f"RouterConfig: top_k ({self.top_k}) must be <= the experts a token "
+                f"can choose from ({self.eligible}: num_experts={E}, "
+                f"num_groups={self.num_groups}, groups_kept={self.groups_kept}, "
+                f"num_modalities={self.num_modalities})"
+            )
 
     @property
     def eligible(self) -> int:
@@ -100,11 +122,18 @@ class RouterConfig:
     def op_kwargs(self) -> dict:
         """The keyword arguments of ``mixops.ops.router_topk`` (``k`` and every option; the
         per-call tensors ``bias``, ``modality`` and ``token_mask`` are the caller's)."""
-        return dict(k=self.top_k, score_fn=self.score_fn, topk_then_score=self.topk_then_score,
-                    renormalize=self.renormalize, renorm_eps=self.renorm_eps,
-                    scaling=self.scaling, num_groups=self.num_groups,
-                    groups_kept=self.groups_kept, group_score=self.group_score,
-                    num_modalities=self.num_modalities)
+        return dict(
+            k=self.top_k,
+            score_fn=self.score_fn,
+            topk_then_score=self.topk_then_score,
+            renormalize=self.renormalize,
+            renorm_eps=self.renorm_eps,
+            scaling=self.scaling,
+            num_groups=self.num_groups,
+            groups_kept=self.groups_kept,
+            group_score=self.group_score,
+            num_modalities=self.num_modalities,
+        )
 
     @classmethod
     def option_names(cls) -> frozenset:
@@ -118,10 +147,14 @@ class TopKRouter(nn.Module):
 
     def __init__(self, hidden_size, num_experts, selection_bias=False, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, device=device, dtype=dtype)
+        )
         if selection_bias:
-            self.register_buffer("e_score_correction_bias",
-                                 torch.empty(num_experts, device=device, dtype=torch.float32))
+            self.register_buffer(
+                "e_score_correction_bias",
+                torch.empty(num_experts, device=device, dtype=torch.float32),
+            )
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -3,9 +3,18 @@
 Each op family has its own module; importing this package registers them all. The C++ schemas
 (csrc/ops.cpp) name these modules through set_python_module, so torch asks for them when needed.
 """
+
 from .activation import gated_activation
 from .grouped_mm import grouped_mm
 from .permute import PermuteOutput, permute, unpermute
 from .routing import RouterOutput, router_topk
 
-__all__ = ["gated_activation", "grouped_mm", "router_topk", "RouterOutput", "permute", "unpermute", "PermuteOutput"]
+__all__ = [
+    "gated_activation",
+    "grouped_mm",
+    "router_topk",
+    "RouterOutput",
+    "permute",
+    "unpermute",
+    "PermuteOutput",
+]

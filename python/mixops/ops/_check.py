@@ -7,6 +7,7 @@ The C++ checks cannot be called from the fakes instead: under torch.compile with
 the sizes are SymInts, which at::Tensor::sizes() refuses, and a check on a symbolic size has to
 become a guard (torch._check), not a branch on one value.
 """
+
 import torch
 
 __all__ = ["check", "FLOATS", "INT32_MAX"]
@@ -16,10 +17,19 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # c10::ScalarType names: how `<< scalar_type` prints a dtype.
 _SCALAR_TYPE_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-    torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short",
-    torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool", torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
 }
 
 

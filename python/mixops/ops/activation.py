@@ -1,4 +1,5 @@
 """gated_activation: the expert MLP's gated activation fused over the gate/up GEMM output."""
+
 import torch
 
 from ._check import FLOATS, check
@@ -26,26 +27,58 @@ def gated_activation(gate_up: torch.Tensor, activation: str = "silu") -> torch.T
 
 # Validation: csrc/activation/check.cpp line by line, with its messages (see _check.py).
 
+
 def _check_gate_up(gate_up, activation, op):
-    check(activation in _ACTS, op, ": activation must be one of 'silu', 'gelu', 'gelu_tanh', "
-          "'relu', got '", activation, "'")
+    check(
+        activation in _ACTS,
+        op,
+        ": activation must be one of 'silu', 'gelu', 'gelu_tanh', 'relu', got '",
+        activation,
+        "'",
+    )
     check(gate_up.dim() >= 1, op, ": gate_up must have at least 1 dimension, got a scalar")
-    check(gate_up.shape[-1] % 2 == 0, op, ": gate_up's last dimension must be even ([..., 2*F]: "
-          "gate then up), got ", gate_up.shape)
-    check(gate_up.dtype in FLOATS, op, ": gate_up must be float32, bfloat16, float16 or float64, "
-          "got ", gate_up.dtype)
+    check(
+        gate_up.shape[-1] % 2 == 0,
+        op,
+        ": gate_up's last dimension must be even ([..., 2*F]: gate then up), got ",
+        gate_up.shape,
+    )
+    check(
+        gate_up.dtype in FLOATS,
+        op,
+        ": gate_up must be float32, bfloat16, float16 or float64, got ",
+        gate_up.dtype,
+    )
 
 
 def _gated_activation_backward_check(grad, gate_up, activation):
     op = "gated_activation_backward"
     _check_gate_up(gate_up, activation, op)
     expect = [*gate_up.shape[:-1], gate_up.shape[-1] // 2]
-    check(list(grad.shape) == expect, op, ": grad must have shape ", expect,
-          " (gate_up's with the last dimension halved), got ", grad.shape)
-    check(grad.dtype == gate_up.dtype, op, ": grad must have gate_up's dtype (", gate_up.dtype,
-          "), got ", grad.dtype)
-    check(grad.device == gate_up.device, op, ": grad must be on gate_up's device (",
-          gate_up.device, "), got ", grad.device)
+    check(
+        list(grad.shape) == expect,
+        op,
+        ": grad must have shape ",
+        expect,
+        " (gate_up's with the last dimension halved), got ",
+        grad.shape,
+    )
+    check(
+        grad.dtype == gate_up.dtype,
+        op,
+        ": grad must have gate_up's dtype (",
+        gate_up.dtype,
+        "), got ",
+        grad.dtype,
+    )
+    check(
+        grad.device == gate_up.device,
+        op,
+        ": grad must be on gate_up's device (",
+        gate_up.device,
+        "), got ",
+        grad.device,
+    )
 
 
 @torch.library.register_fake("mixops::gated_activation")
@@ -72,7 +105,8 @@ def _backward(ctx, grad):
         return None, None
     (gate_up,) = ctx.saved_tensors
     return torch.ops.mixops.gated_activation_backward.default(
-        grad.contiguous(), gate_up, ctx.activation), None
+        grad.contiguous(), gate_up, ctx.activation
+    ), None
 
 
 torch.library.register_autograd("mixops::gated_activation", _backward, setup_context=_setup)

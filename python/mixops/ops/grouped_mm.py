@@ -1,4 +1,5 @@
 """grouped_mm: all experts' matrix products in one op (CUTLASS on CUDA, per-group BLAS on CPU)."""
+
 import torch
 
 from ._check import FLOATS, check
@@ -44,32 +45,81 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
 def _grouped_mm_check(a, b, offsets):
     """csrc/grouped_mm/check.cpp line by line, with its messages (see _check.py); returns the
     output shape."""
-    check(a.dim() == 2, "grouped_mm: a must be 2-D [m, k], got a ", a.dim(), "-D tensor of shape ",
-          a.shape)
-    check(b.dim() == 2 or b.dim() == 3, "grouped_mm: b must be 3-D [num_experts, k, n] (2-D x 3-D "
-          "mode) or 2-D [k, n] (2-D x 2-D mode), got a ", b.dim(), "-D tensor of shape ", b.shape)
-    check(a.dtype == b.dtype, "grouped_mm: a and b must have the same dtype, got a ", a.dtype,
-          " and b ", b.dtype)
-    check(a.dtype in FLOATS, "grouped_mm: a must be float32, bfloat16 or float16 (or float64, for "
-          "gradcheck), got ", a.dtype)
-    check(a.device == b.device, "grouped_mm: a and b must be on the same device, got a on ",
-          a.device, " and b on ", b.device)
+    check(
+        a.dim() == 2,
+        "grouped_mm: a must be 2-D [m, k], got a ",
+        a.dim(),
+        "-D tensor of shape ",
+        a.shape,
+    )
+    check(
+        b.dim() == 2 or b.dim() == 3,
+        "grouped_mm: b must be 3-D [num_experts, k, n] (2-D x 3-D "
+        "mode) or 2-D [k, n] (2-D x 2-D mode), got a ",
+        b.dim(),
+        "-D tensor of shape ",
+        b.shape,
+    )
+    check(
+        a.dtype == b.dtype,
+        "grouped_mm: a and b must have the same dtype, got a ",
+        a.dtype,
+        " and b ",
+        b.dtype,
+    )
+    check(
+        a.dtype in FLOATS,
+        "grouped_mm: a must be float32, bfloat16 or float16 (or float64, for gradcheck), got ",
+        a.dtype,
+    )
+    check(
+        a.device == b.device,
+        "grouped_mm: a and b must be on the same device, got a on ",
+        a.device,
+        " and b on ",
+        b.device,
+    )
     check(offsets.dtype == torch.int32, "grouped_mm: offsets must be int32, got ", offsets.dtype)
-    check(offsets.dim() == 1, "grouped_mm: offsets must be 1-D [num_experts], got shape ",
-          offsets.shape)
-    check(offsets.device == a.device, "grouped_mm: offsets must be on the same device as a (",
-          a.device, "), got ", offsets.device)
+    check(
+        offsets.dim() == 1,
+        "grouped_mm: offsets must be 1-D [num_experts], got shape ",
+        offsets.shape,
+    )
+    check(
+        offsets.device == a.device,
+        "grouped_mm: offsets must be on the same device as a (",
+        a.device,
+        "), got ",
+        offsets.device,
+    )
     m, k = a.shape
     if b.dim() == 3:
-        check(b.shape[1] == k, "grouped_mm: K mismatch: a is [m, k] = ", a.shape,
-              " but b is [num_experts, k, n] = ", b.shape)
-        check(offsets.shape[0] == b.shape[0], "grouped_mm: offsets must have length num_experts = "
-              "b.size(0) = ", b.shape[0], ", got ", offsets.shape[0])
+        check(
+            b.shape[1] == k,
+            "grouped_mm: K mismatch: a is [m, k] = ",
+            a.shape,
+            " but b is [num_experts, k, n] = ",
+            b.shape,
+        )
+        check(
+            offsets.shape[0] == b.shape[0],
+            "grouped_mm: offsets must have length num_experts = b.size(0) = ",
+            b.shape[0],
+            ", got ",
+            offsets.shape[0],
+        )
         return (m, b.shape[2])
-    check(b.shape[0] == k, "grouped_mm: K mismatch: a is [m, r] = ", a.shape, " but b is [r, n] = ",
-          b.shape)
-    check(offsets.shape[0] >= 1, "grouped_mm: offsets must have length num_experts >= 1 in the "
-          "2-D x 2-D mode, got 0")
+    check(
+        b.shape[0] == k,
+        "grouped_mm: K mismatch: a is [m, r] = ",
+        a.shape,
+        " but b is [r, n] = ",
+        b.shape,
+    )
+    check(
+        offsets.shape[0] >= 1,
+        "grouped_mm: offsets must have length num_experts >= 1 in the 2-D x 2-D mode, got 0",
+    )
     return (offsets.shape[0], m, b.shape[1])
 
 
@@ -85,8 +135,9 @@ def _is_transposed_view(b):
 
 def _setup_context(ctx, inputs, output):
     a, b, offsets = inputs
-    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None,
-                          b if ctx.needs_input_grad[0] else None, offsets)
+    ctx.save_for_backward(
+        a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, offsets
+    )
     ctx.b_is_3d = b.dim() == 3
     ctx.b_transposed = b.dim() == 3 and _is_transposed_view(b)
 

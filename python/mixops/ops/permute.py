@@ -1,4 +1,5 @@
 """permute / unpermute: token dispatch to experts and the weighted combine back."""
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -10,14 +11,19 @@ __all__ = ["permute", "unpermute", "PermuteOutput"]
 
 class PermuteOutput(NamedTuple):
     x_sorted: torch.Tensor  # [num_rows, hidden] rows grouped by expert
-    offsets: torch.Tensor   # [num_experts] int32 cumulative row ends (what grouped_mm takes)
-    row_map: torch.Tensor   # [num_tokens, topk] int32 row of each slot, -1 if none/dropped
-    dropped: torch.Tensor   # [num_experts] int32 slots dropped by capacity
+    offsets: torch.Tensor  # [num_experts] int32 cumulative row ends (what grouped_mm takes)
+    row_map: torch.Tensor  # [num_tokens, topk] int32 row of each slot, -1 if none/dropped
+    dropped: torch.Tensor  # [num_experts] int32 slots dropped by capacity
 
 
-def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
-            capacity: Optional[int] = None,
-            priority: Optional[torch.Tensor] = None) -> PermuteOutput:
+def permute(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: Optional[int] = None,
+    priority: Optional[torch.Tensor] = None,
+) -> PermuteOutput:
     """Group tokens by expert: one row per (token, choice) with an expert.
 
     ::
@@ -46,12 +52,12 @@ def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
 
     Autograd: the gradient of x is ``unpermute(grad_x_sorted, row_map)`` (unweighted).
     """
-    return PermuteOutput(*torch.ops.mixops.permute.default(x, ids, num_experts, capacity,
-                                                           priority))
+    return PermuteOutput(*torch.ops.mixops.permute.default(x, ids, num_experts, capacity, priority))
 
 
-def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor,
-              weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unpermute(
+    y_sorted: torch.Tensor, row_map: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Combine each token's expert outputs: ``y[t] = sum_j weights[t, j] * y_sorted[row_map[t, j]]``.
 
     ::
@@ -71,35 +77,79 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor,
 # Validation: csrc/permute/check.cpp line by line, with its messages (see _check.py). Each fake
 # runs its op's validator, so meta and FakeTensor calls raise what the CPU and CUDA ops raise.
 
+
 def _check_float(t, op, name):
-    check(t.dtype in FLOATS, op, ": ", name,
-          " must be float32, bfloat16 or float16 (or float64), got ", t.dtype)
+    check(
+        t.dtype in FLOATS,
+        op,
+        ": ",
+        name,
+        " must be float32, bfloat16 or float16 (or float64), got ",
+        t.dtype,
+    )
 
 
 def _check_same_device(t, ref, op, name, ref_name):
-    check(t.device == ref.device, op, ": ", name, " must be on the same device as ", ref_name,
-          " (", ref.device, "), got ", t.device)
+    check(
+        t.device == ref.device,
+        op,
+        ": ",
+        name,
+        " must be on the same device as ",
+        ref_name,
+        " (",
+        ref.device,
+        "), got ",
+        t.device,
+    )
 
 
 def _check_row_map(row_map, num_tokens, op, tokens_from):
-    check(row_map.dtype == torch.int32, op, ": row_map must be int32 (from permute), got ",
-          row_map.dtype)
-    check(row_map.dim() == 2 and row_map.shape[0] == num_tokens, op, ": row_map must have shape "
-          "[num_tokens, k] with num_tokens = ", tokens_from, " = ", num_tokens, ", got ",
-          row_map.shape, "; is it from a permute call of another shape?")
+    check(
+        row_map.dtype == torch.int32,
+        op,
+        ": row_map must be int32 (from permute), got ",
+        row_map.dtype,
+    )
+    check(
+        row_map.dim() == 2 and row_map.shape[0] == num_tokens,
+        op,
+        ": row_map must have shape [num_tokens, k] with num_tokens = ",
+        tokens_from,
+        " = ",
+        num_tokens,
+        ", got ",
+        row_map.shape,
+        "; is it from a permute call of another shape?",
+    )
     check(row_map.shape[1] >= 1, op, ": row_map must have k >= 1 columns, got ", row_map.shape)
-    check(row_map.numel() < INT32_MAX, op, ": row_map must have num_tokens * k < 2^31 - 1 slots "
-          "(as permute gives), got shape ", row_map.shape)
+    check(
+        row_map.numel() < INT32_MAX,
+        op,
+        ": row_map must have num_tokens * k < 2^31 - 1 slots (as permute gives), got shape ",
+        row_map.shape,
+    )
 
 
 def _check_weights(weights, row_map, data, op):
     if weights is None:
         return
-    check(weights.shape == row_map.shape, op, ": weights must have the shape of row_map ",
-          row_map.shape, " [num_tokens, k], got ", weights.shape)
-    check(weights.dtype in (torch.float32, torch.float64, data.dtype), op,
-          ": weights must be float32, float64 or the data's dtype (", data.dtype, "), got ",
-          weights.dtype)
+    check(
+        weights.shape == row_map.shape,
+        op,
+        ": weights must have the shape of row_map ",
+        row_map.shape,
+        " [num_tokens, k], got ",
+        weights.shape,
+    )
+    check(
+        weights.dtype in (torch.float32, torch.float64, data.dtype),
+        op,
+        ": weights must be float32, float64 or the data's dtype (",
+        data.dtype,
+        "), got ",
+        weights.dtype,
+    )
     _check_same_device(weights, data, op, "weights", "the data")
 
 
@@ -107,26 +157,50 @@ def _permute_check(x, ids, num_experts, capacity, priority):
     """permute_check: returns num_rows, min(T * k, E * capacity) (a SymInt under dynamic shapes)."""
     check(x.dim() == 2, "permute: x must be 2-D [num_tokens, hidden], got shape ", x.shape)
     _check_float(x, "permute", "x")
-    check(ids.dtype in (torch.int32, torch.int64), "permute: ids must be int32 or int64, got ",
-          ids.dtype)
-    check(ids.dim() == 2 and ids.shape[0] == x.shape[0], "permute: ids must have shape "
-          "[num_tokens, k] with num_tokens = x.size(0) = ", x.shape[0], ", got ", ids.shape)
+    check(
+        ids.dtype in (torch.int32, torch.int64),
+        "permute: ids must be int32 or int64, got ",
+        ids.dtype,
+    )
+    check(
+        ids.dim() == 2 and ids.shape[0] == x.shape[0],
+        "permute: ids must have shape [num_tokens, k] with num_tokens = x.size(0) = ",
+        x.shape[0],
+        ", got ",
+        ids.shape,
+    )
     check(ids.shape[1] >= 1, "permute: ids must have k >= 1 columns, got ", ids.shape)
     _check_same_device(ids, x, "permute", "ids", "x")
-    check(num_experts >= 1 and num_experts <= INT32_MAX, "permute: num_experts must be in "
-          "[1, 2^31), got ", num_experts)
+    check(
+        num_experts >= 1 and num_experts <= INT32_MAX,
+        "permute: num_experts must be in [1, 2^31), got ",
+        num_experts,
+    )
     slots = ids.shape[0] * ids.shape[1]
-    check(slots < INT32_MAX, "permute: num_tokens * k must be < 2^31 - 1 (row_map is int32), "
-          "got ids of shape ", ids.shape)
+    check(
+        slots < INT32_MAX,
+        "permute: num_tokens * k must be < 2^31 - 1 (row_map is int32), got ids of shape ",
+        ids.shape,
+    )
     if capacity is not None:
         check(capacity >= 0, "permute: capacity must be >= 0, got ", capacity)
     if priority is not None:
-        check(capacity is not None, "permute: priority only orders slots competing for "
-              "capacity; give capacity too")
-        check(priority.shape == ids.shape, "permute: priority must have the shape of ids ",
-              ids.shape, ", got ", priority.shape)
-        check(priority.dtype.is_floating_point, "permute: priority must be a floating point "
-              "tensor, got ", priority.dtype)
+        check(
+            capacity is not None,
+            "permute: priority only orders slots competing for capacity; give capacity too",
+        )
+        check(
+            priority.shape == ids.shape,
+            "permute: priority must have the shape of ids ",
+            ids.shape,
+            ", got ",
+            priority.shape,
+        )
+        check(
+            priority.dtype.is_floating_point,
+            "permute: priority must be a floating point tensor, got ",
+            priority.dtype,
+        )
         _check_same_device(priority, x, "permute", "priority", "x")
     if capacity is None:
         return slots
@@ -135,19 +209,28 @@ def _permute_check(x, ids, num_experts, capacity, priority):
 
 
 def _unpermute_check(y_sorted, row_map, weights):
-    check(y_sorted.dim() == 2, "unpermute: y_sorted must be 2-D [num_rows, hidden], got shape ",
-          y_sorted.shape)
+    check(
+        y_sorted.dim() == 2,
+        "unpermute: y_sorted must be 2-D [num_rows, hidden], got shape ",
+        y_sorted.shape,
+    )
     _check_float(y_sorted, "unpermute", "y_sorted")
-    check(row_map.dim() == 2, "unpermute: row_map must be 2-D [num_tokens, k], got shape ",
-          row_map.shape)
+    check(
+        row_map.dim() == 2,
+        "unpermute: row_map must be 2-D [num_tokens, k], got shape ",
+        row_map.shape,
+    )
     _check_row_map(row_map, row_map.shape[0], "unpermute", "row_map.size(0)")
     _check_same_device(row_map, y_sorted, "unpermute", "row_map", "y_sorted")
     _check_weights(weights, row_map, y_sorted, "unpermute")
 
 
 def _unpermute_backward_check(grad_y, row_map, weights, num_rows):
-    check(grad_y.dim() == 2, "unpermute_backward: grad_y must be 2-D [num_tokens, hidden], got "
-          "shape ", grad_y.shape)
+    check(
+        grad_y.dim() == 2,
+        "unpermute_backward: grad_y must be 2-D [num_tokens, hidden], got shape ",
+        grad_y.shape,
+    )
     _check_float(grad_y, "unpermute_backward", "grad_y")
     _check_row_map(row_map, grad_y.shape[0], "unpermute_backward", "grad_y.size(0)")
     _check_same_device(row_map, grad_y, "unpermute_backward", "row_map", "grad_y")
@@ -157,12 +240,27 @@ def _unpermute_backward_check(grad_y, row_map, weights, num_rows):
 
 def _unpermute_weights_backward_check(grad_y, y_sorted, row_map, weights):
     op = "unpermute_weights_backward"
-    check(grad_y.dim() == 2 and y_sorted.dim() == 2, op, ": grad_y [num_tokens, hidden] and "
-          "y_sorted [num_rows, hidden] must be 2-D, got ", grad_y.shape, " and ", y_sorted.shape)
+    check(
+        grad_y.dim() == 2 and y_sorted.dim() == 2,
+        op,
+        ": grad_y [num_tokens, hidden] and y_sorted [num_rows, hidden] must be 2-D, got ",
+        grad_y.shape,
+        " and ",
+        y_sorted.shape,
+    )
     _check_float(grad_y, op, "grad_y")
-    check(y_sorted.dtype == grad_y.dtype and y_sorted.shape[1] == grad_y.shape[1], op,
-          ": y_sorted must match grad_y in dtype and hidden size, got ", y_sorted.dtype, " ",
-          y_sorted.shape, " and ", grad_y.dtype, " ", grad_y.shape)
+    check(
+        y_sorted.dtype == grad_y.dtype and y_sorted.shape[1] == grad_y.shape[1],
+        op,
+        ": y_sorted must match grad_y in dtype and hidden size, got ",
+        y_sorted.dtype,
+        " ",
+        y_sorted.shape,
+        " and ",
+        grad_y.dtype,
+        " ",
+        grad_y.shape,
+    )
     _check_same_device(y_sorted, grad_y, op, "y_sorted", "grad_y")
     _check_row_map(row_map, grad_y.shape[0], op, "grad_y.size(0)")
     _check_same_device(row_map, grad_y, op, "row_map", "grad_y")
@@ -173,10 +271,12 @@ def _unpermute_weights_backward_check(grad_y, y_sorted, row_map, weights):
 def _permute_fake(x, ids, num_experts, capacity=None, priority=None):
     num_rows = _permute_check(x, ids, num_experts, capacity, priority)
     num_tokens, k = ids.shape
-    return (x.new_empty(num_rows, x.shape[1]),
-            x.new_empty(num_experts, dtype=torch.int32),
-            x.new_empty(num_tokens, k, dtype=torch.int32),
-            x.new_empty(num_experts, dtype=torch.int32))
+    return (
+        x.new_empty(num_rows, x.shape[1]),
+        x.new_empty(num_experts, dtype=torch.int32),
+        x.new_empty(num_tokens, k, dtype=torch.int32),
+        x.new_empty(num_experts, dtype=torch.int32),
+    )
 
 
 @torch.library.register_fake("mixops::unpermute")
@@ -222,14 +322,17 @@ def _unpermute_backward(ctx, grad_y):
     y_sorted, row_map, weights = ctx.saved_tensors
     grads = [None] * len(ctx.needs_input_grad)
     if ctx.needs_input_grad[0]:
-        grads[0] = torch.ops.mixops.unpermute_backward.default(grad_y, row_map, weights,
-                                                                ctx.num_rows)
+        grads[0] = torch.ops.mixops.unpermute_backward.default(
+            grad_y, row_map, weights, ctx.num_rows
+        )
     if len(grads) > 2 and ctx.needs_input_grad[2] and weights is not None:
-        grads[2] = torch.ops.mixops.unpermute_weights_backward.default(grad_y, y_sorted, row_map,
-                                                                        weights)
+        grads[2] = torch.ops.mixops.unpermute_weights_backward.default(
+            grad_y, y_sorted, row_map, weights
+        )
     return tuple(grads)
 
 
 torch.library.register_autograd("mixops::permute", _permute_backward, setup_context=_permute_setup)
-torch.library.register_autograd("mixops::unpermute", _unpermute_backward,
-                                setup_context=_unpermute_setup)
+torch.library.register_autograd(
+    "mixops::unpermute", _unpermute_backward, setup_context=_unpermute_setup
+)

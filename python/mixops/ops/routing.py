@@ -1,4 +1,5 @@
 """router_topk: fused expert scoring, top-k selection, weight finishing and routing statistics."""
+
 import math
 from typing import NamedTuple, Optional
 
@@ -13,20 +14,30 @@ _GROUP_SCORES = ("top2_sum", "max")
 
 
 class RouterOutput(NamedTuple):
-    weights: torch.Tensor    # [num_tokens, topk] float32 (float64 for float64 logits)
-    ids: torch.Tensor        # [num_tokens, topk] int32, best first
-    counts: torch.Tensor     # [num_experts] int32, chosen (token, expert) pairs per expert
+    weights: torch.Tensor  # [num_tokens, topk] float32 (float64 for float64 logits)
+    ids: torch.Tensor  # [num_tokens, topk] int32, best first
+    counts: torch.Tensor  # [num_experts] int32, chosen (token, expert) pairs per expert
     score_sum: torch.Tensor  # [num_experts], sum over tokens of the balancing-loss probability
-    lse: torch.Tensor        # [num_tokens], logsumexp of each row's (eligible) logits
+    lse: torch.Tensor  # [num_tokens], logsumexp of each row's (eligible) logits
 
 
-def router_topk(logits: torch.Tensor, k: int, *, score_fn: str = "softmax",
-                topk_then_score: bool = False, renormalize: bool = True,
-                renorm_eps: float = 0.0, scaling: float = 1.0,
-                bias: Optional[torch.Tensor] = None, num_groups: int = 1, groups_kept: int = 1,
-                group_score: str = "top2_sum", modality: Optional[torch.Tensor] = None,
-                num_modalities: int = 1,
-                token_mask: Optional[torch.Tensor] = None) -> RouterOutput:
+def router_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    score_fn: str = "softmax",
+    topk_then_score: bool = False,
+    renormalize: bool = True,
+    renorm_eps: float = 0.0,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    num_groups: int = 1,
+    groups_kept: int = 1,
+    group_score: str = "top2_sum",
+    modality: Optional[torch.Tensor] = None,
+    num_modalities: int = 1,
+    token_mask: Optional[torch.Tensor] = None,
+) -> RouterOutput:
     """Score experts, pick the top k per token, finish the weights, and count.
 
     ::
@@ -64,117 +75,304 @@ def router_topk(logits: torch.Tensor, k: int, *, score_fn: str = "softmax",
     Autograd: the gradient of logits from those of weights, score_sum and lse (one op,
     ``router_topk_backward``); ids, counts and the bias get none.
     """
-    return RouterOutput(*torch.ops.mixops.router_topk.default(
-        logits, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias, num_groups,
-        groups_kept, group_score, modality, num_modalities, token_mask))
+    return RouterOutput(
+        *torch.ops.mixops.router_topk.default(
+            logits,
+            k,
+            score_fn,
+            topk_then_score,
+            renormalize,
+            renorm_eps,
+            scaling,
+            bias,
+            num_groups,
+            groups_kept,
+            group_score,
+            modality,
+            num_modalities,
+            token_mask,
+        )
+    )
 
 
 # Validation: csrc/routing/check.cpp line by line, with its messages (see _check.py). Each fake
 # runs its op's validator, so meta and FakeTensor calls raise what the CPU and CUDA ops raise.
 
+
 def _check_logits(logits, op):
-    check(logits.dim() == 2, op, ": logits must be 2-D [num_tokens, num_experts], got shape ",
-          logits.shape)
-    check(logits.dtype in FLOATS, op, ": logits must be float32, bfloat16 or float16 (or "
-          "float64, for gradcheck), got ", logits.dtype)
-    check(logits.shape[1] >= 1, op, ": logits must have num_experts >= 1 columns, got shape ",
-          logits.shape)
-    check(logits.shape[1] <= INT32_MAX, op, ": logits must have num_experts <= 2^31 - 1 columns "
-          "(int32 expert ids), got shape ", logits.shape)
+    check(
+        logits.dim() == 2,
+        op,
+        ": logits must be 2-D [num_tokens, num_experts], got shape ",
+        logits.shape,
+    )
+    check(
+        logits.dtype in FLOATS,
+        op,
+        ": logits must be float32, bfloat16 or float16 (or float64, for gradcheck), got ",
+        logits.dtype,
+    )
+    check(
+        logits.shape[1] >= 1,
+        op,
+        ": logits must have num_experts >= 1 columns, got shape ",
+        logits.shape,
+    )
+    check(
+        logits.shape[1] <= INT32_MAX,
+        op,
+        ": logits must have num_experts <= 2^31 - 1 columns (int32 expert ids), got shape ",
+        logits.shape,
+    )
 
 
 def _check_token_args(logits, modality, num_modalities, token_mask, op):
     t, e = logits.shape
     check(num_modalities >= 1, op, ": num_modalities must be >= 1, got ", num_modalities)
-    check(e % num_modalities == 0, op, ": num_modalities (", num_modalities,
-          ") must divide num_experts (", e, ")")
-    check((modality is not None) == (num_modalities > 1), op, ": modality [num_tokens] must be "
-          "given exactly when num_modalities > 1 (num_modalities = ", num_modalities,
-          ", modality ", "given" if modality is not None else "missing", ")")
+    check(
+        e % num_modalities == 0,
+        op,
+        ": num_modalities (",
+        num_modalities,
+        ") must divide num_experts (",
+        e,
+        ")",
+    )
+    check(
+        (modality is not None) == (num_modalities > 1),
+        op,
+        ": modality [num_tokens] must be given exactly when num_modalities > 1 (num_modalities = ",
+        num_modalities,
+        ", modality ",
+        "given" if modality is not None else "missing",
+        ")",
+    )
     if modality is not None:
-        check(modality.dtype in (torch.int32, torch.int64), op,
-              ": modality must be int32 or int64, got ", modality.dtype)
-        check(modality.dim() == 1 and modality.shape[0] == t, op, ": modality must have shape "
-              "[num_tokens] = [", t, "], got ", modality.shape)
-        check(modality.device == logits.device, op, ": modality must be on the same device as "
-              "logits (", logits.device, "), got ", modality.device)
+        check(
+            modality.dtype in (torch.int32, torch.int64),
+            op,
+            ": modality must be int32 or int64, got ",
+            modality.dtype,
+        )
+        check(
+            modality.dim() == 1 and modality.shape[0] == t,
+            op,
+            ": modality must have shape [num_tokens] = [",
+            t,
+            "], got ",
+            modality.shape,
+        )
+        check(
+            modality.device == logits.device,
+            op,
+            ": modality must be on the same device as logits (",
+            logits.device,
+            "), got ",
+            modality.device,
+        )
     if token_mask is not None:
-        check(token_mask.dtype == torch.bool, op, ": token_mask must be bool, got ",
-              token_mask.dtype)
-        check(token_mask.dim() == 1 and token_mask.shape[0] == t, op, ": token_mask must have "
-              "shape [num_tokens] = [", t, "], got ", token_mask.shape)
-        check(token_mask.device == logits.device, op, ": token_mask must be on the same device "
-              "as logits (", logits.device, "), got ", token_mask.device)
+        check(
+            token_mask.dtype == torch.bool, op, ": token_mask must be bool, got ", token_mask.dtype
+        )
+        check(
+            token_mask.dim() == 1 and token_mask.shape[0] == t,
+            op,
+            ": token_mask must have shape [num_tokens] = [",
+            t,
+            "], got ",
+            token_mask.shape,
+        )
+        check(
+            token_mask.device == logits.device,
+            op,
+            ": token_mask must be on the same device as logits (",
+            logits.device,
+            "), got ",
+            token_mask.device,
+        )
 
 
 def _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, k_name):
     """common_options: score_fn, renorm_eps, scaling, k (k_name: "k" or "k = ids.size(1)")."""
-    check(score_fn in _SCORE_FNS, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
-          score_fn, "'")
+    check(
+        score_fn in _SCORE_FNS,
+        op,
+        ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
+        score_fn,
+        "'",
+    )
     renorm_eps, scaling = float(renorm_eps), float(scaling)  # the schema's double
-    check(math.isfinite(renorm_eps) and renorm_eps >= 0, op,
-          ": renorm_eps must be a finite number >= 0, got ", renorm_eps)
+    check(
+        math.isfinite(renorm_eps) and renorm_eps >= 0,
+        op,
+        ": renorm_eps must be a finite number >= 0, got ",
+        renorm_eps,
+    )
     check(math.isfinite(scaling), op, ": scaling must be finite, got ", scaling)
     eligible = logits.shape[1] // num_modalities
-    check(k >= 1 and k <= eligible, op, ": ", k_name, " must be in [1, ", eligible, "] (",
-          "experts per modality" if num_modalities > 1 else "num_experts", "), got ", k_name,
-          " = ", k)
+    check(
+        k >= 1 and k <= eligible,
+        op,
+        ": ",
+        k_name,
+        " must be in [1, ",
+        eligible,
+        "] (",
+        "experts per modality" if num_modalities > 1 else "num_experts",
+        "), got ",
+        k_name,
+        " = ",
+        k,
+    )
 
 
-def _router_topk_check(logits, k, score_fn, renorm_eps, scaling, bias, num_groups, groups_kept,
-                       group_score, modality, num_modalities, token_mask):
+def _router_topk_check(
+    logits,
+    k,
+    score_fn,
+    renorm_eps,
+    scaling,
+    bias,
+    num_groups,
+    groups_kept,
+    group_score,
+    modality,
+    num_modalities,
+    token_mask,
+):
     op = "router_topk"
     _check_logits(logits, op)
     _check_token_args(logits, modality, num_modalities, token_mask, op)
     _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, "k")
     e = logits.shape[1]
     if bias is not None:
-        check(bias.dim() == 1 and bias.shape[0] == e, "router_topk: bias must have shape "
-              "[num_experts] = [", e, "], got ", bias.shape)
-        check(bias.dtype.is_floating_point, "router_topk: bias must be a floating point tensor, "
-              "got ", bias.dtype)
-        check(bias.device == logits.device, "router_topk: bias must be on the same device as "
-              "logits (", logits.device, "), got ", bias.device)
+        check(
+            bias.dim() == 1 and bias.shape[0] == e,
+            "router_topk: bias must have shape [num_experts] = [",
+            e,
+            "], got ",
+            bias.shape,
+        )
+        check(
+            bias.dtype.is_floating_point,
+            "router_topk: bias must be a floating point tensor, got ",
+            bias.dtype,
+        )
+        check(
+            bias.device == logits.device,
+            "router_topk: bias must be on the same device as logits (",
+            logits.device,
+            "), got ",
+            bias.device,
+        )
     check(num_groups >= 1, "router_topk: num_groups must be >= 1, got ", num_groups)
-    check(e % num_groups == 0, "router_topk: num_groups (", num_groups, ") must divide "
-          "num_experts (", e, ")")
-    check(num_groups == 1 or num_modalities == 1, "router_topk: group-limited selection "
-          "(num_groups = ", num_groups, ") cannot be combined with modality groups "
-          "(num_modalities = ", num_modalities, ")")
-    check(groups_kept >= 1 and groups_kept <= num_groups, "router_topk: groups_kept must be in "
-          "[1, num_groups = ", num_groups, "], got ", groups_kept)
-    check(group_score in _GROUP_SCORES, "router_topk: group_score must be 'top2_sum' or 'max', "
-          "got '", group_score, "'")
+    check(
+        e % num_groups == 0,
+        "router_topk: num_groups (",
+        num_groups,
+        ") must divide num_experts (",
+        e,
+        ")",
+    )
+    check(
+        num_groups == 1 or num_modalities == 1,
+        "router_topk: group-limited selection (num_groups = ",
+        num_groups,
+        ") cannot be combined with modality groups (num_modalities = ",
+        num_modalities,
+        ")",
+    )
+    check(
+        groups_kept >= 1 and groups_kept <= num_groups,
+        "router_topk: groups_kept must be in [1, num_groups = ",
+        num_groups,
+        "], got ",
+        groups_kept,
+    )
+    check(
+        group_score in _GROUP_SCORES,
+        "router_topk: group_score must be 'top2_sum' or 'max', got '",
+        group_score,
+        "'",
+    )
     if num_groups > 1:
         eligible = groups_kept * (e // num_groups)
-        check(k <= eligible, "router_topk: k (", k, ") must be <= groups_kept * experts per "
-              "group = ", groups_kept, " * ", e // num_groups, " = ", eligible)
+        check(
+            k <= eligible,
+            "router_topk: k (",
+            k,
+            ") must be <= groups_kept * experts per group = ",
+            groups_kept,
+            " * ",
+            e // num_groups,
+            " = ",
+            eligible,
+        )
 
 
-def _router_topk_backward_check(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
-                                renorm_eps, scaling, modality, num_modalities, token_mask):
+def _router_topk_backward_check(
+    grad_weights,
+    grad_score_sum,
+    grad_lse,
+    logits,
+    ids,
+    score_fn,
+    renorm_eps,
+    scaling,
+    modality,
+    num_modalities,
+    token_mask,
+):
     op = "router_topk_backward"
     _check_logits(logits, op)
     _check_token_args(logits, modality, num_modalities, token_mask, op)
     t, e = logits.shape
-    check(ids.dim() == 2 and ids.shape[0] == t and ids.dtype == torch.int32,
-          "router_topk_backward: ids must be int32 [num_tokens = ", t, ", k], got ", ids.dtype,
-          " ", ids.shape)
-    check(ids.device == logits.device, "router_topk_backward: ids must be on the same device as "
-          "logits (", logits.device, "), got ", ids.device)
-    _check_options(logits, ids.shape[1], score_fn, renorm_eps, scaling, num_modalities, op,
-                   "k = ids.size(1)")
+    check(
+        ids.dim() == 2 and ids.shape[0] == t and ids.dtype == torch.int32,
+        "router_topk_backward: ids must be int32 [num_tokens = ",
+        t,
+        ", k], got ",
+        ids.dtype,
+        " ",
+        ids.shape,
+    )
+    check(
+        ids.device == logits.device,
+        "router_topk_backward: ids must be on the same device as logits (",
+        logits.device,
+        "), got ",
+        ids.device,
+    )
+    _check_options(
+        logits, ids.shape[1], score_fn, renorm_eps, scaling, num_modalities, op, "k = ids.size(1)"
+    )
     acc = _acc_dtype(logits)
-    for g, name, shape in ((grad_weights, "grad_weights", [t, ids.shape[1]]),
-                           (grad_score_sum, "grad_score_sum", [e]), (grad_lse, "grad_lse", [t])):
+    for g, name, shape in (
+        (grad_weights, "grad_weights", [t, ids.shape[1]]),
+        (grad_score_sum, "grad_score_sum", [e]),
+        (grad_lse, "grad_lse", [t]),
+    ):
         if g is None:
             continue
-        check(list(g.shape) == shape, "router_topk_backward: ", name, " must have shape ", shape,
-              ", got ", g.shape)
-        check(g.dtype == acc, "router_topk_backward: ", name, " must be ", acc, ", got ",
-              g.dtype)
-        check(g.device == logits.device, "router_topk_backward: ", name, " must be on the same "
-              "device as logits (", logits.device, "), got ", g.device)
+        check(
+            list(g.shape) == shape,
+            "router_topk_backward: ",
+            name,
+            " must have shape ",
+            shape,
+            ", got ",
+            g.shape,
+        )
+        check(g.dtype == acc, "router_topk_backward: ", name, " must be ", acc, ", got ", g.dtype)
+        check(
+            g.device == logits.device,
+            "router_topk_backward: ",
+            name,
+            " must be on the same device as logits (",
+            logits.device,
+            "), got ",
+            g.device,
+        )
 
 
 def _acc_dtype(logits):
@@ -182,32 +380,96 @@ def _acc_dtype(logits):
 
 
 @torch.library.register_fake("mixops::router_topk")
-def _router_topk_fake(logits, k, score_fn="softmax", topk_then_score=False, renormalize=True,
-                      renorm_eps=0.0, scaling=1.0, bias=None, num_groups=1, groups_kept=1,
-                      group_score="top2_sum", modality=None, num_modalities=1, token_mask=None):
-    _router_topk_check(logits, k, score_fn, renorm_eps, scaling, bias, num_groups, groups_kept,
-                       group_score, modality, num_modalities, token_mask)
+def _router_topk_fake(
+    logits,
+    k,
+    score_fn="softmax",
+    topk_then_score=False,
+    renormalize=True,
+    renorm_eps=0.0,
+    scaling=1.0,
+    bias=None,
+    num_groups=1,
+    groups_kept=1,
+    group_score="top2_sum",
+    modality=None,
+    num_modalities=1,
+    token_mask=None,
+):
+    _router_topk_check(
+        logits,
+        k,
+        score_fn,
+        renorm_eps,
+        scaling,
+        bias,
+        num_groups,
+        groups_kept,
+        group_score,
+        modality,
+        num_modalities,
+        token_mask,
+    )
     num_tokens, num_experts = logits.shape
     acc = _acc_dtype(logits)
-    return (logits.new_empty(num_tokens, k, dtype=acc),
-            logits.new_empty(num_tokens, k, dtype=torch.int32),
-            logits.new_empty(num_experts, dtype=torch.int32),
-            logits.new_empty(num_experts, dtype=acc),
-            logits.new_empty(num_tokens, dtype=acc))
+    return (
+        logits.new_empty(num_tokens, k, dtype=acc),
+        logits.new_empty(num_tokens, k, dtype=torch.int32),
+        logits.new_empty(num_experts, dtype=torch.int32),
+        logits.new_empty(num_experts, dtype=acc),
+        logits.new_empty(num_tokens, dtype=acc),
+    )
 
 
 @torch.library.register_fake("mixops::router_topk_backward")
-def _router_topk_backward_fake(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
-                               topk_then_score, renormalize, renorm_eps, scaling, modality,
-                               num_modalities, token_mask):
-    _router_topk_backward_check(grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn,
-                                renorm_eps, scaling, modality, num_modalities, token_mask)
+def _router_topk_backward_fake(
+    grad_weights,
+    grad_score_sum,
+    grad_lse,
+    logits,
+    ids,
+    score_fn,
+    topk_then_score,
+    renormalize,
+    renorm_eps,
+    scaling,
+    modality,
+    num_modalities,
+    token_mask,
+):
+    _router_topk_backward_check(
+        grad_weights,
+        grad_score_sum,
+        grad_lse,
+        logits,
+        ids,
+        score_fn,
+        renorm_eps,
+        scaling,
+        modality,
+        num_modalities,
+        token_mask,
+    )
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias, num_groups,
-     groups_kept, group_score, modality, num_modalities, token_mask) = inputs
+    (
+        logits,
+        k,
+        score_fn,
+        topk_then_score,
+        renormalize,
+        renorm_eps,
+        scaling,
+        bias,
+        num_groups,
+        groups_kept,
+        group_score,
+        modality,
+        num_modalities,
+        token_mask,
+    ) = inputs
     ctx.set_materialize_grads(False)  # unused outputs give None, not zeros
     ctx.save_for_backward(logits, output[1], modality, token_mask)
     ctx.options = (score_fn, topk_then_score, renormalize, renorm_eps, scaling)
@@ -224,8 +486,20 @@ def _backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_score_sum, grad_l
         return tuple(grads)
     score_fn, topk_then_score, renormalize, renorm_eps, scaling = ctx.options
     grads[0] = torch.ops.mixops.router_topk_backward.default(
-        grad_weights, grad_score_sum, grad_lse, logits, ids, score_fn, topk_then_score,
-        renormalize, renorm_eps, scaling, modality, ctx.num_modalities, token_mask)
+        grad_weights,
+        grad_score_sum,
+        grad_lse,
+        logits,
+        ids,
+        score_fn,
+        topk_then_score,
+        renormalize,
+        renorm_eps,
+        scaling,
+        modality,
+        ctx.num_modalities,
+        token_mask,
+    )
     return tuple(grads)
 
 

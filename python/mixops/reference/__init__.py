@@ -1,4 +1,5 @@
 """Plain-PyTorch references for every mixops op: slow, obvious, used by tests and benchmarks."""
+
 from .grouped_mm import grouped_mm
 from .permute import permute, unpermute
 from .routing import router_topk

@@ -1,4 +1,5 @@
 """Reference grouped_mm: one torch.matmul per expert (same contract as mixops.ops.grouped_mm)."""
+
 import torch
 
 

@@ -1,5 +1,6 @@
 """Reference permute / unpermute in plain PyTorch, from the definitions in mixops.ops.permute's
 docstring: a stable sort of the slots by expert, capacity by explicit priority ranking."""
+
 import torch
 
 
@@ -38,8 +39,7 @@ def permute(x, ids, num_experts, *, capacity=None, priority=None):
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     row_map = torch.full((slots,), -1, dtype=torch.int64)
     row_map[order[:used]] = torch.arange(used)
-    return (x_sorted, offsets, row_map.view(num_tokens, k).to(torch.int32),
-            dropped.to(torch.int32))
+    return (x_sorted, offsets, row_map.view(num_tokens, k).to(torch.int32), dropped.to(torch.int32))
 
 
 def unpermute(y_sorted, row_map, weights=None):

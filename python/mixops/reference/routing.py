@@ -1,6 +1,7 @@
 """Reference router_topk in plain PyTorch, straight from the definitions in
 mixops.ops.router_topk's docstring (same arguments, same outputs). Differentiable: tests take
 its autograd gradients as the reference."""
+
 import torch
 
 
@@ -18,9 +19,23 @@ def ranked_ids(keys: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tenso
     return order.gather(-1, idx)[..., :k]
 
 
-def router_topk(logits, k, *, score_fn="softmax", topk_then_score=False, renormalize=True,
-                renorm_eps=0.0, scaling=1.0, bias=None, num_groups=1, groups_kept=1,
-                group_score="top2_sum", modality=None, num_modalities=1, token_mask=None):
+def router_topk(
+    logits,
+    k,
+    *,
+    score_fn="softmax",
+    topk_then_score=False,
+    renormalize=True,
+    renorm_eps=0.0,
+    scaling=1.0,
+    bias=None,
+    num_groups=1,
+    groups_kept=1,
+    group_score="top2_sum",
+    modality=None,
+    num_modalities=1,
+    token_mask=None,
+):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(acc)
     num_tokens, num_experts = x.shape
@@ -66,8 +81,11 @@ def router_topk(logits, k, *, score_fn="softmax", topk_then_score=False, renorma
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + renorm_eps)
     weights = weights * scaling
-    mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device) if token_mask is None \
+    mask = (
+        torch.ones(num_tokens, dtype=torch.bool, device=x.device)
+        if token_mask is None
         else token_mask
+    )
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
     counts.index_add_(0, ids[mask].flatten(), torch.ones_like(ids[mask].flatten()))
     if score_fn == "sigmoid":
