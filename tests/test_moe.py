@@ -289,11 +289,14 @@ def test_capacity_against_reference(monkeypatch, cf, variant):
     assert p.x_sorted.shape[0] == min(T * k, E * capacity)
 
 
+@pytest.mark.parametrize("huge", [False, True], ids=["cf=E", "cf=1e30"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dropless_equals_capacity_that_drops_nothing(monkeypatch, dtype):
+def test_dropless_equals_capacity_that_drops_nothing(monkeypatch, dtype, huge):
+    # 1e30 * T * k / E is far past int64: the layer caps the capacity at T * k (drops nothing).
     cfg = dict(BASE, shared_ffn_size=16, aux_loss_coef=0.01)
     m = make_moe(cfg, dtype)
-    big = make_moe(dict(cfg, capacity_factor=float(cfg["num_experts"])), dtype)
+    cf = 1e30 if huge else float(cfg["num_experts"])
+    big = make_moe(dict(cfg, capacity_factor=cf), dtype)
     big.load_state_dict(m.state_dict())
     x = input_of((3, 13), dtype)
     cot = torch.randn(x.shape).to(dtype)

@@ -277,6 +277,8 @@ class MoE(nn.Module):
         if self._capacity is not None:  # ceil(cf * T * k / E) in integers (T may be symbolic)
             num, den = self._capacity.numerator, self._capacity.denominator
             capacity = (num * num_tokens * k + den * E - 1) // (den * E)
+            # More slots than T * k drop nothing; capping keeps any capacity_factor within int64.
+            capacity = torch.sym_min(capacity, num_tokens * k)
         experts = self.experts
         gated = self.activation in GATED
         w1 = experts.gate_up_proj if gated else experts.up_proj
