@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <bit>
 #include <cstdint>
 #include <stdexcept>
@@ -102,8 +103,10 @@ struct ArgsLayoutCheck {
     }
     return s;
   }
-  static_assert(sizeof(typename Cfg::Shape) == 3 * sizeof(int32_t),
-                "Shape must be (int, int, int)");
+  static_assert(sizeof(typename Cfg::Shape) == 3 * sizeof(int32_t) &&
+                    std::bit_cast<std::array<int32_t, 3>>(typename Cfg::Shape{1, 2, 3}) ==
+                        std::array<int32_t, 3>{1, 2, 3},
+                "Shape must be (int m, int n, int k) in that order");
   static_assert(sizeof(typename Cfg::StrideA) == sizeof(int64_t) &&
                     std::bit_cast<int64_t>(ld_stride<typename Cfg::StrideA>(12345)) == 12345,
                 "StrideA must be exactly its int64 leading dimension");

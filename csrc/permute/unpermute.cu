@@ -18,20 +18,18 @@ namespace {
 // This file launches its kernels.
 using namespace unpermute_kernels;  // NOLINT(google-build-using-namespace)
 
-// Calls f.template operator()<T, N>() for the data dtype, N = 16 bytes of elements when `vec16`
-// (every row start 16-byte aligned), else N = 1.
+// Calls f.template operator()<T, N>() for the data dtype (core's one dtype switch), N = 16 bytes
+// of elements when `vec16` (every row start 16-byte aligned), else N = 1.
 template <typename F>
-void dispatch(Dtype d, bool vec16, const F& f) {
-  switch (d) {
-    case Dtype::kFloat64:
-      return vec16 ? f.template operator()<double, 2>() : f.template operator()<double, 1>();
-    case Dtype::kBFloat16:
-      return vec16 ? f.template operator()<__nv_bfloat16, 8>()
-                   : f.template operator()<__nv_bfloat16, 1>();
-    case Dtype::kFloat16:
-      return vec16 ? f.template operator()<__half, 8>() : f.template operator()<__half, 1>();
-    default: return vec16 ? f.template operator()<float, 4>() : f.template operator()<float, 1>();
-  }
+void dispatch(Dtype d, bool vec16, const char* op, const F& f) {
+  dispatch_dtype(d, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (vec16) {
+      f.template operator()<T, static_cast<int>(16 / sizeof(T))>();
+    } else {
+      f.template operator()<T, 1>();
+    }
+  });
 }
 
 // Blocks for `items` warps of work (grid-strided past 2^20 blocks).
@@ -48,7 +46,7 @@ void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream) {
   const int64_t es = dtype_size(p.dtype);
   const bool vec16 = is_aligned(p.y_sorted, 16) && is_aligned(p.y, 16) &&
                      (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
-  dispatch(p.dtype, vec16, [&]<typename T, int N>() {
+  dispatch(p.dtype, vec16, "unpermute", [&]<typename T, int N>() {
     unpermute_kernel<T, N><<<blocks_for(p.num_tokens), kWarps * 32, 0, stream>>>(
         p, p.hidden / N, p.y_sorted_stride / N);
   });
@@ -82,7 +80,7 @@ void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace
   const int64_t es = dtype_size(p.dtype);
   const bool vec16 =
       is_aligned(p.grad_y, 16) && is_aligned(p.grad_y_sorted, 16) && (p.hidden * es) % 16 == 0;
-  dispatch(p.dtype, vec16, [&]<typename T, int N>() {
+  dispatch(p.dtype, vec16, "unpermute_backward", [&]<typename T, int N>() {
     backward_rows_kernel<T, N>
         <<<blocks_for(p.num_rows), kWarps * 32, 0, stream>>>(p, row_slot, p.hidden / N);
   });
@@ -96,7 +94,7 @@ void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStr
   const int64_t es = dtype_size(p.dtype);
   const bool vec16 = is_aligned(p.grad_y, 16) && is_aligned(p.y_sorted, 16) &&
                      (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
-  dispatch(p.dtype, vec16, [&]<typename T, int N>() {
+  dispatch(p.dtype, vec16, "unpermute_weights_backward", [&]<typename T, int N>() {
     backward_weights_kernel<T, N>
         <<<blocks_for(slots), kWarps * 32, 0, stream>>>(p, p.hidden / N, p.y_sorted_stride / N);
   });

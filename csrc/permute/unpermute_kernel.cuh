@@ -4,8 +4,8 @@
 //                    order, accumulated in fp32 (fp64 for fp64) in registers;
 //   backward rows    row_slot[row] = the slot mapping to it (memset -1, scatter with atomicMax so a
 //                    duplicated row deterministically keeps its last slot), then one warp per
-//                    row: grad_y_sorted[r] = w[row_slot[r]] * grad_y[token of row_slot[r]], or
-// zeros;
+//                    row: grad_y_sorted[r] = w[row_slot[r]] * grad_y[token of row_slot[r]],
+//                    or zeros;
 //   backward weights one warp per slot: <grad_y[t], y_sorted[row]> in lane-strided partials and
 //                    a fixed xor butterfly (deterministic), 0 without a row.
 // Rows move in vectors of N elements (16 bytes) when every row start is 16-byte aligned, else
