@@ -112,3 +112,26 @@ def test_tf32_follows_torch_switch():
         assert (fast.double().cpu() - hi).abs().max() > 1e-3  # really TF32, not silently exact
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape, offsets, match",
+    [
+        ((0, 16), (2, 16, 8), [0, 3], "offsets must be <= a.size\\(0\\) = 0"),  # empty output
+        ((6, 0), (2, 0, 8), [4, 2], "offsets must be non-decreasing"),  # k == 0
+        ((6, 16), (2, 16, 0), [-1, 6], "offsets must be non-negative"),  # n == 0
+        ((4, 0), (0, 8), [1, 3], "offsets must be <= a.size\\(1\\) = 0"),  # 2-D x 2-D, k == 0
+    ],
+)
+def test_bad_offsets_are_checked_when_nothing_is_computed(a_shape, b_shape, offsets, match):
+    # The CPU rejects these; CUDA used to return early (empty output, k == 0) without a check.
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    off = torch.tensor(offsets, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=match):
+        mixops.grouped_mm(a, b, off)
+    mixops.check_errors()  # start clean
+    out = mixops.grouped_mm(a.cuda(), b.cuda(), off.cuda())
+    assert out.shape == mixops.grouped_mm(a, b, off.clamp(0, 0)).shape
+    assert torch.all(out == 0)
+    with pytest.raises(RuntimeError, match=match):
+        mixops.check_errors()

@@ -31,8 +31,9 @@ void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cf
 namespace {
 
 // Nothing for any GEMM kernel to write (the zero fill covers the whole output).
+// (k == 0: every product is an empty sum, in both modes.)
 bool gemm_is_empty(const GroupedMmParams& p) {
-  return p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || (!p.ragged_k && p.k <= 0);
+  return p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || p.k <= 0;
 }
 
 void run_sm80_tensorop(const GroupedMmParams& p, void* ws, const LaunchConfig& cfg) {
@@ -71,6 +72,7 @@ GroupedMmPath grouped_mm_select_path(const GroupedMmParams& p, const LaunchConfi
 }
 
 size_t grouped_mm_workspace_bytes(const GroupedMmParams& p, const LaunchConfig& cfg) {
+  if (gemm_is_empty(p)) return 0;  // only the zero fill runs
   switch (grouped_mm_select_path(p, cfg)) {
     case GroupedMmPath::kSm90TmaWarpSpecialized:
 #if MIXOPS_HAS_SM90
