@@ -57,6 +57,7 @@ def test_messages_are_the_cpu_messages_with_the_latest_context():
         ("unpermute", 2, "row_map values must be in [-1, num_rows = 77)"),
         ("unpermute_backward", 2, "unpermute_backward: invalid input values"),
         ("unpermute_weights_backward", 2, "unpermute_weights_backward: invalid input values"),
+        ("unpermute_backward", 4, "row_map maps two slots to one row"),
     ],
 )
 def test_each_slot_has_its_message(op, bit, needle):
@@ -99,3 +100,16 @@ def test_cuda_bad_values_are_kept_until_checked():
     text = str(info.value)
     assert "offsets must be non-decreasing" in text and "num_experts = 2" in text
     mixops.check_errors()  # cleared: quiet now
+
+
+@cuda
+def test_cuda_duplicate_row_map_is_flagged_in_unpermute_backward():
+    mixops.check_errors()
+    grad_y = torch.randn(2, 4, device="cuda")
+    row_map = torch.tensor([[0], [0]], dtype=torch.int32, device="cuda")  # both slots -> row 0
+    with pytest.raises(RuntimeError, match="maps two slots to row 0"):  # the CPU raises at once
+        torch.ops.mixops.unpermute_backward(grad_y.cpu(), row_map.cpu(), None, 2)
+    out = torch.ops.mixops.unpermute_backward(grad_y, row_map, None, 2)
+    assert torch.equal(out[0], grad_y[1]) and torch.all(out[1] == 0)  # the last slot is kept
+    with pytest.raises(RuntimeError, match="row_map maps two slots to one row"):
+        mixops.check_errors()

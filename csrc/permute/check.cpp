@@ -185,6 +185,10 @@ std::string permute_error_message(int32_t bits, const char* op, int64_t num_expe
   if (bits & kRowMapOutOfRange)
     msg += " row_map values must be in [-1, num_rows = " + std::to_string(num_rows) +
            ") (treated as -1); row_map must come from the permute call that produced the rows;";
+  if (bits & kRowMapDuplicate)
+    msg +=
+        " row_map maps two slots to one row (only the last slot's gradient was written); "
+        "row_map must come from the permute call that produced the rows;";
   return msg;
 }
 

@@ -34,6 +34,7 @@ constexpr int32_t kNoRow = -1;
 enum PermuteError : int32_t {
   kIdsOutOfRange = 1,     // some ids[t, j] outside [-1, num_experts): treated as -1
   kRowMapOutOfRange = 2,  // some row_map[t, j] outside [-1, num_rows): treated as -1
+  kRowMapDuplicate = 4,   // unpermute_backward: two slots map to one row (the last slot is kept)
 };
 
 struct PermuteParams {

@@ -121,18 +121,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   if (bad && p.error_flag != nullptr) atomicOr(p.error_flag, kRowMapOutOfRange);
 }
 
-// row_slot[row_map[i]] = max slot i mapping there (row_slot preset to -1).
+// row_slot[row_map[i]] = max slot i mapping there (row_slot preset to -1). A row reached twice is
+// flagged (whatever the order, exactly the later atomicMax of the two sees a slot already there).
 __global__ void __launch_bounds__(kScatterThreads, 1)
     scatter_kernel(const int32_t* __restrict__ row_map, int64_t slots, int64_t num_rows,
                    int32_t* __restrict__ row_slot, int32_t* error_flag) {
-  bool bad = false;
+  bool bad = false, twice = false;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kScatterThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kScatterThreads + threadIdx.x; i < slots;
        i += stride) {
     const int64_t r = permute::row_of(row_map[i], num_rows, &bad);
-    if (r >= 0) atomicMax(&row_slot[r], static_cast<int32_t>(i));
+    if (r >= 0 && atomicMax(&row_slot[r], static_cast<int32_t>(i)) != -1) twice = true;
   }
   if (bad && error_flag != nullptr) atomicOr(error_flag, kRowMapOutOfRange);
+  if (twice && error_flag != nullptr) atomicOr(error_flag, kRowMapDuplicate);
 }
 
 // grad_y_sorted[r] = w[i] * grad_y[i / k] for i = row_slot[r] >= 0, else zeros. One warp per row.
