@@ -2,6 +2,7 @@
 kernel headers run on. tests/simt/selftest.cpp holds deliberately broken kernels, one per fault
 class, and correct ones; this builds it with g++ (plain, -fsanitize=address, and with the
 swapcontext fiber backend) and requires every broken kernel caught and every correct one passed.
+It also compiles every csrc/*_kernel.cuh under the harness (tests/simt/compile/).
 
 Builds are cached under the temp dir, keyed by a hash of the harness sources and the flags.
 """
@@ -181,3 +182,21 @@ def test_ucontext_backend():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" CAUGHT ") == len(FAULTS)
     assert proc.stdout.count(" PASS ") == len(CORRECT)
+
+
+@pytest.mark.parametrize("unit", sorted(p.stem for p in (SIMT / "compile").glob("*.cpp")))
+def test_kernel_headers_compile_under_harness(unit):
+    # Every csrc/*_kernel.cuh, every instantiation its .cu launches (tests/simt/compile/).
+    proc = subprocess.run(
+        [CXX, *FLAGS, "-fsyntax-only", str(SIMT / "compile" / f"{unit}.cpp")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_every_kernel_header_has_a_compile_check():
+    covered = "".join(p.read_text() for p in (SIMT / "compile").glob("*.cpp"))
+    for header in sorted((ROOT / "csrc").glob("*/*_kernel.cuh")):
+        name = f"{header.parent.name}/{header.name}"
+        assert f'#include "{name}"' in covered, f"{name} has no tests/simt/compile/ check"
