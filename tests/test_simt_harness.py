@@ -81,6 +81,7 @@ CORRECT = [
     "syncthreads_count_and_or",
     "sm90_allows_200kb",
     "lowp_conversions",
+    "cub_device_sort_and_scan",
 ]
 
 

@@ -7,6 +7,8 @@
 //   selftest --list     print the case names
 // Prints "CASE <name> <PASS|CAUGHT|SKIP|FAIL|MISSED> <detail>" per case; exits 1 if any case is
 // FAIL (a correct kernel rejected or wrong) or MISSED (a broken kernel not caught).
+#include <cub/cub.cuh>
+
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -199,6 +201,46 @@ void syncthreads_count_and_or() {
     expect(out[3 * t] == 32 && out[3 * t + 1] == 0 && out[3 * t + 2] == 1, "count/and/or");
 }
 void sm90_allows_200kb() { simt::launch(k_nothing, 1, 32, 200 * 1024); }
+// DeviceRadixSort: stable by the key bits asked for; the DoubleBuffer result lands where CUB's
+// last digit pass would put it (5 passes of 8 bits for 36 bits: flipped; 4 for 32: not), and the
+// other buffer holds poison.
+void cub_device_sort_and_scan() {
+  const int n = 1000;
+  for (const int end_bit : {32, 36}) {
+    std::vector<uint64_t> k0(n), k1(n);
+    std::vector<int32_t> v0(n), v1(n);
+    for (int i = 0; i < n; ++i) {
+      k0[i] = (uint64_t(i % 3) << 32) | uint64_t((i * 37) % 11);
+      v0[i] = i;
+    }
+    const std::vector<uint64_t> keys = k0;
+    cub::DoubleBuffer<uint64_t> kb(k0.data(), k1.data());
+    cub::DoubleBuffer<int32_t> vb(v0.data(), v1.data());
+    size_t bytes = 0;
+    expect(cub::DeviceRadixSort::SortPairs(nullptr, bytes, kb, vb, n, 0, end_bit) == cudaSuccess,
+           "size query");
+    std::vector<char> temp(bytes);
+    expect(
+        cub::DeviceRadixSort::SortPairs(temp.data(), bytes, kb, vb, n, 0, end_bit) == cudaSuccess,
+        "sort");
+    expect(kb.selector == (end_bit == 36 ? 1 : 0) && vb.selector == kb.selector, "selector");
+    const uint64_t mask = end_bit == 64 ? ~0ull : (1ull << end_bit) - 1;
+    for (int i = 1; i < n; ++i) {
+      const int a = vb.Current()[i - 1], b = vb.Current()[i];
+      const uint64_t ka = keys[a] & mask, kb2 = keys[b] & mask;
+      expect(ka < kb2 || (ka == kb2 && a < b), "stable order at " + std::to_string(i));
+      expect(kb.Current()[i] == keys[b], "keys follow values");
+    }
+    expect(vb.Alternate()[0] == int32_t(0xA5A5A5A5), "the other buffer is poisoned");
+  }
+  std::vector<int> x(100), y(100);
+  for (int i = 0; i < 100; ++i) x[i] = i % 7;
+  size_t bytes = 0;
+  cub::DeviceScan::ExclusiveSum(nullptr, bytes, x.data(), y.data(), 100);
+  std::vector<char> temp(bytes);
+  cub::DeviceScan::ExclusiveSum(temp.data(), bytes, x.data(), y.data(), 100);
+  for (int i = 0, acc = 0; i < 100; acc += x[i], ++i) expect(y[i] == acc, "DeviceScan");
+}
 void lowp_conversions() {
   const std::string err = check_lowp_conversions();
   expect(err.empty(), err);
@@ -245,6 +287,7 @@ const Case kCases[] = {
     {"syncthreads_count_and_or", syncthreads_count_and_or, nullptr},
     {"sm90_allows_200kb", sm90_allows_200kb, nullptr},
     {"lowp_conversions", lowp_conversions, nullptr},
+    {"cub_device_sort_and_scan", cub_device_sort_and_scan, nullptr},
 };
 
 // Runs one case; true if it behaved as expected.
