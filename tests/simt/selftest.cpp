@@ -11,6 +11,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <memory>  // after simt.h: its keyword macros must leave libstdc++ intact
 #include <string>
 #include <vector>
 

@@ -25,11 +25,11 @@
 #define __constant__
 #define __managed__
 #define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 #define __device_builtin__
+// __noinline__ stays undefined: libstdc++ spells __attribute__((__noinline__)) (<memory>).
 // Raw __shared__ declarations cannot be given per-block, poisoned storage: kernels declare shared
 // memory with MIXOPS_STATIC_SMEM / MIXOPS_DYNAMIC_SMEM (core/macros.h) instead.
 #define __shared__                                                                    \
