@@ -139,6 +139,7 @@ def test_selftest_lists_every_case():
     assert {n: "fault" for n in FAULTS} == {n: k for n, k in listed.items() if k == "fault"}
     assert {n: "asan" for n in OOB} == {n: k for n, k in listed.items() if k == "asan"}
     assert set(CORRECT) == {n for n, k in listed.items() if k == "pass"}
+    assert {"stack_overflow": "exit"} == {n: k for n, k in listed.items() if k == "exit"}
 
 
 @pytest.mark.parametrize("case", sorted(FAULTS))
@@ -157,7 +158,7 @@ def test_correct_kernel_passes(plain, case):
 def test_selftest_exit_status(plain):
     proc, results = plain
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert all(results[n][0] == "SKIP" for n in OOB)
+    assert all(results[n][0] == "SKIP" for n in [*OOB, "stack_overflow"])
 
 
 def test_asan_build_agrees_and_is_clean(asan):
@@ -176,6 +177,15 @@ def test_out_of_bounds_caught_by_asan(case):
     assert proc.returncode != 0
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in proc.stderr, proc.stderr[-2000:]
     assert OOB[case] in proc.stderr  # the report's stack names the kernel
+
+
+def test_stack_overflow_is_reported():
+    # A fiber that overflows its stack hits the guard page: a message and exit status 3, not a
+    # bare SIGSEGV (under ASan, ASan's own report).
+    proc = _run(_build("plain"), "stack_overflow")
+    assert proc.returncode == 3 and "overflowed its stack" in proc.stderr, proc.stderr[-2000:]
+    proc = _run(_build("asan"), "stack_overflow")
+    assert proc.returncode != 0 and "AddressSanitizer: stack-overflow" in proc.stderr
 
 
 def test_ucontext_backend():

@@ -94,6 +94,11 @@ void oob_global_write() {
 }
 void oob_dynamic_smem() { simt::launch(k_dynamic_smem_overflow, 1, 64, 63 * sizeof(int)); }
 void oob_static_smem() { simt::launch(k_static_smem_overflow, 1, 64, 0); }
+// The process exits with status 3 and a message (ASan builds: ASan's stack-overflow report).
+void stack_overflow() {
+  std::vector<int> out(32);
+  simt::launch(k_deep_recursion, 1, 32, 0, out.data());
+}
 
 // ---- correct kernels that must pass -------------------------------------------------------------
 
@@ -247,11 +252,17 @@ void lowp_conversions() {
   expect(err.empty(), err);
 }
 
+enum class Kind {
+  kInProcess,  // run with the others
+  kAsan,       // ASan ends the process: run by name, in an ASan build only
+  kExit,       // ends the process (stack overflow): run by name
+};
+
 struct Case {
   const char* name;
   void (*run)();
   const char* fault;  // nullptr: must pass; else a substring of the harness's error
-  bool asan_only = false;
+  Kind kind = Kind::kInProcess;
 };
 
 const Case kCases[] = {
@@ -272,9 +283,10 @@ const Case kCases[] = {
     {"too_many_threads", too_many_threads, "at most 1024 threads"},
     {"block_dim_z_too_big", block_dim_z_too_big, "at most 1024 threads"},
     {"smem_over_sm80_optin", smem_over_sm80_optin, "sm_80 opt-in limit"},
-    {"oob_global_write", oob_global_write, "AddressSanitizer", true},
-    {"oob_dynamic_smem", oob_dynamic_smem, "AddressSanitizer", true},
-    {"oob_static_smem", oob_static_smem, "AddressSanitizer", true},
+    {"oob_global_write", oob_global_write, "AddressSanitizer", Kind::kAsan},
+    {"oob_dynamic_smem", oob_dynamic_smem, "AddressSanitizer", Kind::kAsan},
+    {"oob_static_smem", oob_static_smem, "AddressSanitizer", Kind::kAsan},
+    {"stack_overflow", stack_overflow, "overflowed its stack", Kind::kExit},
     {"block_exchange", block_exchange, nullptr},
     {"warp_exchange", warp_exchange, nullptr},
     {"block_reduce", block_reduce, nullptr},
@@ -294,7 +306,7 @@ const Case kCases[] = {
 // Runs one case; true if it behaved as expected.
 bool run_case(const Case& c) {
   std::string status, detail;
-  if (c.asan_only) {
+  if (c.kind == Kind::kAsan) {
 #ifndef SIMT_ASAN
     std::printf("CASE %s SKIP needs an AddressSanitizer build\n", c.name);
     return true;
@@ -321,13 +333,17 @@ bool run_case(const Case& c) {
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--list") == 0) {
     for (const Case& c : kCases)
-      std::printf("%s %s\n", c.name, c.fault ? (c.asan_only ? "asan" : "fault") : "pass");
+      std::printf("%s %s\n", c.name,
+                  c.kind == Kind::kAsan   ? "asan"
+                  : c.kind == Kind::kExit ? "exit"
+                  : c.fault               ? "fault"
+                                          : "pass");
     return 0;
   }
   bool all_ok = true, found = argc == 1;
   for (const Case& c : kCases) {
     if (argc > 1 && std::strcmp(argv[1], c.name) != 0) continue;
-    if (argc == 1 && c.asan_only) {  // aborts the process: run by name, one per process
+    if (argc == 1 && c.kind != Kind::kInProcess) {  // ends the process: one per process
       std::printf("CASE %s SKIP run it by name\n", c.name);
       continue;
     }

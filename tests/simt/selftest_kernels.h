@@ -129,6 +129,14 @@ __global__ void k_static_smem_overflow() {
   s[threadIdx.x] = 1;
 }
 
+// 1 KiB frames, 1000 deep: far past a 64 KiB fiber stack.
+inline int deep(int n) {
+  volatile char frame[1024];
+  frame[n % 1024] = static_cast<char>(n);
+  return n == 0 ? frame[0] : deep(n - 1) + frame[n % 1024];
+}
+__global__ void k_deep_recursion(int* out) { out[threadIdx.x] = deep(1000); }
+
 // ---- correct -------------------------------------------------------------------------------------
 
 // out[b] = sum of block b's slice of x: a shared-memory tree with a barrier per level.

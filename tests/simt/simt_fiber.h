@@ -7,9 +7,10 @@
 // switch). A warp shuffle costs 64 switches, so the router kernel's tests run ~30x faster on the
 // first. AddressSanitizer builds annotate every switch (__sanitizer_start/finish_switch_fiber), so
 // ASan tracks fiber stacks as it does thread stacks. Stacks are mmap'd with a PROT_NONE guard page
-// below them (an overflow faults at once) and reused across blocks and launches.
+// below them (an overflow is reported at once, see on_segv) and reused across blocks and launches.
 #pragma once
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -183,6 +184,10 @@ struct Host {
   }
 };
 
+struct StackPool;
+inline thread_local const StackPool* tl_stack_pool = nullptr;  // for the overflow handler
+inline void install_overflow_handler();
+
 // Stacks of the fibers, kept for the next block and launch (per OS thread).
 struct StackPool {
   std::vector<Stack> stacks;
@@ -192,13 +197,58 @@ struct StackPool {
     if (bytes != size) release();
     size = bytes;
     while (stacks.size() < n) stacks.push_back(map_stack(bytes));
+    tl_stack_pool = this;
+    install_overflow_handler();
   }
   void release() {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     for (Stack& s : stacks) munmap(s.base - page, s.size + page);
     stacks.clear();
   }
-  ~StackPool() { release(); }
+  ~StackPool() {
+    release();
+    tl_stack_pool = nullptr;
+  }
 };
+
+// A fiber that overflows its stack faults on the guard page below it. Without ASan (which
+// reports stack overflows itself), a SIGSEGV handler on an alternate stack says so and exits with
+// status 3; any other SIGSEGV goes back to the previous handler.
+inline struct sigaction g_previous_segv;
+
+inline void on_segv(int, siginfo_t* info, void*) {
+  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (const StackPool* pool = tl_stack_pool) {
+    for (const Stack& st : pool->stacks) {
+      const auto base = reinterpret_cast<uintptr_t>(st.base);
+      if (addr >= base - page && addr < base) {
+        static const char kMsg[] =
+            "simt: a fiber overflowed its stack (raise simt::Options::stack_bytes)\n";
+        (void)!write(2, kMsg, sizeof kMsg - 1);
+        _exit(3);
+      }
+    }
+  }
+  sigaction(SIGSEGV, &g_previous_segv, nullptr);  // not ours: fault again, as before
+}
+
+inline void install_overflow_handler() {
+#ifndef SIMT_ASAN
+  static thread_local bool installed = false;
+  if (installed) return;
+  installed = true;
+  static thread_local char altstack[64 * 1024];
+  stack_t ss{};
+  ss.ss_sp = altstack;
+  ss.ss_size = sizeof altstack;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa{};
+  sa.sa_sigaction = on_segv;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_previous_segv);
+#endif
+}
 
 }  // namespace simt::detail
