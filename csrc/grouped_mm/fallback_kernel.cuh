@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "core/acc_convert.cuh"
+#include "core/macros.h"
 #include "grouped_mm/grouped_mm.h"
 
 namespace mixops::cuda::fallback {
@@ -24,8 +25,8 @@ constexpr int kThreads = 256;                // 16 x 16 threads, 4 x 4 outputs e
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMmParams p) {
   // k-major tiles, padded by one to keep the transposing stores free of bank conflicts.
-  __shared__ Acc As[kBK][kBM + 1];
-  __shared__ Acc Bs[kBK][kBN + 1];
+  MIXOPS_STATIC_SMEM(Acc[kBK][kBM + 1], As);
+  MIXOPS_STATIC_SMEM(Acc[kBK][kBN + 1], Bs);
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;  // this thread owns rows ty + 16i, cols tx + 16j
   // Load mappings: walk the operand's unit-stride dimension fastest (coalesced when one exists).

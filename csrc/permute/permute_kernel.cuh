@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kHistThreads, 1)
 __global__ void __launch_bounds__(kScanThreads, 1)
     colscan_kernel(int32_t* hist, int32_t num_chunks, int32_t num_experts, int32_t* totals,
                    int32_t* dropped, int64_t capacity) {
-  __shared__ int32_t tile[32][33];
+  MIXOPS_STATIC_SMEM(int32_t[32][33], tile);
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * 32 + lane;
   int32_t carry = 0;  // running total of column w (uniform across warp w)
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kScanThreads, 1)
 __global__ void __launch_bounds__(kScanThreads, 1)
     expert_scan_kernel(int32_t* totals, int32_t num_experts, int32_t* offsets) {
   using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
-  __shared__ typename BlockScan::TempStorage tmp;
+  MIXOPS_STATIC_SMEM(typename BlockScan::TempStorage, tmp);
   int32_t carry = 0;
   for (int64_t e0 = 0; e0 < num_experts; e0 += kScanThreads) {
     const int64_t e = e0 + threadIdx.x;

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
     router_fwd_kernel(const RouterParams p, const Plan pl, acc_t<T>* part_sum,
                       int32_t* part_count) {
   using Acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  MIXOPS_DYNAMIC_SMEM(unsigned char, smem);
   const RouterOptions opt = p.opt;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
   const int E = opt.num_experts, k = opt.k, G = opt.num_groups;
@@ -311,8 +311,8 @@ template <class Acc>
 __global__ void __launch_bounds__(kWarp* kReduceParts)
     router_stats_reduce_kernel(const Acc* part_sum, const int32_t* part_count, int64_t num_blocks,
                                int E, Acc* score_sum, int32_t* counts) {
-  __shared__ Acc ssum[kReduceParts][kWarp];
-  __shared__ int32_t scnt[kReduceParts][kWarp];
+  MIXOPS_STATIC_SMEM(Acc[kReduceParts][kWarp], ssum);
+  MIXOPS_STATIC_SMEM(int32_t[kReduceParts][kWarp], scnt);
   const int ex = threadIdx.x, part = threadIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kWarp + ex;
   Acc s = Acc(0);
@@ -339,7 +339,7 @@ template <class T, int VPT>
 __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
     router_bwd_kernel(const RouterBackwardParams p, const Plan pl) {
   using Acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  MIXOPS_DYNAMIC_SMEM(unsigned char, smem);
   const RouterOptions opt = p.opt;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
   const int E = opt.num_experts, k = opt.k;

@@ -1,0 +1,4 @@
+// SIMT harness shim of cuda_runtime.h (see cuda_runtime_api.h).
+#pragma once
+
+#include "cuda_runtime_api.h"
