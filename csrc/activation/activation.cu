@@ -45,8 +45,9 @@ void gated_activation_launch(const GatedActParams& p, cudaStream_t stream) {
   if (n == 0) return;
   with_types(p, "gated_activation", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    gated_act_kernel<decltype(act)::value, T><<<grid_for(n), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.gate_up), p.gate_up_stride, static_cast<T*>(p.out), p.rows, p.f);
+    launch_kernel(&gated_act_kernel<decltype(act)::value, T>, grid_for(n), kThreads, 0, stream,
+                  static_cast<const T*>(p.gate_up), p.gate_up_stride, static_cast<T*>(p.out),
+                  p.rows, p.f);
   });
   check_launch("gated_activation", "launch");
 }
@@ -57,9 +58,9 @@ void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stre
   if (n == 0) return;
   with_types(p, "gated_activation_backward", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    gated_act_backward_kernel<decltype(act)::value, T><<<grid_for(n), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up), p.gate_up_stride,
-        static_cast<T*>(p.grad_gate_up), p.rows, p.f);
+    launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T>, grid_for(n), kThreads, 0,
+                  stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up),
+                  p.gate_up_stride, static_cast<T*>(p.grad_gate_up), p.rows, p.f);
   });
   check_launch("gated_activation_backward", "launch");
 }

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "core/dtype.h"
 
@@ -41,6 +42,17 @@ decltype(auto) dispatch_dtype(Dtype d, const char* op, F&& f) {
   }
   fail(op, "unknown dtype");
 }
+
+// The one launch syntax of mixops: enqueues kernel<<<grid, block, smem, stream>>>(args...). Every
+// .cu file launches through it, so the SIMT harness (tests/simt), which defines
+// MIXOPS_HOST_LAUNCH and its own launch_kernel, runs the same launch code on the CPU.
+#ifndef MIXOPS_HOST_LAUNCH
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+}
+#endif
 
 // Dynamic shared memory above the default 48 KB needs an opt-in per kernel; more than the device
 // allows is an error naming the op and both sizes.

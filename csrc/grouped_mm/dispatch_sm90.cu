@@ -28,7 +28,7 @@ constexpr Layout kCol = Layout::kColMajor;
 template <class T>
 void launch_rescue(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int blocks = (cfg.num_sms > 0 ? cfg.num_sms : 132) * 4;
-  rescue_misaligned_groups<T><<<blocks, kRescueThreads, 0, cfg.stream>>>(p);
+  launch_kernel(&rescue_misaligned_groups<T>, blocks, kRescueThreads, 0, cfg.stream, p);
   check_launch("grouped_mm", "sm90 rescue kernel launch");
 }
 

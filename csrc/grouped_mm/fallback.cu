@@ -25,7 +25,7 @@ void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const dim3 grid(static_cast<unsigned>(tiles_n),
                   static_cast<unsigned>(std::min<int64_t>(tiles_m, 65535)),
                   static_cast<unsigned>(std::min<int64_t>(p.num_groups, 65535)));
-  grouped_mm_fallback_kernel<T, Acc><<<grid, kThreads, 0, cfg.stream>>>(p);
+  launch_kernel(&grouped_mm_fallback_kernel<T, Acc>, grid, kThreads, 0, cfg.stream, p);
 }
 
 }  // namespace

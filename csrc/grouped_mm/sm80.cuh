@@ -177,8 +177,8 @@ void run_grouped(const GroupedMmParams& p, void* workspace, const LaunchConfig& 
 
   const unsigned build_blocks =
       static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
-  build_group_args<EA, EB, EC, /*kSkipMisaligned=*/false, Gemm>
-      <<<build_blocks, kBuildArgsThreads, 0, cfg.stream>>>(p, d);
+  launch_kernel(&build_group_args<EA, EB, EC, /*kSkipMisaligned=*/false, Gemm>, build_blocks,
+                kBuildArgsThreads, 0, cfg.stream, p, d);
   check_launch("grouped_mm", "argument-builder launch");
 
   typename Gemm::Arguments args(problems, p.num_groups, persistent_block_count<Gemm>(p, cfg),

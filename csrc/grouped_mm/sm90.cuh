@@ -229,8 +229,8 @@ void GroupedGemm<kDtype, kLayoutA, kLayoutB>::run(const GroupedMmParams& p, void
 
   const unsigned blocks =
       static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
-  build_group_args<Element, Element, Element, /*kSkipMisaligned=*/true, Cfg>
-      <<<blocks, kBuildArgsThreads, 0, cfg.stream>>>(p, built);
+  launch_kernel(&build_group_args<Element, Element, Element, /*kSkipMisaligned=*/true, Cfg>, blocks,
+                kBuildArgsThreads, 0, cfg.stream, p, built);
   check_launch("grouped_mm", "sm90 argument-builder launch");
 
   const auto args = make_arguments<Cfg, Element>(p, d, sms, device_id);

@@ -32,8 +32,8 @@ void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
       static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_x));
   const unsigned gy =
       p.ragged_k ? static_cast<unsigned>(std::clamp<int64_t>(p.num_groups, 1, 65535)) : 1u;
-  zero_fill_kernel<V>
-      <<<dim3(gx, gy, 1), kThreads, 0, cfg.stream>>>(p, row_v, stride_m_v, stride_e_v);
+  launch_kernel(&zero_fill_kernel<V>, dim3(gx, gy, 1), kThreads, 0, cfg.stream, p, row_v,
+                stride_m_v, stride_e_v);
 }
 
 }  // namespace

@@ -76,27 +76,29 @@ void run_pass(const PermuteParams& p, const Plan& w, const SeqView& v, char* ws,
   int32_t* totals = reinterpret_cast<int32_t*>(ws + w.totals);
   int32_t* row_token = reinterpret_cast<int32_t*>(ws + w.row_token);
   if (E <= kHistSharedMaxE) {
-    hist_kernel<kSeq, true><<<w.chunks, kHistThreads, E * sizeof(int32_t), stream>>>(v, E, hist);
+    launch_kernel(&hist_kernel<kSeq, true>, w.chunks, kHistThreads, E * sizeof(int32_t), stream, v,
+                  E, hist);
   } else {
     check_cuda(cudaMemsetAsync(hist, 0, static_cast<size_t>(w.chunks) * E * 4, stream), "permute",
                "histogram memset");
-    hist_kernel<kSeq, false><<<w.chunks, kHistThreads, 0, stream>>>(v, E, hist);
+    launch_kernel(&hist_kernel<kSeq, false>, w.chunks, kHistThreads, 0, stream, v, E, hist);
   }
   check_launch("permute", "histogram launch");
-  colscan_kernel<<<(E + 31) / 32, kScanThreads, 0, stream>>>(
-      hist, w.chunks, E, kLayout ? totals : nullptr, kLayout ? nullptr : p.dropped, p.capacity);
+  launch_kernel(&colscan_kernel, (E + 31) / 32, kScanThreads, 0, stream, hist, w.chunks, E,
+                kLayout ? totals : nullptr, kLayout ? nullptr : p.dropped, p.capacity);
   check_launch("permute", "chunk scan launch");
   if constexpr (kLayout) {
-    expert_scan_kernel<<<1, kScanThreads, 0, stream>>>(totals, E, p.offsets);
+    launch_kernel(&expert_scan_kernel, 1, kScanThreads, 0, stream, totals, E, p.offsets);
     check_launch("permute", "expert scan launch");
   }
   const unsigned blocks = static_cast<unsigned>((w.chunks + kRankWarps - 1) / kRankWarps);
   if (E <= kRankSharedMaxE) {
-    rank_kernel<kSeq, true, kLayout><<<blocks, kRankWarps * 32, kRankWarps * E * 4, stream>>>(
-        v, E, w.chunks, hist, totals, p.capacity, p.row_map, row_token, p.num_rows);
+    launch_kernel(&rank_kernel<kSeq, true, kLayout>, blocks, kRankWarps * 32, kRankWarps * E * 4,
+                  stream, v, E, w.chunks, hist, totals, p.capacity, p.row_map, row_token,
+                  p.num_rows);
   } else {
-    rank_kernel<kSeq, false, kLayout><<<blocks, kRankWarps * 32, 0, stream>>>(
-        v, E, w.chunks, hist, totals, p.capacity, p.row_map, row_token, p.num_rows);
+    launch_kernel(&rank_kernel<kSeq, false, kLayout>, blocks, kRankWarps * 32, 0, stream, v, E,
+                  w.chunks, hist, totals, p.capacity, p.row_map, row_token, p.num_rows);
   }
   check_launch("permute", "rank launch");
 }
@@ -109,9 +111,9 @@ void launch_gather(const PermuteParams& p, const int32_t* row_token, cudaStream_
   const int64_t x_stride_v = p.x_stride * es / static_cast<int64_t>(sizeof(V));
   const int64_t blocks =
       std::min<int64_t>((p.num_rows + kGatherWarps - 1) / kGatherWarps, int64_t{1} << 16);
-  gather_kernel<V><<<static_cast<unsigned>(blocks), kGatherWarps * 32, 0, stream>>>(
-      static_cast<const V*>(p.x), x_stride_v, static_cast<V*>(p.x_sorted), row_v, row_token,
-      p.offsets, p.num_experts, p.num_rows, p.num_tokens);
+  launch_kernel(&gather_kernel<V>, static_cast<unsigned>(blocks), kGatherWarps * 32, 0, stream,
+                static_cast<const V*>(p.x), x_stride_v, static_cast<V*>(p.x_sorted), row_v,
+                row_token, p.offsets, p.num_experts, p.num_rows, p.num_tokens);
   check_launch("permute", "gather launch");
 }
 
@@ -160,7 +162,8 @@ void permute_launch(const PermuteParams& p, void* workspace, cudaStream_t stream
   int32_t* vals = w.sort ? reinterpret_cast<int32_t*>(ws + w.vals[0]) : nullptr;
   const int prep_blocks = static_cast<int>(
       std::min<int64_t>((w.slots + kPrepThreads - 1) / kPrepThreads, int64_t{1} << 16));
-  prep_kernel<<<prep_blocks, kPrepThreads, 0, stream>>>(p, w.slots, v.expert, keys, vals);
+  launch_kernel(&prep_kernel, prep_blocks, kPrepThreads, 0, stream, p, w.slots, v.expert, keys,
+                vals);
   check_launch("permute", "prep launch");
 
   if (w.sort) {  // priority order: stable sort by (j, priority key), then rank in that order

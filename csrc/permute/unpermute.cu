@@ -47,8 +47,8 @@ void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream) {
   const bool vec16 = is_aligned(p.y_sorted, 16) && is_aligned(p.y, 16) &&
                      (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
   dispatch(p.dtype, vec16, "unpermute", [&]<typename T, int N>() {
-    unpermute_kernel<T, N><<<blocks_for(p.num_tokens), kWarps * 32, 0, stream>>>(
-        p, p.hidden / N, p.y_sorted_stride / N);
+    launch_kernel(&unpermute_kernel<T, N>, blocks_for(p.num_tokens), kWarps * 32, 0, stream, p,
+                  p.hidden / N, p.y_sorted_stride / N);
   });
   check_launch("unpermute", "launch");
 }
@@ -72,8 +72,8 @@ void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace
   if (slots > 0) {  // also flags bad row_map values when num_rows == 0
     const unsigned blocks = static_cast<unsigned>(
         std::min<int64_t>((slots + kScatterThreads - 1) / kScatterThreads, 1 << 16));
-    scatter_kernel<<<blocks, kScatterThreads, 0, stream>>>(p.row_map, slots, p.num_rows, row_slot,
-                                                           p.error_flag);
+    launch_kernel(&scatter_kernel, blocks, kScatterThreads, 0, stream, p.row_map, slots, p.num_rows,
+                  row_slot, p.error_flag);
     check_launch("unpermute_backward", "scatter launch");
   }
   if (p.num_rows <= 0 || p.hidden <= 0) return;  // grad_y_sorted is empty
@@ -81,8 +81,8 @@ void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace
   const bool vec16 =
       is_aligned(p.grad_y, 16) && is_aligned(p.grad_y_sorted, 16) && (p.hidden * es) % 16 == 0;
   dispatch(p.dtype, vec16, "unpermute_backward", [&]<typename T, int N>() {
-    backward_rows_kernel<T, N>
-        <<<blocks_for(p.num_rows), kWarps * 32, 0, stream>>>(p, row_slot, p.hidden / N);
+    launch_kernel(&backward_rows_kernel<T, N>, blocks_for(p.num_rows), kWarps * 32, 0, stream, p,
+                  row_slot, p.hidden / N);
   });
   check_launch("unpermute_backward", "rows launch");
 }
@@ -95,8 +95,8 @@ void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStr
   const bool vec16 = is_aligned(p.grad_y, 16) && is_aligned(p.y_sorted, 16) &&
                      (p.hidden * es) % 16 == 0 && (p.y_sorted_stride * es) % 16 == 0;
   dispatch(p.dtype, vec16, "unpermute_weights_backward", [&]<typename T, int N>() {
-    backward_weights_kernel<T, N>
-        <<<blocks_for(slots), kWarps * 32, 0, stream>>>(p, p.hidden / N, p.y_sorted_stride / N);
+    launch_kernel(&backward_weights_kernel<T, N>, blocks_for(slots), kWarps * 32, 0, stream, p,
+                  p.hidden / N, p.y_sorted_stride / N);
   });
   check_launch("unpermute_backward", "weights launch");
 }

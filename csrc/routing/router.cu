@@ -56,13 +56,13 @@ void router_topk_launch(const RouterParams& p, void* workspace, cudaStream_t str
       auto* kernel =
           dispatch_vpt(pl.vpt, [](auto v) { return &router_fwd_kernel<T, decltype(v)::value>; });
       allow_dynamic_smem(kernel, pl.smem, what, "num_experts / k too large for this GPU");
-      kernel<<<static_cast<unsigned>(pl.num_blocks), pl.warps * kWarp, pl.smem, stream>>>(
-          p, pl, part_sum, part_count);
+      launch_kernel(kernel, static_cast<unsigned>(pl.num_blocks), pl.warps * kWarp, pl.smem, stream,
+                    p, pl, part_sum, part_count);
       check_launch(what, "launch");
     }
-    router_stats_reduce_kernel<Acc>
-        <<<static_cast<unsigned>(ceil_div(E, kWarp)), dim3(kWarp, kReduceParts), 0, stream>>>(
-            part_sum, part_count, pl.num_blocks, E, static_cast<Acc*>(p.score_sum), p.counts);
+    launch_kernel(&router_stats_reduce_kernel<Acc>, static_cast<unsigned>(ceil_div(E, kWarp)),
+                  dim3(kWarp, kReduceParts), 0, stream, part_sum, part_count, pl.num_blocks, E,
+                  static_cast<Acc*>(p.score_sum), p.counts);
     check_launch(what, "launch");
   });
 }
@@ -77,7 +77,8 @@ void router_topk_backward_launch(const RouterBackwardParams& p, cudaStream_t str
     auto* kernel =
         dispatch_vpt(pl.vpt, [](auto v) { return &router_bwd_kernel<T, decltype(v)::value>; });
     allow_dynamic_smem(kernel, pl.smem, what, "num_experts / k too large for this GPU");
-    kernel<<<static_cast<unsigned>(pl.num_blocks), pl.warps * kWarp, pl.smem, stream>>>(p, pl);
+    launch_kernel(kernel, static_cast<unsigned>(pl.num_blocks), pl.warps * kWarp, pl.smem, stream,
+                  p, pl);
     check_launch(what, "launch");
   });
 }
