@@ -1,0 +1,135 @@
+"""Building and calling SIMT-harness drivers from pytest (test code).
+
+A driver (tests/simt/drivers/<name>.cpp) includes tests/simt/launch_bridge.h and one or more of our
+real .cu launch files, and exposes extern "C" functions that run an op's launch code on host
+buffers under the SIMT harness. This builds it as a shared library with g++ (cached under the temp
+dir, keyed by a hash of every harness and csrc source and the flags), loads it with ctypes, and
+gives the four harness runs a test repeats every call under (schedule, seed, poison), so a race or
+a read of unwritten shared memory shows as different bits between runs.
+
+Driver convention: every extern "C" entry point takes, last, ``const SimtRun* run`` and
+``char* err, int err_len``, returns 0 on success and non-zero with the message in ``err``
+(a simt::Error, a std::exception from the launch code, or "unknown"). See drivers/README.md.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMT = ROOT / "tests" / "simt"
+CXX = shutil.which("g++")
+requires_cxx = pytest.mark.skipif(CXX is None, reason="needs g++ for the SIMT harness")
+
+FLAGS = [
+    "-std=c++20",
+    "-O2",
+    "-ffp-contract=off",
+    "-fPIC",
+    "-shared",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    "-include",
+    str(SIMT / "simt.h"),
+    f"-I{SIMT}",
+    f"-I{SIMT / 'shim'}",
+    f"-I{ROOT / 'csrc'}",
+]
+
+
+class SimtRun(ctypes.Structure):
+    """simt_run.h's SimtRun: schedule 0 forward, 1 reversed, 2 shuffled; arch 80 or 90."""
+
+    _fields_ = [
+        ("schedule", ctypes.c_int),
+        ("seed", ctypes.c_uint64),
+        ("poison", ctypes.c_uint8),
+        ("arch", ctypes.c_int),
+    ]
+
+
+# The runs of simt::default_runs(): every order differs at every round, poison differs per run.
+RUNS = [
+    SimtRun(0, 1, 0xA5, 90),
+    SimtRun(1, 1, 0x5A, 90),
+    SimtRun(2, 1, 0xFF, 90),
+    SimtRun(2, 2, 0x3C, 80),
+]
+
+
+def _sources_hash(extra):
+    h = hashlib.sha256(" ".join(FLAGS + extra).encode())
+    for base in (SIMT, ROOT / "csrc"):
+        for f in sorted(base.rglob("*")):
+            if f.is_file() and f.suffix in {".h", ".cuh", ".cu", ".cpp", ".hpp"}:
+                h.update(str(f.relative_to(ROOT)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_loaded = {}
+
+
+def load_driver(name, extra_flags=()):
+    """Builds (once per source hash) and loads tests/simt/drivers/<name>.cpp."""
+    key = (name, tuple(extra_flags))
+    if key in _loaded:
+        return _loaded[key]
+    extra = list(extra_flags)
+    cache = Path(tempfile.gettempdir()) / "mixops_simt_drivers"
+    cache.mkdir(exist_ok=True)
+    so = cache / f"{name}-{_sources_hash(extra)}.so"
+    if not so.exists():
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        proc = subprocess.run(
+            [CXX, *FLAGS, *extra, str(SIMT / "drivers" / f"{name}.cpp"), "-o", str(tmp)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the {name} SIMT driver failed:\n{proc.stderr[-4000:]}")
+        tmp.replace(so)
+    lib = ctypes.CDLL(str(so))
+    _loaded[key] = lib
+    return lib
+
+
+def ptr(t):
+    """A ctypes pointer to a contiguous CPU tensor's data (None for None)."""
+    if t is None:
+        return None
+    assert t.device.type == "cpu" and t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def call(fn, *args, run):
+    """Calls a driver entry point with run and an error buffer; raises RuntimeError on failure."""
+    err = ctypes.create_string_buffer(4096)
+    rc = fn(*args, ctypes.byref(run), err, len(err))
+    if rc != 0:
+        raise RuntimeError(err.value.decode(errors="replace"))
+
+
+def run_all(make_outputs, launch):
+    """Runs launch(outputs, run) under every run in RUNS on fresh outputs from make_outputs() and
+    requires bit-identical outputs; returns those of the first run."""
+    first = None
+    for run in RUNS:
+        outs = make_outputs()
+        launch(outs, run)
+        if first is None:
+            first = outs
+            continue
+        for i, (a, b) in enumerate(zip(first, outs)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (
+                f"output {i} differs between the forward run and schedule {run.schedule} "
+                f"(seed {run.seed}, poison {run.poison:#x}): a race or a read of unwritten memory"
+            )
+    return first
