@@ -20,11 +20,14 @@ using fallback::kThreads;
 template <typename T, typename Acc>
 void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int64_t tiles_n = (p.n + kBN - 1) / kBN;
-  const int64_t tiles_m = (p.m + kBM - 1) / kBM;  // both modes: a group has at most m rows
+  const int64_t tiles_m = (p.m + kBM - 1) / kBM;
   if (tiles_n > 0x7fffffff) fail("grouped_mm", "n too large for the fallback kernel");
+  // Row tiles of all groups together, bounded from host-known sizes (offsets stay on the device):
+  // 2-D x 3-D groups split m rows, each adding at most one partial tile; 2-D x 2-D groups each
+  // have all m rows. The kernel grid-strides past 65535.
+  const int64_t bound = p.ragged_k ? tiles_m * p.num_groups : tiles_m + p.num_groups;
   const dim3 grid(static_cast<unsigned>(tiles_n),
-                  static_cast<unsigned>(std::min<int64_t>(tiles_m, 65535)),
-                  static_cast<unsigned>(std::min<int64_t>(p.num_groups, 65535)));
+                  static_cast<unsigned>(std::clamp<int64_t>(bound, 1, 65535)), 1);
   launch_kernel(&grouped_mm_fallback_kernel<T, Acc>, grid, kThreads, 0, cfg.stream, p);
 }
 

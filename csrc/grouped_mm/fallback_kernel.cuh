@@ -4,11 +4,14 @@
 // general element strides (a_stride_m/a_stride_k, b_stride_*, out strides), so any layout and
 // any alignment works, with 64-bit index math throughout.
 //
-// Grid: x = 64-column tiles of n, y = 64-row tiles of the largest possible group (m: offsets are
-// on the device, so the host only knows a bound), z = groups; y and z grid-stride so any size
-// launches. Each block clamps its group's bounds with grouped_mm_group_problem (shared with the
-// CPU kernel) and skips tiles outside them. Groups with no rows or no k are left to the zero-fill
-// kernel. Device code only (no launch syntax, no torch, no CUTLASS); fallback.cu launches it.
+// Grid: x = 64-column tiles of n; y walks ONE sequence of the 64-row tiles of all groups (group g
+// owns tiles [first_g, first_g + ceil(rows_g / 64))), grid-strided. Offsets are on the device, so
+// the host sizes y from a bound on the work (ceil(m / 64) + E tiles in the 2-D x 3-D mode, where the
+// groups share m rows; E * ceil(m / 64) in the 2-D x 2-D mode) instead of launching every group's
+// worst case. Each block walks the groups once, in order, as its tiles increase, clamping their
+// bounds with grouped_mm_group_problem (shared with the CPU kernel). Groups with no rows or no k
+// are the zero-fill kernel's, which also reports bad offsets. Device code only (no launch syntax,
+// no torch, no CUTLASS); fallback.cu launches it.
 #pragma once
 
 #include <cstdint>
@@ -33,21 +36,29 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
   const bool a_k_fast = p.a_stride_k == 1;
   const bool b_n_fast = p.b_stride_n == 1;
 
-  for (int64_t g = blockIdx.z; g < p.num_groups; g += gridDim.z) {
-    int32_t err = 0;
-    const GroupProblem q = grouped_mm_group_problem(p, static_cast<int32_t>(g), &err);
-    if (err != 0 && p.error_flag != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) {
-      atomicOr(p.error_flag, err);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  // The group holding tile t, its first tile and its tile count: block-uniform, so every thread
+  // reaches the __syncthreads below.
+  int32_t g = 0;
+  int64_t first = 0, tiles = 0;
+  GroupProblem q{};
+  auto load = [&] {
+    int32_t err = 0;  // reported by the zero-fill kernel
+    q = grouped_mm_group_problem(p, g, &err);
+    tiles = (q.gm > 0 && q.gk > 0 && n0 < q.gn) ? (q.gm + kBM - 1) / kBM : 0;
+  };
+  if (p.num_groups > 0) load();
+  for (int64_t t = blockIdx.y;; t += gridDim.y) {
+    while (g < p.num_groups && t >= first + tiles) {
+      first += tiles;
+      if (++g < p.num_groups) load();
     }
-    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;
-    // Block-uniform conditions only, so the __syncthreads below are reached by all threads.
-    if (q.gm == 0 || q.gk == 0 || n0 >= q.gn) continue;
+    if (g >= p.num_groups) break;
+    const int64_t m0 = (t - first) * kBM;
     const T* A = static_cast<const T*>(p.a) + q.a_offset;
     const T* B = static_cast<const T*>(p.b) + q.b_offset;
     T* O = static_cast<T*>(p.out) + q.out_offset;
-
-    for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM; m0 < q.gm;
-         m0 += static_cast<int64_t>(gridDim.y) * kBM) {
+    {
       Acc acc[4][4];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
