@@ -4,11 +4,14 @@
 #include <nvtx3/nvtx3.hpp>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "activation/activation_kernel.cuh"
 #include "activation/launch.h"
+#include "core/align.h"
 #include "core/cuda_launch.h"
 
 namespace mixops::cuda {
@@ -17,9 +20,36 @@ namespace {
 // This file launches its kernels.
 using namespace activation_kernels;  // NOLINT(google-build-using-namespace)
 
-unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
+// Block shape and grid for rows x fv column vectors: blockDim.x a power of two >= 32 covering fv
+// (up to kThreads), the rest of the block on rows; both grid dimensions grid-stride.
+struct Shape2d {
+  dim3 grid, block;
+};
+Shape2d shape_for(int64_t rows, int64_t fv) {
+  unsigned bx = 32;
+  while (bx < kThreads && bx < fv) bx *= 2;
+  const unsigned by = kThreads / bx;
+  const int64_t gx = std::min<int64_t>((fv + bx - 1) / bx, 1 << 16);
+  const int64_t gy = std::clamp<int64_t>((rows + by - 1) / by, 1, 65535);
+  return {dim3(static_cast<unsigned>(std::max<int64_t>(gx, 1)), static_cast<unsigned>(gy)),
+          dim3(bx, by)};
+}
+
+// Calls f.template operator()<N>() with N = 16 bytes of elements when every pointer, the row
+// stride and f allow 16-byte accesses, else N = 1.
+template <typename T, typename F>
+void with_width(const GatedActParams& p, const std::initializer_list<const void*>& ptrs,
+                const F& f) {
+  // fp64 (gradcheck) stays scalar: its division and exp are calls, and two elements in flight
+  // across them spill registers.
+  constexpr int kVec = std::is_same_v<T, double> ? 1 : static_cast<int>(16 / sizeof(T));
+  bool ok = p.f % kVec == 0 && p.gate_up_stride % kVec == 0;
+  for (const void* q : ptrs) ok = ok && is_aligned(q, 16);
+  if (ok && kVec > 1) {
+    f.template operator()<kVec>();
+  } else {
+    f.template operator()<1>();
+  }
 }
 
 // f(activation tag, std::type_identity<T>) for p's activation and dtype.
@@ -43,11 +73,15 @@ void gated_activation_launch(const GatedActParams& p, cudaStream_t stream) {
   nvtx3::scoped_range range{"mixops::gated_activation"};
   const int64_t n = p.rows * p.f;
   if (n == 0) return;
+  if (p.f > INT32_MAX) fail("gated_activation", "the gate/up halves must have < 2^31 columns");
   with_types(p, "gated_activation", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    launch_kernel(&gated_act_kernel<decltype(act)::value, T>, grid_for(n), kThreads, 0, stream,
-                  static_cast<const T*>(p.gate_up), p.gate_up_stride, static_cast<T*>(p.out),
-                  p.rows, p.f);
+    with_width<T>(p, {p.gate_up, p.out}, [&]<int N>() {
+      const Shape2d s = shape_for(p.rows, p.f / N);
+      launch_kernel(&gated_act_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0, stream,
+                    static_cast<const T*>(p.gate_up), p.gate_up_stride, static_cast<T*>(p.out),
+                    p.rows, p.f);
+    });
   });
   check_launch("gated_activation", "launch");
 }
@@ -56,11 +90,17 @@ void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stre
   nvtx3::scoped_range range{"mixops::gated_activation_backward"};
   const int64_t n = p.rows * p.f;
   if (n == 0) return;
+  if (p.f > INT32_MAX) {
+    fail("gated_activation_backward", "the gate/up halves must have < 2^31 columns");
+  }
   with_types(p, "gated_activation_backward", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T>, grid_for(n), kThreads, 0,
-                  stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up),
-                  p.gate_up_stride, static_cast<T*>(p.grad_gate_up), p.rows, p.f);
+    with_width<T>(p, {p.gate_up, p.grad_out, p.grad_gate_up}, [&]<int N>() {
+      const Shape2d s = shape_for(p.rows, p.f / N);
+      launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0,
+                    stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up),
+                    p.gate_up_stride, static_cast<T*>(p.grad_gate_up), p.rows, p.f);
+    });
   });
   check_launch("gated_activation_backward", "launch");
 }
