@@ -73,7 +73,7 @@ def test_bad_offsets_debug_mode_raises_and_default_mode_clamps(offsets, match):
 @pytest.mark.parametrize("aligned", [True, False])
 def test_paths_against_cpu(dtype, mode, aligned):
     """Bigger shapes than the generic tests: multiple tiles per group, 64 skewed groups, aligned
-    (tensor-core paths) and misaligned group starts / dims (fallback and rescue paths)."""
+    (tensor-core paths) and misaligned group starts / dims (the fallback kernel, for whole calls or for the misaligned groups of the SM90 path)."""
     gen = torch.Generator().manual_seed(1)
     e = 64
     sizes = (torch.rand(e, generator=gen) ** 3 * 300).long()

@@ -1,9 +1,7 @@
 // grouped_mm SM90 path, the dispatcher: supported(), workspace_bytes() and run() over the six
-// CUTLASS instantiations (gemm_<dtype>_<ab>_sm90.cu), plus the launch of the CUDA-core rescue
-// kernel (rescue_kernel.cuh) for groups whose start breaks TMA's 16-byte alignment. Kept apart from
-// the instantiations
-// so it compiles fast and without CUTLASS; named *_sm90.cu so it is built for sm_90a only, like
-// them.
+// CUTLASS instantiations (gemm_<dtype>_<ab>_sm90.cu), then the tiled fallback kernel for the
+// groups whose start breaks TMA's 16-byte alignment. Kept apart from the instantiations so it
+// compiles fast and without CUTLASS; named *_sm90.cu so it is built for sm_90a only, like them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,22 +13,21 @@
 #include "core/align.h"
 #include "core/cuda_launch.h"
 #include "grouped_mm/path.h"
-#include "grouped_mm/rescue_kernel.cuh"
 #include "grouped_mm/sm90.h"
 
-namespace mixops::cuda::sm90 {
+namespace mixops::cuda {
+namespace detail {
+// Defined in fallback.cu.
+void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
+                                bool only_misaligned);
+}  // namespace detail
+
+namespace sm90 {
 namespace {
 
 using detail::GroupedGemm;
 constexpr Layout kRow = Layout::kRowMajor;
 constexpr Layout kCol = Layout::kColMajor;
-
-template <class T>
-void launch_rescue(const GroupedMmParams& p, const LaunchConfig& cfg) {
-  const int blocks = (cfg.num_sms > 0 ? cfg.num_sms : 132) * 4;
-  launch_kernel(&rescue_misaligned_groups<T>, blocks, kRescueThreads, 0, cfg.stream, p);
-  check_launch("grouped_mm", "sm90 rescue kernel launch");
-}
 
 // Calls f.template operator()<GroupedGemm<...>>() for p's dtype and layouts (supported() holds).
 template <class F>
@@ -67,13 +64,10 @@ void run(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg) {
     throw std::runtime_error("grouped_mm sm90: workspace must be non-null and 256-byte aligned");
   }
   dispatch(p, [&]<class G>() { G::run(p, workspace, cfg); });
-  if (grouped_mm_may_misalign(p)) {
-    if (p.dtype == Dtype::kBFloat16) {
-      launch_rescue<__nv_bfloat16>(p, cfg);
-    } else {
-      launch_rescue<__half>(p, cfg);
-    }
-  }
+  // Groups whose start breaks TMA's alignment got no CUTLASS tiles: the tiled fallback kernel
+  // computes exactly those (only for layouts where a group can start misaligned).
+  if (grouped_mm_may_misalign(p)) cuda::detail::launch_grouped_mm_fallback(p, cfg, true);
 }
 
-}  // namespace mixops::cuda::sm90
+}  // namespace sm90
+}  // namespace mixops::cuda

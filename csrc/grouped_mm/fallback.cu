@@ -17,7 +17,7 @@ using fallback::kBM;
 using fallback::kBN;
 using fallback::kThreads;
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, bool kOnlyMisaligned>
 void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int64_t tiles_n = (p.n + kBN - 1) / kBN;
   const int64_t tiles_m = (p.m + kBM - 1) / kBM;
@@ -28,18 +28,25 @@ void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int64_t bound = p.ragged_k ? tiles_m * p.num_groups : tiles_m + p.num_groups;
   const dim3 grid(static_cast<unsigned>(tiles_n),
                   static_cast<unsigned>(std::clamp<int64_t>(bound, 1, 65535)), 1);
-  launch_kernel(&grouped_mm_fallback_kernel<T, Acc>, grid, kThreads, 0, cfg.stream, p);
+  launch_kernel(&grouped_mm_fallback_kernel<T, Acc, kOnlyMisaligned>, grid, kThreads, 0, cfg.stream,
+                p);
 }
 
 }  // namespace
 
-// Enqueues the fallback GEMM for every group on cfg.stream (after the zero fill).
-void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg) {
+// Enqueues the fallback GEMM on cfg.stream (after the zero fill) for every group, or with
+// only_misaligned for just the groups TMA cannot load (the SM90 path's rescue; bf16/fp16).
+void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
+                                bool only_misaligned) {
   // Nothing for a GEMM to write: every output element is the zero-fill kernel's.
-  if (p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || (!p.ragged_k && p.k <= 0)) return;
+  if (p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || p.k <= 0) return;
   dispatch_dtype(p.dtype, "grouped_mm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_typed<T, acc_t<T>>(p, cfg);
+    if (only_misaligned) {
+      launch_typed<T, acc_t<T>, true>(p, cfg);
+    } else {
+      launch_typed<T, acc_t<T>, false>(p, cfg);
+    }
   });
   check_launch("grouped_mm", "fallback launch");
 }

@@ -25,7 +25,9 @@ namespace mixops::cuda::fallback {
 constexpr int kBM = 64, kBN = 64, kBK = 16;  // output tile and k step
 constexpr int kThreads = 256;                // 16 x 16 threads, 4 x 4 outputs each
 
-template <typename T, typename Acc>
+// kOnlyMisaligned: compute only the groups whose first element breaks TMA's 16-byte alignment
+// (grouped_mm_group_tma_aligned), which the SM90 argument builder gave no CUTLASS tiles.
+template <typename T, typename Acc, bool kOnlyMisaligned>
 __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMmParams p) {
   // k-major tiles, padded by one to keep the transposing stores free of bank conflicts.
   MIXOPS_STATIC_SMEM(Acc[kBK][kBM + 1], As);
@@ -45,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
   auto load = [&] {
     int32_t err = 0;  // reported by the zero-fill kernel
     q = grouped_mm_group_problem(p, g, &err);
-    tiles = (q.gm > 0 && q.gk > 0 && n0 < q.gn) ? (q.gm + kBM - 1) / kBM : 0;
+    const bool mine = !kOnlyMisaligned || !grouped_mm_group_tma_aligned(q);
+    tiles = (mine && q.gm > 0 && q.gk > 0 && n0 < q.gn) ? (q.gm + kBM - 1) / kBM : 0;
   };
   if (p.num_groups > 0) load();
   for (int64_t t = blockIdx.y;; t += gridDim.y) {

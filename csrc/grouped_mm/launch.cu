@@ -25,7 +25,8 @@ namespace mixops::cuda {
 namespace detail {
 // Defined in zero.cu and fallback.cu (declared here, their only caller).
 void launch_grouped_mm_zero(const GroupedMmParams& p, const LaunchConfig& cfg);
-void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg);
+void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
+                                bool only_misaligned = false);
 }  // namespace detail
 
 namespace {

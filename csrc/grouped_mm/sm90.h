@@ -22,7 +22,7 @@ size_t workspace_bytes(const GroupedMmParams& p, const LaunchConfig& cfg);
 
 // Enqueues on cfg.stream: the device-side argument builder, the CUTLASS grouped GEMM and, for the
 // layouts where a group's start can break TMA's 16-byte alignment (grouped_mm_may_misalign in
-// grouped_mm.h), the rescue kernel of rescue_kernel.cuh.
+// grouped_mm.h), the tiled fallback kernel for exactly those groups (fallback.cu).
 // Throws std::runtime_error when !supported(p) or CUTLASS rejects the arguments.
 void run(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg);
 
@@ -32,7 +32,7 @@ namespace detail {
 template <Dtype kDtype, Layout kLayoutA, Layout kLayoutB>
 struct GroupedGemm {
   static size_t workspace_bytes(const GroupedMmParams& p, const LaunchConfig& cfg);
-  // Argument builder + GEMM; misaligned groups are skipped here (run() launches the rescue).
+  // Argument builder + GEMM; misaligned groups are skipped here (run() computes them).
   static void run(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg);
 };
 }  // namespace detail
