@@ -45,13 +45,16 @@ FLAGS = [
 
 
 class SimtRun(ctypes.Structure):
-    """simt_run.h's SimtRun: schedule 0 forward, 1 reversed, 2 shuffled; arch 80 or 90."""
+    """simt_run.h's SimtRun: schedule 0 forward, 1 reversed, 2 shuffled; arch 80 or 90;
+    smem_optin: the shared-memory opt-in the modelled device reports to launch plans (0: the
+    arch's), e.g. small to drive a kernel's global-memory fallback with small shapes."""
 
     _fields_ = [
         ("schedule", ctypes.c_int),
         ("seed", ctypes.c_uint64),
         ("poison", ctypes.c_uint8),
         ("arch", ctypes.c_int),
+        ("smem_optin", ctypes.c_int),
     ]
 
 
@@ -117,11 +120,22 @@ def call(fn, *args, run):
         raise RuntimeError(err.value.decode(errors="replace"))
 
 
-def run_all(make_outputs, launch):
-    """Runs launch(outputs, run) under every run in RUNS on fresh outputs from make_outputs() and
-    requires bit-identical outputs; returns those of the first run."""
+def runs_with(**fields):
+    """RUNS with some SimtRun fields changed (e.g. smem_optin=4096)."""
+    out = []
+    for r in RUNS:
+        c = SimtRun(r.schedule, r.seed, r.poison, r.arch, r.smem_optin)
+        for k, v in fields.items():
+            setattr(c, k, v)
+        out.append(c)
+    return out
+
+
+def run_all(make_outputs, launch, runs=None):
+    """Runs launch(outputs, run) under every run in RUNS (or runs) on fresh outputs from
+    make_outputs() and requires bit-identical outputs; returns those of the first run."""
     first = None
-    for run in RUNS:
+    for run in runs or RUNS:
         outs = make_outputs()
         launch(outs, run)
         if first is None:

@@ -98,11 +98,11 @@ at::Tensor router_topk_backward_cuda(
   p.grad_lse = ptr_or_null(glse);
   p.grad_logits = grad.data_ptr();
   const cudaStream_t stream = cuda::stream_of(logits);
-  const cuda::OpScratch scratch(logits.options(), 0, stream, ErrorSlot::kRouterTopkBackward,
-                                {num_modalities, 0});
+  const cuda::OpScratch scratch(logits.options(), cuda::router_topk_backward_workspace_bytes(p),
+                                stream, ErrorSlot::kRouterTopkBackward, {num_modalities, 0});
   p.error_flag = scratch.flag();
   cuda::launch_checked("router_topk_backward",
-                       [&] { cuda::router_topk_backward_launch(p, stream); });
+                       [&] { cuda::router_topk_backward_launch(p, scratch.workspace(), stream); });
   scratch.check();
   return grad;
 }

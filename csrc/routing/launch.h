@@ -25,7 +25,10 @@ size_t router_topk_workspace_bytes(const RouterParams& p);
 // Fills weights, ids, lse (every row), counts and score_sum (over unmasked rows). T may be 0.
 void router_topk_launch(const RouterParams& p, void* workspace, cudaStream_t stream);
 
-// Fills grad_logits [T, E] (every element, zeros where no gradient flows).
-void router_topk_backward_launch(const RouterBackwardParams& p, cudaStream_t stream);
+size_t router_topk_backward_workspace_bytes(const RouterBackwardParams& p);
+// Fills grad_logits [T, E] (every element, zeros where no gradient flows). workspace: the bytes
+// above (the blocks' scratch when it does not fit in shared memory; usually none).
+void router_topk_backward_launch(const RouterBackwardParams& p, void* workspace,
+                                 cudaStream_t stream);
 
 }  // namespace mixops::cuda

@@ -42,13 +42,17 @@ constexpr int min_blocks() {
   return VPT <= 2 ? 4 : 3;
 }
 
-// Launch shape, computed on the host from the params alone (the same in workspace_bytes and
-// launch). off[] are byte offsets of the regions inside one warp's shared memory.
+// Launch shape, computed on the host from the params and the device's shared-memory opt-in (the
+// same in workspace_bytes and launch). off[] are byte offsets of the regions inside one warp's
+// scratch. The scratch is the block's dynamic shared memory, or, when one warp's regions do not fit
+// in it (large E: ~14K experts in fp32 on A100), a slice of the workspace in global memory
+// (global_stride bytes per block): the same code, another base pointer.
 struct Plan {
   int vpt;    // logits per lane held in registers; 0 = generic path (n > 512)
   int warps;  // warps per block
   int64_t rows_per_block, num_blocks;
   int64_t off[6], per_warp, smem;
+  int64_t global_stride;  // 0: scratch in shared memory
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -64,9 +68,12 @@ inline int pick_vpt(int64_t n) {
 
 // Lays the per-warp regions out (16-byte aligned), then takes the most warps per block (up to 8,
 // at least 1) whose shared memory stays under 48 KB. Each warp gets rpw rows, rpw the smallest
-// that keeps the grid at kTargetBlocks blocks or fewer.
+// that keeps the grid at kTargetBlocks blocks or fewer. Past max_smem (the device's opt-in) the
+// scratch moves to global memory: one warp per block, at most kTargetBlocksGlobal blocks, so the
+// workspace stays kTargetBlocksGlobal * (regions + block_bytes) bytes.
+constexpr int64_t kTargetBlocksGlobal = 256;
 inline Plan make_plan(int64_t T, int64_t n, std::initializer_list<int64_t> regions,
-                      int64_t block_bytes) {
+                      int64_t block_bytes, int64_t max_smem) {
   Plan pl{};
   pl.vpt = pick_vpt(n);
   int r = 0;
@@ -77,25 +84,34 @@ inline Plan make_plan(int64_t T, int64_t n, std::initializer_list<int64_t> regio
   pl.warps = kMaxWarps;
   while (pl.warps > 1 && pl.warps * pl.per_warp + block_bytes > kDefaultSmem) pl.warps /= 2;
   pl.smem = pl.warps * pl.per_warp + block_bytes;
-  pl.rows_per_block = std::max<int64_t>(1, ceil_div(T, pl.warps * kTargetBlocks)) * pl.warps;
+  int64_t target = kTargetBlocks;
+  if (pl.smem > max_smem) {
+    pl.vpt = 0;  // the generic path (it takes any n); the only one built with global scratch
+    pl.warps = 1;
+    pl.global_stride = ceil_div(pl.per_warp + block_bytes, 256) * 256;
+    pl.smem = 0;
+    target = kTargetBlocksGlobal;
+  }
+  pl.rows_per_block = std::max<int64_t>(1, ceil_div(T, pl.warps * target)) * pl.warps;
   pl.num_blocks = ceil_div(T, pl.rows_per_block);
   return pl;
 }
 
 // Forward regions per warp: keys [n] (generic path or groups), group scores [G], weights [k],
 // ids [k], kept groups [G] (bool), probability sums [E]. Block: counts [E] int32 after the warps.
-inline Plan fwd_plan(const RouterParams& p) {
+inline Plan fwd_plan(const RouterParams& p, int64_t max_smem) {
   const RouterOptions& o = p.opt;
   const int64_t a = acc_bytes(p.dtype), n = eligible(o), E = o.num_experts;
   const int64_t G = o.num_groups > 1 ? o.num_groups : 0;
   const bool stage = pick_vpt(n) == 0 || G > 0;
-  return make_plan(p.num_tokens, n, {stage ? n * a : 0, G * a, o.k * a, o.k * 4, G, E * a}, E * 4);
+  return make_plan(p.num_tokens, n, {stage ? n * a : 0, G * a, o.k * a, o.k * 4, G, E * a}, E * 4,
+                   max_smem);
 }
 
 // Backward regions per warp: the chosen experts' gradient [n], raw weights [k], their grads [k].
-inline Plan bwd_plan(const RouterBackwardParams& p) {
+inline Plan bwd_plan(const RouterBackwardParams& p, int64_t max_smem) {
   const int64_t a = acc_bytes(p.dtype), n = eligible(p.opt);
-  return make_plan(p.num_tokens, n, {n * a, p.opt.k * a, p.opt.k * a}, 0);
+  return make_plan(p.num_tokens, n, {n * a, p.opt.k * a, p.opt.k * a}, 0, max_smem);
 }
 
 // Workspace: probability partials [num_blocks, E] acc_t, then count partials [num_blocks, E].
@@ -179,12 +195,16 @@ __device__ __forceinline__ void row_sums(const RowVals<T, VPT>& rv, bool want_si
 
 // ---- forward ------------------------------------------------------------------------------
 
-template <class T, int VPT>
+// kGlobal: the plan put the scratch in global memory (large E); a template parameter so the
+// common shared-memory kernels keep shared-memory addressing.
+template <class T, int VPT, bool kGlobal = false>
 __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
-    router_fwd_kernel(const RouterParams p, const Plan pl, acc_t<T>* part_sum,
-                      int32_t* part_count) {
+    router_fwd_kernel(const RouterParams p, const Plan pl, acc_t<T>* part_sum, int32_t* part_count,
+                      unsigned char* global_scratch) {
   using Acc = acc_t<T>;
-  MIXOPS_DYNAMIC_SMEM(unsigned char, smem);
+  MIXOPS_DYNAMIC_SMEM(unsigned char, dyn_smem);
+  unsigned char* smem = dyn_smem;
+  if constexpr (kGlobal) smem = global_scratch + blockIdx.x * pl.global_stride;
   const RouterOptions opt = p.opt;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
   const int E = opt.num_experts, k = opt.k, G = opt.num_groups;
@@ -335,11 +355,13 @@ __global__ void __launch_bounds__(kWarp* kReduceParts)
 
 // ---- backward -----------------------------------------------------------------------------
 
-template <class T, int VPT>
+template <class T, int VPT, bool kGlobal = false>
 __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
-    router_bwd_kernel(const RouterBackwardParams p, const Plan pl) {
+    router_bwd_kernel(const RouterBackwardParams p, const Plan pl, unsigned char* global_scratch) {
   using Acc = acc_t<T>;
-  MIXOPS_DYNAMIC_SMEM(unsigned char, smem);
+  MIXOPS_DYNAMIC_SMEM(unsigned char, dyn_smem);
+  unsigned char* smem = dyn_smem;
+  if constexpr (kGlobal) smem = global_scratch + blockIdx.x * pl.global_stride;
   const RouterOptions opt = p.opt;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
   const int E = opt.num_experts, k = opt.k;

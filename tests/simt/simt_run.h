@@ -13,7 +13,8 @@ struct SimtRun {
   int schedule;  // 0 forward, 1 reversed, 2 shuffled
   uint64_t seed;
   uint8_t poison;
-  int arch;  // 80 or 90: shared-memory opt-in limit
+  int arch;        // 80 or 90: shared-memory opt-in limit
+  int smem_optin;  // the device's reported opt-in (what launch plans see); 0: arch's limit
 };
 
 namespace simt {
@@ -29,7 +30,8 @@ int run_with(const SimtRun* run, char* err, int err_len, F&& f) {
   o.poison = run->poison;
   o.arch = run->arch == 80 ? Arch::kSm80 : Arch::kSm90;
   launch_options = o;
-  device_max_smem_optin = static_cast<int>(max_dynamic_smem(o.arch));
+  device_max_smem_optin =
+      run->smem_optin > 0 ? run->smem_optin : static_cast<int>(max_dynamic_smem(o.arch));
   try {
     f();
     return 0;
