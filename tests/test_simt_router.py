@@ -24,7 +24,7 @@ import torch
 
 import mixops
 from helpers import assert_close_to_ref
-from simt_driver import call, load_driver, requires_cxx, run_all
+from simt_driver import call, load_driver, requires_cxx, run_all, runs_with
 
 pytestmark = requires_cxx
 
@@ -44,7 +44,7 @@ _SIGNATURES = {
     "simt_router_topk_backward": [_i, _i64, _i, _i, _i, _i, _i, _d, _d, _i]
     + [_p, _i64, _p, _i, _p, _p, _p, _p, _p, _p, _p]
     + _RUN_ARGS,
-    "simt_router_plans": [_i, _i64, _i, _i, _i, _i, _p, _p],
+    "simt_router_plans": [_i, _i64, _i, _i, _i, _i, _i64, _p, _p],
 }
 
 
@@ -68,13 +68,28 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def plans(dtype, num_tokens, num_experts, k, num_groups=1, num_modalities=1):
-    """router_kernel.cuh's fwd_plan and bwd_plan: dicts of vpt, warps, smem, num_blocks."""
-    fwd, bwd = torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+SM90_OPTIN = 232448  # the opt-in the default runs' device reports (simt_run.h)
+SM80_OPTIN = 166912
+# The harness runs every call goes through (None: simt_driver.RUNS); a test forcing a plan sets it.
+_runs = [None]
+
+
+def plans(dtype, num_tokens, num_experts, k, num_groups=1, num_modalities=1, max_smem=SM90_OPTIN):
+    """router_kernel.cuh's fwd_plan and bwd_plan: dicts of vpt, warps, smem, num_blocks,
+    global_stride (0: scratch in shared memory)."""
+    fwd, bwd = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
     _lib().simt_router_plans(
-        DTYPE[dtype], num_tokens, num_experts, k, num_groups, num_modalities, _ptr(fwd), _ptr(bwd)
+        DTYPE[dtype],
+        ctypes.c_int64(num_tokens),
+        num_experts,
+        k,
+        num_groups,
+        num_modalities,
+        ctypes.c_int64(max_smem),
+        _ptr(fwd),
+        _ptr(bwd),
     )
-    keys = ("vpt", "warps", "smem", "num_blocks")
+    keys = ("vpt", "warps", "smem", "num_blocks", "global_stride")
     return dict(zip(keys, fwd.tolist())), dict(zip(keys, bwd.tolist()))
 
 
@@ -142,7 +157,7 @@ def simt_router_topk(
             run=run,
         )
 
-    *result, flag = run_all(outputs, launch)
+    *result, flag = run_all(outputs, launch, runs=_runs[0])
     return result, flag.item()
 
 
@@ -202,7 +217,7 @@ def simt_router_topk_backward(
             run=run,
         )
 
-    grad, flag = run_all(outputs, launch)
+    grad, flag = run_all(outputs, launch, runs=_runs[0])
     return grad, flag.item()
 
 
@@ -377,17 +392,42 @@ def test_forward_strided_rows():
     check_forward(wide[:, :70], 5, score_fn="sigmoid", bias=torch.randn(70, generator=gen(5)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known limit (issue 10, section 2): the forward keeps E keys and E probability sums "
-    "per warp in shared memory; at E = 16384 fp32 one block needs 196 KB, over sm_80's opt-in "
-    "(163 KB), and the launch fails until a global-memory path exists",
+@pytest.fixture
+def smem_optin():
+    """Makes every harness run's device report this shared-memory opt-in (so the plans match
+    across runs), e.g. small to drive the global-memory scratch with small shapes."""
+
+    def use(bytes_):
+        _runs[0] = runs_with(smem_optin=bytes_)
+
+    yield use
+    _runs[0] = None
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, k, dtype, optin",
+    [
+        (4, 16384, 2, torch.float32, SM80_OPTIN),  # past sm_80's opt-in: the design's "any E"
+        (37, 600, 6, torch.float32, 4096),
+        (37, 64, 40, torch.float32, 1024),  # VPT would be 2: the global plan takes the generic path
+        (9, 700, 8, torch.bfloat16, 4096),
+        (5, 96, 3, torch.float64, 512),
+    ],
 )
-def test_forward_beyond_the_shared_memory_limit():
-    fwd, _ = plans(torch.float32, 4, 16384, 2)
-    assert fwd["smem"] > 166912
-    check_forward(randn(4, 16384, seed=6), 2)
+def test_global_memory_scratch_past_the_shared_memory_opt_in(
+    smem_optin, num_tokens, num_experts, k, dtype, optin
+):
+    fwd, bwd = plans(dtype, num_tokens, num_experts, k, max_smem=optin)
+    assert fwd["global_stride"] > 0 and fwd["smem"] == 0 and fwd["vpt"] == 0
+    smem_optin(optin)
+    x = randn(num_tokens, num_experts, dtype, seed=num_experts)
+    bias = (torch.rand(num_experts, generator=gen(7)) - 0.5).to(_acc(dtype))
+    for kw in (dict(), dict(score_fn="sigmoid", bias=bias)):
+        ours, _ = check_forward(x, k, **kw)
+    grads = _grads((True, True, True), num_tokens, num_experts, k, _acc(dtype), 3)
+    options = ("softmax", False, True, 0.0, 1.0)
+    if bwd["global_stride"] > 0:
+        check_backward(backward_args(x, ours[1], grads, options))
 
 
 # ---- forward: values ---------------------------------------------------------------------------

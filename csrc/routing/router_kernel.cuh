@@ -103,9 +103,13 @@ inline Plan fwd_plan(const RouterParams& p, int64_t max_smem) {
   const RouterOptions& o = p.opt;
   const int64_t a = acc_bytes(p.dtype), n = eligible(o), E = o.num_experts;
   const int64_t G = o.num_groups > 1 ? o.num_groups : 0;
-  const bool stage = pick_vpt(n) == 0 || G > 0;
-  return make_plan(p.num_tokens, n, {stage ? n * a : 0, G * a, o.k * a, o.k * 4, G, E * a}, E * 4,
-                   max_smem);
+  auto plan = [&](bool stage) {
+    return make_plan(p.num_tokens, n, {stage ? n * a : 0, G * a, o.k * a, o.k * 4, G, E * a}, E * 4,
+                     max_smem);
+  };
+  const Plan pl = plan(pick_vpt(n) == 0 || G > 0);
+  // A global-memory plan runs the generic path, which stages the keys: give them their region.
+  return pl.global_stride > 0 ? plan(true) : pl;
 }
 
 // Backward regions per warp: the chosen experts' gradient [n], raw weights [k], their grads [k].

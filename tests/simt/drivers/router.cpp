@@ -127,27 +127,34 @@ int simt_router_topk_backward(int dtype, int64_t num_tokens, int32_t num_experts
     p.grad_logits = grad_logits;
     p.error_flag = error_flag;
     poison(grad_logits, num_tokens * num_experts * mixops::dtype_size(p.dtype), run->poison);
-    mixops::cuda::router_topk_backward_launch(p, nullptr);
+    const size_t bytes = mixops::cuda::router_topk_backward_workspace_bytes(p);
+    std::unique_ptr<void, FreeDeleter> ws(
+        bytes > 0 ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr);
+    if (bytes > 0 && ws == nullptr) throw std::bad_alloc();
+    poison(ws.get(), bytes, run->poison);
+    mixops::cuda::router_topk_backward_launch(p, ws.get(), nullptr);
   });
 }
 
 // The forward / backward launch plans (router_kernel.cuh's fwd_plan / bwd_plan) for the given
-// shape, so tests can check which path a case takes: out = {vpt, warps, smem, num_blocks}.
+// shape and shared-memory opt-in, so tests can check which path a case takes:
+// out = {vpt, warps, smem, num_blocks, global_stride}.
 void simt_router_plans(int dtype, int64_t num_tokens, int32_t num_experts, int32_t k,
-                       int32_t num_groups, int32_t num_modalities, int64_t* fwd, int64_t* bwd) {
+                       int32_t num_groups, int32_t num_modalities, int64_t max_smem, int64_t* fwd,
+                       int64_t* bwd) {
   namespace r = mixops::cuda::router;
   mixops::RouterParams p{};
   p.opt = options(num_experts, k, 1, 0, 1, 0.0, 1.0, num_modalities);
   p.opt.num_groups = num_groups;
   p.dtype = static_cast<mixops::Dtype>(dtype);
   p.num_tokens = num_tokens;
-  const r::Plan f = r::fwd_plan(p);
+  const r::Plan f = r::fwd_plan(p, max_smem);
   mixops::RouterBackwardParams q{};
   q.opt = p.opt;
   q.opt.num_groups = 1;
   q.dtype = p.dtype;
   q.num_tokens = num_tokens;
-  const r::Plan b = r::bwd_plan(q);
+  const r::Plan b = r::bwd_plan(q, max_smem);
   const r::Plan* plans[2] = {&f, &b};
   int64_t* outs[2] = {fwd, bwd};
   for (int i = 0; i < 2; ++i) {
@@ -155,6 +162,7 @@ void simt_router_plans(int dtype, int64_t num_tokens, int32_t num_experts, int32
     outs[i][1] = plans[i]->warps;
     outs[i][2] = plans[i]->smem;
     outs[i][3] = plans[i]->num_blocks;
+    outs[i][4] = plans[i]->global_stride;
   }
 }
 
