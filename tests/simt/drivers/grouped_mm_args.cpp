@@ -1,0 +1,87 @@
+// SIMT driver: the CUTLASS paths' device-side argument builder (csrc/grouped_mm/args_kernel.cuh,
+// build_group_args). Its launches live in CUTLASS code (sm80.cuh, sm90.cuh) that cannot compile
+// here, so this launches it the way they do (ceil(E / kBuildArgsThreads) blocks of
+// kBuildArgsThreads) under simt::launch_checked, which runs it under the four harness runs itself.
+// Instantiated as the launchers do: SM80 (no skipping) for bf16, fp16 and fp32; SM90 (misaligned
+// groups skipped) for bf16 and fp16.
+#include "simt_run.h"
+// clang-format off: the kernel header after the bridge
+#include "grouped_mm/args_kernel.cuh"
+#include "grouped_mm/launch.h"
+// clang-format on
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "drivers/grouped_mm_params.h"
+
+namespace {
+
+struct Sm80Tag {};
+struct Sm90Tag {};
+
+template <class E, bool kSkip, class Tag>
+void build(const mixops::GroupedMmParams& p, int32_t* shapes, void** ptr_a, void** ptr_b,
+           void** ptr_d, int64_t* ld_a, int64_t* ld_b, int64_t* ld_d) {
+  using mixops::cuda::GroupArgs;
+  using mixops::cuda::kBuildArgsThreads;
+  const GroupArgs<E, E, E> args{shapes,
+                                reinterpret_cast<E**>(ptr_a),
+                                reinterpret_cast<E**>(ptr_b),
+                                reinterpret_cast<E**>(ptr_d),
+                                ld_a,
+                                ld_b,
+                                ld_d};
+  const size_t e = static_cast<size_t>(p.num_groups);
+  std::vector<simt::Region> written = {
+      {shapes, 3 * e * sizeof(int32_t), "shapes"}, {ptr_a, e * sizeof(void*), "ptr_a"},
+      {ptr_b, e * sizeof(void*), "ptr_b"},         {ptr_d, e * sizeof(void*), "ptr_d"},
+      {ld_a, e * sizeof(int64_t), "ld_a"},         {ld_b, e * sizeof(int64_t), "ld_b"},
+      {ld_d, e * sizeof(int64_t), "ld_d"}};
+  if (p.error_flag != nullptr) written.push_back({p.error_flag, sizeof(int32_t), "error_flag"});
+  const unsigned blocks =
+      static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
+  simt::launch_checked(simt::launch_options, simt::default_runs(), written,
+                       &mixops::cuda::build_group_args<E, E, E, kSkip, Tag>, blocks,
+                       kBuildArgsThreads, 0, p, args);
+}
+
+}  // namespace
+
+extern "C" {
+
+// skip_misaligned: 0 as sm80.cuh launches it, 1 as sm90.cuh does. Arrays [E] ([E][3] shapes).
+int simt_build_group_args(const SimtGroupedMm* s, int skip_misaligned, int32_t* shapes,
+                          void** ptr_a, void** ptr_b, void** ptr_d, int64_t* ld_a, int64_t* ld_b,
+                          int64_t* ld_d, const SimtRun* run, char* err, int err_len) {
+  return simt::run_with(run, err, err_len, [&] {
+    const mixops::GroupedMmParams p = to_params(*s);
+    if (p.num_groups <= 0) return;  // as the launchers: no groups, no launch
+    using mixops::Dtype;
+    if (skip_misaligned != 0) {
+      if (p.dtype == Dtype::kBFloat16) {
+        return build<__nv_bfloat16, true, Sm90Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b,
+                                                   ld_d);
+      }
+      if (p.dtype == Dtype::kFloat16) {
+        return build<__half, true, Sm90Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+      }
+      throw std::runtime_error("the SM90 argument builder is bf16/fp16 only");
+    }
+    switch (p.dtype) {
+      case Dtype::kBFloat16:
+        return build<__nv_bfloat16, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b,
+                                                    ld_d);
+      case Dtype::kFloat16:
+        return build<__half, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+      case Dtype::kFloat32:
+        return build<float, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+      case Dtype::kFloat64: break;
+    }
+    throw std::runtime_error("no CUTLASS path takes fp64");
+  });
+}
+
+}  // extern "C"
