@@ -6,9 +6,10 @@ Four drivers (tests/simt/drivers/grouped_mm_*.cpp), one per translation unit:
   * fallback GEMM: the real launch code of csrc/grouped_mm/fallback.cu
     (detail::launch_grouped_mm_fallback); the tests run the zero fill first, then the GEMM unless
     launch.cu's gemm_is_empty, on one output, as grouped_mm_launch does on the fallback path;
-  * the CUTLASS paths' argument builder (args_kernel.cuh, build_group_args) and the SM90 rescue
-    kernel (rescue_kernel.cuh), launched the way sm80.cuh / sm90.cuh / dispatch_sm90.cu launch
-    them (their launch files need CUTLASS), under simt::launch_checked.
+  * the CUTLASS paths' argument builder (args_kernel.cuh, build_group_args), launched the way
+    sm80.cuh / sm90.cuh launch it, and the fallback kernel for the SM90 path's misaligned groups
+    (dispatch_sm90.cu's launch_grouped_mm_fallback(..., only_misaligned)). The builder's launch
+    files need CUTLASS, so it runs under simt::launch_checked as they launch it.
 Every call runs under the four harness runs (schedules, poison bytes) and must give the same bits.
 The params are filled as csrc/grouped_mm/cuda.cpp fills them (Call below: layouts and their
 canonicalisation, strides, an int32 error flag), from the same tensors the CPU op takes.
@@ -23,7 +24,7 @@ What is compared:
   * zero fill: exactly the rows (2-D x 3-D) or blocks (2-D x 2-D) no group writes become zero,
     nothing else is touched, and bad offsets set GroupedMmError's bits.
   * argument builder: every array equals what grouped_mm_group_problem gives, computed here.
-  * rescue kernel: exactly the misaligned groups, with the fp32 FMA chain's bits (as the fallback),
+  * SM90 misaligned groups: exactly those groups, with the fp32 FMA chain's bits (as the fallback),
     within the rule of the CPU op; aligned groups and everything else untouched.
 """
 
@@ -109,7 +110,8 @@ def args_lib():
 
 @pytest.fixture(scope="module")
 def rescue_lib():
-    return _load("grouped_mm_rescue", simt_rescue_misaligned_groups=[PARAMS, ctypes.c_int, I64])
+    # The SM90 path's misaligned groups: the fallback kernel restricted to them.
+    return _load("grouped_mm_fallback", simt_grouped_mm_fallback_misaligned=[PARAMS, ctypes.c_int])
 
 
 # ---- params, as csrc/grouped_mm/cuda.cpp fills them ----------------------------------------------
@@ -650,21 +652,23 @@ def test_build_group_args_bad_offsets(args_lib, case, skip):
         assert torch.equal(got[name], t), f"{name}: {got[name]} != {t}"
 
 
-# ---- SM90 rescue kernel --------------------------------------------------------------------------
-
-RESCUE_BLOCKS = NUM_SMS * 4  # dispatch_sm90.cu: num_sms * 4 blocks
+# ---- SM90 path: the fallback kernel for the misaligned groups only -------------------------------
 
 
 def simt_rescue(rescue_lib, c, out):
-    """Runs the rescue kernel on out (in place; launch_checked restores it before each run)."""
+    """Runs the fallback kernel for the misaligned groups on out (in place) under every harness run,
+    each on a copy of out, requiring the same bits."""
     p = c.params(out)
-    call(
-        rescue_lib.simt_rescue_misaligned_groups,
-        ctypes.byref(p),
-        RESCUE_BLOCKS,
-        out.numel() * out.element_size(),
-        run=RUNS[0],
-    )
+    start, result = out.clone(), None
+    for run in RUNS:
+        out.copy_(start)
+        call(rescue_lib.simt_grouped_mm_fallback_misaligned, ctypes.byref(p), NUM_SMS, run=run)
+        if result is None:
+            result = out.clone()
+        else:
+            assert torch.equal(out.view(torch.uint8), result.view(torch.uint8)), (
+                f"schedule {run.schedule} (poison {run.poison:#x}) wrote different bits"
+            )
     return p
 
 

@@ -12,7 +12,18 @@ extern "C" {
 int simt_grouped_mm_fallback(const SimtGroupedMm* s, int num_sms, const SimtRun* run, char* err,
                              int err_len) {
   return simt::run_with(run, err, err_len, [&] {
-    mixops::cuda::detail::launch_grouped_mm_fallback(to_params(*s), launch_config(run, num_sms));
+    mixops::cuda::detail::launch_grouped_mm_fallback(to_params(*s), launch_config(run, num_sms),
+                                                     false);
+  });
+}
+
+// Only the groups whose start breaks TMA's alignment: what the SM90 path (dispatch_sm90.cu)
+// launches after its CUTLASS GEMM.
+int simt_grouped_mm_fallback_misaligned(const SimtGroupedMm* s, int num_sms, const SimtRun* run,
+                                        char* err, int err_len) {
+  return simt::run_with(run, err, err_len, [&] {
+    mixops::cuda::detail::launch_grouped_mm_fallback(to_params(*s), launch_config(run, num_sms),
+                                                     true);
   });
 }
 
