@@ -15,12 +15,15 @@ each.
 import ctypes
 import itertools
 import math
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from helpers import assert_close_to_ref
-from simt_driver import call, load_driver, requires_cxx, run_all
+from simt_driver import ROOT, call, load_driver, requires_cxx, run_all
 
 pytestmark = requires_cxx
 
@@ -738,3 +741,42 @@ def test_unpermute_large(t, k, e, h, dtype, wkind):
         gw = simt_unpermute_weights_backward(g, ys, row_map, w)[0]
         hi, low = weights_grad_ref(g, ys, row_map, w.dtype)
         assert_close_to_ref(gw, hi, low, "grad_weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the harness cannot see: nvcc contracting a * b + c into one FMA (the harness builds with
+# -ffp-contract=off, as the CPU ops are). unpermute's contract is a rounded product and a rounded
+# add per choice (tests/test_permute.py, sequential_unpermute); an FMA there changes the bits of
+# every weighted sum on the GPU.
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_unpermute_kernel_has_no_fma(tmp_path):
+    ptx = tmp_path / "unpermute.ptx"
+    subprocess.run(
+        [
+            NVCC,
+            "-std=c++20",
+            "-O3",
+            "--expt-relaxed-constexpr",
+            "-ptx",
+            "-gencode=arch=compute_80,code=compute_80",
+            f"-I{ROOT / 'csrc'}",
+            str(ROOT / "csrc" / "permute" / "unpermute.cu"),
+            "-o",
+            str(ptx),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    text = ptx.read_text()
+    entries = {}  # kernel name -> its PTX, up to the next entry
+    for part in text.split(".entry")[1:]:
+        name = re.match(r"\s*(\S+?)\(", part).group(1)
+        if "16unpermute_kernel" in name:  # the mangled unpermute_kernel<T, N>
+            entries[name] = part
+    assert len(entries) == 8, f"unpermute_kernel: 4 dtypes x 2 row widths, got {list(entries)}"
+    fused = [name for name, body in entries.items() if re.search(r"\bfma\.rn", body)]
+    assert not fused, f"unpermute_kernel contracts w * y + acc into an FMA in {fused}"
