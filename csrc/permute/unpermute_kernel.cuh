@@ -1,7 +1,8 @@
 // unpermute and its backward on CUDA, device code (unpermute.cu launches it; no launch syntax, no
 // torch, no CUTLASS). Formats: permute.h; contract: launch.h.
 //   unpermute        one warp per token: y[t] = sum_j w[t, j] * y_sorted[row_map[t, j]], j in
-//                    order, accumulated in fp32 (fp64 for fp64) in registers;
+//                    order, accumulated in fp32 (fp64 for fp64) in registers, each product and
+//                    add rounded (never an FMA), as on the CPU: the same bits;
 //   backward rows    row_slot[row] = the slot mapping to it (memset -1, scatter with atomicMax so a
 //                    duplicated row deterministically keeps its last slot), then one warp per
 //                    row: grad_y_sorted[r] = w[row_slot[r]] * grad_y[token of row_slot[r]],
@@ -15,6 +16,7 @@
 #include <cstdint>
 
 #include "core/acc_convert.cuh"
+#include "core/det_math.h"
 #include "permute/permute.h"
 
 namespace mixops::cuda::unpermute_kernels {
@@ -103,7 +105,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
           for (int u = 0; u < kUnroll; ++u) {
             if (c0 + u * 32 + lane >= hv) continue;
 #pragma unroll
-            for (int n = 0; n < N; ++n) acc[u][n] += w * to_acc(buf[u].v[n]);
+            for (int n = 0; n < N; ++n) {
+              // A rounded product, then a rounded add (no FMA): the CPU's bits (det_math.h).
+              acc[u][n] = det::add(acc[u][n], det::mul(w, to_acc(buf[u].v[n])));
+            }
           }
         }
       }
