@@ -9,7 +9,11 @@ template <GatedAct kAct>
 struct Activation {
   template <class T>
   static void run() {
-    simt_compile::use(&a::gated_act_kernel<kAct, T>, &a::gated_act_backward_kernel<kAct, T>);
+    // Scalar and 16-byte widths (fp64 runs scalar only).
+    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    simt_compile::use(&a::gated_act_kernel<kAct, T, 1>, &a::gated_act_backward_kernel<kAct, T, 1>,
+                      &a::gated_act_kernel<kAct, T, kVec>,
+                      &a::gated_act_backward_kernel<kAct, T, kVec>);
   }
 };
 
