@@ -14,11 +14,21 @@
 #include <cuda_runtime_api.h>
 
 #include <utility>
+#include <vector>
 
 #include "simt_launch.h"
 
 namespace simt {
 inline thread_local Options launch_options;  // what every bridged launch runs under
+// Every kernel a bridged launch ran, in order (a driver clears it before a call), so tests can
+// tell which paths a case took.
+inline thread_local std::vector<const void*> launched;
+template <class K>
+bool ran(K* kernel) {
+  for (const void* p : launched)
+    if (p == reinterpret_cast<const void*>(kernel)) return true;
+  return false;
+}
 }  // namespace simt
 
 namespace mixops::cuda {
@@ -26,6 +36,7 @@ namespace mixops::cuda {
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t /*stream*/, Args&&... args) {
+  simt::launched.push_back(reinterpret_cast<const void*>(kernel));
   simt::launch(simt::launch_options, kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 

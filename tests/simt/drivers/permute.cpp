@@ -1,49 +1,23 @@
 // SIMT driver: permute's real launch code (csrc/permute/permute.cu) on the CPU.
 //
-// Every launch of permute.cu goes through launch_kernel; the driver renames it (a macro around the
-// include) to logged_launch, which records the kernel and forwards to the bridge's launch_kernel
-// unchanged, so a test can tell which paths its case took (shared or global histogram and rank
-// counters, the gather's vector width, the priority sort) and the grid provably covers them.
+// The bridge records every kernel a call launches (simt::launched), so a test can tell which paths
+// its case took (shared or global histogram and rank counters, the gather's vector width, the
+// priority sort) and the grid provably covers them.
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "simt_run.h"
-// clang-format off: the kernels and the logger before the launch file
-#include "core/cuda_launch.h"
-#include "permute/permute_kernel.cuh"
-// clang-format on
-
-namespace mixops::cuda {
-
-inline thread_local std::vector<const void*> launched;  // kernels of the current call, in order
-
-template <class... Params, class... Args>
-void logged_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                   cudaStream_t stream, Args&&... args) {
-  launched.push_back(reinterpret_cast<const void*>(kernel));
-  launch_kernel(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
-}
-
-}  // namespace mixops::cuda
 
 // clang-format off
-#define launch_kernel logged_launch
 #include "permute/permute.cu"
-#undef launch_kernel
 // clang-format on
 
 namespace {
 
 namespace pk = mixops::cuda::permute_kernels;
 
-template <class K>
-bool ran(K* kernel) {
-  for (const void* p : mixops::cuda::launched) {
-    if (p == reinterpret_cast<const void*>(kernel)) return true;
-  }
-  return false;
-}
+using simt::ran;
 
 // paths[0]: histogram in global memory (E > 8192); paths[1]: rank counters in global memory
 // (E > 1024); paths[2]: bytes per gather unit (0: no gather); paths[3]: the radix sort ran
@@ -112,7 +86,7 @@ int simt_permute(int dtype, int64_t num_tokens, int32_t k, int32_t num_experts, 
     } free_ws{ws};
     simt::cub_radix_bits = radix_bits > 0 ? radix_bits : 8;
     simt::cub_poison = run->poison;
-    mixops::cuda::launched.clear();
+    simt::launched.clear();
     mixops::cuda::permute_launch(p, ws, nullptr);
     if (paths != nullptr) record_paths(paths);
   });

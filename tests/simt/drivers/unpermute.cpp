@@ -1,48 +1,22 @@
 // SIMT driver: unpermute's real launch code (csrc/permute/unpermute.cu) on the CPU: unpermute,
 // unpermute_backward (rows) and unpermute_weights_backward, with the params csrc/permute/cuda.cpp
-// fills. As in drivers/permute.cpp, launch_kernel is renamed around the include to a logger that
-// records each kernel and forwards to the bridge's launch_kernel unchanged, so a test can tell
+// fills. The bridge records every kernel a call launches (simt::launched), so a test can tell
 // whether its case took the 16-byte vector path or the element path.
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "simt_run.h"
-// clang-format off: the kernels and the logger before the launch file
-#include "core/cuda_launch.h"
-#include "permute/unpermute_kernel.cuh"
-// clang-format on
-
-namespace mixops::cuda {
-
-inline thread_local std::vector<const void*> launched;  // kernels of the current call, in order
-
-template <class... Params, class... Args>
-void logged_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                   cudaStream_t stream, Args&&... args) {
-  launched.push_back(reinterpret_cast<const void*>(kernel));
-  launch_kernel(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
-}
-
-}  // namespace mixops::cuda
 
 // clang-format off
-#define launch_kernel logged_launch
 #include "permute/unpermute.cu"
-#undef launch_kernel
 // clang-format on
 
 namespace {
 
 namespace uk = mixops::cuda::unpermute_kernels;
 
-template <class K>
-bool ran(K* kernel) {
-  for (const void* p : mixops::cuda::launched) {
-    if (p == reinterpret_cast<const void*>(kernel)) return true;
-  }
-  return false;
-}
+using simt::ran;
 
 // Which row kernel of T the call ran: 16 (16-byte vectors), 1 (element path) or 0 (none).
 template <class T>
@@ -67,7 +41,7 @@ void record_paths(int32_t* paths) {
   paths[1] = ran(&uk::scatter_kernel);
 }
 
-void start_call() { mixops::cuda::launched.clear(); }
+void start_call() { simt::launched.clear(); }
 
 }  // namespace
 
