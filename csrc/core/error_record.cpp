@@ -4,17 +4,21 @@
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 namespace mixops {
 namespace {
 
+constexpr int kMaxDevices = 64;  // as core/cuda.cpp's records
+
 struct Registry {
   std::mutex mu;
   std::array<ErrorMessageFn, kNumErrorSlots> message{};
-  std::map<std::pair<int, int>, ErrorContext> context;  // (device, slot) -> latest launch
+  // (device, slot) -> the latest launch's context: a fixed table, since every CUDA op call
+  // writes it (no allocation on that path).
+  std::array<std::array<ErrorContext, kNumErrorSlots>, kMaxDevices> context{};
   DeviceErrorReader reader;
 };
 
@@ -34,8 +38,9 @@ bool register_error_message(ErrorSlot slot, ErrorMessageFn fn) {
 
 void record_error_context(int device, ErrorSlot slot, const ErrorContext& ctx) {
   Registry& r = registry();
+  if (device < 0 || device >= kMaxDevices) return;  // core/cuda.cpp refuses such devices
   std::lock_guard<std::mutex> lock(r.mu);
-  r.context[{device, static_cast<int>(slot)}] = ctx;
+  r.context[device][static_cast<int>(slot)] = ctx;
 }
 
 std::string describe_device_errors(int device, const int32_t* bits) {
@@ -44,8 +49,8 @@ std::string describe_device_errors(int device, const int32_t* bits) {
   std::string out;
   for (int s = 0; s < kNumErrorSlots; ++s) {
     if (bits[s] == 0) continue;
-    const auto it = r.context.find({device, s});
-    const ErrorContext ctx = it != r.context.end() ? it->second : ErrorContext{};
+    const ErrorContext ctx =
+        device >= 0 && device < kMaxDevices ? r.context[device][s] : ErrorContext{};
     const ErrorMessageFn fn = r.message[s];
     const std::string text = fn != nullptr
                                  ? fn(bits[s], ctx)

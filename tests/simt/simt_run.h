@@ -5,7 +5,10 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <new>
 
 #include "launch_bridge.h"
 
@@ -18,6 +21,29 @@ struct SimtRun {
 };
 
 namespace simt {
+
+// Fills bytes with a run's poison byte: what device memory could hold before a kernel writes it.
+inline void poison(void* p, size_t bytes, uint8_t byte) {
+  if (p != nullptr && bytes > 0) std::memset(p, byte, bytes);
+}
+
+// A launcher's workspace: `bytes` of 256-byte-aligned host memory filled with the poison byte
+// (null when bytes is 0), freed at the end of the scope.
+class Workspace {
+ public:
+  Workspace(size_t bytes, uint8_t byte)
+      : p_(bytes > 0 ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr) {
+    if (bytes > 0 && p_ == nullptr) throw std::bad_alloc();
+    poison(p_, bytes, byte);
+  }
+  ~Workspace() { std::free(p_); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_;
+};
 
 // Runs f() under run's options; returns 0, or 1 with the message in err.
 template <class F>

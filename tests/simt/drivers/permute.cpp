@@ -75,19 +75,11 @@ int simt_permute(int dtype, int64_t num_tokens, int32_t k, int32_t num_experts, 
     p.row_map = row_map;
     p.dropped = dropped;
     p.error_flag = error_flag;
-    const size_t bytes = mixops::cuda::permute_workspace_bytes(p);
-    void* ws = bytes > 0 ? std::aligned_alloc(mixops::kWorkspaceAlign,
-                                              mixops::align_up(bytes, mixops::kWorkspaceAlign))
-                         : nullptr;
-    if (ws != nullptr) std::memset(ws, run->poison, bytes);
-    struct Free {
-      void* p;
-      ~Free() { std::free(p); }
-    } free_ws{ws};
+    const simt::Workspace ws(mixops::cuda::permute_workspace_bytes(p), run->poison);
     simt::cub_radix_bits = radix_bits > 0 ? radix_bits : 8;
     simt::cub_poison = run->poison;
     simt::launched.clear();
-    mixops::cuda::permute_launch(p, ws, nullptr);
+    mixops::cuda::permute_launch(p, ws.get(), nullptr);
     if (paths != nullptr) record_paths(paths);
   });
 }

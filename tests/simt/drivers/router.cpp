@@ -35,14 +35,6 @@ mixops::RouterOptions options(int32_t num_experts, int32_t k, int score_fn, int 
   return o;
 }
 
-void poison(void* p, size_t bytes, uint8_t byte) {
-  if (p != nullptr && bytes > 0) std::memset(p, byte, bytes);
-}
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
 }  // namespace
 
 extern "C" {
@@ -83,17 +75,13 @@ int simt_router_topk(int dtype, int64_t num_tokens, int32_t num_experts, int32_t
     p.error_flag = error_flag;
 
     const size_t a = p.dtype == mixops::Dtype::kFloat64 ? 8 : 4;
-    poison(weights, num_tokens * k * a, run->poison);
-    poison(ids, num_tokens * k * 4, run->poison);
-    poison(counts, static_cast<size_t>(num_experts) * 4, run->poison);
-    poison(score_sum, num_experts * a, run->poison);
-    poison(lse, num_tokens * a, run->poison);
+    simt::poison(weights, num_tokens * k * a, run->poison);
+    simt::poison(ids, num_tokens * k * 4, run->poison);
+    simt::poison(counts, static_cast<size_t>(num_experts) * 4, run->poison);
+    simt::poison(score_sum, num_experts * a, run->poison);
+    simt::poison(lse, num_tokens * a, run->poison);
 
-    const size_t bytes = mixops::cuda::router_topk_workspace_bytes(p);
-    std::unique_ptr<void, FreeDeleter> ws(
-        bytes > 0 ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr);
-    if (bytes > 0 && ws == nullptr) throw std::bad_alloc();
-    poison(ws.get(), bytes, run->poison);
+    const simt::Workspace ws(mixops::cuda::router_topk_workspace_bytes(p), run->poison);
     mixops::cuda::router_topk_launch(p, ws.get(), nullptr);
   });
 }
@@ -126,12 +114,8 @@ int simt_router_topk_backward(int dtype, int64_t num_tokens, int32_t num_experts
     p.grad_lse = grad_lse;
     p.grad_logits = grad_logits;
     p.error_flag = error_flag;
-    poison(grad_logits, num_tokens * num_experts * mixops::dtype_size(p.dtype), run->poison);
-    const size_t bytes = mixops::cuda::router_topk_backward_workspace_bytes(p);
-    std::unique_ptr<void, FreeDeleter> ws(
-        bytes > 0 ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr);
-    if (bytes > 0 && ws == nullptr) throw std::bad_alloc();
-    poison(ws.get(), bytes, run->poison);
+    simt::poison(grad_logits, num_tokens * num_experts * mixops::dtype_size(p.dtype), run->poison);
+    const simt::Workspace ws(mixops::cuda::router_topk_backward_workspace_bytes(p), run->poison);
     mixops::cuda::router_topk_backward_launch(p, ws.get(), nullptr);
   });
 }

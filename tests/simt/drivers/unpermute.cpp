@@ -95,17 +95,9 @@ int simt_unpermute_backward(int dtype, int weights_dtype, int64_t num_tokens, in
     p.weights = weights;
     p.grad_y_sorted = grad_y_sorted;
     p.error_flag = error_flag;
-    const size_t bytes = mixops::cuda::unpermute_backward_workspace_bytes(p);
-    void* ws = bytes > 0 ? std::aligned_alloc(mixops::kWorkspaceAlign,
-                                              mixops::align_up(bytes, mixops::kWorkspaceAlign))
-                         : nullptr;
-    if (ws != nullptr) std::memset(ws, run->poison, bytes);
-    struct Free {
-      void* p;
-      ~Free() { std::free(p); }
-    } free_ws{ws};
+    const simt::Workspace ws(mixops::cuda::unpermute_backward_workspace_bytes(p), run->poison);
     start_call();
-    mixops::cuda::unpermute_backward_launch(p, ws, nullptr);
+    mixops::cuda::unpermute_backward_launch(p, ws.get(), nullptr);
     record_paths(paths);
   });
 }
