@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -71,6 +72,21 @@ void allow_dynamic_smem(Kernel* kernel, int64_t bytes, const char* op, const cha
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(bytes)),
              op, "cudaFuncSetAttribute");
+}
+
+// The same for a kernel whose shared memory is a compile-time constant (the CUTLASS kernels): the
+// attribute belongs to the function on each device, so it is set once per device, not on every
+// call (it is host state, not stream work: safe under CUDA-graph capture).
+template <auto* kKernel, int64_t kBytes>
+void allow_dynamic_smem_once(const char* op, const char* why) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices];
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op, "cudaGetDevice");
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev].load(std::memory_order_acquire)) return;
+  allow_dynamic_smem(kKernel, kBytes, op, why);  // a race sets it twice, harmlessly
+  if (cached) done[dev].store(true, std::memory_order_release);
 }
 
 }  // namespace mixops::cuda

@@ -33,11 +33,11 @@ constexpr int kBuildArgsThreads = 128;
 
 // One thread per group: clamp the group's bounds (the arithmetic the CPU kernel shares), report
 // bad offsets, write the group's arguments. Empty groups (m, n or k zero) get m = 0: the zero-fill
-// kernel owns their output (CUTLASS would store an unzeroed accumulator when k = 0). With
-// kSkipMisaligned (TMA), so do groups whose first element breaks 16-byte alignment; a CUDA-core
-// kernel computes those. Leading dimensions come from the full operands, not the group shape: a
+// kernel owns their output (CUTLASS would store an unzeroed accumulator when k = 0). So do the
+// groups that break the path's alignment rule (grouped_mm_group_aligned); the fallback kernel,
+// launched after the GEMM with the same rule, computes those. Leading dimensions come from the full operands, not the group shape: a
 // ragged-k operand is a slice of a wider matrix.
-template <typename EA, typename EB, typename ED, bool kSkipMisaligned, typename Tag>
+template <typename EA, typename EB, typename ED, GroupAlignRule kRule, typename Tag>
 __global__ void __launch_bounds__(kBuildArgsThreads)
     build_group_args(GroupedMmParams p, GroupArgs<EA, EB, ED> out) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -45,8 +45,7 @@ __global__ void __launch_bounds__(kBuildArgsThreads)
   int32_t err = 0;
   const GroupProblem q = grouped_mm_group_problem(p, static_cast<int32_t>(g), &err);
   if (err != 0 && p.error_flag != nullptr) atomicOr(p.error_flag, err);
-  bool skip = q.gm == 0 || q.gn == 0 || q.gk == 0;
-  if constexpr (kSkipMisaligned) skip = skip || !grouped_mm_group_tma_aligned(q);
+  const bool skip = q.gm == 0 || q.gn == 0 || q.gk == 0 || !grouped_mm_group_aligned(p, q, kRule);
   out.shapes[3 * g + 0] = skip ? 0 : static_cast<int32_t>(q.gm);
   out.shapes[3 * g + 1] = static_cast<int32_t>(q.gn);
   out.shapes[3 * g + 2] = static_cast<int32_t>(q.gk);

@@ -19,7 +19,7 @@ namespace mixops::cuda {
 namespace detail {
 // Defined in fallback.cu.
 void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
-                                bool only_misaligned);
+                                GroupAlignRule skipped);
 }  // namespace detail
 
 namespace sm90 {
@@ -66,7 +66,9 @@ void run(const GroupedMmParams& p, void* workspace, const LaunchConfig& cfg) {
   dispatch(p, [&]<class G>() { G::run(p, workspace, cfg); });
   // Groups whose start breaks TMA's alignment got no CUTLASS tiles: the tiled fallback kernel
   // computes exactly those (only for layouts where a group can start misaligned).
-  if (grouped_mm_may_misalign(p)) cuda::detail::launch_grouped_mm_fallback(p, cfg, true);
+  if (grouped_mm_may_misalign(p)) {
+    cuda::detail::launch_grouped_mm_fallback(p, cfg, GroupAlignRule::kTma);
+  }
 }
 
 }  // namespace sm90

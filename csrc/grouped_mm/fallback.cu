@@ -17,7 +17,7 @@ using fallback::kBM;
 using fallback::kBN;
 using fallback::kThreads;
 
-template <typename T, typename Acc, bool kOnlyMisaligned>
+template <typename T, typename Acc, GroupAlignRule kSkipped>
 void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int64_t tiles_n = (p.n + kBN - 1) / kBN;
   const int64_t tiles_m = (p.m + kBM - 1) / kBM;
@@ -28,24 +28,25 @@ void launch_typed(const GroupedMmParams& p, const LaunchConfig& cfg) {
   const int64_t bound = p.ragged_k ? tiles_m * p.num_groups : tiles_m + p.num_groups;
   const dim3 grid(static_cast<unsigned>(tiles_n),
                   static_cast<unsigned>(std::clamp<int64_t>(bound, 1, 65535)), 1);
-  launch_kernel(&grouped_mm_fallback_kernel<T, Acc, kOnlyMisaligned>, grid, kThreads, 0, cfg.stream,
-                p);
+  launch_kernel(&grouped_mm_fallback_kernel<T, Acc, kSkipped>, grid, kThreads, 0, cfg.stream, p);
 }
 
 }  // namespace
 
-// Enqueues the fallback GEMM on cfg.stream (after the zero fill) for every group, or with
-// only_misaligned for just the groups TMA cannot load (the SM90 path's rescue; bf16/fp16).
+// Enqueues the fallback GEMM on cfg.stream (after the zero fill) for every group (kAny), or for
+// just the groups that break a CUTLASS path's alignment rule, which its argument builder skipped
+// (the SM90 path with kTma, the SM80 tensor-op and TF32 paths with kCutlass2).
 void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
-                                bool only_misaligned) {
+                                GroupAlignRule skipped) {
   // Nothing for a GEMM to write: every output element is the zero-fill kernel's.
   if (p.num_groups <= 0 || p.m <= 0 || p.n <= 0 || p.k <= 0) return;
   dispatch_dtype(p.dtype, "grouped_mm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (only_misaligned) {
-      launch_typed<T, acc_t<T>, true>(p, cfg);
-    } else {
-      launch_typed<T, acc_t<T>, false>(p, cfg);
+    switch (skipped) {
+      case GroupAlignRule::kAny: return launch_typed<T, acc_t<T>, GroupAlignRule::kAny>(p, cfg);
+      case GroupAlignRule::kTma: return launch_typed<T, acc_t<T>, GroupAlignRule::kTma>(p, cfg);
+      case GroupAlignRule::kCutlass2:
+        return launch_typed<T, acc_t<T>, GroupAlignRule::kCutlass2>(p, cfg);
     }
   });
   check_launch("grouped_mm", "fallback launch");

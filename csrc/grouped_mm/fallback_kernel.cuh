@@ -25,9 +25,9 @@ namespace mixops::cuda::fallback {
 constexpr int kBM = 64, kBN = 64, kBK = 16;  // output tile and k step
 constexpr int kThreads = 256;                // 16 x 16 threads, 4 x 4 outputs each
 
-// kOnlyMisaligned: compute only the groups whose first element breaks TMA's 16-byte alignment
-// (grouped_mm_group_tma_aligned), which the SM90 argument builder gave no CUTLASS tiles.
-template <typename T, typename Acc, bool kOnlyMisaligned>
+// kSkipped: GroupAlignRule::kAny computes every group; another rule only the groups that break it
+// (grouped_mm_group_aligned), which a CUTLASS path's argument builder gave no tiles.
+template <typename T, typename Acc, GroupAlignRule kSkipped>
 __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMmParams p) {
   // k-major tiles, padded by one to keep the transposing stores free of bank conflicts.
   MIXOPS_STATIC_SMEM(Acc[kBK][kBM + 1], As);
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_fallback_kernel(GroupedMm
   auto load = [&] {
     int32_t err = 0;  // reported by the zero-fill kernel
     q = grouped_mm_group_problem(p, g, &err);
-    const bool mine = !kOnlyMisaligned || !grouped_mm_group_tma_aligned(q);
+    const bool mine = kSkipped == GroupAlignRule::kAny || !grouped_mm_group_aligned(p, q, kSkipped);
     tiles = (mine && q.gm > 0 && q.gk > 0 && n0 < q.gn) ? (q.gm + kBM - 1) / kBM : 0;
   };
   if (p.num_groups > 0) load();

@@ -105,18 +105,34 @@ MIXOPS_INLINE int64_t grouped_mm_ldb(const GroupedMmParams& p) {
   return p.b_layout == Layout::kRowMajor ? p.b_stride_k : p.b_stride_n;
 }
 
-// TMA (the SM90 path) needs every group's first element 16-byte aligned. The base pointers are
-// (the path checks), but a group that starts inside a unit-stride dimension starts at an
-// arbitrary element: A for ragged_k with row-major A (a + begin), B for ragged_k with col-major B
-// (b + begin), A for !ragged_k with col-major A (a + begin). Offsets live on the device, so this
-// is decided per group there: such groups get no CUTLASS tiles and a CUDA-core kernel computes
-// them.
+// Per-group alignment. The CUTLASS kernels load 16-byte vectors (8 bf16/fp16 elements, 4 fp32
+// ones): TMA (SM90) and CUTLASS 2's tensor-op iterators (SM80, TF32) both need each operand's first
+// element 16-byte aligned. The base pointers and leading dimensions are checked on the host (path.h),
+// but a group that starts inside a unit-stride dimension starts at an arbitrary element: A for
+// ragged_k with row-major A (a + begin), B for ragged_k with col-major B (b + begin), A for
+// !ragged_k with col-major A (a + begin). Offsets live on the device, so this is decided per group
+// there, by one predicate the argument builder and the fallback kernel share: the builder gives the
+// groups that fail it no CUTLASS tiles, and the fallback kernel computes exactly those.
 MIXOPS_INLINE bool grouped_mm_may_misalign(const GroupedMmParams& p) {
   return p.ragged_k ? (p.a_layout == Layout::kRowMajor || p.b_layout == Layout::kColMajor)
                     : p.a_layout == Layout::kColMajor;
 }
-MIXOPS_INLINE bool grouped_mm_group_tma_aligned(const GroupProblem& q) {  // 2-byte elements
-  return ((q.a_offset | q.b_offset | q.out_offset) & 7) == 0;
+
+// Which groups a CUTLASS path can take:
+//   kAny       every group (alignment-1 kernels: fp32 SIMT; the fallback kernel itself);
+//   kTma       each operand's first element 16-byte aligned (TMA zero-fills partial tiles itself);
+//   kCutlass2  that, and the group's extent along a unit-stride ragged dimension a whole number of
+//              vectors: CUTLASS 2's predicated iterators guard whole vectors, so a partial one
+//              would read (and multiply) elements of the next group.
+enum class GroupAlignRule : int32_t { kAny = 0, kTma = 1, kCutlass2 = 2 };
+
+MIXOPS_INLINE bool grouped_mm_group_aligned(const GroupedMmParams& p, const GroupProblem& q,
+                                            GroupAlignRule rule) {
+  if (rule == GroupAlignRule::kAny) return true;
+  const int64_t mask = 16 / dtype_size(p.dtype) - 1;  // elements per 16 bytes, minus one
+  if (((q.a_offset | q.b_offset | q.out_offset) & mask) != 0) return false;
+  if (rule == GroupAlignRule::kTma || !grouped_mm_may_misalign(p)) return true;
+  return ((q.end - q.begin) & mask) == 0;
 }
 
 }  // namespace mixops

@@ -26,7 +26,7 @@ namespace detail {
 // Defined in zero.cu and fallback.cu (declared here, their only caller).
 void launch_grouped_mm_zero(const GroupedMmParams& p, const LaunchConfig& cfg);
 void launch_grouped_mm_fallback(const GroupedMmParams& p, const LaunchConfig& cfg,
-                                bool only_misaligned = false);
+                                GroupAlignRule skipped);
 }  // namespace detail
 
 namespace {
@@ -110,7 +110,15 @@ void grouped_mm_launch(const GroupedMmParams& p, void* workspace, const LaunchCo
     case GroupedMmPath::kSm80TensorOp: run_sm80_tensorop(p, workspace, cfg); break;
     case GroupedMmPath::kFp32Simt: run_fp32(p, workspace, cfg, /*tf32=*/false); break;
     case GroupedMmPath::kFp32Tf32: run_fp32(p, workspace, cfg, /*tf32=*/true); break;
-    case GroupedMmPath::kFallback: detail::launch_grouped_mm_fallback(p, cfg); break;
+    case GroupedMmPath::kFallback:
+      detail::launch_grouped_mm_fallback(p, cfg, GroupAlignRule::kAny);
+      break;
+  }
+  // The CUTLASS 2 vector paths skipped the groups whose start or extent breaks their 16-byte
+  // vectors (possible only for these layouts): the fallback kernel computes exactly those.
+  if ((path == GroupedMmPath::kSm80TensorOp || path == GroupedMmPath::kFp32Tf32) &&
+      grouped_mm_may_misalign(p)) {
+    detail::launch_grouped_mm_fallback(p, cfg, GroupAlignRule::kCutlass2);
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) {

@@ -55,15 +55,17 @@ inline bool fits_int32(const GroupedMmParams& p) {
   return tiles_m <= kMax && tiles_m * tn <= kMax;
 }
 
-// Whether CUTLASS 2's `align`-element vector accesses are valid for EVERY possible offsets value
-// (offsets are on the device, so this must hold whatever they are):
+// Whether CUTLASS 2's `align`-element vector accesses are valid for every group the argument
+// builder gives tiles (offsets are on the device, so this must hold whatever they are):
 //  * base pointers aligned to align * element bytes; leading dimensions multiples of align;
-//  * a group's first element moves along the ragged dimension by begin * stride (and by
-//    g * stride_e across groups), so those strides must be multiples of align too. This rules out
-//    a unit-stride ragged dimension (ragged_k with row-major A or col-major B; !ragged_k with
-//    col-major A): their groups start at arbitrary elements;
-//  * the predicated iterators guard whole vectors, so every unit-stride extent (A: k if row-major
-//    else m; B: n if row-major else k; out: n) must be a multiple of align.
+//  * across groups, the grouped operand moves by g * stride_e: a multiple of align too;
+//  * the predicated iterators guard whole vectors, so every unit-stride extent that does not
+//    depend on offsets (A: k if row-major else m; B: n if row-major else k; out: n) must be a
+//    multiple of align.
+// A ragged dimension of unit stride (ragged_k with row-major A or col-major B; !ragged_k with
+// col-major A: grouped_mm_may_misalign) starts groups at arbitrary elements and gives them
+// arbitrary extents; that is checked per group on the device (grouped_mm_group_aligned, kCutlass2):
+// the builder skips the groups that break it and the fallback kernel computes them.
 inline bool cutlass2_aligned(const GroupedMmParams& p, int64_t align) {
   if (align == 1) return true;
   const size_t bytes = static_cast<size_t>(align * dtype_size(p.dtype));
@@ -71,16 +73,13 @@ inline bool cutlass2_aligned(const GroupedMmParams& p, int64_t align) {
   auto mul = [align](int64_t v) { return v % align == 0; };
   if (!ptr_ok(p.a) || !ptr_ok(p.b) || !ptr_ok(p.out)) return false;
   if (!mul(grouped_mm_lda(p)) || !mul(grouped_mm_ldb(p)) || !mul(p.out_stride_m)) return false;
-  if (p.ragged_k) {
-    if (!mul(p.a_stride_k) || !mul(p.b_stride_k)) return false;
-    if (p.num_groups > 1 && !mul(p.out_stride_e)) return false;
-  } else {
-    if (!mul(p.a_stride_m)) return false;
-    if (p.num_groups > 1 && !mul(p.b_stride_e)) return false;
-  }
-  const int64_t a_unit = p.a_layout == Layout::kRowMajor ? p.k : p.m;
-  const int64_t b_unit = p.b_layout == Layout::kRowMajor ? p.n : p.k;
-  return mul(a_unit) && mul(b_unit) && mul(p.n);
+  if (p.num_groups > 1 && !mul(p.ragged_k ? p.out_stride_e : p.b_stride_e)) return false;
+  const bool a_row = p.a_layout == Layout::kRowMajor, b_row = p.b_layout == Layout::kRowMajor;
+  // A's unit-stride extent: k (row-major; ragged when ragged_k) or m (col-major; ragged when not).
+  if (a_row ? !p.ragged_k && !mul(p.k) : p.ragged_k && !mul(p.m)) return false;
+  // B's: n (row-major, never ragged) or k (col-major; ragged when ragged_k).
+  if (b_row ? !mul(p.n) : !p.ragged_k && !mul(p.k)) return false;
+  return mul(p.n);
 }
 
 // The SM90 kernels' requirements: bf16/fp16, 16-byte-aligned base pointers, leading dimensions

@@ -175,21 +175,34 @@ void run_grouped(const GroupedMmParams& p, void* workspace, const LaunchConfig& 
       reinterpret_cast<int64_t*>(ws + l.ldd)};
   auto* problems = reinterpret_cast<cutlass::gemm::GemmCoord*>(d.shapes);
 
+  // Alignment-1 kernels take every group; the vector ones skip the groups whose start or
+  // unit-stride extent breaks their 16-byte vectors (the launcher runs the fallback for those).
+  static_assert(Config::kAlignment == 1 || Config::kAlignment * sizeof(EA) == 16,
+                "grouped_mm_group_aligned assumes 16-byte vectors");
+  constexpr GroupAlignRule kRule =
+      Config::kAlignment == 1 ? GroupAlignRule::kAny : GroupAlignRule::kCutlass2;
   const unsigned build_blocks =
       static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
-  launch_kernel(&build_group_args<EA, EB, EC, /*kSkipMisaligned=*/false, Gemm>, build_blocks,
-                kBuildArgsThreads, 0, cfg.stream, p, d);
+  launch_kernel(&build_group_args<EA, EB, EC, kRule, Gemm>, build_blocks, kBuildArgsThreads, 0,
+                cfg.stream, p, d);
   check_launch("grouped_mm", "argument-builder launch");
 
+  // GemmGrouped::initialize() would set the shared-memory attribute on every call; this sets it
+  // once per device and launches the kernel as GemmGrouped::run() does (the device-only schedule
+  // has no precompute and no workspace: Params is just the arguments).
+  constexpr int64_t kSmem = sizeof(typename Kernel::SharedStorage);
+  allow_dynamic_smem_once<&cutlass::Kernel<Kernel>, kSmem>("grouped_mm",
+                                                           "CUTLASS GemmGrouped tile");
   typename Gemm::Arguments args(problems, p.num_groups, persistent_block_count<Gemm>(p, cfg),
                                 typename Gemm::EpilogueOutputOp::Params(1.0f, 0.0f),  //
                                 d.ptr_a, d.ptr_b, /*ptr_C=*/d.ptr_d, d.ptr_d,         //
                                 d.ld_a, d.ld_b, /*ldc=*/d.ld_d, d.ld_d,
                                 /*host_problem_sizes=*/nullptr);
-  Gemm gemm;
   throw_on_status(Gemm::can_implement(args), "can_implement");
-  throw_on_status(gemm.initialize(args, /*workspace=*/nullptr, cfg.stream), "initialize");
-  throw_on_status(gemm.run(cfg.stream), "run");
+  const typename Kernel::Params params(args, /*workspace=*/nullptr);
+  launch_kernel(&cutlass::Kernel<Kernel>, dim3(args.threadblock_count), dim3(Kernel::kThreadCount),
+                kSmem, cfg.stream, params);
+  check_launch("grouped_mm", "CUTLASS GemmGrouped launch");
 }
 
 }  // namespace mixops::cuda::sm80

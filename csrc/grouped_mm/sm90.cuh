@@ -207,11 +207,10 @@ void GroupedGemm<kDtype, kLayoutA, kLayoutB>::run(const GroupedMmParams& p, void
     throw std::runtime_error("grouped_mm sm90: cudaGetDevice failed");
   }
 
-  // Same sizing as workspace_bytes (same sm count), so the caller's buffer fits this plan.
-  const size_t cutlass_bytes = Gemm::get_workspace_size(
-      make_arguments<Cfg, Element>(p, DeviceArgs<Cfg, Element>{}, sms, device_id));
+  // CUTLASS's workspace is the plan's last buffer, so its offset does not depend on its size
+  // (workspace_bytes sized it, once per call): no second get_workspace_size here.
   static_assert(ArgsLayoutCheck<Cfg>::ok);
-  const Plan w = make_plan(p.num_groups, cutlass_bytes);
+  const Plan w = make_plan(p.num_groups, 0);
   auto* base = static_cast<uint8_t*>(workspace);
   const GroupArgs<Element, Element, Element> built{
       reinterpret_cast<int32_t*>(base + w.shapes), reinterpret_cast<Element**>(base + w.ptr_a),
@@ -229,21 +228,29 @@ void GroupedGemm<kDtype, kLayoutA, kLayoutB>::run(const GroupedMmParams& p, void
 
   const unsigned blocks =
       static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
-  launch_kernel(&build_group_args<Element, Element, Element, /*kSkipMisaligned=*/true, Cfg>, blocks,
+  launch_kernel(&build_group_args<Element, Element, Element, GroupAlignRule::kTma, Cfg>, blocks,
                 kBuildArgsThreads, 0, cfg.stream, p, built);
   check_launch("grouped_mm", "sm90 argument-builder launch");
 
   const auto args = make_arguments<Cfg, Element>(p, d, sms, device_id);
-  Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
+  cutlass::Status st = Gemm::can_implement(args);
   if (st != cutlass::Status::kSuccess) {
     throw std::runtime_error(std::string("grouped_mm sm90: CUTLASS can_implement failed: ") +
                              cutlass::cutlassGetStatusString(st));
   }
-  // initialize: host-side TMA descriptor templates + cudaFuncSetAttribute (smem size); the grouped
-  // scheduler and this epilogue need no workspace initialisation, so nothing is enqueued here.
-  st = gemm.initialize(args, base + w.cutlass, cfg.stream);
-  if (st == cutlass::Status::kSuccess) st = gemm.run(cfg.stream);
+  // What GemmUniversalAdapter::initialize() does, except the shared-memory attribute, which is set
+  // once per device instead of on every call: the workspace (nothing to enqueue for this scheduler
+  // and epilogue), then the kernel params (host-side TMA descriptor templates).
+  using Kernel = typename Gemm::GemmKernel;
+  st = Kernel::initialize_workspace(args, base + w.cutlass, cfg.stream);
+  if (st != cutlass::Status::kSuccess) {
+    throw std::runtime_error(std::string("grouped_mm sm90: CUTLASS initialize_workspace failed: ") +
+                             cutlass::cutlassGetStatusString(st));
+  }
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, base + w.cutlass);
+  allow_dynamic_smem_once<&cutlass::device_kernel<Kernel>, Kernel::SharedStorageSize>(
+      "grouped_mm", "CUTLASS sm90 grouped GEMM tile");
+  st = Gemm::run(params, cfg.stream);
   if (st != cutlass::Status::kSuccess) {
     const cudaError_t e = cudaGetLastError();
     throw std::runtime_error(std::string("grouped_mm sm90: CUTLASS ") +

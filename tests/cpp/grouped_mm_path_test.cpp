@@ -68,11 +68,30 @@ int main() {
     GroupedMmParams shifted = p;
     shifted.a = storage[0] + 2;  // base pointer off 16 bytes
     expect(select_path(shifted, gpu(9, 0)), P::kFallback, "misaligned base pointer");
+    // Layouts whose groups may start misaligned (grouped_mm_may_misalign): the vector paths take
+    // the call and skip those groups on the device; only the offsets-independent rules decide.
+    GroupedMmParams col_a = p;  // 2-D x 3-D, A column-major with ld 4096 over m = 4095 rows
+    col_a.m = 4095, col_a.a_stride_m = 1, col_a.a_stride_k = 4096;
+    col_a.a_layout = Layout::kColMajor;
+    expect(select_path(col_a, gpu(8, 0)), P::kSm80TensorOp, "A col-major, ragged m, A100");
+    expect(select_path(col_a, gpu(9, 0)), P::kSm90TmaWarpSpecialized, "A col-major, H100");
+    col_a.a_stride_k = 4095;  // a leading dimension off the vectors: no vector path
+    expect(select_path(col_a, gpu(8, 0)), P::kFallback, "A col-major, ld 4095");
+    GroupedMmParams rk = p;  // 2-D x 2-D: a [m, k] row-major, b [k, n], out [E, m, n]; k ragged
+    rk.ragged_k = true, rk.m = 512, rk.k = 4093, rk.a_stride_m = 4096;
+    rk.b_stride_e = 0, rk.out_stride_e = rk.m * rk.n;
+    expect(select_path(rk, gpu(8, 0)), P::kSm80TensorOp, "ragged k of 4093 in row-major A");
+    rk.n = 1020, rk.b_stride_k = 1020, rk.out_stride_m = 1020, rk.out_stride_e = rk.m * 1020;
+    expect(select_path(rk, gpu(8, 0)), P::kFallback, "ragged k, n not whole vectors");
   }
   const GroupedMmParams f32 = aligned(Dtype::kFloat32);
   expect(select_path(f32, gpu(8, 0)), P::kFp32Simt, "fp32 exact");
   expect(select_path(f32, gpu(9, 0, true, true)), P::kFp32Tf32, "fp32 with allow_tf32");
   expect(select_path(f32, gpu(7, 5, false, true)), P::kFallback, "fp32 on 7.5");
+  GroupedMmParams f32_col = f32;  // A column-major, ld 4100 (4-element vectors): TF32 takes it
+  f32_col.m = 4099, f32_col.a_stride_m = 1, f32_col.a_stride_k = 4100;
+  f32_col.a_layout = Layout::kColMajor;
+  expect(select_path(f32_col, gpu(8, 0, false, true)), P::kFp32Tf32, "fp32 A col-major, TF32");
   expect(select_path(aligned(Dtype::kFloat64), gpu(9, 0)), P::kFallback, "fp64");
   GroupedMmParams huge = f32;
   huge.m = int64_t{1} << 32;  // past CUTLASS's int32 problem sizes

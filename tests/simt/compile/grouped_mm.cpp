@@ -1,5 +1,6 @@
 // Compile check: the grouped_mm kernel headers under the SIMT harness (see use.h): zero fill,
-// fallback GEMM (all groups, or only those misaligned for TMA), argument builder.
+// fallback GEMM (all groups, or only those breaking a CUTLASS path's alignment rule), argument
+// builder under each rule.
 #include <cstdint>
 
 #include "grouped_mm/args_kernel.cuh"
@@ -14,10 +15,13 @@ struct Tag {};
 struct Fallback {
   template <class T>
   static void run() {
-    simt_compile::use(&mc::fallback::grouped_mm_fallback_kernel<T, mc::acc_t<T>, false>,
-                      &mc::fallback::grouped_mm_fallback_kernel<T, mc::acc_t<T>, true>,
-                      &mc::build_group_args<T, T, T, false, Tag>,
-                      &mc::build_group_args<T, T, T, true, Tag>);
+    using R = mixops::GroupAlignRule;
+    simt_compile::use(&mc::fallback::grouped_mm_fallback_kernel<T, mc::acc_t<T>, R::kAny>,
+                      &mc::fallback::grouped_mm_fallback_kernel<T, mc::acc_t<T>, R::kTma>,
+                      &mc::fallback::grouped_mm_fallback_kernel<T, mc::acc_t<T>, R::kCutlass2>,
+                      &mc::build_group_args<T, T, T, R::kAny, Tag>,
+                      &mc::build_group_args<T, T, T, R::kTma, Tag>,
+                      &mc::build_group_args<T, T, T, R::kCutlass2, Tag>);
   }
 };
 

@@ -2,8 +2,8 @@
 // build_group_args). Its launches live in CUTLASS code (sm80.cuh, sm90.cuh) that cannot compile
 // here, so this launches it the way they do (ceil(E / kBuildArgsThreads) blocks of
 // kBuildArgsThreads) under simt::launch_checked, which runs it under the four harness runs itself.
-// Instantiated as the launchers do: SM80 (no skipping) for bf16, fp16 and fp32; SM90 (misaligned
-// groups skipped) for bf16 and fp16.
+// Instantiated as the launchers do (GroupAlignRule): kAny (fp32 SIMT) for fp32; kCutlass2 (SM80
+// tensor ops, TF32) for bf16, fp16 and fp32; kTma (SM90) for bf16 and fp16.
 #include "simt_run.h"
 // clang-format off: the kernel header after the bridge
 #include "grouped_mm/args_kernel.cuh"
@@ -19,10 +19,9 @@
 
 namespace {
 
-struct Sm80Tag {};
-struct Sm90Tag {};
+using mixops::GroupAlignRule;
 
-template <class E, bool kSkip, class Tag>
+template <class E, GroupAlignRule kRule>
 void build(const mixops::GroupedMmParams& p, int32_t* shapes, void** ptr_a, void** ptr_b,
            void** ptr_d, int64_t* ld_a, int64_t* ld_b, int64_t* ld_d) {
   using mixops::cuda::GroupArgs;
@@ -44,7 +43,7 @@ void build(const mixops::GroupedMmParams& p, int32_t* shapes, void** ptr_a, void
   const unsigned blocks =
       static_cast<unsigned>((p.num_groups + kBuildArgsThreads - 1) / kBuildArgsThreads);
   simt::launch_checked(simt::launch_options, simt::default_runs(), written,
-                       &mixops::cuda::build_group_args<E, E, E, kSkip, Tag>, blocks,
+                       &mixops::cuda::build_group_args<E, E, E, kRule, E>, blocks,
                        kBuildArgsThreads, 0, p, args);
 }
 
@@ -52,35 +51,36 @@ void build(const mixops::GroupedMmParams& p, int32_t* shapes, void** ptr_a, void
 
 extern "C" {
 
-// skip_misaligned: 0 as sm80.cuh launches it, 1 as sm90.cuh does. Arrays [E] ([E][3] shapes).
-int simt_build_group_args(const SimtGroupedMm* s, int skip_misaligned, int32_t* shapes,
-                          void** ptr_a, void** ptr_b, void** ptr_d, int64_t* ld_a, int64_t* ld_b,
-                          int64_t* ld_d, const SimtRun* run, char* err, int err_len) {
+// rule: a GroupAlignRule, as the launcher of that path instantiates it. Arrays [E] ([E][3] shapes).
+int simt_build_group_args(const SimtGroupedMm* s, int rule, int32_t* shapes, void** ptr_a,
+                          void** ptr_b, void** ptr_d, int64_t* ld_a, int64_t* ld_b, int64_t* ld_d,
+                          const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     const mixops::GroupedMmParams p = to_params(*s);
     if (p.num_groups <= 0) return;  // as the launchers: no groups, no launch
     using mixops::Dtype;
-    if (skip_misaligned != 0) {
-      if (p.dtype == Dtype::kBFloat16) {
-        return build<__nv_bfloat16, true, Sm90Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b,
-                                                   ld_d);
-      }
-      if (p.dtype == Dtype::kFloat16) {
-        return build<__half, true, Sm90Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
-      }
-      throw std::runtime_error("the SM90 argument builder is bf16/fp16 only");
+    auto go = [&]<class E, GroupAlignRule kRule>() {
+      build<E, kRule>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+    };
+    const auto r = static_cast<GroupAlignRule>(rule);
+    if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kAny) {
+      return go.template operator()<float, GroupAlignRule::kAny>();  // sm80.cuh, SIMT
     }
-    switch (p.dtype) {
-      case Dtype::kBFloat16:
-        return build<__nv_bfloat16, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b,
-                                                    ld_d);
-      case Dtype::kFloat16:
-        return build<__half, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
-      case Dtype::kFloat32:
-        return build<float, false, Sm80Tag>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
-      case Dtype::kFloat64: break;
+    if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kCutlass2) {
+      return go.template operator()<float, GroupAlignRule::kCutlass2>();  // sm80.cuh, TF32
     }
-    throw std::runtime_error("no CUTLASS path takes fp64");
+    if (p.dtype == Dtype::kBFloat16 || p.dtype == Dtype::kFloat16) {
+      const bool bf16 = p.dtype == Dtype::kBFloat16;
+      if (r == GroupAlignRule::kCutlass2) {  // sm80.cuh, tensor ops
+        return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kCutlass2>()
+                    : go.template operator()<__half, GroupAlignRule::kCutlass2>();
+      }
+      if (r == GroupAlignRule::kTma) {  // sm90.cuh
+        return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kTma>()
+                    : go.template operator()<__half, GroupAlignRule::kTma>();
+      }
+    }
+    throw std::runtime_error("no CUTLASS path launches the argument builder for this dtype/rule");
   });
 }
 

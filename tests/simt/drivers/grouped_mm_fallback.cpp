@@ -13,17 +13,17 @@ int simt_grouped_mm_fallback(const SimtGroupedMm* s, int num_sms, const SimtRun*
                              int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     mixops::cuda::detail::launch_grouped_mm_fallback(to_params(*s), launch_config(run, num_sms),
-                                                     false);
+                                                     mixops::GroupAlignRule::kAny);
   });
 }
 
-// Only the groups whose start breaks TMA's alignment: what the SM90 path (dispatch_sm90.cu)
-// launches after its CUTLASS GEMM.
-int simt_grouped_mm_fallback_misaligned(const SimtGroupedMm* s, int num_sms, const SimtRun* run,
-                                        char* err, int err_len) {
+// Only the groups that break a CUTLASS path's alignment rule (a GroupAlignRule): what
+// dispatch_sm90.cu (kTma) and launch.cu (kCutlass2) launch after their CUTLASS GEMM.
+int simt_grouped_mm_fallback_skipped(const SimtGroupedMm* s, int rule, int num_sms,
+                                     const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     mixops::cuda::detail::launch_grouped_mm_fallback(to_params(*s), launch_config(run, num_sms),
-                                                     true);
+                                                     static_cast<mixops::GroupAlignRule>(rule));
   });
 }
 
