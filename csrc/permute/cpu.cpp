@@ -361,12 +361,16 @@ at::Tensor slots_to_rows_cpu(const at::Tensor& slots_in, const at::Tensor& row_m
   const at::Tensor row_map = row_map_in.contiguous();
   const int64_t num_heads = slots.size(1), k = slots.size(2), es = slots.element_size();
   const int64_t piece = slots.size(3) * es, row_bytes = num_heads * piece;
-  // The output first: an impossible num_rows fails here, with torch's allocation error.
+  // The output first: an impossible num_rows fails here, with torch's allocation error; then the
+  // inverse map, at most 4 bytes per output row (none for empty rows: only the value check).
   at::Tensor rows = empty_large({num_rows, num_heads * slots.size(3)}, slots.options());
+  if (row_bytes == 0) {
+    unpermute_check_row_map_values(row_map, num_rows, "slots_to_rows");
+    return rows;
+  }
   // row -> the slot mapped to it, or -1 (rows past slot_of.size() have none)
   const std::vector<int32_t> slot_of = row_map_inverse(row_map, num_rows, "slots_to_rows");
   const int64_t mapped = static_cast<int64_t>(slot_of.size());
-  if (row_bytes == 0) return rows;
   const uint8_t* src = static_cast<const uint8_t*>(slots.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(rows.data_ptr());
   const int64_t st = slots.stride(0) * es, sh = slots.stride(1) * es, sj = slots.stride(2) * es;
