@@ -11,17 +11,25 @@
 // walked lane-strided with kUnroll loads in flight per lane. The row side is contiguous; the slot
 // side is one piece of hv units per head, head_stride apart: each lane carries its (head,
 // column) from step to step (RowWalk), so no unit costs a division.
+//
+// Self-contained on purpose: including unpermute_kernel.cuh would define its non-template
+// scatter_kernel in slots.cu's object too, a duplicate symbol at link time.
 #pragma once
 
 #include <cstdint>
 
 #include "permute/permute.h"
-#include "permute/unpermute_kernel.cuh"  // warp indexing, kWarps, kUnroll
 
 namespace mixops::cuda::slots_kernels {
 
-using unpermute_kernels::kUnroll;
-using unpermute_kernels::kWarps;
+constexpr int kWarps = 8;   // warps per block; each owns a slot or a row (as unpermute's kernels)
+constexpr int kUnroll = 4;  // units per lane in flight
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x % 32); }
+__device__ __forceinline__ int64_t first_warp() {
+  return static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+}
+__device__ __forceinline__ int64_t num_warps() { return static_cast<int64_t>(gridDim.x) * kWarps; }
 
 // The geometry of SlotsParams in units of the kernel's U.
 struct SlotUnits {
@@ -46,7 +54,7 @@ struct RowWalk {
 
 // Where unit `lane` is (hv == 0: rows are empty, any walk will do).
 __device__ __forceinline__ RowWalk lane_walk(int64_t hv) {
-  const int64_t lane = unpermute_kernels::lane_id(), v = hv > 0 ? hv : 1;
+  const int64_t lane = lane_id(), v = hv > 0 ? hv : 1;
   return RowWalk{lane / v, lane % v, v, 32 / v, 32 % v};
 }
 
@@ -56,7 +64,7 @@ __device__ __forceinline__ RowWalk lane_walk(int64_t hv) {
 template <bool kToSlots, typename U>
 __device__ __forceinline__ void copy_row(const U* __restrict__ src, U* __restrict__ dst, RowWalk w,
                                          int64_t total, int64_t head_stride) {
-  const int lane = unpermute_kernels::lane_id();
+  const int lane = lane_id();
   for (int64_t e0 = 0; e0 < total; e0 += 32 * kUnroll) {
     U buf[kUnroll];
     int64_t piece[kUnroll];  // the slot-side place of each unit
@@ -84,13 +92,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) rows_to_slots_kernel(SlotsPara
   const RowWalk start = lane_walk(s.hv);
   const int64_t total = p.num_heads * s.hv, items = p.num_tokens * p.k;
   bool bad = false;
-  for (int64_t i = unpermute_kernels::first_warp(); i < items;
-       i += unpermute_kernels::num_warps()) {
+  for (int64_t i = first_warp(); i < items; i += num_warps()) {
     const int64_t r = permute::row_of(p.row_map[i], p.num_rows, &bad);  // warp-uniform
     copy_row<true>(r >= 0 ? rows + r * s.row_stride : nullptr,
                    slots + (i / p.k) * s.t + (i % p.k) * s.j, start, total, s.h);
   }
-  if (bad && unpermute_kernels::lane_id() == 0 && p.error_flag != nullptr) {
+  if (bad && lane_id() == 0 && p.error_flag != nullptr) {
     atomicOr(p.error_flag, kRowMapOutOfRange);
   }
 }
@@ -103,8 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   U* rows = static_cast<U*>(p.rows);
   const RowWalk start = lane_walk(s.hv);
   const int64_t total = p.num_heads * s.hv;
-  for (int64_t r = unpermute_kernels::first_warp(); r < p.num_rows;
-       r += unpermute_kernels::num_warps()) {
+  for (int64_t r = first_warp(); r < p.num_rows; r += num_warps()) {
     const int64_t i = row_slot[r];  // warp-uniform
     copy_row<false>(i >= 0 ? slots + (i / p.k) * s.t + (i % p.k) * s.j : nullptr,
                     rows + r * s.row_stride, start, total, s.h);
