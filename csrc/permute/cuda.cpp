@@ -1,9 +1,8 @@
 // permute, unpermute, their backward ops and the MoA slot layout ops on CUDA, the op layer:
 // validation (shared with CPU), outputs and scratch through the torch allocator, current stream
 // and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu). ids and
-// row_map values are not
-// read on the host: kernels treat bad values as "none" and set an error flag that MIXOPS_DEBUG=1
-// checks after the launch.
+// row_map values are not read on the host: kernels treat bad values as "none" and set an error
+// flag that MIXOPS_DEBUG=1 checks after the launch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -93,8 +93,9 @@ def rows_to_slots(rows: torch.Tensor, row_map: torch.Tensor, num_heads: int = 1)
     no copy. The inverse is ``slots_to_rows``.
 
     Bad row_map values (outside [-1, num_rows), or a row twice) raise on CPU; on CUDA values out
-    of range count as -1 and are flagged (``mixops.check_errors``, ``MIXOPS_DEBUG=1``).
-    Autograd: ``grad_rows = slots_to_rows(grad_slots, row_map, num_rows)``.
+    of range count as -1 and are flagged (``mixops.check_errors``, ``MIXOPS_DEBUG=1``); a row
+    twice is not looked for there (the gather is still defined; the backward, slots_to_rows,
+    flags it). Autograd: ``grad_rows = slots_to_rows(grad_slots, row_map, num_rows)``.
     """
     return torch.ops.mixops.rows_to_slots.default(rows, row_map, num_heads)
 
