@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mixops
 import mixops.reference as ref
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, HAS_CUDA, requires_cuda
 from helpers import opcheck
 from mixops.ops import permute, rows_to_slots, slots_to_rows
 
@@ -325,6 +325,53 @@ def test_cuda_bad_values_are_flagged():
     with pytest.raises(RuntimeError, match=r"slots_to_rows: .*num_rows = 5\)"):
         mixops.check_errors()
     mixops.check_errors()  # cleared
+
+
+@requires_cuda
+def test_cuda_graph_capture_follows_new_routing():
+    """No host sync: the MoA chain (permute, rows_to_slots, SDPA, slots_to_rows, unpermute)
+    captures into a CUDA graph, and replays follow new routing and new inputs."""
+    t, e, k, heads, d = 64, 8, 2, 2, 16
+    x = torch.randn(t, heads * d, device="cuda")
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int().cuda()
+    kv = torch.randn(2, 1, heads, t, d, device="cuda")
+
+    def chain():
+        p = permute(x, ids, e, capacity=12)
+        q = rows_to_slots(p.x_sorted, p.row_map, heads).view(1, t, heads * k, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True)
+        rows = slots_to_rows(
+            o.transpose(1, 2).reshape(t, heads, k, d), p.row_map, p.x_sorted.shape[0]
+        )
+        return mixops.ops.unpermute(rows, p.row_map)
+
+    chain()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        ids.copy_(torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int())
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, chain(), rtol=0, atol=0)
+
+
+def test_deterministic_and_cpu_equal_on_cuda_shapes():
+    """The same call twice gives the same bits (no atomics on data); on a GPU, CUDA's bits equal
+    the CPU's for a shape with 16-byte units and many heads."""
+    row_map, num_rows = routed(300, 4, 16, capacity=80)
+    rows = data(num_rows, 8 * 64, torch.bfloat16)
+    devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+    outs = []
+    for dev in devices:
+        for _ in range(2):
+            s = rows_to_slots(rows.to(dev), row_map.to(dev), 8)
+            outs.append((s.cpu(), slots_to_rows(s, row_map.to(dev), num_rows).cpu()))
+    for s, r in outs[1:]:
+        assert_bits_equal(s, outs[0][0], "slots")
+        assert_bits_equal(r, outs[0][1], "rows")
 
 
 # ---- extreme sizes (a subprocess: a crash fails this test, not the run) ------------------------
