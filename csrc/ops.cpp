@@ -56,6 +56,12 @@ TORCH_LIBRARY(mixops, m) {
   m.def(
       "unpermute_weights_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, "
       "Tensor weights) -> Tensor");
+  // MoA slot layout (csrc/permute/permute.h): rows [R, heads * d] in permute's order -> slots
+  // [T, heads, k, d], slots[t, h, j] = head h of row row_map[t, j] (zeros for -1).
+  m.def("rows_to_slots(Tensor rows, Tensor row_map, int num_heads=1) -> Tensor");
+  // Inverse and backward of rows_to_slots: slots [T, heads, k, d] -> rows [num_rows, heads * d];
+  // rows no slot maps to are zero.
+  m.def("slots_to_rows(Tensor slots, Tensor row_map, SymInt num_rows) -> Tensor");
   m.set_python_module("mixops.ops.activation");
   // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
   // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu

@@ -10,6 +10,9 @@ a read of unwritten shared memory shows as different bits between runs.
 Driver convention: every extern "C" entry point takes, last, ``const SimtRun* run`` and
 ``char* err, int err_len``, returns 0 on success and non-zero with the message in ``err``
 (a simt::Error, a std::exception from the launch code, or "unknown"). See drivers/README.md.
+
+Buffers for the raw-pointer calls: ``addr`` (any strides), ``poisoned`` outputs (one fill byte per
+run, ``FILLS``), ``Bytes`` (a strided input at a chosen misalignment) and ``bits_equal``.
 """
 
 import ctypes
@@ -147,3 +150,54 @@ def run_all(make_outputs, launch, runs=None):
                 f"(seed {run.seed}, poison {run.poison:#x}): a race or a read of unwritten memory"
             )
     return first
+
+
+# ---- buffers for the raw-pointer calls -------------------------------------------------------
+
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}  # Dtype
+FILLS = (0xA5, 0x5A, 0xFF, 0x3C)  # outputs start as these bytes, one per harness run
+
+
+def addr(t):
+    """The data pointer of a CPU tensor (any strides; None for None)."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def poisoned(fill, shape, dtype):
+    t = torch.empty(shape, dtype=dtype)
+    t.view(torch.uint8).fill_(fill)
+    return t
+
+
+class Bytes:
+    """A copy of a strided tensor's memory (every element its strides reach, non-negative
+    strides) at a chosen byte offset from 16-byte alignment: the harness reads it through a raw
+    pointer with the same strides, so a misaligned input reaches a kernel's narrower vector
+    paths."""
+
+    def __init__(self, t, misalign=0):
+        assert all(s >= 0 for s in t.stride())
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+        nbytes = span * t.element_size()
+        self.buf = torch.zeros(nbytes + 32, dtype=torch.uint8)
+        start = (-self.buf.data_ptr()) % 16 + misalign
+        if nbytes:
+            src = torch.as_strided(t, (span,), (1,)).contiguous().view(torch.uint8)
+            self.buf[start : start + nbytes] = src
+        self.ptr = ctypes.c_void_p(self.buf.data_ptr() + start)
+
+
+def bits_equal(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, (
+        f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    )
+    if a.numel() == 0:
+        return
+    ua = a.contiguous().view(torch.uint8)
+    ub = b.contiguous().view(torch.uint8)
+    if not torch.equal(ua, ub):
+        bad = (ua != ub).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: not bit-equal to the CPU op ({(ua != ub).sum().item()} bytes differ, "
+            f"first at byte index {bad})"
+        )

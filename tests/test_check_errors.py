@@ -23,6 +23,8 @@ def test_every_op_with_device_values_has_a_slot():
         "unpermute",
         "unpermute_backward",
         "unpermute_weights_backward",
+        "rows_to_slots",
+        "slots_to_rows",
     ]
 
 
@@ -58,6 +60,9 @@ def test_messages_are_the_cpu_messages_with_the_latest_context():
         ("unpermute_backward", 2, "unpermute_backward: invalid input values"),
         ("unpermute_weights_backward", 2, "unpermute_weights_backward: invalid input values"),
         ("unpermute_backward", 4, "row_map maps two slots to one row"),
+        ("rows_to_slots", 2, "rows_to_slots: invalid input values: row_map values must be in"),
+        ("slots_to_rows", 2, "row_map values must be in [-1, num_rows = 77)"),
+        ("slots_to_rows", 4, "slots_to_rows: invalid input values: row_map maps two slots to"),
     ],
 )
 def test_each_slot_has_its_message(op, bit, needle):

@@ -26,6 +26,8 @@ PERMUTE = torch.ops.mixops.permute.default
 UNPERMUTE = torch.ops.mixops.unpermute.default
 UNPERMUTE_BW = torch.ops.mixops.unpermute_backward.default
 UNPERMUTE_W_BW = torch.ops.mixops.unpermute_weights_backward.default
+ROWS_TO_SLOTS = torch.ops.mixops.rows_to_slots.default
+SLOTS_TO_ROWS = torch.ops.mixops.slots_to_rows.default
 ACT = torch.ops.mixops.gated_activation.default
 ACT_BW = torch.ops.mixops.gated_activation_backward.default
 I32, I64, F16, BF16, F64 = torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float64
@@ -127,6 +129,18 @@ def unpermute_w_bw(g=None, y=None, rm=None, w=None):
     return UNPERMUTE_W_BW, (g, y, rm, w), {}
 
 
+def rows_to_slots(rows=None, rm=None, num_heads=2):
+    rows = torch.randn(20, 4) if rows is None else rows
+    rm = ROW_MAP if rm is None else rm
+    return ROWS_TO_SLOTS, (rows, rm, num_heads), {}
+
+
+def slots_to_rows(slots=None, rm=None, num_rows=20):
+    slots = torch.randn(10, 2, 2, 3) if slots is None else slots
+    rm = ROW_MAP if rm is None else rm
+    return SLOTS_TO_ROWS, (slots, rm, num_rows), {}
+
+
 def act(gate_up=None, activation="silu"):
     return ACT, (torch.randn(6, 8) if gate_up is None else gate_up, activation), {}
 
@@ -156,6 +170,18 @@ VALID = {
     "unpermute": unpermute,
     "unpermute_backward": unpermute_bw,
     "unpermute_weights_backward": unpermute_w_bw,
+    "rows_to_slots": rows_to_slots,
+    "rows_to_slots one head, strided rows": lambda: rows_to_slots(
+        rows=torch.randn(4, 20).t(), num_heads=1
+    ),
+    "rows_to_slots empty heads": lambda: rows_to_slots(rows=torch.randn(20, 0), num_heads=5),
+    "slots_to_rows": slots_to_rows,
+    "slots_to_rows strided, extra rows": lambda: slots_to_rows(
+        slots=torch.randn(10, 2, 2, 3).transpose(1, 2), num_rows=23
+    ),
+    "slots_to_rows 2^31 + 5 empty rows": lambda: slots_to_rows(
+        slots=torch.randn(10, 2, 2, 0), num_rows=2**31 + 5
+    ),
     "gated_activation": act,
     "gated_activation_backward": act_bw,
 }
@@ -340,6 +366,39 @@ BAD = {
     "unpermute_w_bw weights shape": lambda: unpermute_w_bw(w=torch.rand(2, 10)),
     "unpermute_w_bw weights dtype": lambda: unpermute_w_bw(w=torch.rand(10, 2, dtype=F16)),
     "unpermute_w_bw weights device": lambda: unpermute_w_bw(w=torch.rand(10, 2, device=O)),
+    # rows_to_slots
+    "rows_to_slots rows 1-D": lambda: rows_to_slots(rows=torch.randn(20)),
+    "rows_to_slots rows 3-D": lambda: rows_to_slots(rows=torch.randn(20, 2, 2)),
+    "rows_to_slots rows int": lambda: rows_to_slots(rows=torch.ones(20, 4, dtype=I32)),
+    "rows_to_slots rows bool": lambda: rows_to_slots(rows=torch.ones(20, 4, dtype=torch.bool)),
+    "rows_to_slots row_map 1-D": lambda: rows_to_slots(rm=ROW_MAP.view(-1)),
+    "rows_to_slots row_map 3-D": lambda: rows_to_slots(rm=ROW_MAP[:, :, None]),
+    "rows_to_slots row_map int64": lambda: rows_to_slots(rm=ROW_MAP.long()),
+    "rows_to_slots row_map float": lambda: rows_to_slots(rm=ROW_MAP.float()),
+    "rows_to_slots row_map k 0": lambda: rows_to_slots(rm=ROW_MAP[:, :0]),
+    "rows_to_slots row_map 2^31 slots": lambda: rows_to_slots(rm=big(2**31, 1, dtype=I32)),
+    "rows_to_slots row_map device": lambda: rows_to_slots(rm=ROW_MAP.to(O)),
+    "rows_to_slots num_heads 0": lambda: rows_to_slots(num_heads=0),
+    "rows_to_slots num_heads -1": lambda: rows_to_slots(num_heads=-1),
+    "rows_to_slots num_heads 3": lambda: rows_to_slots(num_heads=3),
+    "rows_to_slots num_heads > hidden": lambda: rows_to_slots(num_heads=8),
+    # slots_to_rows
+    "slots_to_rows slots 3-D": lambda: slots_to_rows(slots=torch.randn(10, 2, 6)),
+    "slots_to_rows slots 5-D": lambda: slots_to_rows(slots=torch.randn(10, 2, 2, 3, 1)),
+    "slots_to_rows slots int": lambda: slots_to_rows(slots=torch.ones(10, 2, 2, 3, dtype=I32)),
+    "slots_to_rows row_map tokens": lambda: slots_to_rows(rm=ROW_MAP[:9]),
+    "slots_to_rows row_map 1-D": lambda: slots_to_rows(rm=ROW_MAP[:, 0]),
+    "slots_to_rows row_map int64": lambda: slots_to_rows(rm=ROW_MAP.long()),
+    "slots_to_rows row_map k 0": lambda: slots_to_rows(
+        slots=torch.randn(10, 2, 0, 3), rm=ROW_MAP[:, :0]
+    ),
+    "slots_to_rows row_map k mismatch": lambda: slots_to_rows(rm=ROW_MAP[:, :1]),
+    "slots_to_rows row_map 2^31 slots": lambda: slots_to_rows(
+        slots=big(2**31, 1, 1, 3), rm=big(2**31, 1, dtype=I32)
+    ),
+    "slots_to_rows row_map device": lambda: slots_to_rows(rm=ROW_MAP.to(O)),
+    "slots_to_rows no heads": lambda: slots_to_rows(slots=torch.randn(10, 0, 2, 3)),
+    "slots_to_rows num_rows < 0": lambda: slots_to_rows(num_rows=-1),
     # gated_activation (csrc/activation/check.cpp)
     "act name": lambda: act(activation="swish"),
     "act scalar": lambda: act(gate_up=torch.tensor(1.0)),

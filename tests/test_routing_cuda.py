@@ -1,6 +1,7 @@
 """CUDA-only routing behaviour: the GPU picks exactly the CPU's experts (the shared
 routing::/det:: code), permute's integer outputs equal the CPU's, no host sync (graph capture of
-the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map, determinism.
+the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map (permute, unpermute and
+the MoA slot ops), determinism.
 Skipped without a GPU."""
 
 import os
@@ -157,6 +158,16 @@ _BAD = {
         "y = torch.randn(4, 4, device='cuda'); rm = torch.full((2, 2), 7, dtype=torch.int32,"
         " device='cuda')\nout = mixops.ops.unpermute(y, rm)",
         r"row_map values must be in \[-1, num_rows = 4\)",
+    ),
+    "rows_to_slots": (
+        "r = torch.randn(4, 4, device='cuda'); rm = torch.full((2, 2), 7, dtype=torch.int32,"
+        " device='cuda')\nout = mixops.ops.rows_to_slots(r, rm, 2)",
+        r"rows_to_slots: invalid input values: row_map values must be in \[-1, num_rows = 4\)",
+    ),
+    "slots_to_rows": (
+        "s = torch.randn(2, 1, 2, 4, device='cuda'); rm = torch.zeros((2, 2), dtype=torch.int32,"
+        " device='cuda')\nout = mixops.ops.slots_to_rows(s, rm, 3)",
+        r"slots_to_rows: invalid input values: row_map maps two slots to one row",
     ),
     "modality": (
         "l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"

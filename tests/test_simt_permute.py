@@ -23,15 +23,25 @@ import pytest
 import torch
 
 from helpers import assert_close_to_ref
-from simt_driver import ROOT, call, load_driver, requires_cxx, run_all
+from simt_driver import (
+    DTYPE_CODE,
+    FILLS,
+    ROOT,
+    Bytes,
+    addr,
+    bits_equal,
+    call,
+    load_driver,
+    poisoned,
+    requires_cxx,
+    run_all,
+)
 
 pytestmark = requires_cxx
 
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 KIDS_OUT_OF_RANGE, KROW_MAP_OUT_OF_RANGE, KROW_MAP_DUPLICATE = 1, 2, 4  # permute.h PermuteError
 CHUNK = 2048  # permute::kChunkSlots
 HIST_SHARED_MAX_E, RANK_SHARED_MAX_E = 8192, 1024  # permute_kernel.cuh
-FILLS = (0xA5, 0x5A, 0xFF, 0x3C)  # outputs start as these bytes, one per harness run
 
 c_i64, c_i32, c_int, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_int, ctypes.c_void_p
 
@@ -62,51 +72,6 @@ def lib(name):
             so.simt_unpermute_weights_backward.argtypes = head + [vp, vp, c_i64] + [vp] * 4
         _libs[name] = so
     return _libs[name]
-
-
-def addr(t):
-    """The data pointer of a CPU tensor (any strides; None for None)."""
-    return None if t is None else vp(t.data_ptr())
-
-
-def poisoned(fill, shape, dtype):
-    t = torch.empty(shape, dtype=dtype)
-    t.view(torch.uint8).fill_(fill)
-    return t
-
-
-class Bytes:
-    """A copy of a row-strided 2-D tensor's memory at a chosen byte offset from 16-byte
-    alignment: the harness reads it through a raw pointer, so a misaligned x reaches the gather's
-    narrower vector paths."""
-
-    def __init__(self, t, misalign=0):
-        assert t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
-        rows, cols = t.shape
-        span = (rows - 1) * t.stride(0) + cols if rows and cols else 0
-        nbytes = span * t.element_size()
-        self.buf = torch.zeros(nbytes + 32, dtype=torch.uint8)
-        start = (-self.buf.data_ptr()) % 16 + misalign
-        if nbytes:
-            src = torch.as_strided(t, (span,), (1,)).contiguous().view(torch.uint8)
-            self.buf[start : start + nbytes] = src
-        self.ptr = vp(self.buf.data_ptr() + start)
-
-
-def bits_equal(a, b, what):
-    assert a.shape == b.shape and a.dtype == b.dtype, (
-        f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
-    )
-    if a.numel() == 0:
-        return
-    ua = a.contiguous().view(torch.uint8)
-    ub = b.contiguous().view(torch.uint8)
-    if not torch.equal(ua, ub):
-        bad = (ua != ub).nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: not bit-equal to the CPU op ({(ua != ub).sum().item()} bytes differ, "
-            f"first at byte index {bad})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------

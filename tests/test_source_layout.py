@@ -74,6 +74,47 @@ def test_kernel_header_has_no_launch_torch_or_cutlass(header):
     assert "cudaStream_t" not in code and "cudaLaunch" not in code
 
 
+def _includes(path, seen=None):
+    """Every csrc header `path` includes, directly or through other csrc headers."""
+    seen = set() if seen is None else seen
+    for name in re.findall(r'#include\s*"([^"]+)"', path.read_text()):
+        h = CSRC / name
+        if h.is_file() and h not in seen:
+            seen.add(h)
+            _includes(h, seen)
+    return seen
+
+
+def _plain_kernels(header):
+    """The non-template __global__ functions a header defines (each translation unit that
+    includes it emits the kernel and its host stub with external linkage)."""
+    code = re.sub(r"//[^\n]*", "", header.read_text())
+    names = []
+    for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", code):
+        before = code[: m.start()]
+        prefix = before[max(before.rfind(";"), before.rfind("}")) + 1 :]
+        if "template" not in prefix:
+            names.append(m.group(1))
+    return names
+
+
+def test_plain_kernels_reach_one_translation_unit():
+    # The SIMT drivers compile several .cu files as one translation unit, so only the CUDA link
+    # would see a non-template kernel defined by two .cu files ("multiple definition").
+    units = {f: _includes(f) for f in CSRC.rglob("*.cu")}
+    for header in _kernel_headers():
+        plain = _plain_kernels(header)
+        users = sorted(str(f.relative_to(CSRC)) for f, inc in units.items() if header in inc)
+        assert not plain or len(users) <= 1, (
+            f"{header.name} defines non-template kernels {plain} and reaches {users}"
+        )
+
+
+def test_plain_kernel_scan_finds_kernels():
+    assert "scatter_kernel" in _plain_kernels(CSRC / "permute" / "unpermute_kernel.cuh")
+    assert "unpermute_kernel" not in _plain_kernels(CSRC / "permute" / "unpermute_kernel.cuh")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_has_the_same_files(family):
     d = CSRC / family

@@ -102,13 +102,15 @@ inline void return_block(void* ctx) {
 }  // namespace detail
 
 // at::empty for CPU outputs; tensors of >= 4 MiB come from the block cache above (contiguous,
-// 2 MiB aligned, huge-page advised).
+// 2 MiB aligned, huge-page advised). A size whose byte count overflows goes to at::empty, which
+// raises a clear error (a wrapped product would hand out a small block for a huge shape).
 inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  int64_t bytes_i = static_cast<int64_t>(options.dtype().itemsize());
+  bool overflow = false;
+  for (int64_t s : sizes) overflow |= s < 0 || __builtin_mul_overflow(bytes_i, s, &bytes_i);
+  const size_t bytes = static_cast<size_t>(bytes_i);
   auto& cache = detail::LargeBlockCache::get();
-  if (!options.device().is_cpu() || bytes < detail::kLargeBytes || !cache.enabled()) {
+  if (overflow || !options.device().is_cpu() || bytes < detail::kLargeBytes || !cache.enabled()) {
     return at::empty(sizes, options);
   }
   const size_t rounded = (bytes + detail::kHugePage - 1) / detail::kHugePage * detail::kHugePage;

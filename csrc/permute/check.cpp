@@ -151,29 +151,82 @@ void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor
   check_weights(weights, row_map, grad_y, op);
 }
 
-void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
-                                    int32_t* slot_of) {
+void rows_to_slots_check(const at::Tensor& rows, const at::Tensor& row_map, int64_t num_heads) {
+  const char* op = "rows_to_slots";
+  TORCH_CHECK(rows.dim() == 2, op, ": rows must be 2-D [num_rows, hidden], got shape ",
+              rows.sizes());
+  check_float(rows, op, "rows");
+  TORCH_CHECK(row_map.dim() == 2, op, ": row_map must be 2-D [num_tokens, k], got shape ",
+              row_map.sizes());
+  check_row_map(row_map, row_map.size(0), op, "row_map.size(0)");
+  check_same_device(row_map, rows, op, "row_map", "rows");
+  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK(rows.size(1) % num_heads == 0, op, ": rows.size(1) = ", rows.size(1),
+              " must be divisible by num_heads = ", num_heads, " (hidden = num_heads * head_dim)");
+}
+
+void slots_to_rows_check(const at::Tensor& slots, const at::Tensor& row_map, int64_t num_rows) {
+  const char* op = "slots_to_rows";
+  TORCH_CHECK(slots.dim() == 4, op,
+              ": slots must be 4-D [num_tokens, num_heads, k, head_dim], got shape ",
+              slots.sizes());
+  check_float(slots, op, "slots");
+  check_row_map(row_map, slots.size(0), op, "slots.size(0)");
+  TORCH_CHECK(row_map.size(1) == slots.size(2), op,
+              ": row_map must have k = slots.size(2) = ", slots.size(2), " columns, got shape ",
+              row_map.sizes());
+  check_same_device(row_map, slots, op, "row_map", "slots");
+  TORCH_CHECK(slots.size(1) >= 1, op,
+              ": slots must have num_heads = slots.size(1) >= 1, got shape ", slots.sizes());
+  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+}
+
+namespace {
+
+// Walks row_map in slot order, raising at the first value outside [-1, num_rows) or row seen
+// twice; seen: a container of min(num_rows, 1 + largest value) entries, mark(seen, r, i) records
+// slot i on row r and returns whether r had a slot already.
+template <class Seen, class Mark>
+Seen check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
+                          typename Seen::value_type none, const Mark& mark) {
   const at::Tensor c = row_map.contiguous();
   const int32_t* p = c.data_ptr<int32_t>();
-  const int64_t k = row_map.size(1);
-  std::vector<int32_t> own;
-  if (slot_of == nullptr) {
-    own.resize(static_cast<size_t>(num_rows));
-    slot_of = own.data();
-  }
-  std::fill(slot_of, slot_of + num_rows, -1);
-  for (int64_t i = 0; i < c.numel(); ++i) {
+  const int64_t k = row_map.size(1), n = c.numel();
+  int32_t largest = -1;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, p[i]);
+  Seen seen(static_cast<size_t>(std::min<int64_t>(num_rows, int64_t{largest} + 1)), none);
+  for (int64_t i = 0; i < n; ++i) {
     const int64_t r = p[i];
     TORCH_CHECK(r >= -1 && r < num_rows, op,
                 ": row_map values must be in [-1, num_rows = ", num_rows, "), got row_map[", i / k,
                 ", ", i % k, "] = ", r,
                 "; row_map must "
                 "come from the permute call that produced these rows");
-    if (r < 0) continue;
-    TORCH_CHECK(slot_of[r] < 0, op, ": row_map maps two slots to row ", r, " (at row_map[", i / k,
-                ", ", i % k, "]); row_map must come from permute");
-    slot_of[r] = static_cast<int32_t>(i);
+    if (r < 0) continue;  // here r <= largest < seen.size()
+    TORCH_CHECK(!mark(seen, r, i), op, ": row_map maps two slots to row ", r, " (at row_map[",
+                i / k, ", ", i % k, "]); row_map must come from permute");
   }
+  return seen;
+}
+
+}  // namespace
+
+void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op) {
+  check_row_map_values<std::vector<bool>>(row_map, num_rows, op, false,
+                                          [](std::vector<bool>& seen, int64_t r, int64_t) {
+                                            const bool was = seen[r];
+                                            seen[r] = true;
+                                            return was;
+                                          });
+}
+
+std::vector<int32_t> row_map_inverse(const at::Tensor& row_map, int64_t num_rows, const char* op) {
+  return check_row_map_values<std::vector<int32_t>>(
+      row_map, num_rows, op, -1, [](std::vector<int32_t>& slot_of, int64_t r, int64_t i) {
+        const bool was = slot_of[r] >= 0;
+        slot_of[r] = static_cast<int32_t>(i);
+        return was;
+      });
 }
 
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
@@ -187,7 +240,7 @@ std::string permute_error_message(int32_t bits, const char* op, int64_t num_expe
            ") (treated as -1); row_map must come from the permute call that produced the rows;";
   if (bits & kRowMapDuplicate)
     msg +=
-        " row_map maps two slots to one row (only the last slot's gradient was written); "
+        " row_map maps two slots to one row (only the last of them was written); "
         "row_map must come from the permute call that produced the rows;";
   return msg;
 }
@@ -208,6 +261,12 @@ const bool kPermuteMessagesRegistered = [] {
       ErrorSlot::kUnpermuteWeightsBackward, [](int32_t bits, const ErrorContext& c) {
         return permute_error_message(bits, "unpermute_weights_backward", c.a, c.b);
       });
+  register_error_message(ErrorSlot::kRowsToSlots, [](int32_t bits, const ErrorContext& c) {
+    return permute_error_message(bits, "rows_to_slots", c.a, c.b);
+  });
+  register_error_message(ErrorSlot::kSlotsToRows, [](int32_t bits, const ErrorContext& c) {
+    return permute_error_message(bits, "slots_to_rows", c.a, c.b);
+  });
   return true;
 }();
 

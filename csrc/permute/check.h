@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "permute/permute.h"
 
@@ -25,10 +26,17 @@ void unpermute_backward_check(const at::Tensor& grad_y, const at::Tensor& row_ma
                               const std::optional<at::Tensor>& weights, int64_t num_rows);
 void unpermute_weights_backward_check(const at::Tensor& grad_y, const at::Tensor& y_sorted,
                                       const at::Tensor& row_map, const at::Tensor& weights);
-// Host check of row_map values (CPU tensor, contiguous): in [-1, num_rows), no row twice.
-// slot_of, if given ([num_rows]), receives the inverse map: the slot of each row, or -1.
-void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
-                                    int32_t* slot_of = nullptr);
+// Host check of row_map values (CPU tensor): in [-1, num_rows), no row twice (raises at the first
+// bad slot, naming it). Memory: a bit per row up to the largest value, whatever num_rows is.
+void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op);
+// The same check, returning the inverse map: slot_of[r] = the slot mapped to row r, or -1, for
+// r < slot_of.size() = min(num_rows, 1 + the largest value); rows past it have no slot. Sized by
+// the values, not by num_rows, so a huge num_rows (a SymInt argument) costs no memory here.
+std::vector<int32_t> row_map_inverse(const at::Tensor& row_map, int64_t num_rows, const char* op);
+
+// rows_to_slots / slots_to_rows (MoA slot layout, permute.h).
+void rows_to_slots_check(const at::Tensor& rows, const at::Tensor& row_map, int64_t num_heads);
+void slots_to_rows_check(const at::Tensor& slots, const at::Tensor& row_map, int64_t num_rows);
 
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
                                   int64_t num_rows);

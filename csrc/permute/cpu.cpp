@@ -7,6 +7,8 @@
 // choice rank with priorities) and drops those ranked past the capacity.
 // unpermute: a token per iteration gathers its k rows (fp32 accumulation, j in order): no
 // atomics, deterministic whatever the thread count.
+// rows_to_slots / slots_to_rows: byte copies of head_dim-element pieces, written in output order
+// (a token's slots, or a row's heads); no dtype switch, as zero is all-zero bytes in every dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -235,8 +237,9 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
   unpermute_backward_check(grad_y_in, row_map_in, weights_in, num_rows);
   const at::Tensor grad_y = grad_y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous();
-  std::vector<int32_t> slot_of(num_rows);  // row -> the slot mapped to it, or -1
-  unpermute_check_row_map_values(row_map, num_rows, "unpermute_backward", slot_of.data());
+  // row -> the slot mapped to it, or -1 (rows past slot_of.size() have none)
+  const std::vector<int32_t> slot_of = row_map_inverse(row_map, num_rows, "unpermute_backward");
+  const int64_t mapped = static_cast<int64_t>(slot_of.size());
   const at::Tensor w = weights_in ? weights_in->contiguous() : at::Tensor();
   const int64_t k = row_map.size(1), h = grad_y.size(1);
   at::Tensor out = empty_large({num_rows, h}, grad_y.options());
@@ -249,7 +252,7 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
         at::parallel_for(0, num_rows, kTokenGrain, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             scalar_t* row = dst + r * h;
-            const int32_t i = slot_of[r];
+            const int32_t i = r < mapped ? slot_of[r] : -1;
             if (i < 0) {
               std::fill(row, row + h, scalar_t(0));
               continue;
@@ -315,6 +318,78 @@ at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in,
   return gw;
 }
 
+// Tasks of about 64 KiB of output each.
+int64_t grain_for(int64_t bytes_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_item, 1));
+}
+
+at::Tensor rows_to_slots_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in,
+                             int64_t num_heads) {
+  rows_to_slots_check(rows_in, row_map_in, num_heads);
+  const at::Tensor rows = rows_in.stride(1) == 1 ? rows_in : rows_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  unpermute_check_row_map_values(row_map, rows.size(0), "rows_to_slots");
+  const int64_t t = row_map.size(0), k = row_map.size(1), d = rows.size(1) / num_heads;
+  at::Tensor slots = empty_large({t, num_heads, k, d}, rows.options());
+  const int64_t piece = d * rows.element_size(), ld = rows.stride(0) * rows.element_size();
+  if (piece == 0) return slots;
+  const uint8_t* src = static_cast<const uint8_t*>(rows.data_ptr());
+  uint8_t* dst = static_cast<uint8_t*>(slots.data_ptr());
+  const int32_t* rm = row_map.data_ptr<int32_t>();
+  at::parallel_for(0, t, grain_for(num_heads * k * piece), [&](int64_t t0, int64_t t1) {
+    uint8_t* out = dst + t0 * num_heads * k * piece;  // slots[t0], written in order
+    for (int64_t tok = t0; tok < t1; ++tok) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        for (int64_t j = 0; j < k; ++j, out += piece) {
+          const int32_t r = rm[tok * k + j];
+          if (r < 0) {
+            std::memset(out, 0, piece);
+          } else {
+            std::memcpy(out, src + r * ld + h * piece, piece);
+          }
+        }
+      }
+    }
+  });
+  return slots;
+}
+
+at::Tensor slots_to_rows_cpu(const at::Tensor& slots_in, const at::Tensor& row_map_in,
+                             int64_t num_rows) {
+  slots_to_rows_check(slots_in, row_map_in, num_rows);
+  const at::Tensor slots = slots_in.stride(3) == 1 ? slots_in : slots_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  const int64_t num_heads = slots.size(1), k = slots.size(2), es = slots.element_size();
+  const int64_t piece = slots.size(3) * es, row_bytes = num_heads * piece;
+  // The output first: an impossible num_rows fails here, with torch's allocation error; then the
+  // inverse map, at most 4 bytes per output row (none for empty rows: only the value check).
+  at::Tensor rows = empty_large({num_rows, num_heads * slots.size(3)}, slots.options());
+  if (row_bytes == 0) {
+    unpermute_check_row_map_values(row_map, num_rows, "slots_to_rows");
+    return rows;
+  }
+  // row -> the slot mapped to it, or -1 (rows past slot_of.size() have none)
+  const std::vector<int32_t> slot_of = row_map_inverse(row_map, num_rows, "slots_to_rows");
+  const int64_t mapped = static_cast<int64_t>(slot_of.size());
+  const uint8_t* src = static_cast<const uint8_t*>(slots.data_ptr());
+  uint8_t* dst = static_cast<uint8_t*>(rows.data_ptr());
+  const int64_t st = slots.stride(0) * es, sh = slots.stride(1) * es, sj = slots.stride(2) * es;
+  // Written in row order (as unpermute_backward: sequential stores and page faults).
+  at::parallel_for(0, num_rows, grain_for(row_bytes), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint8_t* out = dst + r * row_bytes;
+      const int64_t i = r < mapped ? slot_of[r] : -1;
+      if (i < 0) {
+        std::memset(out, 0, row_bytes);
+        continue;
+      }
+      const uint8_t* slot = src + (i / k) * st + (i % k) * sj;
+      for (int64_t h = 0; h < num_heads; ++h) std::memcpy(out + h * piece, slot + h * sh, piece);
+    }
+  });
+  return rows;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CPU, m) {
@@ -322,6 +397,8 @@ TORCH_LIBRARY_IMPL(mixops, CPU, m) {
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
   m.impl("unpermute_weights_backward", &unpermute_weights_backward_cpu);
+  m.impl("rows_to_slots", &rows_to_slots_cpu);
+  m.impl("slots_to_rows", &slots_to_rows_cpu);
 }
 
 }  // namespace mixops

@@ -1,8 +1,8 @@
-// permute, unpermute and their backward ops on CUDA, the op layer: validation (shared with CPU),
-// outputs and scratch through the torch allocator, current stream and device guard, then the
-// torch-free launchers (permute.cu, unpermute.cu). ids and row_map values are not
-// read on the host: kernels treat bad values as "none" and set an error flag that MIXOPS_DEBUG=1
-// checks after the launch.
+// permute, unpermute, their backward ops and the MoA slot layout ops on CUDA, the op layer:
+// validation (shared with CPU), outputs and scratch through the torch allocator, current stream
+// and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu). ids and
+// row_map values are not read on the host: kernels treat bad values as "none" and set an error
+// flag that MIXOPS_DEBUG=1 checks after the launch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -150,6 +150,61 @@ at::Tensor unpermute_weights_backward_cuda(const at::Tensor& grad_y_in,
   return gw;
 }
 
+SlotsParams slots_params(const at::Tensor& rows, const at::Tensor& slots, const at::Tensor& row_map,
+                         int64_t num_rows) {
+  SlotsParams p{};
+  p.dtype = to_mixops_dtype(slots.scalar_type());
+  p.num_tokens = slots.size(0);
+  p.k = static_cast<int32_t>(slots.size(2));
+  p.num_heads = slots.size(1);
+  p.head_dim = slots.size(3);
+  p.num_rows = num_rows;
+  p.rows = rows.data_ptr();
+  p.rows_stride = rows.stride(0);
+  p.slots = slots.data_ptr();
+  p.slot_stride_t = slots.stride(0);
+  p.slot_stride_h = slots.stride(1);
+  p.slot_stride_j = slots.stride(2);
+  p.row_map = row_map.data_ptr<int32_t>();
+  return p;
+}
+
+at::Tensor rows_to_slots_cuda(const at::Tensor& rows_in, const at::Tensor& row_map_in,
+                              int64_t num_heads) {
+  rows_to_slots_check(rows_in, row_map_in, num_heads);
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const at::Tensor rows = rows_in.stride(1) == 1 ? rows_in : rows_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  at::Tensor slots = at::empty(
+      {row_map.size(0), num_heads, row_map.size(1), rows.size(1) / num_heads}, rows.options());
+  SlotsParams p = slots_params(rows, slots, row_map, rows.size(0));
+  const cudaStream_t stream = stream_of(slots);
+  const cuda::OpScratch scratch(slots.options(), 0, stream, ErrorSlot::kRowsToSlots,
+                                {0, p.num_rows});
+  p.error_flag = scratch.flag();
+  launch_checked("rows_to_slots", [&] { cuda::rows_to_slots_launch(p, stream); });
+  scratch.check();
+  return slots;
+}
+
+at::Tensor slots_to_rows_cuda(const at::Tensor& slots_in, const at::Tensor& row_map_in,
+                              int64_t num_rows) {
+  slots_to_rows_check(slots_in, row_map_in, num_rows);
+  const c10::cuda::CUDAGuard guard(slots_in.device());
+  const at::Tensor slots = slots_in.stride(3) == 1 ? slots_in : slots_in.contiguous();
+  const at::Tensor row_map = row_map_in.contiguous();
+  at::Tensor rows = at::empty({num_rows, slots.size(1) * slots.size(3)}, slots.options());
+  SlotsParams p = slots_params(rows, slots, row_map, num_rows);
+  const cudaStream_t stream = stream_of(rows);
+  const cuda::OpScratch scratch(rows.options(), cuda::slots_to_rows_workspace_bytes(p), stream,
+                                ErrorSlot::kSlotsToRows, {0, num_rows});
+  p.error_flag = scratch.flag();
+  launch_checked("slots_to_rows",
+                 [&] { cuda::slots_to_rows_launch(p, scratch.workspace(), stream); });
+  scratch.check();
+  return rows;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
@@ -157,6 +212,8 @@ TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
   m.impl("unpermute", &unpermute_cuda);
   m.impl("unpermute_backward", &unpermute_backward_cuda);
   m.impl("unpermute_weights_backward", &unpermute_weights_backward_cuda);
+  m.impl("rows_to_slots", &rows_to_slots_cuda);
+  m.impl("slots_to_rows", &slots_to_rows_cuda);
 }
 
 }  // namespace mixops

@@ -1,12 +1,13 @@
-// permute / unpermute on CUDA: the torch-free boundary between the op layer (cuda.cpp:
-// validation, allocation through the torch allocator, stream) and the kernels (permute.cu +
-// permute_kernel.cuh,
-// unpermute.cu + unpermute_kernel.cuh). Formats: permute.h.
+// permute / unpermute / rows_to_slots / slots_to_rows on CUDA: the torch-free boundary between
+// the op layer (cuda.cpp: validation, allocation through the torch allocator, stream) and the
+// kernels (permute.cu + permute_kernel.cuh, unpermute.cu + unpermute_kernel.cuh, slots.cu +
+// slots_kernel.cuh). Formats: permute.h.
 //
 // Contract for callers:
 //  * params are validated except for values in device memory (ids, row_map): kernels treat bad
 //    values as "no expert"/"no row" and OR PermuteError bits into error_flag (core/errors.h).
-//  * workspace points to permute_workspace_bytes(...) bytes of device memory, 256-byte aligned.
+//  * workspace points to the matching *_workspace_bytes(...) bytes of device memory, 256-byte
+//    aligned.
 //  * everything is enqueued on `stream`; nothing synchronises the host (CUDA-graph capturable);
 //    results are deterministic (no floating-point atomics).
 #pragma once
@@ -32,5 +33,18 @@ void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace
                                cudaStream_t stream);
 // grad_weights [T, k].
 void unpermute_weights_backward_launch(const UnpermuteBackwardParams& p, cudaStream_t stream);
+
+// The inverse row map (unpermute.cu, shared by unpermute_backward and slots_to_rows): row_slot
+// [num_rows] (row_slot_workspace_bytes of workspace) = the slot mapped to each row, or -1; bad
+// row_map values and rows two slots map to (the last slot is kept) set bits in error_flag.
+size_t row_slot_workspace_bytes(int64_t num_rows);
+void row_slot_launch(const int32_t* row_map, int64_t slots, int64_t num_rows, int32_t* row_slot,
+                     int32_t* error_flag, const char* op, cudaStream_t stream);
+
+// slots [T, heads, k, d] contiguous from rows (every slot written; zeros for -1).
+void rows_to_slots_launch(const SlotsParams& p, cudaStream_t stream);
+size_t slots_to_rows_workspace_bytes(const SlotsParams& p);
+// rows [num_rows, heads * d] contiguous from slots (every row written; zeros where no slot maps).
+void slots_to_rows_launch(const SlotsParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace mixops::cuda

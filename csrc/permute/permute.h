@@ -19,6 +19,14 @@
 // first (ties and NaN: token order, NaN last). The first `capacity` slots of each expert in that
 // order are kept; the rest are dropped (row_map -1) and counted in dropped[e]. Kept slots are
 // then laid out as above (slot order). num_rows = min(T * k, E * capacity), a static bound.
+//
+// Slot layout (MoA): the rows of permute's order as attention queries. Each row [num_heads * d]
+// is num_heads heads of d columns; slots [T, num_heads, k, d] holds, at [t, h, j], head h of the
+// row of slot (t, j) (zeros when row_map[t, j] == -1). Viewed as [B, S, num_heads * k, d] and
+// transposed to [B, num_heads * k, S, d] it is SDPA's query layout with enable_gqa (query head
+// h * k + j uses kv head h), without a copy. rows_to_slots gathers rows into slots (a token per
+// task, no atomics); slots_to_rows is its inverse and backward: each row takes its slot's heads,
+// rows no slot maps to are zero (CUDA: permute's inverse map row -> slot, as unpermute_backward).
 #pragma once
 
 #include <cstdint>
@@ -34,7 +42,8 @@ constexpr int32_t kNoRow = -1;
 enum PermuteError : int32_t {
   kIdsOutOfRange = 1,     // some ids[t, j] outside [-1, num_experts): treated as -1
   kRowMapOutOfRange = 2,  // some row_map[t, j] outside [-1, num_rows): treated as -1
-  kRowMapDuplicate = 4,   // unpermute_backward: two slots map to one row (the last slot is kept)
+  kRowMapDuplicate = 4,   // unpermute_backward, slots_to_rows: two slots map to one row (the last
+                          // slot is kept)
 };
 
 struct PermuteParams {
@@ -87,6 +96,24 @@ struct UnpermuteBackwardParams {
   const void* weights;     // [T, k], nullable (= ones)
   void* grad_y_sorted;     // [num_rows, H] contiguous (rows backward)
   void* grad_weights;      // [T, k] in weights_dtype (weights backward)
+  int32_t* error_flag;
+};
+
+// rows_to_slots (rows -> slots) and slots_to_rows (slots -> rows): one struct, both directions.
+struct SlotsParams {
+  Dtype dtype;            // of rows and slots
+  int64_t num_tokens;     // T
+  int32_t k;              // slots per token
+  int64_t num_heads;      // heads per row (>= 1)
+  int64_t head_dim;       // d; rows have num_heads * d columns
+  int64_t num_rows;       // rows of `rows`
+  void* rows;             // [num_rows, num_heads * d], row stride rows_stride, unit column stride
+  int64_t rows_stride;    // (rows_to_slots reads it; slots_to_rows writes it, contiguous)
+  void* slots;            // [T, num_heads, k, d], strides slot_stride_{t,h,j}, unit last stride
+  int64_t slot_stride_t;  // (slots_to_rows reads it; rows_to_slots writes it, contiguous)
+  int64_t slot_stride_h;
+  int64_t slot_stride_j;
+  const int32_t* row_map;  // [T, k] contiguous
   int32_t* error_flag;
 };
 

@@ -53,29 +53,37 @@ void unpermute_launch(const UnpermuteParams& p, cudaStream_t stream) {
   check_launch("unpermute", "launch");
 }
 
+size_t row_slot_workspace_bytes(int64_t num_rows) {
+  return static_cast<size_t>(std::max<int64_t>(num_rows, 0)) * sizeof(int32_t);
+}
+
+void row_slot_launch(const int32_t* row_map, int64_t slots, int64_t num_rows, int32_t* row_slot,
+                     int32_t* error_flag, const char* op, cudaStream_t stream) {
+  if (slots > INT32_MAX) {
+    fail(op, "num_tokens * k must be < 2^31");
+  }
+  if (num_rows > 0) {  // row_slot is unused (maybe null) when num_rows == 0
+    check_cuda(cudaMemsetAsync(row_slot, 0xff, num_rows * sizeof(int32_t), stream), op, "memset");
+  }
+  if (slots > 0) {  // also flags bad row_map values when num_rows == 0
+    const unsigned blocks = static_cast<unsigned>(
+        std::min<int64_t>((slots + kScatterThreads - 1) / kScatterThreads, 1 << 16));
+    launch_kernel(&scatter_kernel, blocks, kScatterThreads, 0, stream, row_map, slots, num_rows,
+                  row_slot, error_flag);
+    check_launch(op, "scatter launch");
+  }
+}
+
 size_t unpermute_backward_workspace_bytes(const UnpermuteBackwardParams& p) {
-  return static_cast<size_t>(std::max<int64_t>(p.num_rows, 0)) * sizeof(int32_t);
+  return row_slot_workspace_bytes(p.num_rows);
 }
 
 void unpermute_backward_launch(const UnpermuteBackwardParams& p, void* workspace,
                                cudaStream_t stream) {
   nvtx3::scoped_range range{"mixops::unpermute_backward"};
-  const int64_t slots = p.num_tokens * p.k;
-  if (slots > INT32_MAX) {
-    fail("unpermute_backward", "num_tokens * k must be < 2^31");
-  }
-  int32_t* row_slot = static_cast<int32_t*>(workspace);  // unused (maybe null) when num_rows == 0
-  if (p.num_rows > 0) {
-    check_cuda(cudaMemsetAsync(row_slot, 0xff, p.num_rows * sizeof(int32_t), stream),
-               "unpermute_backward", "memset");
-  }
-  if (slots > 0) {  // also flags bad row_map values when num_rows == 0
-    const unsigned blocks = static_cast<unsigned>(
-        std::min<int64_t>((slots + kScatterThreads - 1) / kScatterThreads, 1 << 16));
-    launch_kernel(&scatter_kernel, blocks, kScatterThreads, 0, stream, p.row_map, slots, p.num_rows,
-                  row_slot, p.error_flag);
-    check_launch("unpermute_backward", "scatter launch");
-  }
+  int32_t* row_slot = static_cast<int32_t*>(workspace);
+  row_slot_launch(p.row_map, p.num_tokens * p.k, p.num_rows, row_slot, p.error_flag,
+                  "unpermute_backward", stream);
   if (p.num_rows <= 0 || p.hidden <= 0) return;  // grad_y_sorted is empty
   const int64_t es = dtype_size(p.dtype);
   const bool vec16 =

@@ -6,7 +6,7 @@ Each op family has its own module; importing this package registers them all. Th
 
 from .activation import gated_activation
 from .grouped_mm import grouped_mm
-from .permute import PermuteOutput, permute, unpermute
+from .permute import PermuteOutput, permute, rows_to_slots, slots_to_rows, unpermute
 from .routing import RouterOutput, router_topk
 
 __all__ = [
@@ -17,4 +17,6 @@ __all__ = [
     "permute",
     "unpermute",
     "PermuteOutput",
+    "rows_to_slots",
+    "slots_to_rows",
 ]

@@ -1,4 +1,5 @@
-"""permute / unpermute: token dispatch to experts and the weighted combine back."""
+"""permute / unpermute: token dispatch to experts and the weighted combine back; rows_to_slots /
+slots_to_rows: permute's rows in the slot layout of Mixture of Attention heads (MoA)."""
 
 from typing import NamedTuple, Optional
 
@@ -6,7 +7,7 @@ import torch
 
 from ._check import FLOATS, INT32_MAX, check
 
-__all__ = ["permute", "unpermute", "PermuteOutput"]
+__all__ = ["permute", "unpermute", "PermuteOutput", "rows_to_slots", "slots_to_rows"]
 
 
 class PermuteOutput(NamedTuple):
@@ -72,6 +73,54 @@ def unpermute(
     and of weights (``unpermute_weights_backward``), each only when needed.
     """
     return torch.ops.mixops.unpermute.default(y_sorted, row_map, weights)
+
+
+def rows_to_slots(rows: torch.Tensor, row_map: torch.Tensor, num_heads: int = 1) -> torch.Tensor:
+    """Gather permute's rows into the MoA slot layout: ``slots[t, h, j] = rows[row_map[t, j]]``'s
+    head h (columns ``h*d : (h+1)*d``), zeros where ``row_map[t, j] == -1``.
+
+    ::
+
+        rows     [num_rows, num_heads * d]      float32, bfloat16, float16, float64; any row
+                                                stride (unit column stride, else copied)
+        row_map  [num_tokens, k] int32           from permute (-1: no row)
+        -> slots [num_tokens, num_heads, k, d]   contiguous, rows' dtype
+
+    MoA: the queries of each token's k attention experts (grouped_mm on permute's rows), as
+    attention wants them. With num_tokens = B * S, ``slots.view(B, S, num_heads * k, d)
+    .transpose(1, 2)`` is ``scaled_dot_product_attention``'s query ``[B, Hq, S, d]`` with
+    ``enable_gqa=True`` and ``num_heads`` kv heads (query head ``h * k + j`` reads kv head h), with
+    no copy. The inverse is ``slots_to_rows``.
+
+    Bad row_map values (outside [-1, num_rows), or a row twice) raise on CPU; on CUDA values out
+    of range count as -1 and are flagged (``mixops.check_errors``, ``MIXOPS_DEBUG=1``); a row
+    twice is not looked for there (the gather is still defined; the backward, slots_to_rows,
+    flags it). Autograd: ``grad_rows = slots_to_rows(grad_slots, row_map, num_rows)``.
+    """
+    return torch.ops.mixops.rows_to_slots.default(rows, row_map, num_heads)
+
+
+def slots_to_rows(slots: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Scatter the MoA slot layout back to permute's rows (the inverse of ``rows_to_slots``):
+    ``rows[row_map[t, j], h*d : (h+1)*d] = slots[t, h, j]``; rows no slot maps to are zero.
+
+    ::
+
+        slots    [num_tokens, num_heads, k, d]   float32, bfloat16, float16, float64; any strides
+                                                 but a unit last one (else copied), e.g. SDPA's
+                                                 output [B, Hq, S, d].transpose(1, 2)
+                                                 .reshape(B * S, num_heads, k, d)
+        row_map  [num_tokens, k] int32            from permute (-1: the slot is not written)
+        num_rows int                              rows of the result (permute's x_sorted rows)
+        -> rows  [num_rows, num_heads * d]        contiguous, slots' dtype
+
+    Each row takes its one slot: deterministic, no atomics, no host sync (the output shape
+    depends on num_rows only). Two slots on one row raise on CPU; on CUDA the last slot is kept
+    and the call is flagged, as are values out of range, which count as -1
+    (``mixops.check_errors``, ``MIXOPS_DEBUG=1``).
+    Autograd: ``grad_slots = rows_to_slots(grad_rows, row_map, num_heads)``.
+    """
+    return torch.ops.mixops.slots_to_rows.default(slots, row_map, num_rows)
 
 
 # Validation: csrc/permute/check.cpp line by line, with its messages (see _check.py). Each fake
@@ -267,6 +316,58 @@ def _unpermute_weights_backward_check(grad_y, y_sorted, row_map, weights):
     _check_weights(weights, row_map, grad_y, op)
 
 
+def _rows_to_slots_check(rows, row_map, num_heads):
+    op = "rows_to_slots"
+    check(rows.dim() == 2, op, ": rows must be 2-D [num_rows, hidden], got shape ", rows.shape)
+    _check_float(rows, op, "rows")
+    check(
+        row_map.dim() == 2,
+        op,
+        ": row_map must be 2-D [num_tokens, k], got shape ",
+        row_map.shape,
+    )
+    _check_row_map(row_map, row_map.shape[0], op, "row_map.size(0)")
+    _check_same_device(row_map, rows, op, "row_map", "rows")
+    check(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads)
+    check(
+        rows.shape[1] % num_heads == 0,
+        op,
+        ": rows.size(1) = ",
+        rows.shape[1],
+        " must be divisible by num_heads = ",
+        num_heads,
+        " (hidden = num_heads * head_dim)",
+    )
+
+
+def _slots_to_rows_check(slots, row_map, num_rows):
+    op = "slots_to_rows"
+    check(
+        slots.dim() == 4,
+        op,
+        ": slots must be 4-D [num_tokens, num_heads, k, head_dim], got shape ",
+        slots.shape,
+    )
+    _check_float(slots, op, "slots")
+    _check_row_map(row_map, slots.shape[0], op, "slots.size(0)")
+    check(
+        row_map.shape[1] == slots.shape[2],
+        op,
+        ": row_map must have k = slots.size(2) = ",
+        slots.shape[2],
+        " columns, got shape ",
+        row_map.shape,
+    )
+    _check_same_device(row_map, slots, op, "row_map", "slots")
+    check(
+        slots.shape[1] >= 1,
+        op,
+        ": slots must have num_heads = slots.size(1) >= 1, got shape ",
+        slots.shape,
+    )
+    check(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows)
+
+
 @torch.library.register_fake("mixops::permute")
 def _permute_fake(x, ids, num_experts, capacity=None, priority=None):
     num_rows = _permute_check(x, ids, num_experts, capacity, priority)
@@ -295,6 +396,19 @@ def _unpermute_backward_fake(grad_y, row_map, weights, num_rows):
 def _unpermute_weights_backward_fake(grad_y, y_sorted, row_map, weights):
     _unpermute_weights_backward_check(grad_y, y_sorted, row_map, weights)
     return weights.new_empty(row_map.shape)
+
+
+@torch.library.register_fake("mixops::rows_to_slots")
+def _rows_to_slots_fake(rows, row_map, num_heads=1):
+    _rows_to_slots_check(rows, row_map, num_heads)
+    num_tokens, k = row_map.shape
+    return rows.new_empty(num_tokens, num_heads, k, rows.shape[1] // num_heads)
+
+
+@torch.library.register_fake("mixops::slots_to_rows")
+def _slots_to_rows_fake(slots, row_map, num_rows):
+    _slots_to_rows_check(slots, row_map, num_rows)
+    return slots.new_empty(num_rows, slots.shape[1] * slots.shape[3])
 
 
 def _permute_setup(ctx, inputs, output):
@@ -335,4 +449,41 @@ def _unpermute_backward(ctx, grad_y):
 torch.library.register_autograd("mixops::permute", _permute_backward, setup_context=_permute_setup)
 torch.library.register_autograd(
     "mixops::unpermute", _unpermute_backward, setup_context=_unpermute_setup
+)
+
+
+# rows_to_slots and slots_to_rows are each other's adjoint (row_map is one-to-one).
+def _rows_to_slots_setup(ctx, inputs, output):
+    rows, row_map = inputs[:2]
+    ctx.save_for_backward(row_map)
+    ctx.num_rows = rows.shape[0]
+
+
+def _rows_to_slots_backward(ctx, grad_slots):
+    (row_map,) = ctx.saved_tensors
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0]:
+        grads[0] = slots_to_rows(grad_slots, row_map, ctx.num_rows)
+    return tuple(grads)
+
+
+def _slots_to_rows_setup(ctx, inputs, output):
+    slots, row_map = inputs[:2]
+    ctx.save_for_backward(row_map)
+    ctx.num_heads = slots.shape[1]
+
+
+def _slots_to_rows_backward(ctx, grad_rows):
+    (row_map,) = ctx.saved_tensors
+    grads = [None] * len(ctx.needs_input_grad)
+    if ctx.needs_input_grad[0]:
+        grads[0] = rows_to_slots(grad_rows, row_map, ctx.num_heads)
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "mixops::rows_to_slots", _rows_to_slots_backward, setup_context=_rows_to_slots_setup
+)
+torch.library.register_autograd(
+    "mixops::slots_to_rows", _slots_to_rows_backward, setup_context=_slots_to_rows_setup
 )

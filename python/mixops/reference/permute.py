@@ -49,3 +49,25 @@ def unpermute(y_sorted, row_map, weights=None):
     if weights is not None:
         rows = rows * weights.unsqueeze(-1)
     return rows.sum(1)
+
+
+def rows_to_slots(rows, row_map, num_heads=1):
+    """slots [T, num_heads, k, d]: slots[t, h, j] = head h of rows[row_map[t, j]], zeros for -1."""
+    num_tokens, k = row_map.shape
+    d = rows.shape[1] // num_heads
+    # an extra zero row stands for -1, so every slot is a plain index (bits copied exactly)
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    rm = row_map.long()
+    idx = torch.where(rm >= 0, rm, torch.full_like(rm, rows.shape[0]))
+    return padded[idx].view(num_tokens, k, num_heads, d).permute(0, 2, 1, 3).contiguous()
+
+
+def slots_to_rows(slots, row_map, num_rows):
+    """rows [num_rows, num_heads * d]: rows[row_map[t, j]] = the heads of slots[t, :, j]; zeros
+    where no slot maps."""
+    num_tokens, num_heads, k, d = slots.shape
+    out = slots.new_zeros(num_rows + 1, num_heads * d)  # the last row takes the -1 slots
+    rm = row_map.long().flatten()
+    idx = torch.where(rm >= 0, rm, torch.full_like(rm, num_rows))
+    out[idx] = slots.permute(0, 2, 1, 3).reshape(num_tokens * k, num_heads * d)
+    return out[:num_rows]
