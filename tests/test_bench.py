@@ -94,3 +94,31 @@ def test_moe_bench_quick_runs_prints_tables_and_writes_png(tmp_path):
     ):
         assert needle in p.stdout, needle
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_moa_bench_quick_runs_and_prints_table():
+    p = subprocess.run(
+        [sys.executable, "-m", "mixops.bench", "moa", "--quick", "--reps", "1", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    for needle in (
+        "CPU capability",
+        "bf16 GEMM native",
+        "checked: mixops output and input gradient == HF JetMoE's",
+        "config",
+        "dtype",
+        "mixops",
+        "HF JetMoE",
+        "floor",
+        "x HF",
+        "x floor",
+        "fwd+bwd",
+        "E16-k4",
+        "E64-k4",
+        "float32",
+        "bfloat16",
+    ):
+        assert needle in p.stdout, needle

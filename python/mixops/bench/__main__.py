@@ -1,14 +1,15 @@
-"""python -m mixops.bench [moe | grouped_mm | routing]: benchmarks that time mixops beside its peers
-in one run and print medians and ratios. moe (the default) times the whole MoE layer against HF
-transformers' Mixtral block; grouped_mm and routing time the ops underneath it."""
+"""python -m mixops.bench [moe | moa | grouped_mm | routing]: benchmarks that time mixops beside its
+peers in one run and print medians and ratios. moe (the default) times the whole MoE layer against
+HF transformers' Mixtral block; moa the MoA (mixture of attention heads) layer against HF's JetMoE
+attention; grouped_mm and routing time the ops underneath them."""
 
 import argparse
 
 import torch
 
-from . import grouped_mm, moe, routing
+from . import grouped_mm, moa, moe, routing
 
-JOBS = {"moe": moe, "grouped_mm": grouped_mm, "routing": routing}
+JOBS = {"moe": moe, "moa": moa, "grouped_mm": grouped_mm, "routing": routing}
 
 
 def main(argv=None):

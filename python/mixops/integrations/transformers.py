@@ -283,15 +283,20 @@ def _hook_hf_models(model):
             m.set_experts_implementation = _SetExpertsImplementation(m)
 
 
-def from_hf(block: nn.Module, **moe_kwargs) -> MoE:
+def from_hf(block: nn.Module, **moe_kwargs):
     """A ``mixops.nn.MoE`` computing what the HF MoE ``block`` computes, sharing its Parameters
     (and the selection-bias buffer); the HF block keeps working. ``moe_kwargs`` adds MoE options
     HF blocks do not have (e.g. ``aux_loss_coef``, ``capacity_factor``).
 
     Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE and OLMoE (softmax top-k,
     with or without ``norm_topk_prob``), DeepSeek-V3 and GLM-4-MoE (sigmoid, selection bias,
-    group-limited top-k, routed scaling, shared experts). Anything else raises ValueError saying
-    what is missing."""
+    group-limited top-k, routed scaling, shared experts). A ``JetMoeAttention`` gives a
+    ``mixops.nn.MoA`` (``moe_kwargs`` are then MoA options). Anything else raises ValueError
+    saying what is missing."""
+    if type(block).__name__ in ("JetMoeAttention", "MixopsJetMoeAttention"):
+        from .jetmoe import moa_from_hf
+
+        return moa_from_hf(block, **moe_kwargs)
     try:
         _check_block(block)
         return _build(block, _Logits(block.gate), moe_kwargs)
@@ -309,7 +314,11 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     Every layer is built before anything changes: a block mixops cannot express stays exactly as
     it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched.
     Afterwards ``model.init_weights()`` also zeroes the buffers mixops adds, and
-    ``set_experts_implementation()`` warns that the replaced blocks no longer follow it."""
+    ``set_experts_implementation()`` warns that the replaced blocks no longer follow it.
+
+    JetMoE: the MoA attention (``JetMoeAttention``) and the MoE MLP (``JetMoeMoE``) keep their
+    modules and change class to mixops-backed subclasses (see ``mixops.integrations.jetmoe``).
+    ``moe_kwargs`` do not apply to them."""
     plans = []
     for name, block in model.named_modules():
         if isinstance(block, MoE) or not (
@@ -322,15 +331,38 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
             warnings.warn(
                 f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=2
             )
+    jetmoe_plans = _jetmoe_plans(model)
     for name, block, moe in plans:  # nothing can fail from here on
         _patch_router_class(block.gate)
         moe.train(block.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, moe)
-    if plans:
+    for _, apply in jetmoe_plans:
+        apply()
+    if plans or jetmoe_plans:
         _hook_hf_models(model)
-    return [name for name, _, _ in plans]
+    return [name for name, _, _ in plans] + [name for name, _ in jetmoe_plans]
+
+
+def _jetmoe_plans(model):
+    """[(name, apply)] for the JetMoE attention and MLP blocks (integrations/jetmoe.py)."""
+    if not any(type(m).__name__.startswith("JetMoe") for m in model.modules()):
+        return []
+    from . import jetmoe
+
+    out = []
+    for name, block in model.named_modules():
+        try:
+            apply = jetmoe.plan(block)
+        except jetmoe.Unsupported as e:
+            warnings.warn(
+                f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=3
+            )
+            continue
+        if apply is not None:
+            out.append((name, apply))
+    return out
 
 
 def _looks_like_moe(module):

@@ -72,6 +72,30 @@ def _capacity_fraction(capacity_factor):
     return Fraction(capacity_factor).limit_denominator(1 << 20)
 
 
+def router_losses(r, num_tokens, token_mask, num_experts, aux_loss_coef, z_loss_coef):
+    """``aux_loss_coef`` x the load-balancing loss (HF transformers' ``load_balancing_loss_func``
+    for one layer) + ``z_loss_coef`` x the ST-MoE router z-loss, over the tokens of ``token_mask``
+    (all when None): a 0-dim fp32 tensor with autograd, or None when both coefficients are 0.
+    Shared by MoE and MoA."""
+    if not (aux_loss_coef or z_loss_coef):
+        return None
+    loss = r.lse.new_zeros(())
+    if token_mask is None:
+        n = float(max(num_tokens, 1)) if isinstance(num_tokens, int) else num_tokens
+    else:
+        n = token_mask.sum().clamp(min=1).to(r.lse.dtype)
+    if aux_loss_coef:
+        f = r.counts.to(r.score_sum.dtype) / n
+        p = r.score_sum / n
+        loss = loss + aux_loss_coef * num_experts * (f * p).sum()
+    if z_loss_coef:
+        z = r.lse.square()
+        if token_mask is not None:
+            z = torch.where(token_mask, z, z.new_zeros(()))
+        loss = loss + z_loss_coef * z.sum() / n
+    return loss
+
+
 @dataclass
 class MoEParts:
     """Existing modules for MoE to use (and share parameters with) instead of making its own:
@@ -271,7 +295,9 @@ class MoE(nn.Module):
         if self.selection_bias and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(r.counts)
-        self.aux_loss = self._aux_loss(r, num_tokens, token_mask)
+        self.aux_loss = router_losses(
+            r, num_tokens, token_mask, E, self.aux_loss_coef, self.z_loss_coef
+        )
 
         capacity = None
         if self._capacity is not None:  # ceil(cf * T * k / E) in integers (T may be symbolic)
@@ -296,25 +322,6 @@ class MoE(nn.Module):
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
         return y
-
-    def _aux_loss(self, r, num_tokens, token_mask):
-        if not (self.aux_loss_coef or self.z_loss_coef):
-            return None
-        loss = r.lse.new_zeros(())
-        if token_mask is None:
-            n = float(max(num_tokens, 1)) if isinstance(num_tokens, int) else num_tokens
-        else:
-            n = token_mask.sum().clamp(min=1).to(r.lse.dtype)
-        if self.aux_loss_coef:
-            f = r.counts.to(r.score_sum.dtype) / n
-            p = r.score_sum / n
-            loss = loss + self.aux_loss_coef * self.num_experts * (f * p).sum()
-        if self.z_loss_coef:
-            z = r.lse.square()
-            if token_mask is not None:
-                z = torch.where(token_mask, z, z.new_zeros(()))
-            loss = loss + self.z_loss_coef * z.sum() / n
-        return loss
 
     # -- training-loop API ------------------------------------------------------------------------
     @torch.no_grad()
