@@ -21,26 +21,19 @@ int64_t grain_rows(int64_t f) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f, 1));
 }
 
-// The row loops, compiled twice: for AVX2 and for the baseline, picked at load time (the build
-// targets baseline x86-64; without AVX2 these loops ran at half the speed of torch's silu).
-// Same operations either way (no FMA contraction), so the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MIXOPS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MIXOPS_CLONES
-#endif
-
+// The row loops, compiled for AVX2 and for the baseline (MIXOPS_CPU_CLONES, core/elem_io.h): without
+// AVX2 these loops ran at half the speed of torch's silu.
 template <GatedAct A, class T>
-MIXOPS_CLONES void forward_row(const T* __restrict__ gate, const T* __restrict__ up,
-                               T* __restrict__ o, int64_t f) {
+MIXOPS_CPU_CLONES void forward_row(const T* __restrict__ gate, const T* __restrict__ up,
+                                   T* __restrict__ o, int64_t f) {
   using acc_t = acc_of<T>;
   for (int64_t c = 0; c < f; ++c) store(o, c, act::value<A, acc_t>(load(gate, c)) * load(up, c));
 }
 
 template <GatedAct A, class T>
-MIXOPS_CLONES void backward_row(const T* __restrict__ gate, const T* __restrict__ up,
-                                const T* __restrict__ g, T* __restrict__ dgate, T* __restrict__ dup,
-                                int64_t f) {
+MIXOPS_CPU_CLONES void backward_row(const T* __restrict__ gate, const T* __restrict__ up,
+                                    const T* __restrict__ g, T* __restrict__ dgate,
+                                    T* __restrict__ dup, int64_t f) {
   using acc_t = acc_of<T>;
   for (int64_t c = 0; c < f; ++c) {
     acc_t v, d;

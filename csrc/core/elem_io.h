@@ -8,6 +8,15 @@
 #include <cstring>
 #include <type_traits>
 
+// CPU row loops compiled twice, for AVX2 and for the baseline the build targets, picked at load
+// time (GCC function multiversioning). The same operations either way (the build has no FMA
+// contraction), so the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MIXOPS_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MIXOPS_CPU_CLONES
+#endif
+
 namespace mixops {
 
 template <class T>

@@ -32,6 +32,7 @@ constexpr int64_t kTokenGrain = 16;  // tokens per parallel task in the row loop
 // Up to kMaxGatherRows rows per token live on the stack (more: a heap array per task).
 constexpr int kMaxGatherRows = 16;
 constexpr int64_t kColumnBlock = 64;
+constexpr int kDotLanes = 16;  // partial sums of the dot products (unpermute_weights_backward)
 
 // e_of[i] = the expert of slot i or -1; returns false if some id is out of range.
 template <class id_t>
@@ -174,6 +175,55 @@ acc_t weight_at(const at::Tensor& w, int64_t i) {
   }
 }
 
+// The row loops of unpermute and its backward ops, compiled for AVX2 and the baseline.
+
+// out = sum_i wts[i] * rows[i], over all n rows side by side, a block of kColumnBlock columns at a
+// time (n concurrent streams); each element sums i = 0..n-1 in order in an fp32 (fp64)
+// accumulator held for the whole sum, rounded to the output dtype once.
+template <class T>
+MIXOPS_CPU_CLONES void gather_sum_row(T* __restrict__ out, const T* const* rows,
+                                      const acc_of<T>* wts, int n, int64_t h) {
+  using acc_t = acc_of<T>;
+  for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
+    const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
+    acc_t acc[kColumnBlock];
+    for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
+    for (int i = 0; i < n; ++i) {
+      const T* __restrict__ row = rows[i] + c0;
+      const acc_t wi = wts[i];
+      if (nc == kColumnBlock) {
+        for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * load(row, c);
+      } else {
+        for (int64_t c = 0; c < nc; ++c) acc[c] += wi * load(row, c);
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) store(out, c0 + c, acc[c]);
+  }
+}
+
+// dst = w * src (one rounded product per element).
+template <class T>
+MIXOPS_CPU_CLONES void scale_row(T* __restrict__ dst, const T* __restrict__ src, acc_of<T> w,
+                                 int64_t h) {
+  for (int64_t c = 0; c < h; ++c) store(dst, c, w * load(src, c));
+}
+
+// sum_c a[c] * b[c] over n elements in kDotLanes independent partial sums (a loop the compiler
+// vectorises; one running sum is a dependency chain it may not reorder), added in lane order.
+template <class T>
+MIXOPS_CPU_CLONES acc_of<T> dot_block(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using acc_t = acc_of<T>;
+  acc_t lanes[kDotLanes] = {};
+  int64_t c = 0;
+  for (; c + kDotLanes <= n; c += kDotLanes) {
+    for (int l = 0; l < kDotLanes; ++l) lanes[l] += load(a, c + l) * load(b, c + l);
+  }
+  acc_t sum = 0;
+  for (int l = 0; l < kDotLanes; ++l) sum += lanes[l];
+  for (; c < n; ++c) sum += load(a, c) * load(b, c);
+  return sum;
+}
+
 at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_map_in,
                          const std::optional<at::Tensor>& weights_in) {
   unpermute_check(y_sorted_in, row_map_in, weights_in);
@@ -211,21 +261,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_ma
         // All the token's rows side by side, a block of kColumnBlock columns at a time (k
         // concurrent streams); each element sums j = 0..k-1 in order in an fp32 (fp64)
         // accumulator held for the whole sum, rounded to the output dtype once.
-        for (int64_t c0 = 0; c0 < h; c0 += kColumnBlock) {
-          const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
-          acc_t acc[kColumnBlock];
-          for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] = acc_t(0);
-          for (int i = 0; i < n; ++i) {
-            const scalar_t* row = rows[i] + c0;
-            const acc_t wi = wts[i];
-            if (nc == kColumnBlock) {
-              for (int64_t c = 0; c < kColumnBlock; ++c) acc[c] += wi * load(row, c);
-            } else {
-              for (int64_t c = 0; c < nc; ++c) acc[c] += wi * load(row, c);
-            }
-          }
-          for (int64_t c = 0; c < nc; ++c) store(out, c0 + c, acc[c]);
-        }
+        gather_sum_row(out, rows, wts, n, h);
       }
     });
   });
@@ -257,9 +293,7 @@ at::Tensor unpermute_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor&
               std::fill(row, row + h, scalar_t(0));
               continue;
             }
-            const acc_t wi = weight_at<acc_t>(w, i);
-            const scalar_t* src = g + (i / k) * h;
-            for (int64_t c = 0; c < h; ++c) store(row, c, wi * load(src, c));
+            scale_row(row, g + (i / k) * h, weight_at<acc_t>(w, i), h);
           }
         });
       });
@@ -301,10 +335,7 @@ at::Tensor unpermute_weights_backward_cpu(const at::Tensor& grad_y_in,
                 const int64_t nc = std::min<int64_t>(kColumnBlock, h - c0);
                 for (int64_t i = 0; i < n; ++i) {
                   if (!rows[i]) continue;
-                  const scalar_t* b = rows[i] + c0;
-                  acc_t part = 0;
-                  for (int64_t c = 0; c < nc; ++c) part += load(a, c0 + c) * load(b, c);
-                  d[i] += part;
+                  d[i] += dot_block(a + c0, rows[i] + c0, nc);
                 }
               }
               for (int64_t i = 0; i < n; ++i) dots[tok * k + j0 + i] = d[i];

@@ -267,7 +267,7 @@ class MoA(nn.Module):
         with _stage("unpermute", x):
             y = unpermute(y_rows, p.row_map, r.weights)
         if ex.bias is not None:
-            y = y + ex.bias
+            y = y.add_(ex.bias)  # in place: unpermute's output is fresh and its backward keeps it not
         return y.view(B, S, H)
 
     def extra_repr(self):
