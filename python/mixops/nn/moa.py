@@ -267,7 +267,8 @@ class MoA(nn.Module):
         with _stage("unpermute", x):
             y = unpermute(y_rows, p.row_map, r.weights)
         if ex.bias is not None:
-            y = y.add_(ex.bias)  # in place: unpermute's output is fresh and its backward keeps it not
+            # In place: unpermute's output is fresh, and its backward does not keep it.
+            y = y.add_(ex.bias)
         return y.view(B, S, H)
 
     def extra_repr(self):
