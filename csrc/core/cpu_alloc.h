@@ -21,14 +21,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <utility>
-
-#include <unistd.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
