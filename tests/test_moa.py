@@ -317,3 +317,19 @@ def test_dense_oracle_large(seed):
     params = [x, *m.parameters()]
     for a, b in zip(torch.autograd.grad(y, params, gy), torch.autograd.grad(ref, params, gy)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_autocast_bf16_casts_explicitly_and_keeps_fp32_master_grads():
+    m = make(E=5, k=2, dtype=torch.float32)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    rope = rope_tables(2, 6, 8, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, attention_mask=torch.ones(2, 6, dtype=torch.long), position_embeddings=rope)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    mb = make(E=5, k=2, dtype=torch.bfloat16)
+    mb.load_state_dict({n: t.bfloat16() for n, t in m.state_dict().items()})
+    ref = mb(x.detach().bfloat16(), attention_mask=torch.ones(2, 6, dtype=torch.long),
+             position_embeddings=tuple(t.bfloat16() for t in rope))  # fmt: skip
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)

@@ -219,8 +219,37 @@ class MoA(nn.Module):
                 f"MoA: hidden_states must be [batch, seq, {self.hidden_size}], "
                 f"got shape {tuple(x.shape)}"
             )
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Custom ops are not autocast: cast explicitly (weights through differentiable casts,
+            # so fp32 master weights get fp32 gradients) and run without autocast, as MoE does.
+            cdt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return self._forward(
+                    x.to(cdt), attention_mask, position_embeddings, cache, token_mask,
+                    cache_kwargs, cdt,
+                )  # fmt: skip
+        return self._forward(
+            x, attention_mask, position_embeddings, cache, token_mask, cache_kwargs, None
+        )
+
+    def _weights(self, cast):
+        """(query, output, kv, kv bias, output bias) weights, cast to ``cast`` when given."""
+        ex = self.experts
+        ws = (
+            ex.input_linear.weight,
+            ex.output_linear.weight,
+            self.kv_proj.weight,
+            getattr(self.kv_proj, "bias", None),
+            ex.bias,
+        )
+        return ws if cast is None else tuple(None if w is None else w.to(cast) for w in ws)
+
+    def _forward(self, x, attention_mask, position_embeddings, cache, token_mask, cache_kwargs,
+                 cast):  # fmt: skip
         B, S, H = x.shape
         E, k, Hkv, d = self.num_experts, self.top_k, self.num_kv_heads, self.head_dim
+        w_q, w_o, w_kv, b_kv, bias = self._weights(cast)
         x2 = x.reshape(-1, H)
         if token_mask is None:
             token_mask = padding_token_mask(attention_mask, B, S)
@@ -235,15 +264,14 @@ class MoA(nn.Module):
         self.aux_loss = router_losses(
             r, x2.shape[0], token_mask, E, self.aux_loss_coef, self.z_loss_coef
         )
-        ex = self.experts
         with _stage("permute", x):
             p = permute(x2, r.ids, E)
         with _stage("query_gemm", x):
-            q_rows = grouped_mm(p.x_sorted, ex.input_linear.weight.transpose(1, 2), p.offsets)
+            q_rows = grouped_mm(p.x_sorted, w_q.transpose(1, 2), p.offsets)
             q = rows_to_slots(q_rows, p.row_map, Hkv)  # [T, Hkv, k, d]: heads h * k + j
         q = q.view(B, S, Hkv * k, d).transpose(1, 2)  # [B, Hq, S, d], no copy
         with _stage("kv_proj", x):
-            kv = self.kv_proj(x)
+            kv = F.linear(x, w_kv, b_kv)
             key, value = kv.view(B, S, 2, Hkv, d).permute(2, 0, 3, 1, 4).unbind(0)
         if position_embeddings is not None:
             cos, sin = position_embeddings
@@ -263,12 +291,12 @@ class MoA(nn.Module):
             )  # [B, S, Hkv, k, d] (a view when it can be)
         with _stage("output_gemm", x):
             rows = slots_to_rows(o.reshape(B * S, Hkv, k, d), p.row_map, p.x_sorted.shape[0])
-            y_rows = grouped_mm(rows, ex.output_linear.weight.transpose(1, 2), p.offsets)
+            y_rows = grouped_mm(rows, w_o.transpose(1, 2), p.offsets)
         with _stage("unpermute", x):
             y = unpermute(y_rows, p.row_map, r.weights)
-        if ex.bias is not None:
+        if bias is not None:
             # In place: unpermute's output is fresh, and its backward does not keep it.
-            y = y.add_(ex.bias)
+            y = y.add_(bias)
         return y.view(B, S, H)
 
     def extra_repr(self):
