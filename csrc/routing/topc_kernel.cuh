@@ -14,10 +14,14 @@
 //      entries land in ascending index order (values copied bit for bit);
 //   4. positions take..c-1 get index -1, value -inf.
 // Cost: (2 + passes) reads of the row; the row loop stops once every choice is written.
+// Limits (correct, but not yet tuned or timed on a GPU): one block per row, so a few very long
+// rows use a few SMs; bf16/fp16 keys carry 16 significant bits but take the 4 fp32 passes; many
+// equal scores put the histogram's shared atomics on one bin.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
