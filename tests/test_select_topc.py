@@ -60,7 +60,9 @@ def _scores(b, n, dtype, device, ties=False):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 8, 0), (4, 9, 9), (5, 40, 7), (2, 300, 123)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (3, 8, 0), (4, 9, 9), (5, 40, 7), (3, 50, 16), (3, 50, 17), (2, 300, 123)]
+)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_against_reference(device, dtype, shape, ties):
     b, n, c = shape

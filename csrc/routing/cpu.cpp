@@ -313,9 +313,15 @@ at::Tensor router_topk_backward_cpu(
   return grad;
 }
 
-// select_topc (topc.h): per row, the eligible positions, std::nth_element under routing::better
-// (the router's order) for the c best when there are more than c, then those c sorted by
-// position. O(N + c log c) per row; rows run in parallel, in tasks of >= ~32K entries.
+// select_topc (topc.h): per row, the c best eligible positions under routing::better (the
+// router's order), then sorted ascending. c <= kTopcInsertMax: one pass of routing::topk_insert
+// (the router's own top-k), else std::nth_element on the eligible positions. O(N + c log c) per
+// row (insertion: O(N * c) at worst, ascending scores); rows run in parallel, in tasks of >= ~32K
+// entries. N = 32K fp32 random scores, one thread of a 2-core dev VM: nth_element 0.24 ms per row
+// for c <= 128, 0.54 ms for c = 4096, 1.75 ms for c = 16384; insertion 0.05 ms for c <= 16
+// (0.14 ms at c = 128, hence the cut).
+constexpr int64_t kTopcInsertMax = 16;
+
 template <class scalar_t>
 void topc_rows(const TopcParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -330,9 +336,23 @@ void topc_rows(const TopcParams& p) {
       scalar_t* values = static_cast<scalar_t*>(p.values) + r * c;
       int64_t* indices = p.indices + r * c;
       cand.clear();
-      for (int64_t i = 0; i < n; ++i)
-        if (m == nullptr || m[i] != 0) cand.push_back(static_cast<int32_t>(i));
-      const int64_t take = std::min<int64_t>(c, static_cast<int64_t>(cand.size()));
+      int64_t take = 0;
+      if (c >= 1 && c <= kTopcInsertMax) {
+        acc_t top_keys[kTopcInsertMax];
+        int32_t top_ids[kTopcInsertMax];
+        int32_t count = 0;
+        for (int64_t i = 0; i < n; ++i)
+          if (m == nullptr || m[i] != 0)
+            routing::topk_insert(top_keys, top_ids, &count, static_cast<int32_t>(c),
+                                 static_cast<acc_t>(x[i]), static_cast<int32_t>(i));
+        cand.assign(top_ids, top_ids + count);
+        std::sort(cand.begin(), cand.end());
+        take = count;
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          if (m == nullptr || m[i] != 0) cand.push_back(static_cast<int32_t>(i));
+        take = std::min<int64_t>(c, static_cast<int64_t>(cand.size()));
+      }
       if (take < static_cast<int64_t>(cand.size())) {
         auto better = [x](int32_t a, int32_t b) {
           return routing::better(static_cast<acc_t>(x[a]), a, static_cast<acc_t>(x[b]), b);
