@@ -34,6 +34,10 @@ TORCH_LIBRARY(mixops, m) {
       "Tensor logits, Tensor ids, str score_fn, bool topk_then_score, bool renormalize, "
       "float renorm_eps, float scaling, Tensor? modality, int num_modalities, "
       "Tensor? token_mask) -> Tensor");
+  // Top-C selection for Mixture-of-Depths / expert choice (csrc/routing/topc.h): scores [B, N],
+  // mask [B, N] bool (True = eligible) -> values [B, c] (scores' dtype), indices [B, c] int64: the
+  // c best eligible entries (router_topk's order) in ascending index order, then -1 / -inf.
+  m.def("select_topc(Tensor scores, int c, Tensor? mask=None) -> (Tensor values, Tensor indices)");
 
   m.set_python_module("mixops.ops.permute");
   // Token dispatch (csrc/permute/permute.h). x [T, H], ids [T, k] int32/int64 (-1: none)

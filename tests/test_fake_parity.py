@@ -22,6 +22,7 @@ O = "meta"  # the "other device" of the device-mismatch cases
 GMM = torch.ops.mixops.grouped_mm.default
 ROUTER = torch.ops.mixops.router_topk.default
 ROUTER_BW = torch.ops.mixops.router_topk_backward.default
+TOPC = torch.ops.mixops.select_topc.default
 PERMUTE = torch.ops.mixops.permute.default
 UNPERMUTE = torch.ops.mixops.unpermute.default
 UNPERMUTE_BW = torch.ops.mixops.unpermute_backward.default
@@ -97,6 +98,11 @@ def router_bw(
     )
 
 
+def topc(scores=None, c=3, mask=None):
+    scores = torch.randn(4, 8) if scores is None else scores
+    return TOPC, (scores, c, mask), {}
+
+
 IDS = torch.tensor([[i % 8, (i + 3) % 8] for i in range(10)], dtype=I32)
 ROW_MAP = torch.arange(20, dtype=I32).view(10, 2)
 
@@ -165,6 +171,9 @@ VALID = {
         k=4,
     ),
     "router_topk_backward": lambda: router_bw(gss=torch.ones(8), glse=torch.ones(4)),
+    "select_topc": topc,
+    "select_topc mask, c = n": lambda: topc(c=8, mask=torch.ones(4, 8, dtype=torch.bool)),
+    "select_topc c = 0, n = 0": lambda: topc(scores=torch.randn(4, 0), c=0),
     "permute": permute,
     "permute capacity": lambda: permute(capacity=2**63 - 1, priority=torch.rand(10, 2).half()),
     "unpermute": unpermute,
@@ -293,6 +302,18 @@ BAD = {
     "router_bw grad_score_sum device": lambda: router_bw(gss=torch.ones(8, device=O)),
     "router_bw grad_lse shape": lambda: router_bw(glse=torch.ones(4, 1)),
     "router_bw grad_lse device": lambda: router_bw(glse=torch.ones(4, device=O)),
+    # select_topc (csrc/routing/check.cpp)
+    "topc scores 1-D": lambda: topc(torch.randn(8)),
+    "topc scores 3-D": lambda: topc(torch.randn(1, 4, 8)),
+    "topc scores int": lambda: topc(torch.ones(4, 8, dtype=I32)),
+    "topc 2^31 columns": lambda: topc(big(1, 2**31), c=1),
+    "topc c < 0": lambda: topc(c=-1),
+    "topc c > n": lambda: topc(c=9),
+    "topc c 2^31": lambda: topc(c=2**31),
+    "topc mask float": lambda: topc(mask=torch.ones(4, 8)),
+    "topc mask shape": lambda: topc(mask=torch.ones(4, 7, dtype=torch.bool)),
+    "topc mask 1-D": lambda: topc(mask=torch.ones(8, dtype=torch.bool)),
+    "topc mask device": lambda: topc(mask=torch.ones(4, 8, dtype=torch.bool, device=O)),
     # permute (csrc/permute/check.cpp)
     "permute x 1-D": lambda: permute(x=torch.randn(10)),
     "permute x 3-D": lambda: permute(x=torch.randn(10, 4, 1)),

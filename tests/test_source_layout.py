@@ -31,6 +31,7 @@ TORCH_FREE_HEADERS = [
     "grouped_mm/grouped_mm.h",
     "grouped_mm/path.h",
     "routing/routing.h",
+    "routing/topc.h",
     "permute/permute.h",
     "activation/activation.h",
 ]

@@ -225,6 +225,30 @@ std::string router_error_message(int32_t bits, int64_t num_modalities) {
   return msg;
 }
 
+void select_topc_check(const at::Tensor& scores, int64_t c, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(scores.dim() == 2, "select_topc: scores must be 2-D [batch, n], got shape ",
+              scores.sizes());
+  const auto dt = scores.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "select_topc: scores must be float32, bfloat16, float16 or float64, got ", dt);
+  const int64_t b = scores.size(0), n = scores.size(1);
+  TORCH_CHECK(n <= INT32_MAX,
+              "select_topc: scores must have n <= 2^31 - 1 columns (int32 positions in the "
+              "kernels), got shape ",
+              scores.sizes());
+  TORCH_CHECK(c >= 0 && c <= n, "select_topc: c must be in [0, n = ", n, "], got c = ", c);
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "select_topc: mask must be bool, got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == b && mask->size(1) == n,
+                "select_topc: mask must have the shape of scores [batch, n] = [", b, ", ", n,
+                "], got ", mask->sizes());
+    TORCH_CHECK(mask->device() == scores.device(),
+                "select_topc: mask must be on the same device as scores (", scores.device(),
+                "), got ", mask->device());
+  }
+}
+
 // The messages of the router's device error slots (mixops.check_errors, MIXOPS_DEBUG=1);
 // context: a = num_modalities.
 const bool kRouterMessagesRegistered = [] {

@@ -37,4 +37,7 @@ void router_check_modality_values(const at::Tensor& modality, int64_t num_modali
 
 std::string router_error_message(int32_t bits, int64_t num_modalities);
 
+// select_topc: scores [B, N] floating, 0 <= c <= N, mask [B, N] bool on scores' device.
+void select_topc_check(const at::Tensor& scores, int64_t c, const std::optional<at::Tensor>& mask);
+
 }  // namespace mixops

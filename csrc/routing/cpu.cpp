@@ -3,14 +3,16 @@
 // CUDA kernel calls, so selection is identical). Per-expert statistics are summed per chunk, then
 // the chunk partials in chunk order: the result does not depend on the thread count.
 // The per-row loops over experts (exp, sums) are written over plain arrays so they vectorise;
-// this file is built with -ffp-contract=off (det_math.h).
+// this file is built with -ffp-contract=off (det_math.h). select_topc's rows are at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "routing/check.h"
+#include "routing/topc.h"
 
 namespace mixops {
 namespace {
@@ -311,11 +313,92 @@ at::Tensor router_topk_backward_cpu(
   return grad;
 }
 
+// select_topc (topc.h): per row, the c best eligible positions under routing::better (the
+// router's order), then sorted ascending. c <= kTopcInsertMax: one pass of routing::topk_insert
+// (the router's own top-k), else std::nth_element on the eligible positions. O(N + c log c) per
+// row (insertion: O(N * c) at worst, ascending scores); rows run in parallel, in tasks of >= ~32K
+// entries. N = 32K fp32 random scores, one thread of a 2-core dev VM: nth_element 0.24 ms per row
+// for c <= 128, 0.54 ms for c = 4096, 1.75 ms for c = 16384; insertion 0.05 ms for c <= 16
+// (0.14 ms at c = 128, hence the cut).
+constexpr int64_t kTopcInsertMax = 16;
+
+template <class scalar_t>
+void topc_rows(const TopcParams& p) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t n = p.n, c = p.c;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(n, 1));
+  at::parallel_for(0, p.batch, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> cand;
+    cand.reserve(static_cast<size_t>(n));
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* x = static_cast<const scalar_t*>(p.scores) + r * n;
+      const uint8_t* m = p.mask == nullptr ? nullptr : p.mask + r * n;
+      scalar_t* values = static_cast<scalar_t*>(p.values) + r * c;
+      int64_t* indices = p.indices + r * c;
+      cand.clear();
+      int64_t take = 0;
+      if (c >= 1 && c <= kTopcInsertMax) {
+        acc_t top_keys[kTopcInsertMax];
+        int32_t top_ids[kTopcInsertMax];
+        int32_t count = 0;
+        for (int64_t i = 0; i < n; ++i)
+          if (m == nullptr || m[i] != 0)
+            routing::topk_insert(top_keys, top_ids, &count, static_cast<int32_t>(c),
+                                 static_cast<acc_t>(x[i]), static_cast<int32_t>(i));
+        cand.assign(top_ids, top_ids + count);
+        std::sort(cand.begin(), cand.end());
+        take = count;
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          if (m == nullptr || m[i] != 0) cand.push_back(static_cast<int32_t>(i));
+        take = std::min<int64_t>(c, static_cast<int64_t>(cand.size()));
+      }
+      if (take < static_cast<int64_t>(cand.size())) {
+        auto better = [x](int32_t a, int32_t b) {
+          return routing::better(static_cast<acc_t>(x[a]), a, static_cast<acc_t>(x[b]), b);
+        };
+        std::nth_element(cand.begin(), cand.begin() + take, cand.end(), better);
+        std::sort(cand.begin(), cand.begin() + take);
+      }
+      for (int64_t j = 0; j < take; ++j) {
+        indices[j] = cand[j];
+        values[j] = x[cand[j]];
+      }
+      for (int64_t j = take; j < c; ++j) {
+        indices[j] = -1;
+        values[j] = static_cast<scalar_t>(-INFINITY);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> select_topc_cpu(const at::Tensor& scores_in, int64_t c,
+                                                   const std::optional<at::Tensor>& mask_in) {
+  select_topc_check(scores_in, c, mask_in);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  const int64_t b = scores.size(0);
+  at::Tensor values = at::empty({b, c}, scores.options());
+  at::Tensor indices = at::empty({b, c}, scores.options().dtype(at::kLong));
+  TopcParams p{};
+  p.batch = b;
+  p.n = scores.size(1);
+  p.c = c;
+  p.scores = scores.data_ptr();
+  p.mask = mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  p.values = values.data_ptr();
+  p.indices = indices.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "select_topc",
+                                  [&] { topc_rows<scalar_t>(p); });
+  return {values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CPU, m) {
   m.impl("router_topk", &router_topk_cpu);
   m.impl("router_topk_backward", &router_topk_backward_cpu);
+  m.impl("select_topc", &select_topc_cpu);
 }
 
 }  // namespace mixops

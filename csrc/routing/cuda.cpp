@@ -1,4 +1,4 @@
-// router_topk and its backward on CUDA, the op layer: validation (shared with CPU), outputs and
+// router_topk and its backward, and select_topc, on CUDA, the op layer: validation (shared with CPU), outputs and
 // scratch through the torch allocator, current stream and device guard, then the torch-free
 // launchers (router.cu). Modality values are not read on the host: kernels clamp them and
 // set an error flag that MIXOPS_DEBUG=1 checks after the launch.
@@ -107,11 +107,37 @@ at::Tensor router_topk_backward_cuda(
   return grad;
 }
 
+// No scratch and no error flag: select_topc reads no values that could be invalid.
+std::tuple<at::Tensor, at::Tensor> select_topc_cuda(const at::Tensor& scores_in, int64_t c,
+                                                    const std::optional<at::Tensor>& mask_in) {
+  select_topc_check(scores_in, c, mask_in);
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  const int64_t b = scores.size(0);
+  at::Tensor values = at::empty({b, c}, scores.options());
+  at::Tensor indices = at::empty({b, c}, scores.options().dtype(at::kLong));
+
+  TopcParams p{};
+  p.dtype = to_mixops_dtype(scores.scalar_type());
+  p.batch = b;
+  p.n = scores.size(1);
+  p.c = c;
+  p.scores = scores.data_ptr();
+  p.mask = static_cast<const uint8_t*>(ptr_or_null(mask));
+  p.values = values.data_ptr();
+  p.indices = indices.data_ptr<int64_t>();
+  const cudaStream_t stream = cuda::stream_of(scores);
+  cuda::launch_checked("select_topc", [&] { cuda::select_topc_launch(p, stream); });
+  return {values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
   m.impl("router_topk", &router_topk_cuda);
   m.impl("router_topk_backward", &router_topk_backward_cuda);
+  m.impl("select_topc", &select_topc_cuda);
 }
 
 }  // namespace mixops

@@ -18,6 +18,7 @@
 #include <cstddef>
 
 #include "routing/routing.h"
+#include "routing/topc.h"
 
 namespace mixops::cuda {
 
@@ -30,5 +31,9 @@ size_t router_topk_backward_workspace_bytes(const RouterBackwardParams& p);
 // above (the blocks' scratch when it does not fit in shared memory; usually none).
 void router_topk_backward_launch(const RouterBackwardParams& p, void* workspace,
                                  cudaStream_t stream);
+
+// select_topc: fills values and indices [B, c] (topc.h). No workspace, no value checks (nothing
+// in device memory can be invalid), so no error flag.
+void select_topc_launch(const TopcParams& p, cudaStream_t stream);
 
 }  // namespace mixops::cuda

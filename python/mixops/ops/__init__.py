@@ -7,13 +7,15 @@ Each op family has its own module; importing this package registers them all. Th
 from .activation import gated_activation
 from .grouped_mm import grouped_mm
 from .permute import PermuteOutput, permute, rows_to_slots, slots_to_rows, unpermute
-from .routing import RouterOutput, router_topk
+from .routing import RouterOutput, TopcOutput, router_topk, select_topc
 
 __all__ = [
     "gated_activation",
     "grouped_mm",
     "router_topk",
     "RouterOutput",
+    "select_topc",
+    "TopcOutput",
     "permute",
     "unpermute",
     "PermuteOutput",

@@ -1,4 +1,5 @@
-"""router_topk: fused expert scoring, top-k selection, weight finishing and routing statistics."""
+"""router_topk: fused expert scoring, top-k selection, weight finishing and routing statistics;
+select_topc: top-C selection per row (Mixture-of-Depths, expert choice) under the same order."""
 
 import math
 from typing import NamedTuple, Optional
@@ -7,7 +8,7 @@ import torch
 
 from ._check import FLOATS, INT32_MAX, check
 
-__all__ = ["router_topk", "RouterOutput"]
+__all__ = ["router_topk", "RouterOutput", "select_topc", "TopcOutput"]
 
 _SCORE_FNS = ("softmax", "sigmoid", "none")
 _GROUP_SCORES = ("top2_sum", "max")
@@ -504,3 +505,106 @@ def _backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_score_sum, grad_l
 
 
 torch.library.register_autograd("mixops::router_topk", _backward, setup_context=_setup_context)
+
+
+# ---- select_topc -----------------------------------------------------------------------------
+
+
+class TopcOutput(NamedTuple):
+    values: torch.Tensor  # [batch, c] scores' dtype: scores[b, indices[b, j]], -inf where -1
+    indices: torch.Tensor  # [batch, c] int64, ascending positions, then -1
+
+
+def select_topc(scores: torch.Tensor, c: int, mask: Optional[torch.Tensor] = None) -> TopcOutput:
+    """The c best entries of each row, in ascending position order (Mixture-of-Depths token
+    selection; expert-choice routing with one row per expert).
+
+    ::
+
+        scores [batch, n]  float32, bfloat16, float16 (float64 for gradcheck)
+        c      int         0 <= c <= n, static (output shapes never depend on the data)
+        mask   [batch, n] bool or None   True = eligible; None: every entry eligible
+        -> TopcOutput(values [batch, c] scores' dtype, indices [batch, c] int64)
+
+    Order: router_topk's strict total order (csrc/routing/routing.h ``better``): a higher score
+    first, ties to the lower position, NaN below every number (-inf included); -0 ties +0.
+    Ineligible entries are never chosen. The chosen positions are returned in ASCENDING order
+    (causal order survives the gather), ``values[b, j] = scores[b, indices[b, j]]`` bit for bit.
+
+    Rows with fewer than c eligible entries (e < c): every eligible entry is chosen, in ascending
+    order, in positions 0..e-1; positions e..c-1 hold index -1 and value -inf (the "-1: none"
+    convention of ``permute``; -inf weighs nothing after sigmoid or softmax). Gather with
+    ``indices.clamp_min(0)`` and mask by ``indices >= 0``.
+
+    Autograd: ``d scores`` is zero except ``d scores[b, indices[b, j]] = d values[b, j]``
+    (padding positions give none); indices get no gradient.
+
+    CPU: std::nth_element per row, rows in parallel. CUDA: one block per row, radix select on the
+    scores' order keys (any n < 2^31, fixed shared memory, no host sync).
+    """
+    return TopcOutput(*torch.ops.mixops.select_topc.default(scores, c, mask))
+
+
+def _select_topc_check(scores, c, mask):
+    """select_topc_check in csrc/routing/check.cpp, message for message."""
+    check(scores.dim() == 2, "select_topc: scores must be 2-D [batch, n], got shape ", scores.shape)
+    check(
+        scores.dtype in FLOATS,
+        "select_topc: scores must be float32, bfloat16, float16 or float64, got ",
+        scores.dtype,
+    )
+    b, n = scores.shape
+    check(
+        n <= INT32_MAX,
+        "select_topc: scores must have n <= 2^31 - 1 columns (int32 positions in the kernels), "
+        "got shape ",
+        scores.shape,
+    )
+    check(c >= 0 and c <= n, "select_topc: c must be in [0, n = ", n, "], got c = ", c)
+    if mask is not None:
+        check(mask.dtype == torch.bool, "select_topc: mask must be bool, got ", mask.dtype)
+        check(
+            mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] == n,
+            "select_topc: mask must have the shape of scores [batch, n] = [",
+            b,
+            ", ",
+            n,
+            "], got ",
+            mask.shape,
+        )
+        check(
+            mask.device == scores.device,
+            "select_topc: mask must be on the same device as scores (",
+            scores.device,
+            "), got ",
+            mask.device,
+        )
+
+
+@torch.library.register_fake("mixops::select_topc")
+def _select_topc_fake(scores, c, mask=None):
+    _select_topc_check(scores, c, mask)
+    b = scores.shape[0]
+    return scores.new_empty(b, c), scores.new_empty(b, c, dtype=torch.int64)
+
+
+def _topc_setup_context(ctx, inputs, output):
+    scores, _c, _mask = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1])
+    ctx.scores_shape = scores.shape
+
+
+def _topc_backward(ctx, grad_values, _grad_indices):
+    if not ctx.needs_input_grad[0] or grad_values is None:
+        return None, None, None
+    (indices,) = ctx.saved_tensors
+    none = indices < 0  # padding of rows with fewer than c eligible entries: no gradient
+    grad = grad_values.new_zeros(ctx.scores_shape)
+    grad = grad.scatter_add(1, indices.clamp_min(0), grad_values.masked_fill(none, 0))
+    return grad, None, None
+
+
+torch.library.register_autograd(
+    "mixops::select_topc", _topc_backward, setup_context=_topc_setup_context
+)
