@@ -1,6 +1,7 @@
 """The CPU block cache behind large op outputs (csrc/core/cpu_alloc.h): a freed output of >= 4 MiB
 keeps its pages mapped and is handed to the next output of the same rounded size; a request that
-misses keeps the cache; idle blocks past MIXOPS_CPU_CACHE_MB are released, oldest first; live
+misses after a hit keeps the cache, two misses in a row release it (a cold step peaks no higher
+than without the cache); idle blocks past MIXOPS_CPU_CACHE_MB are released, oldest first; live
 tensors (and their views) never share a block; MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block still
 holds the previous tensor's values."""
 
@@ -70,6 +71,32 @@ def test_a_miss_keeps_the_cache(cache):
     # outliving its step must not empty the cache for the rest of the next one)
     r = _probe(cache)
     assert r["miss"] > r["freed_again"] + 4, r
+
+
+_COLD_PROBE = """
+import json, os, torch, mixops
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+big = torch.randn(8192, 4096)
+small = torch.randn(2048, 2048)
+a = mixops.ops.gated_activation(big, "relu")  # miss (a cold cache)
+del a
+out = {"freed": rss()}
+b = mixops.ops.gated_activation(small, "relu")  # miss again, no hit between: release first
+out["second_miss"] = rss()
+print(json.dumps(out))
+"""
+
+
+def test_two_misses_in_a_row_release_the_cache():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXOPS_CPU_CACHE")}
+    p = subprocess.run(
+        [sys.executable, "-c", _COLD_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["second_miss"] < r["freed"] - 32, f"the idle 64 MiB block survived a cold miss: {r}"
 
 
 def test_idle_blocks_past_the_limit_are_released():

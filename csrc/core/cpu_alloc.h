@@ -10,14 +10,16 @@
 //
 // So blocks of >= 4 MiB come from a small cache: a freed block is kept (its pages stay mapped) and
 // handed to the next output of the same rounded size. Training loops repeat the same shapes every
-// step, so after the first step every large output is a hit. A miss maps a new block and keeps the
-// cached ones: an earlier policy released the whole cache on every miss (so the process never held
-// more than without the cache), but one tensor outliving its step (the previous output, still
-// referenced while the next forward runs) then missed once per step and each miss emptied the cache
-// for the rest of it: the MoA layer's backward paid ~20 ms of page faults per 32 MiB gradient (27 ms
-// for an unpermute_backward that takes 6.7 ms on mapped memory). Idle blocks are bounded instead:
-// when they pass the limit (MIXOPS_CPU_CACHE_MB, default 1/8 of physical memory), the ones freed
-// longest ago are released. MIXOPS_CPU_CACHE=0 turns the cache off.
+// step, so after the first step every large output is a hit. On a miss:
+//  * after a hit (a steady loop meeting one extra live tensor, e.g. the previous step's output)
+//    the cached blocks stay. An earlier policy released the whole cache on every miss; then such
+//    a lone miss per step emptied it for the rest of the step, and the MoA layer's backward paid
+//    ~20 ms of page faults per 32 MiB gradient (27 ms for an unpermute_backward that takes 6.7 ms
+//    on mapped memory);
+//  * after another miss (a cold step, or shapes that changed) the cache is released before
+//    mapping, so a first step peaks no higher than without the cache.
+// Idle blocks are also bounded: past MIXOPS_CPU_CACHE_MB (default 1/8 of physical memory) the ones
+// freed longest ago are released. MIXOPS_CPU_CACHE=0 turns the cache off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,8 +62,14 @@ class LargeBlockCache {
         void* p = it->second;
         idle_.erase(std::next(it).base());
         idle_bytes_ -= bytes;
+        ++hits_since_miss_;
         return p;
       }
+      // Two misses in a row: the shapes are not repeating (yet), so the idle blocks are likely
+      // dead weight; release them before mapping, so a cold step peaks no higher than without
+      // the cache. A lone miss among hits (a steady loop with one extra live tensor) keeps them.
+      if (hits_since_miss_ == 0) release_all_locked();
+      hits_since_miss_ = 0;
     }
     void* p = nullptr;
     if (posix_memalign(&p, kHugePage, bytes) != 0) return nullptr;
@@ -101,9 +109,16 @@ class LargeBlockCache {
     }
   }
 
+  void release_all_locked() {
+    for (auto& [bytes, block] : idle_) std::free(block);
+    idle_.clear();
+    idle_bytes_ = 0;
+  }
+
   std::mutex mu_;
   std::deque<std::pair<size_t, void*>> idle_;  // (bytes, block), oldest first
   size_t idle_bytes_ = 0;
+  int64_t hits_since_miss_ = 0;
   size_t limit_ = 0;
   bool enabled_ = true;
 };
