@@ -18,6 +18,7 @@ from torch import nn
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation, check_activation
+from .expert_choice import expert_choice_routed
 from .experts import MLP, Experts
 from .router import RouterConfig, TopKRouter
 
@@ -43,7 +44,11 @@ def _router_config(num_experts, top_k, router, options):
     if router is None:
         return RouterConfig(num_experts=num_experts, top_k=top_k, **options)
     if not isinstance(router, RouterConfig):
-        raise TypeError(f"MoE: router must be a RouterConfig, got {type(router).__name__}")
+        raise TypeError(
+            f"MoE: router must be a RouterConfig or 'expert_choice', got {router!r}"
+            if isinstance(router, str)
+            else f"MoE: router must be a RouterConfig, got {type(router).__name__}"
+        )
     if options:
         raise ValueError(
             f"MoE: give the routing options either as router=RouterConfig(...) or as "
@@ -55,6 +60,32 @@ def _router_config(num_experts, top_k, router, options):
                 f"MoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
             )
     return router
+
+
+def _expert_choice_config(num_experts, top_k, capacity_factor, options):
+    """The RouterConfig behind router="expert_choice" (its projection only; the choice is the
+    experts'), after the checks that are expert choice's own."""
+    if top_k is not None:
+        raise ValueError(
+            "MoE: router='expert_choice' lets each expert pick its tokens; give capacity_factor, "
+            f"not top_k (got top_k={top_k!r})"
+        )
+    if capacity_factor is None:
+        raise ValueError(
+            "MoE: router='expert_choice' needs capacity_factor (each expert takes "
+            "ceil(capacity_factor * tokens / num_experts) tokens)"
+        )
+    extra = set(options) - {"router_fp32"}
+    if extra:
+        raise ValueError(
+            f"MoE: router='expert_choice' takes no routing options but router_fp32 "
+            f"(got {', '.join(sorted(extra))})"
+        )
+    if num_experts is None:
+        raise ValueError("MoE: router='expert_choice' needs num_experts")
+    return RouterConfig(
+        num_experts=num_experts, top_k=1, router_fp32=options.pop("router_fp32", False)
+    )
 
 
 def _capacity_fraction(capacity_factor):
@@ -118,7 +149,11 @@ class MoE(nn.Module):
     Args:
         hidden_size, ffn_size, num_experts, top_k: the layer's shape (ffn_size per expert);
             ``num_experts`` and ``top_k`` may be left out when ``router`` is given.
-        router: a ``RouterConfig`` (how tokens choose experts). Instead of it, its options may be
+        router: a ``RouterConfig`` (how tokens choose experts), or ``"expert_choice"``: each
+            expert picks its ``min(T, ceil(capacity_factor * T / E))`` best tokens by their softmax
+            scores over the experts (Zhou et al. 2022; ``top_k`` must not be given; a token may get
+            0..E experts; it looks across every token of the batch, so it is not causal; padding
+            tokens of ``token_mask`` are never picked). Instead of a RouterConfig, its options may be
             given as keywords: ``score_fn``, ``topk_then_score``, ``renormalize``, ``renorm_eps``,
             ``scaling``, ``num_groups``, ``groups_kept``, ``group_score``, ``num_modalities``
             (``mixops.ops.router_topk``'s options), ``selection_bias`` (a buffer
@@ -168,6 +203,9 @@ class MoE(nn.Module):
         **router_options,
     ):
         super().__init__()
+        self.expert_choice = isinstance(router, str) and router == "expert_choice"
+        if self.expert_choice:
+            router = _expert_choice_config(num_experts, top_k, capacity_factor, router_options)
         router = _router_config(num_experts, top_k, router, router_options)
         if parts is not None:
             shared_ffn_size = 1 if parts.shared is not None else 0
@@ -282,6 +320,8 @@ class MoE(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def _routed(self, x2, token_mask, modality, cast):
+        if self.expert_choice:
+            return self._expert_choice_routed(x2, token_mask, cast)
         num_tokens = x2.shape[0]
         E, k = self.num_experts, self.top_k
         with _stage("router", x2):
@@ -322,6 +362,26 @@ class MoE(nn.Module):
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
         return y
+
+    def _expert_choice_routed(self, x2, token_mask, cast):
+        gated = self.activation in GATED
+        w1 = self.experts.gate_up_proj if gated else self.experts.up_proj
+        w2 = self.experts.down_proj
+        if cast is not None:
+            w1, w2 = w1.to(cast), w2.to(cast)
+        with _stage("router", x2):
+            logits = self._router_logits(x2)
+        self.aux_loss = None  # balanced by construction
+        with _stage("expert_choice", x2):
+            return expert_choice_routed(
+                logits,
+                x2,
+                w1.transpose(1, 2),
+                w2.transpose(1, 2),
+                self.activation,
+                self._capacity,
+                token_mask,
+            )
 
     # -- training-loop API ------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,55 @@
+"""Expert-choice routing (Zhou et al. 2022) for mixops.nn.MoE (``router="expert_choice"``): each
+expert takes its top ``C = min(T, ceil(c * T / E))`` tokens by its score, the scores being the
+softmax over the experts of each token's logits. A token may be chosen by 0..E experts.
+
+select_topc (one row per expert, over the tokens; padding tokens ineligible) -> the chosen rows of
+x, expert-major, C per expert -> grouped_mm -> activation -> grouped_mm -> unpermute with a row map
+``[T, E]`` (row ``e * C + j`` for the j-th token of expert e, -1 where e did not choose t) and the
+chosen scores as weights: each token sums its own rows, deterministic, no atomics. Static shapes,
+no host sync.
+
+It looks across every token of the batch at once (not causal): a token's output depends on the
+other tokens, and with one token every expert picks it.
+"""
+
+import torch
+
+from ..ops import grouped_mm, select_topc, unpermute
+from .activations import apply_activation
+
+__all__ = ["expert_capacity", "expert_choice_routed"]
+
+
+def expert_capacity(capacity, num_tokens, num_experts):
+    """``min(T, ceil(c * T / E))`` in integers from the capacity factor as a Fraction (symbolic
+    under torch.compile when T is)."""
+    num, den = capacity.numerator, capacity.denominator
+    c = (num * num_tokens + den * num_experts - 1) // (den * num_experts)
+    return torch.sym_min(c, num_tokens)
+
+
+def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask):
+    """The routed output ``[T, H]`` of expert-choice routing. logits ``[T, E]``; x2 ``[T, H]``;
+    w1/w2 the experts' weights in grouped_mm's ``[E, K, N]`` orientation; token_mask ``[T]`` bool
+    or None (False: padding, never chosen)."""
+    T, E = logits.shape
+    scores = torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+    C = expert_capacity(capacity, T, E)
+    mask = None if token_mask is None else token_mask.unsqueeze(0).expand(E, T)
+    sel = select_topc(scores.t(), C, mask)  # values / indices [E, C], tokens ascending
+    chosen = sel.indices >= 0  # False only where an expert has fewer than C eligible tokens
+    tok = sel.indices.clamp(min=0)
+    rows = x2[tok.reshape(-1)] * chosen.reshape(-1, 1).to(x2.dtype)  # [E * C, H]
+    offsets = (torch.arange(1, E + 1, device=x2.device, dtype=torch.int32) * C).to(torch.int32)
+    h = grouped_mm(rows, w1, offsets)
+    o = grouped_mm(apply_activation(activation, h), w2, offsets)  # [E * C, H]
+    # row_map [T, E] and weights [T, E] from the choices; unchosen slots (-1) write to a spare
+    # token row T that is dropped.
+    expert = torch.arange(E, device=x2.device).unsqueeze(1).expand(E, C)
+    row = torch.arange(E * C, device=x2.device, dtype=torch.int32).view(E, C)
+    t_or_spare = torch.where(chosen, tok, torch.full_like(tok, T))
+    row_map = torch.full((T + 1, E), -1, dtype=torch.int32, device=x2.device)
+    row_map = row_map.index_put((t_or_spare, expert), row)[:T]
+    w = torch.zeros(T + 1, E, dtype=sel.values.dtype, device=x2.device)
+    w = w.index_put((t_or_spare, expert), torch.where(chosen, sel.values, 0))[:T]
+    return unpermute(o, row_map.contiguous(), w.contiguous())
