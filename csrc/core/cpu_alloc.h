@@ -91,11 +91,6 @@ class LargeBlockCache {
     }
   }
 
-  size_t idle_bytes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return idle_bytes_;
-  }
-
  private:
   LargeBlockCache() {
     const char* env = std::getenv("MIXOPS_CPU_CACHE");

@@ -9,7 +9,7 @@ import torch
 
 import mixops
 
-from .timing import interleaved_median_ms, nvtx_range
+from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run(args):
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     shapes = [s for s in shapes if args.experts in (0, s.experts)]
     impls = {"mixops", *[i for i in args.impls.split(",") if i]} if args.impls else ()
-    dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
+    dtypes = selected_dtypes(args)
     if args.dist != "all":
         dists = (args.dist,)
     else:
@@ -110,7 +110,7 @@ def run(args):
             )
     print(
         f"mixops grouped_mm benchmark on {device} "
-        f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"({where(device)}), "
         f"torch {torch.__version__}; median ms of {args.reps} reps"
     )
     header = (

@@ -24,6 +24,7 @@ from ..nn.moa import MoA
 from ..nn.moa_attention import rope
 from .grouped_mm import native_lowp_matmul
 from .moe import FLOOR, PASSES, fwd_bwd_step, fwd_step, time_case
+from .timing import selected_dtypes, where
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,9 @@ def run(args):
 
     device = args.device
     configs = [c for c in (QUICK if args.quick else FULL) if args.experts in (0, c.experts)]
-    dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
-    where = (
-        torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    )
+    dtypes = selected_dtypes(args)
     print(
-        f"mixops MoA-layer benchmark on {device} ({where}), CPU capability "
+        f"mixops MoA-layer benchmark on {device} ({where(device)}), CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, bf16 GEMM native: "
         f"{native_lowp_matmul(torch.bfloat16, device)}; median ms of {args.reps} reps"

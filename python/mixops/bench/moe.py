@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .grouped_mm import native_lowp_matmul
-from .timing import interleaved_median_ms, nvtx_range
+from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
 
 
 @dataclass(frozen=True)
@@ -311,12 +311,9 @@ def run(args):
 
     device = args.device
     configs = [c for c in (QUICK if args.quick else FULL) if args.experts in (0, c.experts)]
-    dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
-    where = (
-        torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    )
+    dtypes = selected_dtypes(args)
     title = (
-        f"mixops MoE-layer benchmark on {device} ({where}), torch {torch.__version__}, "
+        f"mixops MoE-layer benchmark on {device} ({where(device)}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}; median ms of {args.reps} reps"
     )
     print(title)

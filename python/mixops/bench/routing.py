@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from .timing import interleaved_median_ms, nvtx_range
+from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
 
 TOKENS = (1, 128, 4096, 32768)
 EXPERTS = (8, 64, 256)
@@ -50,7 +50,7 @@ def torch_chain(logits, x, k, num_experts):
 
 def run(args):
     device = args.device
-    dtypes = [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
+    dtypes = selected_dtypes(args)
     grid = QUICK if args.quick else tuple(itertools.product(TOKENS, EXPERTS, TOPK))
     grid = [
         (t, e, k)
@@ -60,7 +60,7 @@ def run(args):
     hidden = args.hidden
     print(
         f"mixops routing benchmark on {device} "
-        f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"({where(device)}), "
         f"torch {torch.__version__}; hidden {hidden}; median ms of {args.reps} reps; "
         "router_topk + permute + unpermute vs the PyTorch chain"
     )

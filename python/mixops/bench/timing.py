@@ -13,6 +13,18 @@ def nvtx_range(name):
     return _nvtx_range(name, enabled=torch.cuda.is_available())
 
 
+def selected_dtypes(args):
+    """The dtypes of ``--dtype`` (all: fp32 then bf16)."""
+    return [d for d in (torch.float32, torch.bfloat16) if args.dtype in ("all", str(d)[6:])]
+
+
+def where(device):
+    """The GPU's name, or the CPU thread count, for the benchmarks' header lines."""
+    return (
+        torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    )
+
+
 def _time_once(fn, device, flush):
     if device == "cuda":
         flush.zero_()

@@ -89,11 +89,11 @@ class MixopsJetMoeMoE(JetMoeMoE):
     grouped_mm -> unpermute (gates) -> + bias."""
 
     def forward(self, layer_input):
-        act = self.__dict__["_mixops_activation"]
+        act, router_kwargs = self.__dict__["_mixops_mlp"]
         shape = layer_input.shape
         x2 = layer_input.reshape(-1, shape[-1])
         logits = self.router(x2)[4]
-        r = router_topk(logits, **_router_config(self.router).op_kwargs())
+        r = router_topk(logits, **router_kwargs)
         p = permute(x2, r.ids, self.router.num_experts)
         h = grouped_mm(p.x_sorted, self.input_linear.weight.transpose(1, 2), p.offsets)
         h = apply_activation(act, h)
@@ -146,12 +146,13 @@ def plan(block):
 
         return apply
     if isinstance(block, JetMoeMoE):
-        act = _mlp_activation(block)
+        # Made once here, not on every forward: the activation and router_topk's options.
+        mlp = (_mlp_activation(block), _router_config(block.router).op_kwargs())
 
         def apply():
             block.__class__ = MixopsJetMoeMoE
             block.router.__class__ = MixopsJetMoeTopKGating
-            block.__dict__["_mixops_activation"] = act
+            block.__dict__["_mixops_mlp"] = mlp
 
         return apply
     return None

@@ -40,7 +40,7 @@ def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask):
     chosen = sel.indices >= 0  # False only where an expert has fewer than C eligible tokens
     tok = sel.indices.clamp(min=0)
     rows = x2[tok.reshape(-1)] * chosen.reshape(-1, 1).to(x2.dtype)  # [E * C, H]
-    offsets = (torch.arange(1, E + 1, device=x2.device, dtype=torch.int32) * C).to(torch.int32)
+    offsets = torch.arange(1, E + 1, device=x2.device, dtype=torch.int32) * C
     h = grouped_mm(rows, w1, offsets)
     o = grouped_mm(apply_activation(activation, h), w2, offsets)  # [E * C, H]
     # row_map [T, E] and weights [T, E] from the choices; unchosen slots (-1) write to a spare

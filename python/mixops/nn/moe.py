@@ -345,12 +345,7 @@ class MoE(nn.Module):
             capacity = (num * num_tokens * k + den * E - 1) // (den * E)
             # More slots than T * k drop nothing; capping keeps any capacity_factor within int64.
             capacity = torch.sym_min(capacity, num_tokens * k)
-        experts = self.experts
-        gated = self.activation in GATED
-        w1 = experts.gate_up_proj if gated else experts.up_proj
-        w2 = experts.down_proj
-        if cast is not None:
-            w1, w2 = w1.to(cast), w2.to(cast)
+        w1, w2 = self._expert_weights(cast)
         with _stage("permute", x2):
             p = permute(x2, r.ids, E, capacity=capacity)
         with _stage("gate_up_gemm", x2):
@@ -363,12 +358,16 @@ class MoE(nn.Module):
             y = unpermute(o, p.row_map, r.weights)
         return y
 
-    def _expert_choice_routed(self, x2, token_mask, cast):
+    def _expert_weights(self, cast):
+        """The experts' first (gate_up or up) and down projections, cast to ``cast`` when given
+        (differentiable casts: fp32 master weights get fp32 gradients)."""
         gated = self.activation in GATED
         w1 = self.experts.gate_up_proj if gated else self.experts.up_proj
         w2 = self.experts.down_proj
-        if cast is not None:
-            w1, w2 = w1.to(cast), w2.to(cast)
+        return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
+
+    def _expert_choice_routed(self, x2, token_mask, cast):
+        w1, w2 = self._expert_weights(cast)
         with _stage("router", x2):
             logits = self._router_logits(x2)
         self.aux_loss = None  # balanced by construction
