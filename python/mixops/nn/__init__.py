@@ -1,9 +1,11 @@
-"""nn.Modules built from the mixops ops: the MoE layer (moe.py), the MoA layer (moa.py), its router and router
-configuration (router.py), its experts (experts.py) and the activations by name."""
+"""nn.Modules built from the mixops ops: the MoE layer (moe.py), the MoA layer (moa.py), the MoD
+wrapper (mod.py), the router and its configuration (router.py), the experts (experts.py) and the
+activations by name."""
 
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
 from .moa import MoA, MoAExperts, MoAParts
+from .mod import MoD, pmod_capacity_schedule
 from .moe import MoE, MoEParts
 from .router import RouterConfig, TopKRouter
 
@@ -11,6 +13,8 @@ __all__ = [
     "MoA",
     "MoAParts",
     "MoAExperts",
+    "MoD",
+    "pmod_capacity_schedule",
     "MoE",
     "MoEParts",
     "RouterConfig",

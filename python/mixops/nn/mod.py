@@ -1,0 +1,415 @@
+"""mixops.nn.MoD: Mixture-of-Depths (Raposo et al. 2024) around any block, with p-MoD's gate and
+skipped-token scaling, and causal routing for generation.
+
+Per sequence a scalar router ``r = w . x`` scores every token; the top ``C`` tokens run through the
+block as a compacted sequence in causal order (their own RoPE positions, the matching mask), the
+others pass through unchanged. A chosen token gets ``x + g(r) * f`` with ``f = block(x) - x`` for
+blocks that return the residual sum (HF decoder layers) or ``f = block(x)`` otherwise.
+
+Top-C looks at the whole sequence, so generation routes each token by a causal rule instead: the
+router's own logit (``causal_rule="router"``: trained by a BCE loss against top-C membership, rule
+``sigmoid(r) > 0.5``) or a small predictor MLP on the stop-gradient input (``"predictor"``, the
+same loss and rule). Under the causal rule the block runs on the whole sequence and a skipped
+token's key is hidden from every later query of this layer (its cache entry is written but never
+seen); each sequence of a batch decides for itself. The skipped/kept history of the cached tokens
+lives on the cache object, per MoD layer.
+"""
+
+import math
+from fractions import Fraction
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import select_topc
+from .mod_select import capacity_count, compact_kwargs, mask_kind, routable_choice, skip_mask
+
+__all__ = ["MoD", "pmod_capacity_schedule"]
+
+_GATES = ("raw", "sigmoid", "tanh", "one")
+_RULES = (None, "router", "predictor")
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def _capacity(capacity):
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float, Fraction)):
+        raise TypeError(
+            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+        )
+    if isinstance(capacity, int):
+        if capacity < 1:
+            raise ValueError(
+                f"MoD: an int capacity (tokens per sequence) must be >= 1, got {capacity}"
+            )
+        return capacity
+    if not (math.isfinite(capacity) and 0 < capacity <= 1):
+        raise ValueError(
+            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+        )
+    return Fraction(capacity).limit_denominator(1 << 20)
+
+
+def pmod_capacity_schedule(num_layers, mean=0.5, max_ratio=0.85, min_ratio=0.15, kind="cos"):
+    """p-MoD's progressive ratio decay: the token retention ratio of layer ``l`` (0-based) is
+    ``mean + cos(pi * l / (num_layers - 1)) / 2`` (``kind="cos"``, the shifted cosine) or
+    ``mean + 1/2 - l / (num_layers - 1)`` (``"linear"``), clamped below at ``min_ratio``; layers whose
+    ratio exceeds ``max_ratio`` stay dense (None). Returns one entry per layer: a Fraction capacity
+    for ``MoD`` or None. (p-MoD's defaults: mean 0.5, max 0.85, min 0.15.)"""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"pmod_capacity_schedule: num_layers must be an int >= 1, got {num_layers!r}"
+        )
+    if not 0 < min_ratio <= max_ratio <= 1:
+        raise ValueError("pmod_capacity_schedule: need 0 < min_ratio <= max_ratio <= 1")
+    if kind not in ("cos", "linear"):
+        raise ValueError(f"pmod_capacity_schedule: kind must be 'cos' or 'linear', got {kind!r}")
+    span = max(num_layers - 1, 1)
+    out = []
+    for layer in range(num_layers):
+        if kind == "cos":
+            ratio = mean + math.cos(math.pi * layer / span) / 2
+        else:
+            ratio = mean + 0.5 - layer / span
+        out.append(None if ratio > max_ratio else _capacity(max(ratio, min_ratio)))
+    return out
+
+
+class MoD(nn.Module):
+    """Mixture-of-Depths around ``block``: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
+
+    Args:
+        block: the module to route around (attention + MLP, or either). It is called as
+            ``block(x, **kwargs)`` with the forward's extra keyword arguments, adjusted to the
+            compacted sequence (``position_ids``, ``position_embeddings``, ``attention_mask``); a
+            tuple result's first element is used.
+        hidden_size: the model width (default: ``block.hidden_size``).
+        capacity: tokens processed per sequence, ``C = ceil(capacity * seq)`` computed exactly from
+            the capacity as a fraction (float or Fraction in (0, 1]), or an int C (at most seq).
+        gate: g(r) for the chosen tokens' update: "raw" (the router output, the paper), "sigmoid",
+            "tanh" (p-MoD's ``0.2 * tanh(r) + 1``, the router initialised to zero so every weight
+            starts at exactly 1) or "one" (g = 1: the router only selects).
+        scale_skipped: p-MoD's symmetric reweighting: skipped tokens become ``g(r) * x``.
+        residual: the block returns ``x + f`` (HF decoder layers); False: it returns ``f``.
+        causal: the block's attention is causal (HF decoder layers); masks built by MoD follow it.
+        causal_rule: None, "router" or "predictor" (see the module docstring); needed for
+            generation with a cache unless every token is processed (capacity 1).
+        aux_loss_coef: weight of the causal rule's BCE loss (``self.aux_loss`` after a top-C
+            forward). predictor_hidden: the predictor's width (default hidden // 8).
+        router_bias: a bias in the router projection.
+
+    forward(hidden_states, *, attention_mask=None, token_mask=None, routable_mask=None,
+    max_processed=None, routing=None, **block_kwargs):
+        token_mask [batch, seq]: False for padding (never chosen); default from a 2-D
+        ``attention_mask``, else every token. routable_mask [batch, seq]: tokens subject to routing
+        (the others are always processed; C counts routable tokens per sequence, and the compacted
+        length is ``max_processed``, default seq). routing: "topc" or "causal" (default: causal
+        when a cache is passed, else top-C). A cache goes in under the block's name for it
+        (``cache``, ``past_key_values`` or ``past_key_value``).
+    After a forward: ``router_logits`` [batch, seq] (fp32), ``chosen`` [batch, seq] bool (the
+    processed tokens), ``aux_loss`` (0-dim, or None).
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        hidden_size: Optional[int] = None,
+        capacity: Union[float, Fraction, int] = 0.125,
+        *,
+        gate: str = "raw",
+        scale_skipped: bool = False,
+        residual: bool = True,
+        causal: bool = True,
+        causal_rule: Optional[str] = None,
+        aux_loss_coef: float = 1.0,
+        predictor_hidden: Optional[int] = None,
+        router_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"MoD: block must be an nn.Module, got {type(block).__name__}")
+        if hidden_size is None:
+            hidden_size = getattr(block, "hidden_size", None)
+            if hidden_size is None:
+                raise ValueError("MoD: give hidden_size (the block has no hidden_size attribute)")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"MoD: hidden_size must be a positive int, got {hidden_size!r}")
+        if gate not in _GATES:
+            raise ValueError(f"MoD: gate must be one of {_GATES}, got {gate!r}")
+        if causal_rule not in _RULES:
+            raise ValueError(f"MoD: causal_rule must be one of {_RULES}, got {causal_rule!r}")
+        self.block = block
+        self.hidden_size = hidden_size
+        self.capacity = _capacity(capacity)
+        self.gate, self.scale_skipped = gate, bool(scale_skipped)
+        self.residual, self.causal = bool(residual), bool(causal)
+        self.causal_rule, self.aux_loss_coef = causal_rule, float(aux_loss_coef)
+        kw = dict(device=device, dtype=dtype)
+        self.router = nn.Linear(hidden_size, 1, bias=router_bias, **kw)
+        self.predictor = None
+        if causal_rule == "predictor":
+            p = predictor_hidden or max(1, hidden_size // 8)
+            self.predictor = nn.Sequential(
+                nn.Linear(hidden_size, p, **kw), nn.SiLU(), nn.Linear(p, 1, **kw)
+            )
+        self.layer_idx = next(
+            (
+                m.layer_idx
+                for m in block.modules()
+                if isinstance(getattr(m, "layer_idx", None), int)
+            ),
+            None,
+        )
+        self.router_logits = self.chosen = self.aux_loss = None
+        # [batch, kv_len] padding mask for the next forwards when the caller's attention_mask is
+        # 4-D (set by mixops.integrations.mod's hook on HF decoder models).
+        self.hf_padding_mask = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The router: zeros for the "tanh" gate (every weight starts at exactly 1), else N(0, 0.02)."""
+        if self.gate == "tanh":
+            nn.init.zeros_(self.router.weight)
+        else:
+            nn.init.normal_(self.router.weight, std=0.02)
+        if self.router.bias is not None:
+            nn.init.zeros_(self.router.bias)
+
+    def _gate(self, r):
+        if self.gate == "raw":
+            return r
+        if self.gate == "sigmoid":
+            return torch.sigmoid(r)
+        if self.gate == "tanh":
+            return 0.2 * torch.tanh(r) + 1
+        return torch.ones_like(r)
+
+    def _update(self, x, y, g):
+        """The chosen tokens' output from the block's output y: ``x + g * f``. For residual blocks
+        written ``y + (g - 1) * (y - x)``, so g = 1 returns the block's output bit for bit."""
+        g = g.unsqueeze(-1).to(y.dtype)
+        if not self.residual:
+            return x + g * y
+        if self.gate == "one":
+            return y
+        return y + (g - 1) * (y - x)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        token_mask: Optional[torch.Tensor] = None,
+        routable_mask: Optional[torch.Tensor] = None,
+        max_processed: Optional[int] = None,
+        routing: Optional[str] = None,
+        **kwargs,
+    ):
+        x = hidden_states
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoD: hidden_states must be [batch, seq, {self.hidden_size}], got {tuple(x.shape)}"
+            )
+        B, S, _ = x.shape
+        valid = self._token_mask(token_mask, kwargs.get("attention_mask"), B, S, x.device)
+        routable = _bool_mask("routable_mask", routable_mask, B, S, x.device)
+        cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
+        if routing is None:
+            routing = "causal" if cache is not None else "topc"
+        if routing not in ("topc", "causal"):
+            raise ValueError(f"MoD: routing must be 'topc' or 'causal', got {routing!r}")
+        if routing == "topc" and cache is not None:
+            raise ValueError(
+                "MoD: top-C routing looks at the whole sequence; with a cache use 'causal'"
+            )
+        r = F.linear(x, self.router.weight.to(x.dtype), _cast(self.router.bias, x.dtype))
+        r = r.squeeze(-1)
+        self.router_logits = r.float() if r.dtype != torch.float64 else r
+        g = self._gate(r)
+        if routing == "causal":
+            return self._causal_forward(x, r, g, valid, routable, cache, kwargs)
+        return self._topc_forward(x, r, g, valid, routable, max_processed, kwargs)
+
+    def _token_mask(self, token_mask, attention_mask, B, S, device):
+        if token_mask is None:
+            m = attention_mask
+            if not (torch.is_tensor(m) and m.dim() == 2):
+                m = self.hf_padding_mask
+            if m is not None:
+                token_mask = m[:, -S:]
+        return _bool_mask("token_mask", token_mask, B, S, device)
+
+    def _skipped(self, x, g):
+        return g.unsqueeze(-1).to(x.dtype) * x if self.scale_skipped else x
+
+    def _topc_forward(self, x, r, g, valid, routable, max_processed, kwargs):
+        B, S, H = x.shape
+        rf = self.router_logits
+        if routable is None:
+            C = capacity_count(self.capacity, S)
+            idx = select_topc(rf, C, valid).indices  # [B, C] ascending; -1: empty slot
+            chosen_routed = None
+        else:
+            L = S if max_processed is None else max_processed
+            if isinstance(L, bool) or not isinstance(L, int) or not 1 <= L <= S:
+                raise ValueError(f"MoD: max_processed must be an int in [1, seq={S}], got {L!r}")
+            idx, chosen_routed = routable_choice(
+                rf, routable, _all(valid, B, S, x.device), self.capacity, L
+            )
+        slot_ok = idx >= 0
+        may_be_empty = valid is not None or routable is not None
+        pos = idx.clamp(min=0)
+        rows = pos + torch.arange(B, device=x.device).unsqueeze(1) * S  # [B, C] flat rows
+        x2 = x.reshape(B * S, H)
+        xc = x2.index_select(0, rows.reshape(-1)).view(B, -1, H)
+        bkw = compact_kwargs(
+            kwargs,
+            pos,
+            slot_ok,
+            causal=self.causal,
+            need_mask=may_be_empty and not self.causal,
+            kind=mask_kind(self.block) if may_be_empty and not self.causal else "bool",
+            dtype=x.dtype,
+        )
+        y = self.block(xc, **bkw)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        gc = g.gather(1, pos)
+        out_c = self._update(xc, y, gc)
+        # Write the chosen rows over the skipped output; empty slots go to a spare last row.
+        base = self._skipped(x, g).reshape(B * S, H)
+        if may_be_empty:
+            dest = torch.where(slot_ok, rows, B * S).reshape(-1)
+            base = torch.cat((base, base.new_zeros(1, H)))
+        else:
+            dest = rows.reshape(-1)
+        out = base.index_copy(0, dest, out_c.reshape(-1, H))[: B * S].view(B, S, H)
+        chosen = torch.zeros(B, S + 1, dtype=torch.bool, device=x.device)
+        chosen = chosen.scatter(1, torch.where(slot_ok, idx, S), True)[:, :S]
+        self.chosen = chosen
+        self.aux_loss = self._aux_loss(x, chosen if chosen_routed is None else chosen_routed,
+                                       valid if routable is None else _and(valid, routable))  # fmt: skip
+        return out
+
+    def _rule_logits(self, x):
+        if self.causal_rule == "predictor":
+            p = self.predictor(x.detach().to(self.predictor[0].weight.dtype)).squeeze(-1)
+            return p.float() if p.dtype != torch.float64 else p
+        return self.router_logits
+
+    def _aux_loss(self, x, target, eligible):
+        """BCE of the causal rule's logits against top-C membership, over the eligible tokens."""
+        if self.causal_rule is None:
+            return None
+        logits = self._rule_logits(x)
+        loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+        if eligible is None:
+            return self.aux_loss_coef * loss.mean()
+        w = eligible.to(loss.dtype)
+        return self.aux_loss_coef * (loss * w).sum() / w.sum().clamp(min=1)
+
+    def _process_all(self, S):
+        return (
+            capacity_count(self.capacity, S) >= S
+            if isinstance(self.capacity, int)
+            else (self.capacity == 1)
+        )
+
+    def _causal_forward(self, x, r, g, valid, routable, cache, kwargs):
+        B, S, H = x.shape
+        if self._process_all(S) and routable is None:
+            keep = torch.ones(B, S, dtype=torch.bool, device=x.device)
+        else:
+            if self.causal_rule is None:
+                raise ValueError(
+                    "MoD: generation (a cache, or routing='causal') needs causal_rule='router' or "
+                    "'predictor' unless every token is processed (capacity 1)"
+                )
+            keep = self._rule_logits(x) > 0  # sigmoid(logit) > 0.5
+            if routable is not None:
+                keep = keep | ~routable
+        keep = _and(keep, valid)
+        history = _history(cache, self, keep, S)
+        m = kwargs.get("attention_mask")
+        if m is not None and m.dim() == 2:
+            m = None  # padding is in key_keep already (history holds the padding mask's zeros)
+        kv_len = m.shape[-1] if m is not None else history.shape[1]
+        if history.shape[1] < kv_len:
+            raise ValueError(
+                f"MoD: attention_mask covers {kv_len} keys but this layer has seen "
+                f"{history.shape[1]} tokens (a cache filled without MoD?)"
+            )
+        bkw = dict(kwargs)
+        bkw["attention_mask"] = skip_mask(
+            m, history[:, -kv_len:], S, kind=mask_kind(self.block), dtype=x.dtype
+        )
+        y = self.block(x, **bkw)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        self.chosen, self.aux_loss = keep, None
+        return torch.where(keep.unsqueeze(-1), self._update(x, y, g), self._skipped(x, g))
+
+    def extra_repr(self):
+        return (
+            f"hidden={self.hidden_size}, capacity={self.capacity}, gate={self.gate!r}, "
+            f"scale_skipped={self.scale_skipped}, residual={self.residual}, "
+            f"causal_rule={self.causal_rule!r}"
+        )
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _all(valid, B, S, device):
+    return valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _bool_mask(name, m, B, S, device):
+    if m is None:
+        return None
+    if not torch.is_tensor(m) or tuple(m.shape) != (B, S):
+        got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
+        raise ValueError(f"MoD: {name} must be a [batch, seq] = {(B, S)} tensor, got {got}")
+    return (m != 0).to(device)
+
+
+def _history(cache, layer, keep, S):
+    """The kept mask of every token this layer has seen in ``cache`` (the past ones, then ``keep``),
+    stored on the cache per MoD layer. An empty cache starts a fresh history; a history that no
+    longer matches the cache (cropped, reordered for beams, filled without MoD) is an error."""
+    if cache is None:
+        return keep
+    store = getattr(cache, "_mixops_mod_history", None)
+    if store is None:
+        store = {}
+        cache._mixops_mod_history = store
+    past = store.get(id(layer))
+    n_past = None
+    if layer.layer_idx is not None and hasattr(cache, "get_seq_length"):
+        n_past = int(cache.get_seq_length(layer.layer_idx))
+    if n_past == 0 or (n_past is None and past is None):
+        past = None
+    elif (
+        past is None
+        or past.shape[0] != keep.shape[0]
+        or (n_past is not None and past.shape[1] != n_past)
+    ):
+        have = None if past is None else tuple(past.shape)
+        raise ValueError(
+            f"MoD: the cache holds {n_past} tokens for layer {layer.layer_idx} but this layer's "
+            f"skip history is {have}: MoD's history does not follow cache edits (crop, beam "
+            f"reordering) or a cache filled without MoD"
+        )
+    if past is not None:
+        keep = torch.cat((past, keep), dim=1)
+    store[id(layer)] = keep
+    return keep

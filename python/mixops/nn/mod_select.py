@@ -1,0 +1,174 @@
+"""Token selection and the block's inputs for mixops.nn.MoD.
+
+Two ways a sequence's tokens are chosen:
+- top-C (training and evaluation without a cache): per sequence the C best router scores among the
+  eligible tokens (select_topc: strict total order, ascending positions), static shapes. With a
+  mask of routable tokens, the other (non-padding) tokens are always processed and C counts the
+  routable ones; see ``routable_choice``.
+- a causal rule (generation): each token decides alone from its own router or predictor logit.
+
+Top-C runs the block on the compacted sequence ``[batch, C, hidden]`` (``compact_kwargs`` gathers
+positions, rotary tables and masks for it); the causal rule runs the block on the whole sequence
+with the skipped tokens hidden as keys (``skip_mask``), which is what a dense KV cache needs.
+"""
+
+import torch
+
+__all__ = [
+    "capacity_count",
+    "routable_choice",
+    "compact_kwargs",
+    "skip_mask",
+    "mask_kind",
+]
+
+
+def capacity_count(capacity, n):
+    """C for a sequence of ``n`` tokens: ``min(n, ceil(capacity * n))`` in integers from the
+    capacity as a Fraction, or ``min(n, capacity)`` for an int capacity (``n`` may be symbolic or a
+    tensor)."""
+    if isinstance(capacity, int):
+        return torch.sym_min(capacity, n) if not torch.is_tensor(n) else n.clamp(max=capacity)
+    num, den = capacity.numerator, capacity.denominator
+    c = (num * n + den - 1) // den
+    return torch.sym_min(c, n) if not torch.is_tensor(c) else torch.minimum(c, n)
+
+
+def _order_key(r):
+    """int64 keys in select_topc's strict order for fp32 scores: higher first, NaN below -inf,
+    -0 tying +0."""
+    bits = (r.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0 -> +0
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float's value
+    return torch.where(torch.isnan(r), torch.full_like(key, -(1 << 40)), key)
+
+
+def routable_choice(r, routable, valid, capacity, length):
+    """Positions ``[B, length]`` (ascending, -1 past the end) of the processed tokens when only
+    ``routable`` tokens are routed: every valid non-routable token, plus the top
+    ``C_b = capacity_count(capacity, R_b)`` routable tokens of each row (R_b: its valid routable
+    tokens). Also returns the chosen routable mask ``[B, S]`` (the BCE targets). A row with more
+    processed tokens than ``length`` keeps its non-routable tokens first, then its routable tokens
+    best first."""
+    from ..ops import select_topc
+
+    B, S = r.shape
+    routable = routable & valid
+    key = _order_key(r)
+    key = torch.where(routable, key, torch.full_like(key, -(1 << 41)))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: lower position
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=r.device).expand(B, S))
+    c = capacity_count(capacity, routable.sum(1, keepdim=True))
+    chosen_routable = routable & (rank < c)
+    processed = chosen_routable | (valid & ~routable)
+    # Priority for the compaction: non-routable first (key S + 1), then routable by rank.
+    prio = torch.where(routable, (S - rank).float(), float(S + 1))
+    return select_topc(prio, length, processed).indices, chosen_routable
+
+
+def mask_kind(block):
+    """How the block's attention reads a mask: "float" (additive, HF eager), "bool" (True = attend:
+    SDPA and HF sdpa), or None (a mask that cannot hide arbitrary keys: HF flash/flex)."""
+    for m in block.modules():
+        cfg = getattr(m, "config", None)
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl is not None:
+            if impl == "eager":
+                return "float"
+            if impl == "sdpa":
+                return "bool"
+            return None
+    return "bool"
+
+
+def _to_kind(keep, kind, dtype):
+    """A bool keep-mask in the block's format."""
+    if kind == "float":
+        return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+    return keep
+
+
+def _combine(mask, keep):
+    """``mask`` (bool True = attend, or additive float) restricted to ``keep`` (bool, broadcast)."""
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return torch.where(keep, mask, torch.finfo(mask.dtype).min)
+
+
+def _causal(q_len, kv_len, device):
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(kv_len, device=device).unsqueeze(0)
+    return j <= i + (kv_len - q_len)
+
+
+def compact_kwargs(kwargs, idx, valid, *, causal, need_mask, kind, dtype):
+    """The block's keyword arguments for the compacted sequence of ``idx`` [B, C] (positions,
+    ascending; ``valid`` [B, C] False for empty slots, which hold position 0).
+
+    ``position_ids`` [1|B, S] and ``position_embeddings`` (cos, sin) [1|B, S, d] are gathered (the
+    tokens keep their RoPE positions). ``attention_mask`` [B, S] (padding) is gathered; a 4-D mask
+    [B, 1|h, S, S] is gathered on both axes. Empty slots attend only to themselves and are hidden
+    from the others; with no mask and ``causal``, empty slots (always last) are invisible already,
+    so None stays None unless ``need_mask`` (a non-causal block with empty slots)."""
+    out = dict(kwargs)
+    B, C = idx.shape
+    pid = kwargs.get("position_ids")
+    if torch.is_tensor(pid) and pid.dim() == 2:
+        out["position_ids"] = pid.expand(B, -1).gather(1, idx)
+    pe = kwargs.get("position_embeddings")
+    if isinstance(pe, (tuple, list)) and len(pe) == 2 and all(torch.is_tensor(t) for t in pe):
+        out["position_embeddings"] = tuple(
+            t.expand(B, -1, -1).gather(1, idx.unsqueeze(-1).expand(B, C, t.shape[-1])) for t in pe
+        )
+    m = kwargs.get("attention_mask")
+    diag = torch.eye(C, dtype=torch.bool, device=idx.device)
+    # keep[b, i, j]: valid query i sees valid key j; an empty slot sees only itself.
+    keep = (valid.unsqueeze(1) & valid.unsqueeze(2)) | diag
+    if m is None:
+        if need_mask:
+            base = keep if not causal else keep & _causal(C, C, idx.device)
+            out["attention_mask"] = _to_kind(base.unsqueeze(1), kind, dtype)
+    elif m.dim() == 2:
+        out["attention_mask"] = m.gather(1, idx) * valid.to(m.dtype)
+    elif m.dim() == 4:
+        h = m.shape[1]
+        rows = m.gather(2, idx[:, None, :, None].expand(B, h, C, m.shape[3]))
+        m2 = rows.gather(3, idx[:, None, None, :].expand(B, h, C, C))
+        # An empty slot's row: itself only (never a fully masked row: SDPA would give NaN).
+        own = (~valid).unsqueeze(2) & diag
+        m2 = _combine(m2, keep.unsqueeze(1))
+        if m2.dtype == torch.bool:
+            m2 = m2 | own.unsqueeze(1)
+        else:
+            m2 = torch.where(own.unsqueeze(1), 0.0, m2).to(m2.dtype)
+        out["attention_mask"] = m2
+    else:
+        raise ValueError(
+            f"MoD: attention_mask must be None, [batch, seq] or [batch, 1 or heads, seq, seq], "
+            f"got shape {tuple(m.shape)}"
+        )
+    return out
+
+
+def skip_mask(mask, key_keep, q_len, *, kind, dtype):
+    """The block's 4-D mask for a dense run where keys with ``key_keep`` [B, kv_len] False are
+    hidden from every query except their own (the last ``q_len`` positions are the queries).
+    ``mask``: HF's mask for the step (None, bool or additive float, [B, 1|h, q_len, kv_len])."""
+    B, kv_len = key_keep.shape
+    dev = key_keep.device
+    own = torch.arange(kv_len, device=dev).unsqueeze(0) == (
+        torch.arange(q_len, device=dev).unsqueeze(1) + (kv_len - q_len)
+    )
+    keep = (key_keep[:, None, None, :] | own).expand(B, 1, q_len, kv_len)
+    if mask is None:
+        if kind is None:
+            raise ValueError(
+                "MoD: routing tokens causally needs an attention that takes a mask hiding any key "
+                "(HF 'sdpa' or 'eager'); this block's attention does not"
+            )
+        return _to_kind(keep & _causal(q_len, kv_len, dev), kind, dtype)
+    if mask.dim() != 4 or mask.shape[-1] != kv_len or mask.shape[-2] != q_len:
+        raise ValueError(
+            f"MoD: with causal routing attention_mask must be None or [batch, 1 or heads, "
+            f"{q_len}, {kv_len}], got shape {tuple(mask.shape)}"
+        )
+    return _combine(mask, keep)
