@@ -289,7 +289,20 @@ def test_bad_forward_inputs():
         m(x, routing="random")
     with pytest.raises(ValueError, match="needs causal_rule"):
         m(x, routing="causal")
-    with pytest.raises(ValueError, match="with a cache use 'causal'"):
+    m.eval()
+    with pytest.raises(ValueError, match="with a cache in evaluation"):
         m(x, routing="topc", cache=object())
     with pytest.raises(ValueError, match="attention_mask must be"):
         m(x, attention_mask=torch.ones(2, 1, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, H), (0, 5, H), (1, 1, H)])
+def test_empty_batches_and_sequences(shape):
+    m = make(capacity=0.25)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    assert out.shape == x.shape and m.chosen.shape == shape[:2]
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    if x.numel():
+        assert m.chosen.all()  # one token, C = ceil(0.25) = 1

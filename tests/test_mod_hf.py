@@ -132,11 +132,23 @@ def test_training_uses_top_c_and_trains_the_routers():
     mods = add_mod(model, capacities=pmod_capacity_schedule(3, max_ratio=0.9), causal_rule="router")
     assert len(mods) == 2  # layer 0's ratio is 1.0 > 0.9: it stays dense
     ids, am = batch()
-    out = model(ids, attention_mask=am, labels=ids, use_cache=False)
+    out = model(ids, attention_mask=am, labels=ids)  # HF makes a cache; training ignores it
     (out.loss + sum(m.aux_loss for m in mods)).backward()
     for m in mods:
         assert m.router.weight.grad.abs().sum() > 0
         assert not (m.chosen & ~am.bool()).any()  # padding never chosen
+
+
+def test_add_mod_keeps_the_mode_and_training_mode_cannot_decode():
+    model = tiny()
+    mods = add_mod(model, layers=[1], capacity=0.5, causal_rule="router")
+    assert not mods[0].training  # the model was in evaluation mode
+    model.train()
+    ids, am = batch()
+    cache = DynamicCache(config=model.config)
+    model(ids, attention_mask=am, cache=cache, use_cache=True)  # top-C; the MoD layer skips it
+    with pytest.raises(ValueError, match="needs evaluation mode"):
+        model(ids[:, :1], attention_mask=am, cache=cache, use_cache=True)
 
 
 def test_add_mod_errors():

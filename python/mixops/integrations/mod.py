@@ -83,7 +83,7 @@ def add_mod(
             raise ValueError(f"add_mod: layer {i} is already a MoD layer")
         p = next(layer.parameters(), None)
         kw = {} if p is None else dict(device=p.device, dtype=p.dtype)
-        mod = MoD(layer, hidden, cap, **mod_options, **kw)
+        mod = MoD(layer, hidden, cap, **mod_options, **kw).train(layer.training)
         decoder.layers[i] = mod
         mods.append(mod)
     all_mods = [m for m in decoder.layers if isinstance(m, MoD)]

@@ -105,8 +105,9 @@ class MoD(nn.Module):
         ``attention_mask``, else every token. routable_mask [batch, seq]: tokens subject to routing
         (the others are always processed; C counts routable tokens per sequence, and the compacted
         length is ``max_processed``, default seq). routing: "topc" or "causal" (default: causal
-        when a cache is passed, else top-C). A cache goes in under the block's name for it
-        (``cache``, ``past_key_values`` or ``past_key_value``).
+        when a cache is passed in evaluation, else top-C; in training a cache is not handed to the
+        block). A cache goes in under the block's name for it (``cache``, ``past_key_values`` or
+        ``past_key_value``).
     After a forward: ``router_logits`` [batch, seq] (fp32), ``chosen`` [batch, seq] bool (the
     processed tokens), ``aux_loss`` (0-dim, or None).
     """
@@ -217,17 +218,32 @@ class MoD(nn.Module):
         routable = _bool_mask("routable_mask", routable_mask, B, S, x.device)
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         if routing is None:
-            routing = "causal" if cache is not None else "topc"
+            routing = "causal" if cache is not None and not self.training else "topc"
         if routing not in ("topc", "causal"):
             raise ValueError(f"MoD: routing must be 'topc' or 'causal', got {routing!r}")
         if routing == "topc" and cache is not None:
-            raise ValueError(
-                "MoD: top-C routing looks at the whole sequence; with a cache use 'causal'"
-            )
+            if not self.training:
+                raise ValueError(
+                    "MoD: top-C routing looks at the whole sequence; with a cache in evaluation "
+                    "use routing='causal' (or pass no cache)"
+                )
+            # Training: the block runs without the cache (HF creates one unless use_cache=False;
+            # nothing reads it back in training). Decoding on with that cache is an error.
+            skipped = cache.__dict__.setdefault("_mixops_mod_skipped", set())
+            if id(self) in skipped or (_cache_len(cache, self) or 0) > 0:
+                raise ValueError(
+                    "MoD: decoding with a cache needs evaluation mode (model.eval()): in training "
+                    "MoD routes by top-C and does not write the cache"
+                )
+            skipped.add(id(self))
+            kwargs = {k: (None if k in _CACHE_NAMES else v) for k, v in kwargs.items()}
         r = F.linear(x, self.router.weight.to(x.dtype), _cast(self.router.bias, x.dtype))
         r = r.squeeze(-1)
         self.router_logits = r.float() if r.dtype != torch.float64 else r
         g = self._gate(r)
+        if B == 0 or S == 0:  # nothing to process (a static shape: a guard under compile)
+            self.chosen, self.aux_loss = torch.zeros(B, S, dtype=torch.bool, device=x.device), None
+            return self._skipped(x, g) + 0
         if routing == "causal":
             return self._causal_forward(x, r, g, valid, routable, cache, kwargs)
         return self._topc_forward(x, r, g, valid, routable, max_processed, kwargs)
@@ -263,7 +279,7 @@ class MoD(nn.Module):
         pos = idx.clamp(min=0)
         rows = pos + torch.arange(B, device=x.device).unsqueeze(1) * S  # [B, C] flat rows
         x2 = x.reshape(B * S, H)
-        xc = x2.index_select(0, rows.reshape(-1)).view(B, -1, H)
+        xc = x2.index_select(0, rows.reshape(-1)).view(B, rows.shape[1], H)
         bkw = compact_kwargs(
             kwargs,
             pos,
@@ -331,7 +347,7 @@ class MoD(nn.Module):
             if routable is not None:
                 keep = keep | ~routable
         keep = _and(keep, valid)
-        history = _history(cache, self, keep, S)
+        history = _history(cache, self, keep)
         m = kwargs.get("attention_mask")
         if m is not None and m.dim() == 2:
             m = None  # padding is in key_keep already (history holds the padding mask's zeros)
@@ -382,7 +398,14 @@ def _bool_mask(name, m, B, S, device):
     return (m != 0).to(device)
 
 
-def _history(cache, layer, keep, S):
+def _cache_len(cache, layer):
+    """Tokens the cache holds for this layer (None when the layer index is unknown)."""
+    if layer.layer_idx is None or not hasattr(cache, "get_seq_length"):
+        return None
+    return int(cache.get_seq_length(layer.layer_idx))
+
+
+def _history(cache, layer, keep):
     """The kept mask of every token this layer has seen in ``cache`` (the past ones, then ``keep``),
     stored on the cache per MoD layer. An empty cache starts a fresh history; a history that no
     longer matches the cache (cropped, reordered for beams, filled without MoD) is an error."""
@@ -393,9 +416,7 @@ def _history(cache, layer, keep, S):
         store = {}
         cache._mixops_mod_history = store
     past = store.get(id(layer))
-    n_past = None
-    if layer.layer_idx is not None and hasattr(cache, "get_seq_length"):
-        n_past = int(cache.get_seq_length(layer.layer_idx))
+    n_past = _cache_len(cache, layer)
     if n_past == 0 or (n_past is None and past is None):
         past = None
     elif (
