@@ -66,6 +66,13 @@ TORCH_LIBRARY(mixops, m) {
   // Inverse and backward of rows_to_slots: slots [T, heads, k, d] -> rows [num_rows, heads * d];
   // rows no slot maps to are zero.
   m.def("slots_to_rows(Tensor slots, Tensor row_map, SymInt num_rows) -> Tensor");
+  m.set_python_module("mixops.ops.permute_rows");
+  // MoD's write-back (csrc/permute/permute.h): base [T, H] with row index[i] replaced by
+  // rows[i] (index int32 [n], -1: none, others distinct); a fresh [T, H].
+  m.def("scatter_rows(Tensor base, Tensor rows, Tensor index) -> Tensor");
+  // Backward of scatter_rows: (grad_base [T, H]: grad with the written rows zeroed, grad_rows
+  // [n, H] = grad[index] (zeros for -1)).
+  m.def("scatter_rows_backward(Tensor grad, Tensor index) -> (Tensor, Tensor)");
   m.set_python_module("mixops.ops.activation");
   // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
   // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu

@@ -96,14 +96,20 @@ def test_moe_bench_quick_runs_prints_tables_and_writes_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_moa_bench_quick_runs_and_prints_table():
+def quick_run(job):
+    """stdout of ``python -m mixops.bench <job> --quick --reps 1 --device cpu`` (must succeed)."""
     p = subprocess.run(
-        [sys.executable, "-m", "mixops.bench", "moa", "--quick", "--reps", "1", "--device", "cpu"],
+        [sys.executable, "-m", "mixops.bench", job, "--quick", "--reps", "1", "--device", "cpu"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_moa_bench_quick_runs_and_prints_table():
+    out = quick_run("moa")
     for needle in (
         "CPU capability",
         "bf16 GEMM native",
@@ -121,4 +127,28 @@ def test_moa_bench_quick_runs_and_prints_table():
         "float32",
         "bfloat16",
     ):
-        assert needle in p.stdout, needle
+        assert needle in out, needle
+
+
+def test_mod_bench_quick_runs_and_prints_tables():
+    out = quick_run("mod")
+    for needle in (
+        "CPU capability",
+        "bf16 GEMM native",
+        "checked: MoD output and input gradient == masked-dense oracle",
+        "Table 1, MoD",
+        "MoD ms",
+        "dense ms",
+        "floor ms",
+        "x floor",
+        "x dense",
+        "overhead % floor",
+        "Table 2, expert choice vs token choice",
+        "token-choice ms",
+        "expert-choice ms",
+        "EC/TC",
+        "fwd+bwd",
+        "float32",
+        "bfloat16",
+    ):
+        assert needle in out, needle

@@ -25,6 +25,8 @@ def test_every_op_with_device_values_has_a_slot():
         "unpermute_weights_backward",
         "rows_to_slots",
         "slots_to_rows",
+        "scatter_rows",
+        "scatter_rows_backward",
     ]
 
 
@@ -63,6 +65,11 @@ def test_messages_are_the_cpu_messages_with_the_latest_context():
         ("rows_to_slots", 2, "rows_to_slots: invalid input values: row_map values must be in"),
         ("slots_to_rows", 2, "row_map values must be in [-1, num_rows = 77)"),
         ("slots_to_rows", 4, "slots_to_rows: invalid input values: row_map maps two slots to"),
+        ("scatter_rows", 2, "scatter_rows: invalid input values: index values must be in [-1, "),
+        ("scatter_rows", 2, "num_rows = 77) (treated as -1);"),
+        ("scatter_rows", 4, "scatter_rows: invalid input values: index holds a row twice"),
+        ("scatter_rows_backward", 2, "scatter_rows_backward: invalid input values: index values"),
+        ("scatter_rows_backward", 4, "scatter_rows_backward: invalid input values: index holds"),
     ],
 )
 def test_each_slot_has_its_message(op, bit, needle):

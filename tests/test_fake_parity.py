@@ -29,6 +29,8 @@ UNPERMUTE_BW = torch.ops.mixops.unpermute_backward.default
 UNPERMUTE_W_BW = torch.ops.mixops.unpermute_weights_backward.default
 ROWS_TO_SLOTS = torch.ops.mixops.rows_to_slots.default
 SLOTS_TO_ROWS = torch.ops.mixops.slots_to_rows.default
+SCATTER_ROWS = torch.ops.mixops.scatter_rows.default
+SCATTER_ROWS_BW = torch.ops.mixops.scatter_rows_backward.default
 ACT = torch.ops.mixops.gated_activation.default
 ACT_BW = torch.ops.mixops.gated_activation_backward.default
 I32, I64, F16, BF16, F64 = torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float64
@@ -147,6 +149,22 @@ def slots_to_rows(slots=None, rm=None, num_rows=20):
     return SLOTS_TO_ROWS, (slots, rm, num_rows), {}
 
 
+INDEX = torch.tensor([4, -1, 0], dtype=I32)
+
+
+def scatter_rows(base=None, rows=None, index=None):
+    base = torch.randn(6, 4) if base is None else base
+    rows = torch.randn(3, 4) if rows is None else rows
+    index = INDEX if index is None else index
+    return SCATTER_ROWS, (base, rows, index), {}
+
+
+def scatter_rows_bw(grad=None, index=None):
+    grad = torch.randn(6, 4) if grad is None else grad
+    index = INDEX if index is None else index
+    return SCATTER_ROWS_BW, (grad, index), {}
+
+
 def act(gate_up=None, activation="silu"):
     return ACT, (torch.randn(6, 8) if gate_up is None else gate_up, activation), {}
 
@@ -191,6 +209,21 @@ VALID = {
     "slots_to_rows 2^31 + 5 empty rows": lambda: slots_to_rows(
         slots=torch.randn(10, 2, 2, 0), num_rows=2**31 + 5
     ),
+    "scatter_rows": scatter_rows,
+    "scatter_rows strided base and rows, n = 0": lambda: scatter_rows(
+        base=torch.randn(6, 9)[:, 2:6], rows=torch.randn(0, 9)[:, 1:5], index=INDEX[:0]
+    ),
+    "scatter_rows T = 0, -1 only": lambda: scatter_rows(
+        base=torch.randn(0, 4), index=torch.full((3,), -1, dtype=I32)
+    ),
+    "scatter_rows 2^31 - 2 empty rows": lambda: scatter_rows(
+        base=big(2**31 - 2, 0), rows=torch.randn(3, 0)
+    ),
+    "scatter_rows_backward": scatter_rows_bw,
+    "scatter_rows_backward strided grad, n = 0": lambda: scatter_rows_bw(
+        grad=torch.randn(4, 6).t(), index=INDEX[:0]
+    ),
+    "scatter_rows_backward 2^31 - 2 empty rows": lambda: scatter_rows_bw(grad=big(2**31 - 2, 0)),
     "gated_activation": act,
     "gated_activation_backward": act_bw,
 }
@@ -420,6 +453,36 @@ BAD = {
     "slots_to_rows row_map device": lambda: slots_to_rows(rm=ROW_MAP.to(O)),
     "slots_to_rows no heads": lambda: slots_to_rows(slots=torch.randn(10, 0, 2, 3)),
     "slots_to_rows num_rows < 0": lambda: slots_to_rows(num_rows=-1),
+    # scatter_rows
+    "scatter_rows base 1-D": lambda: scatter_rows(base=torch.randn(6)),
+    "scatter_rows base 3-D": lambda: scatter_rows(base=torch.randn(6, 4, 1)),
+    "scatter_rows base int": lambda: scatter_rows(
+        base=torch.ones(6, 4, dtype=I32), rows=torch.ones(3, 4, dtype=I32)
+    ),
+    "scatter_rows base bool": lambda: scatter_rows(
+        base=torch.ones(6, 4, dtype=torch.bool), rows=torch.ones(3, 4, dtype=torch.bool)
+    ),
+    "scatter_rows base device": lambda: scatter_rows(base=torch.randn(6, 4, device=O)),
+    "scatter_rows rows 1-D": lambda: scatter_rows(rows=torch.randn(4)),
+    "scatter_rows rows 3-D": lambda: scatter_rows(rows=torch.randn(3, 4, 1)),
+    "scatter_rows rows width": lambda: scatter_rows(rows=torch.randn(3, 5)),
+    "scatter_rows rows dtype": lambda: scatter_rows(rows=torch.randn(3, 4, dtype=BF16)),
+    "scatter_rows rows device": lambda: scatter_rows(rows=torch.randn(3, 4, device=O)),
+    "scatter_rows index int64": lambda: scatter_rows(index=INDEX.long()),
+    "scatter_rows index float": lambda: scatter_rows(index=INDEX.float()),
+    "scatter_rows index length": lambda: scatter_rows(index=INDEX[:2]),
+    "scatter_rows index 2-D": lambda: scatter_rows(index=INDEX[None]),
+    "scatter_rows index 0-D": lambda: scatter_rows(index=INDEX[0]),
+    "scatter_rows index device": lambda: scatter_rows(index=INDEX.to(O)),
+    "scatter_rows 2^31 - 1 rows": lambda: scatter_rows(base=big(2**31 - 1, 4)),
+    # scatter_rows_backward
+    "scatter_rows_bw grad 1-D": lambda: scatter_rows_bw(grad=torch.randn(6)),
+    "scatter_rows_bw grad 3-D": lambda: scatter_rows_bw(grad=torch.randn(6, 4, 1)),
+    "scatter_rows_bw grad int": lambda: scatter_rows_bw(grad=torch.ones(6, 4, dtype=I32)),
+    "scatter_rows_bw index int64": lambda: scatter_rows_bw(index=INDEX.long()),
+    "scatter_rows_bw index 2-D": lambda: scatter_rows_bw(index=INDEX[None]),
+    "scatter_rows_bw index device": lambda: scatter_rows_bw(index=INDEX.to(O)),
+    "scatter_rows_bw 2^31 - 1 rows": lambda: scatter_rows_bw(grad=big(2**31 - 1, 4)),
     # gated_activation (csrc/activation/check.cpp)
     "act name": lambda: act(activation="swish"),
     "act scalar": lambda: act(gate_up=torch.tensor(1.0)),

@@ -34,6 +34,11 @@ def inputs(B=3, S=13, dtype=torch.float64, offset=5, seed=1):
     return x, pos, rotary(pos, H // HEADS, dtype=dtype)
 
 
+def logits(m, x):
+    """The router's logits, computed here (with their graph) for the oracle."""
+    return x @ m.router.weight[0].to(x.dtype)
+
+
 def grads(out, x, m, gy):
     params = [p for p in m.parameters() if p.requires_grad]
     return torch.autograd.grad(out, [x, *params], gy, allow_unused=True, retain_graph=True)
@@ -62,7 +67,7 @@ def test_matches_masked_dense_oracle_outputs_and_gradients(gate, scale_skipped, 
             m.router.weight.normal_(0, 0.5)
     x, pos, pe = inputs()
     out = m(x, position_embeddings=pe, position_ids=pos)
-    r = m.router_logits
+    r = logits(m, x)
     chosen = topc_mask(r.detach(), math.ceil(0.3 * 13))
     assert torch.equal(m.chosen, chosen)
     ref = dense_mod(m.block, x, r, chosen, gate, scale_skipped=scale_skipped, residual=residual,
@@ -112,7 +117,7 @@ def test_padding_is_never_chosen_and_short_rows_keep_what_they_have():
     assert m.chosen.sum(1).tolist() == [3, 6, 6]
     assert not (m.chosen & ~tm).any()
     # The oracle with the padding hidden as keys gives the chosen rows; others pass through.
-    ref = dense_mod(m.block, x, m.router_logits, chosen, "raw", position_embeddings=pe)
+    ref = dense_mod(m.block, x, logits(m, x), chosen, "raw", position_embeddings=pe)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     gx = torch.autograd.grad(out.sum(), x)[0]
     assert torch.isfinite(gx).all()
@@ -167,7 +172,7 @@ def test_causal_rule_hides_skipped_tokens_from_later_queries():
     keep = m.router_logits.detach() > 0
     assert torch.equal(m.chosen, keep)
     assert keep.any() and (~keep).any()
-    ref = dense_mod(m.block, x, m.router_logits, keep, "raw", position_embeddings=pe)
+    ref = dense_mod(m.block, x, logits(m, x), keep, "raw", position_embeddings=pe)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # Move every skipped token orthogonally to the router: its decision stays, its output is its
     # new input, and every other token's output is unchanged.
@@ -196,7 +201,7 @@ def test_routable_mask_processes_the_rest_and_counts_only_routable_tokens():
     chosen_r = topc_mask(r, [4, 6, 1], eligible)
     want = chosen_r | (tm & ~routable)
     assert torch.equal(m.chosen, want)
-    ref = dense_mod(m.block, x, m.router_logits, want, "raw", position_embeddings=pe)
+    ref = dense_mod(m.block, x, logits(m, x), want, "raw", position_embeddings=pe)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # max_processed caps the compacted length: non-routable tokens first, then the best routable.
     m(x.detach(), token_mask=tm, routable_mask=routable, max_processed=7, position_embeddings=pe)
@@ -238,7 +243,7 @@ def test_mod_around_an_moe_block():
     x, _, _ = inputs(B=2, S=10)
     out = m(x)
     # Token-choice dropless MoE treats each token alone: the chosen rows are block(x) rows.
-    ref = dense_mod(block, x, m.router_logits, m.chosen, "sigmoid")
+    ref = dense_mod(block, x, logits(m, x), m.chosen, "sigmoid")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     out.sum().backward()
     for name, p in block.named_parameters():

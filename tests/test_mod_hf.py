@@ -90,7 +90,8 @@ def test_converted_layer_matches_the_masked_dense_oracle_with_rope(kind):
     pe = model.model.rotary_emb(x, pos)
     out = mod(x, position_embeddings=pe, position_ids=pos)
     assert mod.chosen.sum(1).tolist() == [3, 3]
-    ref = dense_mod(layer, x, mod.router_logits, mod.chosen, "sigmoid", position_embeddings=pe,
+    r = x @ mod.router.weight[0]
+    ref = dense_mod(layer, x, r, mod.chosen, "sigmoid", position_embeddings=pe,
                     position_ids=pos)  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(out)

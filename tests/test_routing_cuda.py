@@ -1,7 +1,7 @@
 """CUDA-only routing behaviour: the GPU picks exactly the CPU's experts (the shared
 routing::/det:: code), permute's integer outputs equal the CPU's, no host sync (graph capture of
-the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map (permute, unpermute and
-the MoA slot ops), determinism.
+the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map/index (permute,
+unpermute, the MoA slot ops and scatter_rows), determinism.
 Skipped without a GPU."""
 
 import os
@@ -168,6 +168,17 @@ _BAD = {
         "s = torch.randn(2, 1, 2, 4, device='cuda'); rm = torch.zeros((2, 2), dtype=torch.int32,"
         " device='cuda')\nout = mixops.ops.slots_to_rows(s, rm, 3)",
         r"slots_to_rows: invalid input values: row_map maps two slots to one row",
+    ),
+    "scatter_rows": (
+        "b = torch.randn(4, 4, device='cuda'); r = torch.randn(2, 4, device='cuda')\n"
+        "i = torch.tensor([1, 9], dtype=torch.int32, device='cuda')\n"
+        "out = mixops.ops.scatter_rows(b, r, i)",
+        r"scatter_rows: invalid input values: index values must be in \[-1, num_rows = 4\)",
+    ),
+    "scatter_rows_backward": (
+        "g = torch.randn(4, 4, device='cuda'); i = torch.tensor([2, 2], dtype=torch.int32,"
+        " device='cuda')\nout = torch.ops.mixops.scatter_rows_backward(g, i)[1]",
+        r"scatter_rows_backward: invalid input values: index holds a row twice",
     ),
     "modality": (
         "l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"

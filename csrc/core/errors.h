@@ -20,6 +20,8 @@ enum class ErrorSlot : int32_t {
   kUnpermuteWeightsBackward,
   kRowsToSlots,
   kSlotsToRows,
+  kScatterRows,
+  kScatterRowsBackward,
   kCount,
 };
 constexpr int kNumErrorSlots = static_cast<int>(ErrorSlot::kCount);
@@ -27,9 +29,9 @@ constexpr int kNumErrorSlots = static_cast<int>(ErrorSlot::kCount);
 // The op name of a slot ("grouped_mm", ...), nullptr for an invalid slot.
 inline const char* error_slot_name(ErrorSlot s) {
   constexpr const char* kNames[kNumErrorSlots] = {
-      "grouped_mm",   "router_topk",        "router_topk_backward",       "permute",
-      "unpermute",    "unpermute_backward", "unpermute_weights_backward", "rows_to_slots",
-      "slots_to_rows"};
+      "grouped_mm",    "router_topk",        "router_topk_backward",       "permute",
+      "unpermute",     "unpermute_backward", "unpermute_weights_backward", "rows_to_slots",
+      "slots_to_rows", "scatter_rows",       "scatter_rows_backward"};
   const int i = static_cast<int>(s);
   return i >= 0 && i < kNumErrorSlots ? kNames[i] : nullptr;
 }

@@ -42,6 +42,26 @@ void check_row_map(const at::Tensor& row_map, int64_t num_tokens, const char* op
               row_map.sizes());
 }
 
+// scatter_rows' index: int32 [n] on data's device (n: rows' count; -1 in the backward: any),
+// and data's row count within int32 (index values are rows of it).
+void scatter_rows_check_index(const at::Tensor& index, int64_t n, const at::Tensor& data,
+                              const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kInt, op, ": index must be int32, got ",
+              index.scalar_type());
+  if (n >= 0) {
+    TORCH_CHECK(index.dim() == 1 && index.size(0) == n, op,
+                ": index must be 1-D [n] with n = rows.size(0) = ", n, ", got shape ",
+                index.sizes());
+  } else {
+    TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D [n], got shape ", index.sizes());
+  }
+  TORCH_CHECK(index.size(0) < INT32_MAX, op, ": index must have < 2^31 - 1 entries, got ",
+              index.size(0));
+  check_same_device(index, data, op, "index", "the data");
+  TORCH_CHECK(data.size(0) < INT32_MAX, op, ": the number of rows (", data.size(0),
+              ") must be < 2^31 - 1 (index is int32)");
+}
+
 void check_weights(const std::optional<at::Tensor>& weights, const at::Tensor& row_map,
                    const at::Tensor& data, const char* op) {
   if (!weights) return;
@@ -185,26 +205,33 @@ namespace {
 
 // Walks row_map in slot order, raising at the first value outside [-1, num_rows) or row seen
 // twice; seen: a container of min(num_rows, 1 + largest value) entries, mark(seen, r, i) records
-// slot i on row r and returns whether r had a slot already.
+// slot i on row r and returns whether r had a slot already. arg: the argument's name in messages
+// (row_map [T, k] or scatter_rows' index [R]); hint: where valid values come from.
 template <class Seen, class Mark>
 Seen check_row_map_values(const at::Tensor& row_map, int64_t num_rows, const char* op,
-                          typename Seen::value_type none, const Mark& mark) {
+                          typename Seen::value_type none, const Mark& mark,
+                          const char* arg = "row_map", const char* what = "slots",
+                          const char* hint =
+                              "row_map must come from the permute call that "
+                              "produced these rows") {
   const at::Tensor c = row_map.contiguous();
   const int32_t* p = c.data_ptr<int32_t>();
-  const int64_t k = row_map.size(1), n = c.numel();
+  const int64_t k = row_map.dim() == 2 ? row_map.size(1) : 1, n = c.numel();
+  const auto where = [&](int64_t i) {
+    return row_map.dim() == 2 ? std::to_string(i / k) + ", " + std::to_string(i % k)
+                              : std::to_string(i);
+  };
   int32_t largest = -1;
   for (int64_t i = 0; i < n; ++i) largest = std::max(largest, p[i]);
   Seen seen(static_cast<size_t>(std::min<int64_t>(num_rows, int64_t{largest} + 1)), none);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = p[i];
-    TORCH_CHECK(r >= -1 && r < num_rows, op,
-                ": row_map values must be in [-1, num_rows = ", num_rows, "), got row_map[", i / k,
-                ", ", i % k, "] = ", r,
-                "; row_map must "
-                "come from the permute call that produced these rows");
+    TORCH_CHECK(r >= -1 && r < num_rows, op, ": ", arg,
+                " values must be in [-1, num_rows = ", num_rows, "), got ", arg, "[", where(i),
+                "] = ", r, "; ", hint);
     if (r < 0) continue;  // here r <= largest < seen.size()
-    TORCH_CHECK(!mark(seen, r, i), op, ": row_map maps two slots to row ", r, " (at row_map[",
-                i / k, ", ", i % k, "]); row_map must come from permute");
+    TORCH_CHECK(!mark(seen, r, i), op, ": ", arg, " maps two ", what, " to row ", r, " (at ", arg,
+                "[", where(i), "]); ", hint);
   }
   return seen;
 }
@@ -220,13 +247,45 @@ void unpermute_check_row_map_values(const at::Tensor& row_map, int64_t num_rows,
                                           });
 }
 
+namespace {
+bool mark_slot(std::vector<int32_t>& slot_of, int64_t r, int64_t i) {
+  const bool was = slot_of[r] >= 0;
+  slot_of[r] = static_cast<int32_t>(i);
+  return was;
+}
+}  // namespace
+
 std::vector<int32_t> row_map_inverse(const at::Tensor& row_map, int64_t num_rows, const char* op) {
-  return check_row_map_values<std::vector<int32_t>>(
-      row_map, num_rows, op, -1, [](std::vector<int32_t>& slot_of, int64_t r, int64_t i) {
-        const bool was = slot_of[r] >= 0;
-        slot_of[r] = static_cast<int32_t>(i);
-        return was;
-      });
+  return check_row_map_values<std::vector<int32_t>>(row_map, num_rows, op, -1, mark_slot);
+}
+
+std::vector<int32_t> scatter_index_inverse(const at::Tensor& index, int64_t num_rows,
+                                           const char* op) {
+  return check_row_map_values<std::vector<int32_t>>(index, num_rows, op, -1, mark_slot, "index",
+                                                    "entries",
+                                                    "index must hold distinct rows of base, or -1");
+}
+
+void scatter_rows_check(const at::Tensor& base, const at::Tensor& rows, const at::Tensor& index) {
+  const char* op = "scatter_rows";
+  TORCH_CHECK(base.dim() == 2, op, ": base must be 2-D [num_rows, hidden], got shape ",
+              base.sizes());
+  check_float(base, op, "base");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == base.size(1), op,
+              ": rows must be 2-D [n, hidden = base.size(1) = ", base.size(1), "], got shape ",
+              rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == base.scalar_type(), op, ": rows must have base's dtype ",
+              base.scalar_type(), ", got ", rows.scalar_type());
+  check_same_device(rows, base, op, "rows", "base");
+  scatter_rows_check_index(index, rows.size(0), base, op);
+}
+
+void scatter_rows_backward_check(const at::Tensor& grad, const at::Tensor& index) {
+  const char* op = "scatter_rows_backward";
+  TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [num_rows, hidden], got shape ",
+              grad.sizes());
+  check_float(grad, op, "grad");
+  scatter_rows_check_index(index, index.dim() == 1 ? index.size(0) : -1, grad, op);
 }
 
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
@@ -242,6 +301,16 @@ std::string permute_error_message(int32_t bits, const char* op, int64_t num_expe
     msg +=
         " row_map maps two slots to one row (only the last of them was written); "
         "row_map must come from the permute call that produced the rows;";
+  return msg;
+}
+
+std::string scatter_rows_error_message(int32_t bits, const char* op, int64_t num_rows) {
+  std::string msg = std::string(op) + ": invalid input values:";
+  if (bits & kRowMapOutOfRange)
+    msg += " index values must be in [-1, num_rows = " + std::to_string(num_rows) +
+           ") (treated as -1);";
+  if (bits & kRowMapDuplicate)
+    msg += " index holds a row twice (one of them was written); index must hold distinct rows;";
   return msg;
 }
 
@@ -266,6 +335,12 @@ const bool kPermuteMessagesRegistered = [] {
   });
   register_error_message(ErrorSlot::kSlotsToRows, [](int32_t bits, const ErrorContext& c) {
     return permute_error_message(bits, "slots_to_rows", c.a, c.b);
+  });
+  register_error_message(ErrorSlot::kScatterRows, [](int32_t bits, const ErrorContext& c) {
+    return scatter_rows_error_message(bits, "scatter_rows", c.b);
+  });
+  register_error_message(ErrorSlot::kScatterRowsBackward, [](int32_t bits, const ErrorContext& c) {
+    return scatter_rows_error_message(bits, "scatter_rows_backward", c.b);
   });
   return true;
 }();

@@ -38,6 +38,13 @@ std::vector<int32_t> row_map_inverse(const at::Tensor& row_map, int64_t num_rows
 void rows_to_slots_check(const at::Tensor& rows, const at::Tensor& row_map, int64_t num_heads);
 void slots_to_rows_check(const at::Tensor& slots, const at::Tensor& row_map, int64_t num_rows);
 
+// scatter_rows / scatter_rows_backward (MoD's write-back, permute.h).
+void scatter_rows_check(const at::Tensor& base, const at::Tensor& rows, const at::Tensor& index);
+void scatter_rows_backward_check(const at::Tensor& grad, const at::Tensor& index);
+// Host check of index values (CPU tensor), as row_map_inverse: slot_of[r] = i where index[i] = r.
+std::vector<int32_t> scatter_index_inverse(const at::Tensor& index, int64_t num_rows,
+                                           const char* op);
+
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
                                   int64_t num_rows);
 

@@ -1,6 +1,7 @@
 // permute, unpermute, their backward ops and the MoA slot layout ops on CUDA, the op layer:
 // validation (shared with CPU), outputs and scratch through the torch allocator, current stream
-// and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu). ids and
+// and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu, rows.cu).
+// ids and
 // row_map values are not read on the host: kernels treat bad values as "none" and set an error
 // flag that MIXOPS_DEBUG=1 checks after the launch.
 #include <ATen/ATen.h>
@@ -205,6 +206,69 @@ at::Tensor slots_to_rows_cuda(const at::Tensor& slots_in, const at::Tensor& row_
   return rows;
 }
 
+SelectRowsParams select_params(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b,
+                               int64_t a_rows) {
+  SelectRowsParams p{};
+  p.dtype = to_mixops_dtype(dst.scalar_type());
+  p.dst_rows = dst.size(0);
+  p.a_rows = a_rows;
+  p.hidden = dst.size(1);
+  p.a = a.defined() ? a.data_ptr() : nullptr;
+  p.a_stride = a.defined() ? a.stride(0) : 0;
+  p.b = b.defined() ? b.data_ptr() : nullptr;
+  p.b_stride = b.defined() ? b.stride(0) : 0;
+  p.dst = dst.data_ptr();
+  return p;
+}
+
+at::Tensor rows_view(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+at::Tensor scatter_rows_cuda(const at::Tensor& base_in, const at::Tensor& rows_in,
+                             const at::Tensor& index_in) {
+  scatter_rows_check(base_in, rows_in, index_in);
+  const c10::cuda::CUDAGuard guard(base_in.device());
+  const at::Tensor base = rows_view(base_in), rows = rows_view(rows_in);
+  const at::Tensor index = index_in.contiguous();
+  const int64_t t = base.size(0), n = index.size(0);
+  at::Tensor out = at::empty({t, base.size(1)}, base.options());
+  SelectRowsParams p = select_params(out, rows, base, n);
+  const cudaStream_t stream = stream_of(out);
+  const cuda::OpScratch scratch(out.options(), cuda::scatter_rows_workspace_bytes(t), stream,
+                                ErrorSlot::kScatterRows, {0, t});
+  p.error_flag = scratch.flag();
+  launch_checked("scatter_rows", [&] {
+    cuda::scatter_rows_launch(p, index.data_ptr<int32_t>(), n, scratch.workspace(),
+                              "mixops::scatter_rows", stream);
+  });
+  scratch.check();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_rows_backward_cuda(const at::Tensor& grad_in,
+                                                              const at::Tensor& index_in) {
+  scatter_rows_backward_check(grad_in, index_in);
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = rows_view(grad_in), index = index_in.contiguous();
+  const int64_t t = grad.size(0), n = index.size(0);
+  at::Tensor grad_base = at::empty({t, grad.size(1)}, grad.options());
+  at::Tensor grad_rows = at::empty({n, grad.size(1)}, grad.options());
+  // grad_base: zeros on written rows (a null), grad elsewhere; grad_rows[i] = grad[index[i]].
+  SelectRowsParams pb = select_params(grad_base, at::Tensor(), grad, n);
+  SelectRowsParams pr = select_params(grad_rows, grad, at::Tensor(), t);
+  pr.map = index.data_ptr<int32_t>();
+  const cudaStream_t stream = stream_of(grad);
+  const cuda::OpScratch scratch(grad.options(), cuda::scatter_rows_workspace_bytes(t), stream,
+                                ErrorSlot::kScatterRowsBackward, {0, t});
+  pb.error_flag = pr.error_flag = scratch.flag();
+  launch_checked("scatter_rows_backward", [&] {
+    cuda::scatter_rows_launch(pb, index.data_ptr<int32_t>(), n, scratch.workspace(),
+                              "mixops::scatter_rows_backward", stream);
+    cuda::select_rows_launch(pr, stream);
+  });
+  scratch.check();
+  return {grad_base, grad_rows};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
@@ -214,6 +278,8 @@ TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
   m.impl("unpermute_weights_backward", &unpermute_weights_backward_cuda);
   m.impl("rows_to_slots", &rows_to_slots_cuda);
   m.impl("slots_to_rows", &slots_to_rows_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
+  m.impl("scatter_rows_backward", &scatter_rows_backward_cuda);
 }
 
 }  // namespace mixops

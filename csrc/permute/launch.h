@@ -1,7 +1,7 @@
 // permute / unpermute / rows_to_slots / slots_to_rows on CUDA: the torch-free boundary between
 // the op layer (cuda.cpp: validation, allocation through the torch allocator, stream) and the
 // kernels (permute.cu + permute_kernel.cuh, unpermute.cu + unpermute_kernel.cuh, slots.cu +
-// slots_kernel.cuh). Formats: permute.h.
+// slots_kernel.cuh, rows.cu + rows_kernel.cuh). Formats: permute.h.
 //
 // Contract for callers:
 //  * params are validated except for values in device memory (ids, row_map): kernels treat bad
@@ -46,5 +46,14 @@ void rows_to_slots_launch(const SlotsParams& p, cudaStream_t stream);
 size_t slots_to_rows_workspace_bytes(const SlotsParams& p);
 // rows [num_rows, heads * d] contiguous from slots (every row written; zeros where no slot maps).
 void slots_to_rows_launch(const SlotsParams& p, void* workspace, cudaStream_t stream);
+
+// scatter_rows / scatter_rows_backward (rows.cu + rows_kernel.cuh). select_rows_launch: dst[r]
+// = a[map[r]] or b[r] (SelectRowsParams). scatter_rows_launch: the same with map = the inverse
+// of index [n] (built in scatter_rows_workspace_bytes(dst_rows) of workspace; repeated rows and
+// bad values flagged), p.map ignored.
+void select_rows_launch(const SelectRowsParams& p, cudaStream_t stream);
+size_t scatter_rows_workspace_bytes(int64_t num_rows);
+void scatter_rows_launch(const SelectRowsParams& p, const int32_t* index, int64_t n,
+                         void* workspace, const char* op, cudaStream_t stream);
 
 }  // namespace mixops::cuda

@@ -27,6 +27,12 @@
 // h * k + j uses kv head h), without a copy. rows_to_slots gathers rows into slots (a token per
 // task, no atomics); slots_to_rows is its inverse and backward: each row takes its slot's heads,
 // rows no slot maps to are zero (CUDA: permute's inverse map row -> slot, as unpermute_backward).
+//
+// Row write-back (MoD): scatter_rows(base [T, H], rows [n, H], index [n]) is base with row
+// index[i] replaced by rows[i] (index -1: none; the others distinct). Both backends walk the
+// output in row order through the inverse map row -> i (a gather: no atomics, and the copy of
+// base is the same pass): out[r] = rows[slot_of[r]] or base[r]. The backward: grad_base[r] = 0
+// for written rows, else grad[r]; grad_rows[i] = grad[index[i]] (zeros for -1).
 #pragma once
 
 #include <cstdint>
@@ -97,6 +103,24 @@ struct UnpermuteBackwardParams {
   void* grad_y_sorted;     // [num_rows, H] contiguous (rows backward)
   void* grad_weights;      // [T, k] in weights_dtype (weights backward)
   int32_t* error_flag;
+};
+
+// scatter_rows and its backward as row selections: dst[r] = a[map[r]] when 0 <= map[r] < a_rows
+// (zeros when a is null), else b[r] (zeros when b is null). Forward: dst = out, map = the inverse
+// of index, a = rows, b = base. Backward: grad_base (map = the inverse, a null, b = grad), then
+// grad_rows (map = index, a = grad, b null).
+struct SelectRowsParams {
+  Dtype dtype;         // of a, b and dst
+  int64_t dst_rows;    // rows of dst (and of b, and of map)
+  int64_t a_rows;      // rows of a: map values in [0, a_rows) pick a row of a
+  int64_t hidden;      // H
+  const int32_t* map;  // [dst_rows] contiguous
+  const void* a;       // [a_rows, H], row stride a_stride, unit column stride; nullable
+  int64_t a_stride;
+  const void* b;  // [dst_rows, H], row stride b_stride; nullable
+  int64_t b_stride;
+  void* dst;            // [dst_rows, H] contiguous
+  int32_t* error_flag;  // nullable: map values outside [-1, a_rows) set kRowMapOutOfRange
 };
 
 // rows_to_slots (rows -> slots) and slots_to_rows (slots -> rows): one struct, both directions.

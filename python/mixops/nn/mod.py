@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import select_topc
+from .mod_rows import gather_rows, write_rows
 from .mod_select import capacity_count, compact_kwargs, mask_kind, routable_choice, skip_mask
 
 __all__ = ["MoD", "pmod_capacity_schedule"]
@@ -189,14 +190,15 @@ class MoD(nn.Module):
         return torch.ones_like(r)
 
     def _update(self, x, y, g):
-        """The chosen tokens' output from the block's output y: ``x + g * f``. For residual blocks
-        written ``y + (g - 1) * (y - x)``, so g = 1 returns the block's output bit for bit."""
+        """The chosen tokens' output from the block's output y: ``x + g * f``, one fused op. For
+        residual blocks ``torch.lerp(x, y, g) = x + g * (y - x)``, which torch computes as
+        ``y - (y - x) * (1 - g)`` for g >= 0.5: g = 1 returns the block's output bit for bit."""
         g = g.unsqueeze(-1).to(y.dtype)
         if not self.residual:
-            return x + g * y
+            return torch.addcmul(x, g, y)
         if self.gate == "one":
             return y
-        return y + (g - 1) * (y - x)
+        return torch.lerp(x, y, g)
 
     def forward(
         self,
@@ -237,8 +239,13 @@ class MoD(nn.Module):
                 )
             skipped.add(id(self))
             kwargs = {k: (None if k in _CACHE_NAMES else v) for k, v in kwargs.items()}
-        r = F.linear(x, self.router.weight.to(x.dtype), _cast(self.router.bias, x.dtype))
-        r = r.squeeze(-1)
+        # Top-C needs the router's gradient only on the chosen rows (computed again on them,
+        # ``_topc_forward``), unless the skipped tokens are scaled or the router's logits feed the
+        # BCE loss: then every token's logit keeps its graph.
+        self._rows_only = routing == "topc" and not self.scale_skipped
+        self._rows_only = self._rows_only and self.causal_rule != "router"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._rows_only):
+            r = self._router(x)
         self.router_logits = r.float() if r.dtype != torch.float64 else r
         g = self._gate(r)
         if B == 0 or S == 0:  # nothing to process (a static shape: a guard under compile)
@@ -247,6 +254,11 @@ class MoD(nn.Module):
         if routing == "causal":
             return self._causal_forward(x, r, g, valid, routable, cache, kwargs)
         return self._topc_forward(x, r, g, valid, routable, max_processed, kwargs)
+
+    def _router(self, x):
+        """Router logits [..., seq] in x's dtype."""
+        w = self.router.weight.to(x.dtype)
+        return F.linear(x, w, _cast(self.router.bias, x.dtype)).squeeze(-1)
 
     def _token_mask(self, token_mask, attention_mask, B, S, device):
         if token_mask is None:
@@ -277,9 +289,15 @@ class MoD(nn.Module):
         slot_ok = idx >= 0
         may_be_empty = valid is not None or routable is not None
         pos = idx.clamp(min=0)
-        rows = pos + torch.arange(B, device=x.device).unsqueeze(1) * S  # [B, C] flat rows
+        flat = pos + torch.arange(B, device=x.device).unsqueeze(1) * S
+        rows = flat.reshape(-1).to(torch.int32)  # flat rows (the op checks B * S < 2^31)
+        dest = torch.where(slot_ok.reshape(-1), rows, -1) if may_be_empty else rows
         x2 = x.reshape(B * S, H)
-        xc = x2.index_select(0, rows.reshape(-1)).view(B, rows.shape[1], H)
+        # Eager: the gather/write-back pair of mod_rows (one full-size pass in the backward);
+        # under torch.compile and for p-MoD's scaled skipped tokens, index_select + scatter_rows.
+        fused = not self.scale_skipped and not torch.compiler.is_compiling()
+        xc, base, link = gather_rows(x2, rows, dest, fused)
+        xc = xc.view(B, -1, H)
         bkw = compact_kwargs(
             kwargs,
             pos,
@@ -292,16 +310,12 @@ class MoD(nn.Module):
         y = self.block(xc, **bkw)
         if isinstance(y, (tuple, list)):
             y = y[0]
-        gc = g.gather(1, pos)
-        out_c = self._update(xc, y, gc)
-        # Write the chosen rows over the skipped output; empty slots go to a spare last row.
-        base = self._skipped(x, g).reshape(B * S, H)
-        if may_be_empty:
-            dest = torch.where(slot_ok, rows, B * S).reshape(-1)
-            base = torch.cat((base, base.new_zeros(1, H)))
-        else:
-            dest = rows.reshape(-1)
-        out = base.index_copy(0, dest, out_c.reshape(-1, H))[: B * S].view(B, S, H)
+        # The chosen tokens' gates: from their own logits again when only they need a gradient.
+        gc = self._gate(self._router(xc)) if self._rows_only else g.gather(1, pos)
+        out_c = self._update(xc, y, gc).reshape(-1, H)
+        if not fused:
+            base = self._skipped(x, g).reshape(B * S, H)
+        out = write_rows(base, out_c, dest, link).view(B, S, H)
         chosen = torch.zeros(B, S + 1, dtype=torch.bool, device=x.device)
         chosen = chosen.scatter(1, torch.where(slot_ok, idx, S), True)[:, :S]
         self.chosen = chosen

@@ -120,6 +120,8 @@ def compact_kwargs(kwargs, idx, valid, *, causal, need_mask, kind, dtype):
             t.expand(B, -1, -1).gather(1, idx.unsqueeze(-1).expand(B, C, t.shape[-1])) for t in pe
         )
     m = kwargs.get("attention_mask")
+    if m is None and not need_mask:
+        return out
     diag = torch.eye(C, dtype=torch.bool, device=idx.device)
     # keep[b, i, j]: valid query i sees valid key j; an empty slot sees only itself.
     keep = (valid.unsqueeze(1) & valid.unsqueeze(2)) | diag

@@ -71,3 +71,12 @@ def slots_to_rows(slots, row_map, num_rows):
     idx = torch.where(rm >= 0, rm, torch.full_like(rm, num_rows))
     out[idx] = slots.permute(0, 2, 1, 3).reshape(num_tokens * k, num_heads * d)
     return out[:num_rows]
+
+
+def scatter_rows(base, rows, index):
+    """out [T, H]: base with out[index[i]] = rows[i] for index[i] >= 0 (distinct rows); rows with
+    index -1 are not written. A fresh contiguous tensor (bits copied exactly); differentiable."""
+    out = base.clone(memory_format=torch.contiguous_format)
+    has = index >= 0
+    out[index[has].long()] = rows[has]
+    return out
