@@ -1,4 +1,7 @@
-"""Shared test helpers: the one tolerance rule (style.md) and opcheck."""
+"""Shared test helpers: the one tolerance rule (style.md), opcheck, and bit-exact comparison of
+the copy ops (data with NaN/inf/-0, bits, assert_bits_equal)."""
+
+import math
 
 import torch
 
@@ -29,3 +32,24 @@ def opcheck(op, args, kwargs=None):
     result = torch.library.opcheck(op, args, kwargs or {})
     bad = {k: v for k, v in result.items() if v != "SUCCESS"}
     assert not bad, f"opcheck failed: {bad}"
+
+
+def data(rows, cols, dtype, device="cpu"):
+    """Random values with NaN, +-inf and -0 mixed in (the ops copy bits)."""
+    t = torch.randn(rows, cols, dtype=torch.float64) * 3
+    flat = t.view(-1)
+    for i, v in enumerate([math.nan, math.inf, -math.inf, -0.0]):
+        if flat.numel():
+            flat[(7 * i + 3) % flat.numel()] = v
+    return t.to(dtype).to(device)
+
+
+def bits(t):
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def assert_bits_equal(ours, expect, what):
+    assert ours.shape == expect.shape and ours.dtype == expect.dtype, (
+        f"{what}: {ours.dtype} {tuple(ours.shape)} vs {expect.dtype} {tuple(expect.shape)}"
+    )
+    assert torch.equal(bits(ours), bits(expect)), f"{what}: bits differ from the reference"

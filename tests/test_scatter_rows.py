@@ -3,7 +3,6 @@ plain-torch reference (mixops.reference) and the backward's definition: exact co
 dtype (the bits, NaN included), strided and expanded inputs, empty shapes, gradients, opcheck,
 compile with dynamic shapes, bad input and extreme sizes."""
 
-import math
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES, HAS_CUDA, requires_cuda
-from helpers import opcheck
+from helpers import assert_bits_equal, data, opcheck
 from mixops.ops import scatter_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -25,27 +24,6 @@ def make_index(num_rows, written, none, device="cpu"):
     entries, in random order."""
     idx = torch.cat([torch.randperm(num_rows)[:written], torch.full((none,), -1)])
     return idx[torch.randperm(idx.numel())].int().to(device)
-
-
-def data(rows, cols, dtype, device="cpu"):
-    """Random values with NaN, +-inf and -0 mixed in (the ops copy bits)."""
-    t = torch.randn(rows, cols, dtype=torch.float64) * 3
-    flat = t.view(-1)
-    for i, v in enumerate([math.nan, math.inf, -math.inf, -0.0]):
-        if flat.numel():
-            flat[(7 * i + 3) % flat.numel()] = v
-    return t.to(dtype).to(device)
-
-
-def bits(t):
-    return t.detach().cpu().contiguous().view(torch.uint8)
-
-
-def assert_bits_equal(ours, expect, what):
-    assert ours.shape == expect.shape and ours.dtype == expect.dtype, (
-        f"{what}: {ours.dtype} {tuple(ours.shape)} vs {expect.dtype} {tuple(expect.shape)}"
-    )
-    assert torch.equal(bits(ours), bits(expect)), f"{what}: bits differ from the reference"
 
 
 def backward_expect(grad, index):

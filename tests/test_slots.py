@@ -3,7 +3,6 @@ plain-torch reference (mixops.reference): exact copies in every dtype (the bits,
 each the inverse of the other on permute's rows, the strided layouts SDPA makes, gradients,
 opcheck, compile with dynamic shapes, bad input and extreme sizes."""
 
-import math
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES, HAS_CUDA, requires_cuda
-from helpers import opcheck
+from helpers import assert_bits_equal, data, opcheck
 from mixops.ops import permute, rows_to_slots, slots_to_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -28,27 +27,6 @@ def routed(num_tokens, k, num_experts, device="cpu", capacity=None, none_frac=0.
     x = torch.zeros(num_tokens, 1, device=device)
     p = permute(x, ids.int().to(device), num_experts, capacity=capacity)
     return p.row_map, p.x_sorted.shape[0]
-
-
-def data(rows, cols, dtype, device="cpu"):
-    """Random values with NaN, +-inf and -0 mixed in (the ops copy bits)."""
-    t = torch.randn(rows, cols, dtype=torch.float64) * 3
-    flat = t.view(-1)
-    for i, v in enumerate([math.nan, math.inf, -math.inf, -0.0]):
-        if flat.numel():
-            flat[(7 * i + 3) % flat.numel()] = v
-    return t.to(dtype).to(device)
-
-
-def bits(t):
-    return t.detach().cpu().contiguous().view(torch.uint8)
-
-
-def assert_bits_equal(ours, expect, what):
-    assert ours.shape == expect.shape and ours.dtype == expect.dtype, (
-        f"{what}: {ours.dtype} {tuple(ours.shape)} vs {expect.dtype} {tuple(expect.shape)}"
-    )
-    assert torch.equal(bits(ours), bits(expect)), f"{what}: bits differ from the reference"
 
 
 # (T, k, E, capacity): k = 1, T = 0, dropless, a capacity that drops slots (and leaves rows no
