@@ -296,7 +296,7 @@ class MoD(nn.Module):
         # Eager: the gather/write-back pair of mod_rows (one full-size pass in the backward);
         # under torch.compile and for p-MoD's scaled skipped tokens, index_select + scatter_rows.
         fused = not self.scale_skipped and not torch.compiler.is_compiling()
-        xc, base, link = gather_rows(x2, rows, dest, fused)
+        xc, base, link = gather_rows(x2, rows, dest, fused, may_be_empty)
         xc = xc.view(B, -1, H)
         bkw = compact_kwargs(
             kwargs,

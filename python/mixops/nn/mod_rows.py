@@ -39,9 +39,9 @@ class _Link:
 
 class _GatherRows(Function):
     @staticmethod
-    def forward(ctx, x2, src, dest, link):
+    def forward(ctx, x2, src, dest, link, may_be_empty):
         ctx.save_for_backward(dest)
-        ctx.link, ctx.shape = link, x2.shape
+        ctx.link, ctx.shape, ctx.may_be_empty = link, x2.shape, may_be_empty
         return x2.index_select(0, src), x2.view_as(x2)
 
     @staticmethod
@@ -52,10 +52,12 @@ class _GatherRows(Function):
             grad_alias = grad_rows.new_zeros(ctx.shape)
         elif grad_alias is not fresh:  # not the write-back's own tensor: do not write into it
             grad_alias = grad_alias.clone(memory_format=torch.contiguous_format)
-        if grad_rows is not None:
+        if grad_rows is not None and ctx.may_be_empty:  # empty slots (-1) add nothing
             ok = (dest >= 0).unsqueeze(1)
             grad_alias.index_add_(0, dest.clamp(min=0), torch.where(ok, grad_rows, 0))
-        return grad_alias, None, None, None
+        elif grad_rows is not None:
+            grad_alias.index_add_(0, dest, grad_rows)
+        return grad_alias, None, None, None, None
 
 
 class _WriteRows(Function):
@@ -73,13 +75,14 @@ class _WriteRows(Function):
         return grad_base, grad_rows, None, None
 
 
-def gather_rows(x2, src, dest, fused):
+def gather_rows(x2, src, dest, fused, may_be_empty):
     """``(rows [R, H] = x2[src], base, link)``: give base and link to ``write_rows``; ``fused``
-    (eager, not under compile) pairs the two backwards as the module docstring says."""
+    (eager, not under compile) pairs the two backwards as the module docstring says;
+    ``may_be_empty``: dest may hold -1."""
     if not fused:
         return x2.index_select(0, src), x2, None
     link = _Link()
-    rows, alias = _GatherRows.apply(x2, src, dest, link)
+    rows, alias = _GatherRows.apply(x2, src, dest, link, may_be_empty)
     return rows, alias, link
 
 
