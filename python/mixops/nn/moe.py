@@ -322,6 +322,11 @@ class MoE(nn.Module):
     def _routed(self, x2, token_mask, modality, cast):
         if self.expert_choice:
             return self._expert_choice_routed(x2, token_mask, cast)
+        r, capacity = self._route(x2, token_mask, modality)
+        return self._experts_routed(x2, r, capacity, cast)
+
+    def _route(self, x2, token_mask, modality):
+        """The router (top-k, the load counter, the losses) and the capacity: (r, capacity)."""
         num_tokens = x2.shape[0]
         E, k = self.num_experts, self.top_k
         with _stage("router", x2):
@@ -345,6 +350,11 @@ class MoE(nn.Module):
             capacity = (num * num_tokens * k + den * E - 1) // (den * E)
             # More slots than T * k drop nothing; capping keeps any capacity_factor within int64.
             capacity = torch.sym_min(capacity, num_tokens * k)
+        return r, capacity
+
+    def _experts_routed(self, x2, r, capacity, cast):
+        """permute -> the experts' grouped GEMMs -> unpermute (expert parallelism replaces it)."""
+        E = self.num_experts
         w1, w2 = self._expert_weights(cast)
         with _stage("permute", x2):
             p = permute(x2, r.ids, E, capacity=capacity)

@@ -1,0 +1,183 @@
+"""Expert-parallel dispatch and combine: permute's expert-major rows to the ranks that own the
+experts (rank r owns experts r*E/R .. (r+1)*E/R - 1), regrouped there by local expert for the
+grouped GEMMs, and back.
+
+Dropless: every (rank, expert) count travels in one all-to-all before any payload, and the split
+sizes reach the host in ONE sync per layer (``_host_splits``, the only host sync of the layer);
+the rows then move in one variable-split all-to-all per chunk, arrive source-rank-major
+(rank, local expert), and ``reorder_chunks`` regroups them local-expert-major. Capacity: each rank
+keeps at most ``capacity`` rows per expert of its own tokens (permute's GShard priority) in a
+padded layout ``[E, capacity, H]``, so every split is fixed: no host sync, CUDA-graph capturable,
+compilable; the received ``[R, E_local, capacity, H]`` is transposed to local-expert-major.
+
+Stages (each returns a handle): ``dispatch_start`` (permute done by the caller; starts the
+all-to-all) -> ``experts`` (waits for it, runs ``fn`` on the local rows, starts the combine) ->
+``combine_finish`` (waits, returns rows in permute's order for unpermute). Chunks: the rows are
+split into n chunks whose all-to-alls are started so that chunk c+1's exchange runs while chunk
+c's experts compute.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..ops import rows_to_slots, slots_to_rows
+from .comm import all_to_all
+
+__all__ = [
+    "DispatchPlan",
+    "plan_dropless",
+    "plan_capacity",
+    "start_stage",
+    "experts_all",
+    "finish_all",
+]
+
+
+def _reorder(x, counts):
+    """Rows of ``x`` in chunks ordered (a, b) with sizes ``counts [A, B]`` -> order (b, a)."""
+    op = getattr(torch.ops.mixops, "reorder_chunks", None)
+    if op is not None:
+        return torch.ops.mixops.reorder_chunks.default(x, counts.to(torch.int32))
+    sizes = counts.reshape(-1).tolist()  # fallback before the op: host counts (dropless only)
+    pieces = list(x[: sum(sizes)].split(sizes))
+    A, B = counts.shape
+    out = [pieces[a * B + b] for b in range(B) for a in range(A)]
+    tail = x.new_zeros(x.shape[0] - sum(sizes), *x.shape[1:])
+    return torch.cat(out + [tail])
+
+
+@dataclass
+class _Chunk:
+    """One chunk's exchange: its rows in permute's layout and what the combine needs."""
+
+    send: torch.Tensor  # rows to send (dropless: this chunk's expert-major rows; capacity: padded)
+    send_splits: Optional[List[int]]
+    recv_splits: Optional[List[int]]
+    recv_counts: Optional[torch.Tensor]  # [R, E_local] (dropless)
+    offsets: torch.Tensor  # [E_local] int32 ends of each local expert's rows
+    handle: object = None
+    out: object = None
+
+
+@dataclass
+class DispatchPlan:
+    """How this layer's rows travel: per chunk, what to send and how the answer comes back."""
+
+    group: object
+    world: int
+    local_experts: int
+    mode: str  # "dropless" | "capacity"
+    chunks: List[_Chunk] = field(default_factory=list)
+    unpad: Optional[Callable] = None  # capacity: padded [E*cap, H] -> permute's rows
+
+
+def plan_dropless(x_sorted_chunks, offsets_chunks, num_experts, group) -> DispatchPlan:
+    """Dropless plan for chunks of permute output (each chunk a separate permute of a slice of
+    the tokens): one all-to-all of all chunks' counts, one host sync for all split sizes."""
+    world = dist.get_world_size(group)
+    El = num_experts // world
+    counts = torch.stack(
+        [torch.diff(o, prepend=o.new_zeros(1)) for o in offsets_chunks]
+    )  # [n, E] int32, expert-major = rank-major
+    n = counts.shape[0]
+    send = counts.view(n, world, El).transpose(0, 1).contiguous()  # [R(dest), n, El]
+    recv = torch.empty_like(send)  # [R(src), n, El]
+    dist.all_to_all_single(recv, send, group=group)
+    # THE host sync of a dropless layer: every chunk's split sizes at once.
+    host = torch.stack([send.sum(2), recv.sum(2)]).cpu().tolist()  # [2, R, n]
+    plan = DispatchPlan(group, world, El, "dropless")
+    for c, xs in enumerate(x_sorted_chunks):
+        send_splits = [host[0][r][c] for r in range(world)]
+        recv_splits = [host[1][r][c] for r in range(world)]
+        rc = recv[:, c, :]  # [R, El]
+        local = torch.cumsum(rc.sum(0), 0).to(torch.int32)
+        plan.chunks.append(_Chunk(xs[: sum(send_splits)], send_splits, recv_splits, rc, local))
+    return plan
+
+
+def plan_capacity(x_sorted, offsets, num_experts, capacity, group, num_chunks=1):
+    """Capacity plan: permute's rows (at most ``capacity`` per expert) padded to [E, capacity, H]
+    and cut into ``num_chunks`` chunks along the capacity slots; fixed splits, no host sync."""
+    world = dist.get_world_size(group)
+    E, El, H = num_experts, num_experts // world, x_sorted.shape[1]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    start = offsets - counts
+    j = torch.arange(capacity, device=x_sorted.device)
+    row = torch.where(j < counts.unsqueeze(1), start.unsqueeze(1) + j, -1)  # [E, cap]
+    row_map = row.to(torch.int32).reshape(-1, 1)
+    padded = rows_to_slots(x_sorted, row_map, 1).view(E, capacity, H)
+    plan = DispatchPlan(group, world, El, "capacity")
+    bounds = [capacity * c // num_chunks for c in range(num_chunks + 1)]
+    for c in range(num_chunks):
+        w = bounds[c + 1] - bounds[c]
+        send = padded[:, bounds[c] : bounds[c + 1]].reshape(E * w, H)
+        local = (torch.arange(1, El + 1, device=x_sorted.device) * world * w).to(torch.int32)
+        plan.chunks.append(_Chunk(send, None, None, None, local))
+    num_rows = x_sorted.shape[0]
+
+    def unpad(chunk_outs):
+        full = torch.cat([o.view(E, -1, H) for o in chunk_outs], dim=1)  # [E, cap, H]
+        return slots_to_rows(full.reshape(E * capacity, 1, 1, H), row_map, num_rows)
+
+    plan.unpad = unpad
+    return plan
+
+
+def _start_dispatch(plan, ch):
+    ch.handle = all_to_all(ch.send, plan.group, ch.recv_splits, ch.send_splits, async_op=True)
+
+
+def _local_rows(plan, ch, recv):
+    """Received rows (source-rank-major) -> local-expert-major."""
+    if plan.mode == "dropless":
+        return _reorder(recv, ch.recv_counts)
+    R, El = plan.world, plan.local_experts
+    return recv.view(R, El, -1, recv.shape[-1]).transpose(0, 1).reshape(-1, recv.shape[-1])
+
+
+def _back_rows(plan, ch, out):
+    """Expert outputs (local-expert-major) -> source-rank-major, for the return exchange."""
+    if plan.mode == "dropless":
+        return _reorder(out, ch.recv_counts.t())
+    R, El = plan.world, plan.local_experts
+    return out.view(El, R, -1, out.shape[-1]).transpose(0, 1).reshape(-1, out.shape[-1])
+
+
+def experts_stage(plan, ch, fn):
+    """Wait for the chunk's dispatch, run ``fn(rows, offsets)`` on the local rows, start the
+    combine."""
+    recv = ch.handle.wait()
+    out = fn(_local_rows(plan, ch, recv), ch.offsets)
+    back = _back_rows(plan, ch, out)
+    ch.handle = all_to_all(back, plan.group, ch.send_splits, ch.recv_splits, async_op=True)
+
+
+def finish_stage(plan, ch):
+    """Wait for the chunk's combine; its rows in the order they were sent."""
+    ch.out = ch.handle.wait()
+    ch.handle = None
+    return ch.out
+
+
+def start_stage(plan):
+    """Start the first chunk's dispatch (the staged API's first stage)."""
+    if plan.chunks:
+        _start_dispatch(plan, plan.chunks[0])
+
+
+def experts_all(plan, fn):
+    """Every chunk's experts, chunk c+1's dispatch started before chunk c's experts run (so it is
+    in flight meanwhile); each chunk's combine starts as soon as its experts are done."""
+    chunks = plan.chunks
+    for c, ch in enumerate(chunks):
+        if c + 1 < len(chunks):
+            _start_dispatch(plan, chunks[c + 1])
+        experts_stage(plan, ch, fn)
+
+
+def finish_all(plan):
+    """Wait for every chunk's combine; the chunks' rows in the order they were sent."""
+    return [finish_stage(plan, ch) for ch in plan.chunks]

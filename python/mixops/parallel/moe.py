@@ -1,0 +1,311 @@
+"""``ExpertParallelMoE``: mixops.nn.MoE with its routed experts sharded over a process group.
+
+Rank r of the group holds experts ``r*E/R .. (r+1)*E/R - 1`` under the single-process names
+(``experts.gate_up_proj`` [E/R, 2F, H], ...: its slice); the router and shared experts are
+replicated. Every rank routes its own tokens over all E experts, and the rows travel to the
+experts' ranks and back (dispatch.py). Autograd convention: the total loss is the sum of the
+ranks' losses; each rank's expert gradients then equal its slice of the single-process gradients,
+and router / shared-expert gradients equal them after an all-reduce (sum) over the group (the data
+parallel reduction does that). Load counts and aux losses are per rank unless
+``reduce_stats=True``: then they cover the group's tokens, each rank's ``aux_loss`` being 1/R of
+the group's (so the ranks' sum is the single-process loss).
+
+Staged API (for work to overlap with the exchanges)::
+
+    h = moe.dispatch_start(x)   # router, permute, the dispatch all-to-all starts
+    ...                         # the caller's independent work
+    moe.run_experts(h)          # waits for the dispatch, expert GEMMs, the combine starts
+    ...                         # more independent work
+    y = moe.combine_finish(h)   # waits for the combine, unpermute, shared experts
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..nn.activations import GATED, apply_activation
+from ..nn.experts import MLP, Experts
+from ..nn.moe import MoE, MoEParts, _router_config, _stage
+from ..nn.router import TopKRouter
+from ..ops import grouped_mm, permute, unpermute
+from .comm import check_same_config, resolve_group
+from .dispatch import experts_all, finish_all, plan_capacity, plan_dropless, start_stage
+
+__all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
+
+EXPERT_PARALLEL_ATTR = "_mixops_expert_parallel"  # set True on sharded expert parameters
+
+
+@dataclass
+class _Handle:
+    """One forward in flight through the stages."""
+
+    x_shape: torch.Size
+    x2: torch.Tensor
+    r: object
+    row_maps: list
+    num_rows: list
+    plan: object
+    cast: Optional[torch.dtype]
+    stage: str = "dispatching"
+
+
+class ExpertParallelMoE(MoE):
+    """MoE with expert parallelism over ``group`` (a ProcessGroup or a 1-D DeviceMesh; default
+    the world). Same arguments as ``mixops.nn.MoE`` (token choice) plus ``group``, ``num_chunks``
+    (n chunks whose exchanges overlap the experts; 1: the plain schedule) and ``reduce_stats``.
+    ``capacity_factor`` None is dropless (one host sync per layer for the split sizes); a capacity
+    factor gives fixed splits (no host sync): every rank must then pass the same number of tokens.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        top_k: Optional[int] = None,
+        *,
+        group=None,
+        num_chunks: int = 1,
+        reduce_stats: bool = False,
+        activation: str = "swiglu",
+        shared_ffn_size: int = 0,
+        shared_expert_gate: bool = False,
+        device=None,
+        dtype=None,
+        **options,
+    ):
+        pg = resolve_group(group)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        if options.get("router") == "expert_choice":
+            raise ValueError("ExpertParallelMoE: expert-choice routing is not expert-parallel")
+        if not isinstance(num_experts, int) or num_experts % world:
+            raise ValueError(
+                f"ExpertParallelMoE: num_experts ({num_experts}) must be divisible by the group "
+                f"size ({world})"
+            )
+        if not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"ExpertParallelMoE: num_chunks must be an int >= 1, got {num_chunks}")
+        router_keys = {"router", *_router_option_names()}
+        router_opts = {k: v for k, v in options.items() if k in router_keys}
+        cfg = _router_config(num_experts, top_k, router_opts.pop("router", None), dict(router_opts))
+        El = num_experts // world
+        kw = dict(device=device, dtype=dtype)
+        parts = MoEParts(
+            gate=TopKRouter(hidden_size, num_experts, cfg.selection_bias, **kw),
+            experts=Experts(hidden_size, ffn_size, El, activation in GATED, **kw),
+            shared=MLP(hidden_size, shared_ffn_size, activation, **kw) if shared_ffn_size else None,
+            shared_gate=(
+                torch.nn.Linear(hidden_size, 1, bias=False, **kw) if shared_expert_gate else None
+            ),
+        )
+        rest = {k: v for k, v in options.items() if k not in router_keys}
+        super().__init__(
+            hidden_size, ffn_size, router=cfg, activation=activation, parts=parts, **rest, **kw
+        )
+        self.group, self.world_size, self.rank = pg, world, rank
+        self.local_experts, self.num_chunks = El, num_chunks
+        self.reduce_stats = bool(reduce_stats)
+        for p in self.experts.parameters():
+            setattr(p, EXPERT_PARALLEL_ATTR, True)
+            p.allreduce = False  # the DeepSpeed / Megatron convention for expert parameters
+        self._checked = None
+
+    @property
+    def expert_range(self):
+        """The global expert ids this rank holds: ``range(rank*E/R, (rank+1)*E/R)``."""
+        return range(self.rank * self.local_experts, (self.rank + 1) * self.local_experts)
+
+    # -- configuration check ----------------------------------------------------------------------
+    def _check_config(self, num_tokens):
+        key = num_tokens if self._capacity is not None else -1
+        if self._checked == key:
+            return
+        cap = self._capacity
+        values = dict(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            hidden_size=self.hidden_size,
+            ffn_size=self.ffn_size,
+            gated=int(self.activation in GATED),
+            capacity_numerator=-1 if cap is None else cap.numerator,
+            capacity_denominator=-1 if cap is None else cap.denominator,
+            num_chunks=self.num_chunks,
+            dtype=_DTYPES.index(self.experts.down_proj.dtype),
+        )
+        if cap is not None:  # fixed splits: every rank must send the same padded shape
+            values["tokens (capacity mode needs equal token counts)"] = num_tokens
+        check_same_config(values, self.group, "ExpertParallelMoE")
+        self._checked = key
+
+    # -- the stages -------------------------------------------------------------------------------
+    def dispatch_start(self, x, token_mask=None, modality=None) -> _Handle:
+        """Router and permute, then the dispatch all-to-all starts; returns the handle."""
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoE: x must have hidden size {self.hidden_size} in its last "
+                f"dimension, got shape {tuple(x.shape)}"
+            )
+        x2 = x.reshape(-1, self.hidden_size)
+        if token_mask is not None:
+            token_mask = token_mask.reshape(-1)
+            if token_mask.dtype != torch.bool:
+                token_mask = token_mask != 0
+        if modality is not None:
+            modality = modality.reshape(-1)
+        self._check_config(x2.shape[0])
+        cast = _autocast_dtype(x)
+        with _no_autocast(x, cast):
+            xr = x2 if cast is None else x2.to(cast)
+            r, capacity = self._route(xr, token_mask, modality)
+            if self.reduce_stats:
+                self.aux_loss = self._group_losses(r, xr.shape[0], token_mask)
+            E, n = self.num_experts, self.num_chunks
+            with _stage("permute", xr):
+                if capacity is None:
+                    bounds = [xr.shape[0] * c // n for c in range(n + 1)]
+                    ps = [
+                        permute(xr[bounds[c] : bounds[c + 1]], r.ids[bounds[c] : bounds[c + 1]], E)
+                        for c in range(n)
+                    ]
+                    with _stage("dispatch_counts", xr):
+                        plan = plan_dropless([p.x_sorted for p in ps], [p.offsets for p in ps],
+                                             E, self.group)  # fmt: skip
+                    row_maps = [p.row_map for p in ps]
+                    num_rows = [p.x_sorted.shape[0] for p in ps]
+                else:
+                    p = permute(xr, r.ids, E, capacity=capacity)
+                    plan = plan_capacity(p.x_sorted, p.offsets, E, capacity, self.group, n)
+                    row_maps, num_rows = [p.row_map], [p.x_sorted.shape[0]]
+            with _stage("dispatch", xr):
+                start_stage(plan)
+        return _Handle(x.shape, x2, r, row_maps, num_rows, plan, cast)
+
+    def run_experts(self, h: _Handle) -> _Handle:
+        """Waits for each chunk's dispatch, runs the local experts, starts its combine."""
+        if h.stage != "dispatching":
+            raise RuntimeError(f"ExpertParallelMoE.run_experts: the handle is {h.stage}")
+        w1, w2 = self._expert_weights(h.cast)
+        act = self.activation
+
+        def experts(rows, offsets):
+            with _stage("experts", rows):
+                a = apply_activation(act, grouped_mm(rows, w1.transpose(1, 2), offsets))
+                return grouped_mm(a, w2.transpose(1, 2), offsets)
+
+        with _no_autocast(h.x2, h.cast):
+            experts_all(h.plan, experts)
+        h.stage = "combining"
+        return h
+
+    def combine_finish(self, h: _Handle) -> torch.Tensor:
+        """Waits for the combine, unpermutes (routing weights) and adds the shared experts."""
+        if h.stage != "combining":
+            raise RuntimeError(f"ExpertParallelMoE.combine_finish: the handle is {h.stage}")
+        h.stage = "finished"
+        with _no_autocast(h.x2, h.cast):
+            with _stage("combine_wait", h.x2):
+                outs = finish_all(h.plan)
+            with _stage("unpermute", h.x2):
+                if h.plan.mode == "capacity":
+                    y = unpermute(h.plan.unpad(outs), h.row_maps[0], h.r.weights)
+                else:
+                    n = len(outs)
+                    T = h.x2.shape[0]
+                    bounds = [T * c // n for c in range(n + 1)]
+                    ys = []
+                    for c, o in enumerate(outs):
+                        o = torch.cat((o, o.new_zeros(h.num_rows[c] - o.shape[0], o.shape[1])))
+                        w = h.r.weights[bounds[c] : bounds[c + 1]]
+                        ys.append(unpermute(o, h.row_maps[c], w))
+                    y = torch.cat(ys) if n > 1 else ys[0]
+        y = self._add_shared(h.x2, y)
+        return y.reshape(h.x_shape)
+
+    def forward(self, x, token_mask=None, modality=None):
+        return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
+
+    def _add_shared(self, x2, y):
+        shared = self.shared
+        if shared is None:
+            return y
+        s = shared(x2)
+        if self.shared_expert_gate is not None:
+            s = torch.sigmoid(self.shared_expert_gate(x2)) * s
+        return y + s
+
+    def _group_losses(self, r, num_tokens, token_mask):
+        """The aux / z losses over the group's tokens, 1/R of them on each rank."""
+        if not (self.aux_loss_coef or self.z_loss_coef):
+            return None
+        from torch.distributed.nn.functional import all_reduce
+
+        n = (
+            torch.tensor(float(num_tokens), device=r.lse.device)
+            if token_mask is None
+            else token_mask.sum().to(r.lse.dtype)
+        )
+        n = all_reduce(n.reshape(1), group=self.group)[0].clamp(min=1)
+        loss = r.lse.new_zeros(())
+        if self.aux_loss_coef:
+            counts = r.counts.to(r.score_sum.dtype)
+            dist.all_reduce(counts, group=self.group)
+            p = all_reduce(r.score_sum, group=self.group)
+            loss = loss + self.aux_loss_coef * self.num_experts * (counts / n * p / n).sum()
+        if self.z_loss_coef:
+            z = r.lse.square()
+            if token_mask is not None:
+                z = torch.where(token_mask, z, z.new_zeros(()))
+            loss = loss + self.z_loss_coef * all_reduce(z.sum().reshape(1), group=self.group)[0] / n
+        return loss / self.world_size
+
+    # -- state dicts ------------------------------------------------------------------------------
+    def load_full_state_dict(self, state_dict, strict: bool = True):
+        """Load a single-process (or HF v5) MoE state dict: expert tensors are sliced to this
+        rank's experts, the rest loaded as is."""
+        sl = slice(self.expert_range.start, self.expert_range.stop)
+        sd = {k: (v[sl] if k.startswith("experts.") else v) for k, v in state_dict.items()}
+        return self.load_state_dict(sd, strict=strict)
+
+    def full_state_dict(self):
+        """The single-process state dict (every rank gets it): expert tensors gathered."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("experts."):
+                parts = [torch.empty_like(v) for _ in range(self.world_size)]
+                dist.all_gather(parts, v.contiguous(), group=self.group)
+                v = torch.cat(parts)
+            out[k] = v
+        return out
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _router_option_names():
+    from ..nn.router import RouterConfig
+
+    return RouterConfig.option_names()
+
+
+def _autocast_dtype(x):
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+class _no_autocast:
+    """Runs the routed path without autocast when the caller had it on (as MoE.forward)."""
+
+    def __init__(self, x, cast):
+        self.ctx = torch.autocast(x.device.type, enabled=False) if cast is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
