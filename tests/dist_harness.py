@@ -1,0 +1,70 @@
+"""Multi-process tests on one machine: ``run_world(fn, world, *args)`` spawns ``world`` processes,
+each joining a gloo group over loopback (127.0.0.1, a free port) with a bounded collective timeout,
+and runs ``fn(rank, world, *args)``. A worker's exception fails the test with its traceback; a
+worker still running at the deadline is killed and fails the test: never a hang."""
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60  # a collective waiting longer than this raises in the worker
+DEADLINE_S = 180  # the whole world
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, errors):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        try:
+            fn(rank, world, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def run_world(fn, world, *args, deadline=DEADLINE_S):
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; raise on any failure."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = mp.start_processes(
+        _worker,
+        args=(world, _free_port(), fn, args, errors),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    import time
+
+    end = time.monotonic() + deadline
+    try:
+        while not procs.join(timeout=max(0.1, min(1.0, end - time.monotonic()))):
+            if time.monotonic() > end:
+                raise TimeoutError(f"run_world: the {world} workers did not finish in {deadline} s")
+    except mp.ProcessRaisedException as e:
+        reports = []
+        while not errors.empty():
+            reports.append(errors.get())
+        detail = "\n".join(f"rank {r}:\n{tb}" for r, tb in sorted(reports)) or str(e)
+        raise AssertionError(f"run_world: a worker failed\n{detail}") from None
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,205 @@
+"""Expert parallelism (mixops.parallel) in worlds of 2 and 4 gloo processes against the
+single-process MoE with the same full weights: outputs and gradients under the convention (the
+total loss is the ranks' sum; expert gradients are the rank's slice, router and shared-expert
+gradients equal after an all-reduce), dropless and capacity modes, uneven routing, a rank with no
+tokens, chunked and staged schedules, configuration mismatches, state dicts and DDP."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_world
+
+H, F, E, K = 16, 24, 8, 2
+F64 = dict(dtype=torch.float64)
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _tokens(world, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        [torch.randn(t, H, generator=g, **F64) for t in T]
+        if isinstance(T, list)
+        else [torch.randn(T, H, generator=g, **F64) for _ in range(world)]
+    )
+
+
+def _pair(cap=None, shared=0, num_chunks=1, reduce_stats=False, **kw):
+    from mixops.nn import MoE
+    from mixops.parallel import ExpertParallelMoE
+
+    torch.manual_seed(0)
+    ref = MoE(H, F, E, K, capacity_factor=cap, shared_ffn_size=shared, **kw, **F64)
+    ep = ExpertParallelMoE(
+        H, F, E, K, capacity_factor=cap, shared_ffn_size=shared, num_chunks=num_chunks,
+        reduce_stats=reduce_stats, **kw, **F64,
+    )  # fmt: skip
+    ep.load_full_state_dict(ref.state_dict())
+    return ref, ep
+
+
+def _check_grads(rank, world, ref, ep):
+    """Expert grads: this rank's slice; router/shared grads: equal after an all-reduce."""
+    sl = slice(rank * E // world, (rank + 1) * E // world)
+    for name, p in ep.named_parameters():
+        want = dict(ref.named_parameters())[name].grad
+        got = p.grad
+        if name.startswith("experts."):
+            torch.testing.assert_close(got, want[sl], **TOL, msg=f"rank {rank} {name}")
+        else:
+            got = got.clone()
+            dist.all_reduce(got)
+            torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} {name}")
+
+
+def _equals_single_process(rank, world, cap, num_chunks, T, route):
+    ref, ep = _pair(cap, shared=12, num_chunks=num_chunks)
+    if route == "one_expert":  # every token to experts 0 and 1 (both on rank 0)
+        with torch.no_grad():
+            ref.gate.weight.zero_()
+            ref.gate.weight[0].fill_(5.0)
+            ref.gate.weight[1].fill_(4.0)
+            ep.gate.weight.copy_(ref.gate.weight)
+    xs = _tokens(world, T)
+    x = xs[rank].clone().requires_grad_(True)
+    y = ep(x)
+    (y * y).sum().backward()
+    if cap is None:  # dropless: the single process sees every rank's tokens at once
+        xa = torch.cat(xs).requires_grad_(True)
+        ya = ref(xa)
+        (ya * ya).sum().backward()
+        start = sum(t.shape[0] for t in xs[:rank])
+        want, gx = ya[start : start + xs[rank].shape[0]], xa.grad[start : start + x.shape[0]]
+    else:  # capacity: each rank's tokens through the single-process layer with that capacity
+        outs = []
+        for xr in xs:
+            xr = xr.clone().requires_grad_(True)
+            yr = ref(xr)
+            (yr * yr).sum().backward()
+            outs.append((yr, xr.grad))
+        want, gx = outs[rank]
+    torch.testing.assert_close(y, want, **TOL)
+    torch.testing.assert_close(x.grad, gx, **TOL)
+    _check_grads(rank, world, ref, ep)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("cap", [None, 1.0, 0.5], ids=["dropless", "cap1", "cap0.5"])
+def test_equals_single_process(world, cap):
+    run_world(_equals_single_process, world, cap, 1, 10, "random")
+
+
+@pytest.mark.parametrize("cap", [None, 1.25], ids=["dropless", "cap1.25"])
+def test_chunked_schedule_equals_single_process(cap):
+    run_world(_equals_single_process, 2, cap, 3, 11, "random")
+
+
+def test_all_tokens_to_one_rank_and_a_rank_without_tokens():
+    run_world(_equals_single_process, 2, None, 2, 9, "one_expert")
+    run_world(_equals_single_process, 2, None, 1, [7, 0], "random")
+
+
+def _staged(rank, world):
+    ref, ep = _pair(None, num_chunks=2)
+    x = _tokens(world, 10)[rank]
+    want = ep(x)
+    h = ep.dispatch_start(x)
+    side = (x @ x.t()).sum()  # the caller's independent work
+    ep.run_experts(h)
+    side = side + x.sum()
+    got = ep.combine_finish(h)
+    assert torch.isfinite(side)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="the handle is finished"):
+        ep.combine_finish(h)
+
+
+def test_staged_api_equals_one_call():
+    run_world(_staged, 2)
+
+
+def _mismatch(rank, world, what):
+    from mixops.parallel import ExpertParallelMoE
+
+    ffn = F + (rank if what == "ffn" else 0)
+    ep = ExpertParallelMoE(H, ffn, E, K, capacity_factor=1.0 if what == "tokens" else None, **F64)
+    T = 10 + (rank if what == "tokens" else 0)
+    match = "ffn_size" if what == "ffn" else r"tokens \(capacity mode needs equal token counts\)"
+    with pytest.raises(ValueError, match=f"disagree on {match}"):
+        ep(torch.randn(T, H, **F64))
+
+
+@pytest.mark.parametrize("what", ["ffn", "tokens"])
+def test_mismatched_configurations_are_errors(what):
+    run_world(_mismatch, 2, what)
+
+
+def _state_dicts(rank, world):
+    from mixops.parallel import full_state_dict, load_full_state_dict
+
+    ref, ep = _pair(None)
+    full = ep.full_state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(full[k], v, rtol=0, atol=0)
+    model = torch.nn.Sequential(ep)
+    load_full_state_dict(model, {f"0.{k}": v * 2 for k, v in ref.state_dict().items()})
+    back = full_state_dict(model)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(back[f"0.{k}"], v * 2, rtol=0, atol=0)
+
+
+def test_state_dicts_shard_and_gather():
+    run_world(_state_dicts, 2)
+
+
+def _ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mixops.parallel import expert_parameter_names, ignore_experts_in_ddp
+
+    ref, ep = _pair(None)
+    names = ignore_experts_in_ddp(ep)
+    assert sorted(names) == ["experts.down_proj", "experts.gate_up_proj"]
+    assert expert_parameter_names(ep) == names
+    model = DDP(ep)
+    xs = _tokens(world, 10)
+    model(xs[rank]).square().sum().backward()
+    xa = torch.cat(xs)
+    ref(xa).square().sum().backward()
+    sl = slice(rank * E // world, (rank + 1) * E // world)
+    # DDP averages the router gradient; the expert gradients are left alone (the rank's slice).
+    torch.testing.assert_close(ep.gate.weight.grad * world, ref.gate.weight.grad, **TOL)
+    torch.testing.assert_close(ep.experts.down_proj.grad, ref.experts.down_proj.grad[sl], **TOL)
+
+
+def test_ddp_leaves_expert_gradients_alone():
+    run_world(_ddp, 2)
+
+
+def _group_losses(rank, world):
+    ref, ep = _pair(None, aux_loss_coef=0.01, z_loss_coef=0.001, reduce_stats=True)
+    xs = _tokens(world, 10)
+    ep(xs[rank])
+    total = ep.aux_loss.detach().clone()
+    dist.all_reduce(total)
+    ref(torch.cat(xs))
+    torch.testing.assert_close(total, ref.aux_loss.detach(), **TOL)
+
+
+def test_reduced_aux_loss_sums_to_the_single_process_loss():
+    run_world(_group_losses, 2)
+
+
+def test_bad_construction():
+    run_world(_bad_construction, 2)
+
+
+def _bad_construction(rank, world):
+    from mixops.parallel import ExpertParallelMoE
+
+    with pytest.raises(ValueError, match="divisible by the group size"):
+        ExpertParallelMoE(H, F, 3, K)
+    with pytest.raises(ValueError, match="num_chunks"):
+        ExpertParallelMoE(H, F, E, K, num_chunks=0)
+    with pytest.raises(ValueError, match="expert-choice"):
+        ExpertParallelMoE(H, F, E, router="expert_choice", capacity_factor=1.0)
