@@ -4,13 +4,22 @@ and finished apart (for overlap), and the configuration check that turns a misma
 ranks into an error instead of a hang.
 """
 
+import time
+from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-__all__ = ["resolve_group", "all_to_all", "AllToAllHandle", "check_same_config"]
+__all__ = [
+    "resolve_group",
+    "all_to_all",
+    "AllToAllHandle",
+    "check_same_config",
+    "slow_link",
+    "traced",
+]
 
 
 def resolve_group(group):
@@ -31,8 +40,86 @@ def resolve_group(group):
     return group
 
 
-def _a2a(out, inp, out_splits, in_splits, group, async_op):
-    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+class _SlowLink:
+    """The delay harness (tests and ``python -m mixops.bench ep``): every all-to-all completes no
+    earlier than its start plus bytes / ``bytes_per_s`` after the previous one on the link ended
+    (one link, transfers in order), while the call itself returns at once; ``trace`` records
+    [kind, name, start, end] for the exchanges ("comm") and for ``traced`` compute ("compute")."""
+
+    def __init__(self, bytes_per_s):
+        self.bytes_per_s = float(bytes_per_s)
+        self.free_at = 0.0
+        self.trace = []
+
+    def schedule(self, nbytes):
+        start = time.monotonic()
+        begin = max(start, self.free_at)
+        self.free_at = begin + nbytes / self.bytes_per_s
+        return start, self.free_at
+
+
+_LINK = None
+
+
+class _DelayedWork:
+    """A collective's Work whose wait() also waits for the simulated link."""
+
+    def __init__(self, work, ready, record):
+        self.work, self.ready, self.record = work, ready, record
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        delay = self.ready - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self.record[3] = max(self.ready, self.record[2])
+        return True
+
+
+@contextmanager
+def slow_link(bytes_per_s):
+    """Within the block every expert-parallel all-to-all of this process behaves as over a link
+    of ``bytes_per_s`` (see _SlowLink); yields the trace list."""
+    global _LINK
+    if not bytes_per_s > 0:
+        raise ValueError(f"slow_link: bytes_per_s must be > 0, got {bytes_per_s!r}")
+    prev, _LINK = _LINK, _SlowLink(bytes_per_s)
+    try:
+        yield _LINK.trace
+    finally:
+        _LINK = prev
+
+
+@contextmanager
+def traced(name):
+    """Record a compute interval in the delay harness's trace (nothing without it)."""
+    link = _LINK
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        if link is not None:
+            link.trace.append(["compute", name, t0, time.monotonic()])
+
+
+def _a2a(out, inp, out_splits, in_splits, group, async_op, name="all_to_all"):
+    link = _LINK
+    work = dist.all_to_all_single(
+        out, inp, out_splits, in_splits, group=group, async_op=async_op or link is not None
+    )
+    if link is None:
+        return work
+    nbytes = max(inp.numel() * inp.element_size(), out.numel() * out.element_size())
+    start, ready = link.schedule(nbytes)
+    record = ["comm", name, start, None]
+    link.trace.append(record)
+    delayed = _DelayedWork(work, ready, record)
+    if async_op:
+        return delayed
+    delayed.wait()
+    return None
 
 
 class AllToAllHandle:
@@ -54,11 +141,11 @@ class _AllToAll(Function):
     the exchange; the output must not be read before ``AllToAllHandle.wait()``."""
 
     @staticmethod
-    def forward(ctx, x, out_rows, out_splits, in_splits, group, holder):
+    def forward(ctx, x, out_rows, out_splits, in_splits, group, holder, name):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        ctx.in_rows = x.shape[0]
+        ctx.in_rows, ctx.name = x.shape[0], name
         out = x.new_empty((out_rows, *x.shape[1:]))
-        work = _a2a(out, x.contiguous(), out_splits, in_splits, group, holder is not None)
+        work = _a2a(out, x.contiguous(), out_splits, in_splits, group, holder is not None, name)
         if holder is not None:
             holder.append(work)
         return out
@@ -66,8 +153,9 @@ class _AllToAll(Function):
     @staticmethod
     def backward(ctx, grad):
         g = grad.new_empty((ctx.in_rows, *grad.shape[1:]))
-        _a2a(g, grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, False)
-        return g, None, None, None, None, None
+        name = ctx.name + ".backward"
+        _a2a(g, grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, False, name)
+        return g, None, None, None, None, None, None
 
 
 def all_to_all(
@@ -76,6 +164,7 @@ def all_to_all(
     out_splits: Optional[List[int]] = None,
     in_splits: Optional[List[int]] = None,
     async_op: bool = False,
+    name: str = "all_to_all",
 ):
     """Rows of ``x`` to the ranks of ``group`` (``in_splits[r]`` rows to rank r, equal parts when
     None) and back from them (``out_splits``); differentiable. Returns the output, or an
@@ -91,7 +180,7 @@ def all_to_all(
     else:
         out_rows = sum(out_splits)
     holder = [] if async_op else None
-    out = _AllToAll.apply(x, out_rows, out_splits, in_splits, group, holder)
+    out = _AllToAll.apply(x, out_rows, out_splits, in_splits, group, holder, name)
     if not async_op:
         return out
     return AllToAllHandle(out, holder[0] if holder else None)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import rows_to_slots, slots_to_rows
-from .comm import all_to_all
+from .comm import all_to_all, traced
 
 __all__ = [
     "DispatchPlan",
@@ -127,7 +127,9 @@ def plan_capacity(x_sorted, offsets, num_experts, capacity, group, num_chunks=1)
 
 
 def _start_dispatch(plan, ch):
-    ch.handle = all_to_all(ch.send, plan.group, ch.recv_splits, ch.send_splits, async_op=True)
+    ch.handle = all_to_all(
+        ch.send, plan.group, ch.recv_splits, ch.send_splits, async_op=True, name="dispatch"
+    )
 
 
 def _local_rows(plan, ch, recv):
@@ -150,9 +152,12 @@ def experts_stage(plan, ch, fn):
     """Wait for the chunk's dispatch, run ``fn(rows, offsets)`` on the local rows, start the
     combine."""
     recv = ch.handle.wait()
-    out = fn(_local_rows(plan, ch, recv), ch.offsets)
+    with traced("experts"):
+        out = fn(_local_rows(plan, ch, recv), ch.offsets)
     back = _back_rows(plan, ch, out)
-    ch.handle = all_to_all(back, plan.group, ch.send_splits, ch.recv_splits, async_op=True)
+    ch.handle = all_to_all(
+        back, plan.group, ch.send_splits, ch.recv_splits, async_op=True, name="combine"
+    )
 
 
 def finish_stage(plan, ch):
