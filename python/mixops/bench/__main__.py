@@ -1,16 +1,24 @@
-"""python -m mixops.bench [moe | moa | mod | grouped_mm | routing]: benchmarks that time mixops beside
+"""python -m mixops.bench [moe | moa | mod | ep | grouped_mm | routing]: benchmarks that time mixops beside
 its peers in one run and print medians and ratios. moe (the default) times the whole MoE layer
 against HF transformers' Mixtral block; moa the MoA (mixture of attention heads) layer against HF's
 JetMoE attention; mod the MoD (mixture of depths) wrapper against its floor and the dense block, and
-MoE expert choice against token choice; grouped_mm and routing time the ops underneath them."""
+MoE expert choice against token choice; ep the expert-parallel layer's overlap of communication with
+compute (gloo processes, a simulated link); grouped_mm and routing time the ops underneath them."""
 
 import argparse
 
 import torch
 
-from . import grouped_mm, moa, mod, moe, routing
+from . import ep, grouped_mm, moa, mod, moe, routing
 
-JOBS = {"moe": moe, "moa": moa, "mod": mod, "grouped_mm": grouped_mm, "routing": routing}
+JOBS = {
+    "moe": moe,
+    "moa": moa,
+    "mod": mod,
+    "ep": ep,
+    "grouped_mm": grouped_mm,
+    "routing": routing,
+}
 
 
 def main(argv=None):

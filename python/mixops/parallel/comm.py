@@ -19,6 +19,7 @@ __all__ = [
     "check_same_config",
     "slow_link",
     "traced",
+    "start_exchange",
 ]
 
 
@@ -44,7 +45,8 @@ class _SlowLink:
     """The delay harness (tests and ``python -m mixops.bench ep``): every all-to-all completes no
     earlier than its start plus bytes / ``bytes_per_s`` after the previous one on the link ended
     (one link, transfers in order), while the call itself returns at once; ``trace`` records
-    [kind, name, start, end] for the exchanges ("comm") and for ``traced`` compute ("compute")."""
+    [kind, name, start, end(, bytes)] for the exchanges ("comm") and for ``traced`` compute
+    ("compute")."""
 
     def __init__(self, bytes_per_s):
         self.bytes_per_s = float(bytes_per_s)
@@ -113,7 +115,7 @@ def _a2a(out, inp, out_splits, in_splits, group, async_op, name="all_to_all"):
         return work
     nbytes = max(inp.numel() * inp.element_size(), out.numel() * out.element_size())
     start, ready = link.schedule(nbytes)
-    record = ["comm", name, start, None]
+    record = ["comm", name, start, None, nbytes]
     link.trace.append(record)
     delayed = _DelayedWork(work, ready, record)
     if async_op:
@@ -184,6 +186,15 @@ def all_to_all(
     if not async_op:
         return out
     return AllToAllHandle(out, holder[0] if holder else None)
+
+
+def start_exchange(x, group, out_splits=None, in_splits=None, name="all_to_all"):
+    """An all-to-all without autograd, started: an ``AllToAllHandle`` whose ``wait()`` returns
+    the received rows (the overlapped schedule's own backward calls this)."""
+    out_rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((out_rows, *x.shape[1:]))
+    work = _a2a(out, x.contiguous(), out_splits, in_splits, group, True, name)
+    return AllToAllHandle(out, work)
 
 
 def check_same_config(values: dict, group, what="mixops.parallel") -> None:

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..ops import rows_to_slots, slots_to_rows
-from .comm import all_to_all, traced
+from .comm import start_exchange
+from .overlap import ChunkedExperts
 
 __all__ = [
     "DispatchPlan",
@@ -72,6 +73,20 @@ class DispatchPlan:
     mode: str  # "dropless" | "capacity"
     chunks: List[_Chunk] = field(default_factory=list)
     unpad: Optional[Callable] = None  # capacity: padded [E*cap, H] -> permute's rows
+
+    def local_rows(self, ch, recv):
+        """Received rows (source-rank-major) -> local-expert-major."""
+        if self.mode == "dropless":
+            return _reorder(recv, ch.recv_counts)
+        R, El, H = self.world, self.local_experts, recv.shape[-1]
+        return recv.view(R, El, -1, H).transpose(0, 1).reshape(-1, H)
+
+    def back_rows(self, ch, out):
+        """Expert outputs (local-expert-major) -> source-rank-major, for the combine."""
+        if self.mode == "dropless":
+            return _reorder(out, ch.recv_counts.t())
+        R, El, H = self.world, self.local_experts, out.shape[-1]
+        return out.view(El, R, -1, H).transpose(0, 1).reshape(-1, H)
 
 
 def plan_dropless(x_sorted_chunks, offsets_chunks, num_experts, group) -> DispatchPlan:
@@ -126,63 +141,25 @@ def plan_capacity(x_sorted, offsets, num_experts, capacity, group, num_chunks=1)
     return plan
 
 
-def _start_dispatch(plan, ch):
-    ch.handle = all_to_all(
-        ch.send, plan.group, ch.recv_splits, ch.send_splits, async_op=True, name="dispatch"
-    )
-
-
-def _local_rows(plan, ch, recv):
-    """Received rows (source-rank-major) -> local-expert-major."""
-    if plan.mode == "dropless":
-        return _reorder(recv, ch.recv_counts)
-    R, El = plan.world, plan.local_experts
-    return recv.view(R, El, -1, recv.shape[-1]).transpose(0, 1).reshape(-1, recv.shape[-1])
-
-
-def _back_rows(plan, ch, out):
-    """Expert outputs (local-expert-major) -> source-rank-major, for the return exchange."""
-    if plan.mode == "dropless":
-        return _reorder(out, ch.recv_counts.t())
-    R, El = plan.world, plan.local_experts
-    return out.view(El, R, -1, out.shape[-1]).transpose(0, 1).reshape(-1, out.shape[-1])
-
-
-def experts_stage(plan, ch, fn):
-    """Wait for the chunk's dispatch, run ``fn(rows, offsets)`` on the local rows, start the
-    combine."""
-    recv = ch.handle.wait()
-    with traced("experts"):
-        out = fn(_local_rows(plan, ch, recv), ch.offsets)
-    back = _back_rows(plan, ch, out)
-    ch.handle = all_to_all(
-        back, plan.group, ch.send_splits, ch.recv_splits, async_op=True, name="combine"
-    )
-
-
-def finish_stage(plan, ch):
-    """Wait for the chunk's combine; its rows in the order they were sent."""
-    ch.out = ch.handle.wait()
-    ch.handle = None
-    return ch.out
-
-
 def start_stage(plan):
-    """Start the first chunk's dispatch (the staged API's first stage)."""
+    """Start the first chunk's dispatch (the staged API's first stage; no autograd: the
+    ChunkedExperts Function carries the gradient of every exchange)."""
     if plan.chunks:
-        _start_dispatch(plan, plan.chunks[0])
+        ch = plan.chunks[0]
+        ch.handle = start_exchange(ch.send, plan.group, ch.recv_splits, ch.send_splits, "dispatch")
 
 
-def experts_all(plan, fn):
-    """Every chunk's experts, chunk c+1's dispatch started before chunk c's experts run (so it is
-    in flight meanwhile); each chunk's combine starts as soon as its experts are done."""
-    chunks = plan.chunks
-    for c, ch in enumerate(chunks):
-        if c + 1 < len(chunks):
-            _start_dispatch(plan, chunks[c + 1])
-        experts_stage(plan, ch, fn)
+def experts_all(plan, fn, w1, w2):
+    """Every chunk's experts ``fn(rows, offsets, w1, w2)``, overlapped with the exchanges
+    (overlap.ChunkedExperts, forward and backward); each chunk's combine is started."""
+    outs = ChunkedExperts.apply(plan, fn, w1, w2, *[ch.send for ch in plan.chunks])
+    for ch, o in zip(plan.chunks, outs):
+        ch.out = o
 
 
 def finish_all(plan):
     """Wait for every chunk's combine; the chunks' rows in the order they were sent."""
-    return [finish_stage(plan, ch) for ch in plan.chunks]
+    for ch in plan.chunks:
+        ch.handle.wait()
+        ch.handle = None
+    return [ch.out for ch in plan.chunks]

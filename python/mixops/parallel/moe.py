@@ -190,13 +190,13 @@ class ExpertParallelMoE(MoE):
         w1, w2 = self._expert_weights(h.cast)
         act = self.activation
 
-        def experts(rows, offsets):
+        def experts(rows, offsets, w1, w2):
             with _stage("experts", rows):
                 a = apply_activation(act, grouped_mm(rows, w1.transpose(1, 2), offsets))
                 return grouped_mm(a, w2.transpose(1, 2), offsets)
 
         with _no_autocast(h.x2, h.cast):
-            experts_all(h.plan, experts)
+            experts_all(h.plan, experts, w1, w2)
         h.stage = "combining"
         return h
 

@@ -1,0 +1,90 @@
+"""The chunked exchange-and-experts schedule as one autograd Function, so that the backward
+overlaps too.
+
+Forward, chunk by chunk: chunk c+1's dispatch all-to-all is started before chunk c's experts run,
+and each chunk's combine starts as soon as its experts are done. Backward, the same shape: chunk
+c+1's combine gradient travels while chunk c's expert backward runs, and each chunk's dispatch
+gradient leaves as soon as it exists. With per-chunk autograd Functions the engine would run each
+chunk's exchange backward and immediately block on it (on gloo the wait is on the calling
+thread), so the backward would not overlap.
+
+Each chunk's experts run under ``torch.enable_grad`` on the received rows as a leaf; the chunk's
+graph (rows -> local order -> experts -> return order) is kept and differentiated in the backward
+with ``torch.autograd.grad`` for the rows and the expert weights (which are this Function's inputs:
+parameters, or their autocast copies). The exchanges here carry no autograd of their own.
+"""
+
+import torch
+from torch.autograd import Function
+
+from .comm import start_exchange, traced
+
+__all__ = ["ChunkedExperts"]
+
+
+class ChunkedExperts(Function):
+    """``outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)``: every chunk's combined rows
+    (still arriving: read them after ``plan``'s combine handles are waited). The first chunk's
+    dispatch may already be started (``plan.chunks[0].handle``)."""
+
+    @staticmethod
+    def forward(ctx, plan, fn, w1, w2, *sends):
+        ctx.plan = plan
+        chunks = plan.chunks
+        outs = []
+        for c, ch in enumerate(chunks):
+            if ch.handle is None:
+                ch.handle = _dispatch(plan, ch)
+            if c + 1 < len(chunks):
+                chunks[c + 1].handle = _dispatch(plan, chunks[c + 1])
+            recv = ch.handle.wait()
+            with torch.enable_grad(), traced("experts"):
+                ch.leaf = recv.detach().requires_grad_(True)
+                ch.back = plan.back_rows(ch, fn(plan.local_rows(ch, ch.leaf), ch.offsets, w1, w2))
+            ch.handle = start_exchange(
+                ch.back.detach(), plan.group, ch.send_splits, ch.recv_splits, "combine"
+            )
+            ch.out_shape = ch.handle.out.shape
+            outs.append(ch.handle.out)
+        ctx.save_for_backward(w1, w2)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        plan = ctx.plan
+        w1, w2 = ctx.saved_tensors
+        chunks = plan.chunks
+        pending = [None] * len(chunks)
+
+        def start_back(c):
+            ch, g = chunks[c], grad_outs[c]
+            if g is None:  # an output the loss does not use
+                g = ch.back.new_zeros(ch.out_shape)
+            return start_exchange(g, plan.group, ch.recv_splits, ch.send_splits, "combine.backward")
+
+        gw1 = gw2 = None
+        grad_sends = [None] * len(chunks)
+        if chunks:
+            pending[0] = start_back(0)
+        for c, ch in enumerate(chunks):
+            if c + 1 < len(chunks):
+                pending[c + 1] = start_back(c + 1)
+            g_back = pending[c].wait()
+            with traced("experts.backward"):
+                g_leaf, g1, g2 = torch.autograd.grad(
+                    ch.back, (ch.leaf, w1, w2), g_back, allow_unused=True
+                )
+            gw1 = g1 if gw1 is None else (gw1 if g1 is None else gw1 + g1)
+            gw2 = g2 if gw2 is None else (gw2 if g2 is None else gw2 + g2)
+            if g_leaf is None:
+                g_leaf = torch.zeros_like(ch.leaf)
+            grad_sends[c] = start_exchange(
+                g_leaf, plan.group, ch.send_splits, ch.recv_splits, "dispatch.backward"
+            )
+            ch.leaf = ch.back = None  # free the chunk's graph
+        grads = [h.wait() for h in grad_sends]
+        return (None, None, gw1, gw2, *grads)
+
+
+def _dispatch(plan, ch):
+    return start_exchange(ch.send, plan.group, ch.recv_splits, ch.send_splits, "dispatch")
