@@ -1,10 +1,11 @@
 """Multi-process tests on one machine: ``run_world(fn, world, *args)`` spawns ``world`` processes,
-each joining a gloo group over loopback (127.0.0.1, a free port) with a bounded collective timeout,
+each joining a gloo (or NCCL) group over loopback (127.0.0.1, a free port) with a bounded collective timeout,
 and runs ``fn(rank, world, *args)``. A worker's exception fails the test with its traceback; a
 worker still running at the deadline is killed and fails the test: never a hang."""
 
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -21,11 +22,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, errors):
+def _worker(rank, world, port, fn, args, errors, backend):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -40,19 +45,18 @@ def _worker(rank, world, port, fn, args, errors):
         raise
 
 
-def run_world(fn, world, *args, deadline=DEADLINE_S):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; raise on any failure."""
+def run_world(fn, world, *args, deadline=DEADLINE_S, backend="gloo"):
+    """Run ``fn(rank, world, *args)`` in ``world`` processes (gloo; "nccl": one GPU each); raise
+    on any failure."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     procs = mp.start_processes(
         _worker,
-        args=(world, _free_port(), fn, args, errors),
+        args=(world, _free_port(), fn, args, errors, backend),
         nprocs=world,
         join=False,
         start_method="spawn",
     )
-    import time
-
     end = time.monotonic() + deadline
     try:
         while not procs.join(timeout=max(0.1, min(1.0, end - time.monotonic()))):

@@ -241,3 +241,36 @@ def _overlap(rank, world, num_chunks):
 @pytest.mark.parametrize("num_chunks", [1, 4])
 def test_chunked_exchanges_overlap_the_experts(num_chunks):
     run_world(_overlap, 2, num_chunks)
+
+
+def _mesh_step(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mixops.nn import MoE
+    from mixops.parallel import ExpertParallelMoE, allreduce_expert_grads
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    torch.manual_seed(0)
+    ref = MoE(H, F, E, K, **F64)
+    ep = ExpertParallelMoE(H, F, E, K, group=mesh["ep"], **F64)
+    ep.load_full_state_dict(ref.state_dict())
+    assert ep.world_size == 2 and ep.rank == mesh.get_local_rank("ep")
+    xs = _tokens(world, 6)
+    ep(xs[rank]).square().sum().backward()
+    ref(torch.cat(xs)).square().sum().backward()
+    # Data parallel over the whole world for the replicated router; expert gradients over the
+    # expert-data-parallel group (the ranks holding the same experts) only.
+    dist.all_reduce(ep.gate.weight.grad)
+    allreduce_expert_grads(ep, mesh["dp"].get_group(), average=False)
+    with torch.no_grad():
+        for m in (ep, ref):
+            for p in m.parameters():
+                p -= 0.1 * p.grad
+    sl = slice(ep.expert_range.start, ep.expert_range.stop)
+    for name, p in ep.named_parameters():
+        want = dict(ref.named_parameters())[name]
+        torch.testing.assert_close(p, want[sl] if name.startswith("experts.") else want, **TOL)
+
+
+def test_2x2_mesh_trains_one_step_like_the_single_process():
+    run_world(_mesh_step, 4)

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from .._nvtx import nvtx_range
+
 __all__ = [
     "resolve_group",
     "all_to_all",
@@ -132,7 +134,8 @@ class AllToAllHandle:
 
     def wait(self):
         if self.work is not None:
-            self.work.wait()
+            with nvtx_range("mixops.ep.wait", enabled=self.out.is_cuda):
+                self.work.wait()
             self.work = None
         return self.out
 
@@ -188,13 +191,59 @@ def all_to_all(
     return AllToAllHandle(out, holder[0] if holder else None)
 
 
+_COMM_STREAMS = {}
+# Test hook (GPU): cycles of torch.cuda._sleep queued on the communication stream before each
+# exchange, standing for a slow link (tests/test_ep_cuda.py).
+CUDA_LINK_SLEEP_CYCLES = 0
+
+
+def comm_stream(device):
+    """The communication stream of a CUDA device (one per device, made once)."""
+    s = _COMM_STREAMS.get(device)
+    if s is None:
+        s = _COMM_STREAMS[device] = torch.cuda.Stream(device=device)
+    return s
+
+
+class _StreamWork:
+    """A CUDA exchange queued on the communication stream: ``wait()`` makes the current stream
+    wait for it (an event; the host does not block)."""
+
+    def __init__(self, event, inner):
+        self.event, self.inner = event, inner
+
+    def wait(self):
+        if self.inner is not None:  # the delay harness's host-side link, if any
+            self.inner.wait()
+        torch.cuda.current_stream().wait_event(self.event)
+        return True
+
+
 def start_exchange(x, group, out_splits=None, in_splits=None, name="all_to_all"):
     """An all-to-all without autograd, started: an ``AllToAllHandle`` whose ``wait()`` returns
-    the received rows (the overlapped schedule's own backward calls this)."""
+    the received rows (the overlapped schedule's own functions call this). CUDA tensors: queued
+    on the device's communication stream after an event of the current stream (so it sees the
+    rows), with ``record_stream`` on both tensors so the caching allocator does not reuse them
+    while the exchange runs; gloo (CPU): an async work handle."""
     out_rows = x.shape[0] if out_splits is None else sum(out_splits)
+    x = x.contiguous()
     out = x.new_empty((out_rows, *x.shape[1:]))
-    work = _a2a(out, x.contiguous(), out_splits, in_splits, group, True, name)
-    return AllToAllHandle(out, work)
+    with nvtx_range(f"mixops.ep.{name}", enabled=x.is_cuda):
+        if not x.is_cuda:
+            return AllToAllHandle(out, _a2a(out, x, out_splits, in_splits, group, True, name))
+        ready = torch.cuda.Event()
+        ready.record()
+        stream = comm_stream(x.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            if CUDA_LINK_SLEEP_CYCLES:
+                torch.cuda._sleep(CUDA_LINK_SLEEP_CYCLES)
+            work = _a2a(out, x, out_splits, in_splits, group, _LINK is not None, name)
+            done = torch.cuda.Event()
+            done.record(stream)
+        x.record_stream(stream)
+        out.record_stream(stream)
+    return AllToAllHandle(out, _StreamWork(done, work))
 
 
 def check_same_config(values: dict, group, what="mixops.parallel") -> None:
