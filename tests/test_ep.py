@@ -274,3 +274,19 @@ def _mesh_step(rank, world):
 
 def test_2x2_mesh_trains_one_step_like_the_single_process():
     run_world(_mesh_step, 4)
+
+
+def _compiled(rank, world):
+    ref, ep = _pair(1.0, num_chunks=2)
+    x = _tokens(world, 10)[rank].requires_grad_(True)
+    want = ep(x)
+    (gw,) = torch.autograd.grad(want.square().sum(), [ep.experts.down_proj])
+    cm = torch.compile(ep, fullgraph=True)
+    got = cm(x)
+    (gc,) = torch.autograd.grad(got.square().sum(), [ep.experts.down_proj])
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(gc, gw, **TOL)
+
+
+def test_capacity_mode_compiles_fullgraph():
+    run_world(_compiled, 2)

@@ -73,6 +73,7 @@ class DispatchPlan:
     mode: str  # "dropless" | "capacity"
     chunks: List[_Chunk] = field(default_factory=list)
     unpad: Optional[Callable] = None  # capacity: padded [E*cap, H] -> permute's rows
+    compiled: bool = False  # under torch.compile: functional collectives, no overlap
 
     def local_rows(self, ch, recv):
         """Received rows (source-rank-major) -> local-expert-major."""
@@ -157,9 +158,21 @@ def experts_all(plan, fn, w1, w2):
         ch.out = o
 
 
+def compiled_experts_all(plan, fn, w1, w2):
+    """Capacity mode under torch.compile: each chunk's exchanges as functional collectives
+    (traceable, with autograd); the compiler schedules them (no explicit overlap)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    for ch in plan.chunks:
+        recv = all_to_all_single_autograd(ch.send, None, None, plan.group)
+        out = fn(plan.local_rows(ch, recv), ch.offsets, w1, w2)
+        ch.out = all_to_all_single_autograd(plan.back_rows(ch, out), None, None, plan.group)
+
+
 def finish_all(plan):
     """Wait for every chunk's combine; the chunks' rows in the order they were sent."""
     for ch in plan.chunks:
-        ch.handle.wait()
-        ch.handle = None
+        if ch.handle is not None:
+            ch.handle.wait()
+            ch.handle = None
     return [ch.out for ch in plan.chunks]

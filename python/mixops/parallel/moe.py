@@ -31,7 +31,14 @@ from ..nn.moe import MoE, MoEParts, _router_config, _stage
 from ..nn.router import TopKRouter
 from ..ops import grouped_mm, permute, unpermute
 from .comm import check_same_config, resolve_group
-from .dispatch import experts_all, finish_all, plan_capacity, plan_dropless, start_stage
+from .dispatch import (
+    compiled_experts_all,
+    experts_all,
+    finish_all,
+    plan_capacity,
+    plan_dropless,
+    start_stage,
+)
 
 __all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
 
@@ -155,7 +162,14 @@ class ExpertParallelMoE(MoE):
                 token_mask = token_mask != 0
         if modality is not None:
             modality = modality.reshape(-1)
-        self._check_config(x2.shape[0])
+        compiling = torch.compiler.is_compiling()
+        if compiling and self._capacity is None:
+            raise RuntimeError(
+                "ExpertParallelMoE: dropless mode needs the split sizes on the host (one sync per "
+                "layer) and cannot be compiled; use a capacity_factor under torch.compile"
+            )
+        if not compiling:  # (a host round trip; it runs on the eager calls)
+            self._check_config(x2.shape[0])
         cast = _autocast_dtype(x)
         with _no_autocast(x, cast):
             xr = x2 if cast is None else x2.to(cast)
@@ -179,8 +193,10 @@ class ExpertParallelMoE(MoE):
                     p = permute(xr, r.ids, E, capacity=capacity)
                     plan = plan_capacity(p.x_sorted, p.offsets, E, capacity, self.group, n)
                     row_maps, num_rows = [p.row_map], [p.x_sorted.shape[0]]
-            with _stage("dispatch", xr):
-                start_stage(plan)
+            plan.compiled = compiling
+            if not compiling:  # compiled: run_experts exchanges with functional collectives
+                with _stage("dispatch", xr):
+                    start_stage(plan)
         return _Handle(x.shape, x2, r, row_maps, num_rows, plan, cast)
 
     def run_experts(self, h: _Handle) -> _Handle:
@@ -196,7 +212,10 @@ class ExpertParallelMoE(MoE):
                 return grouped_mm(a, w2.transpose(1, 2), offsets)
 
         with _no_autocast(h.x2, h.cast):
-            experts_all(h.plan, experts, w1, w2)
+            if h.plan.compiled:
+                compiled_experts_all(h.plan, experts, w1, w2)
+            else:
+                experts_all(h.plan, experts, w1, w2)
         h.stage = "combining"
         return h
 
