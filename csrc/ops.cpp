@@ -73,6 +73,11 @@ TORCH_LIBRARY(mixops, m) {
   // Backward of scatter_rows: (grad_base [T, H]: grad with the written rows zeroed, grad_rows
   // [n, H] = grad[index] (zeros for -1)).
   m.def("scatter_rows_backward(Tensor grad, Tensor index) -> (Tensor, Tensor)");
+  m.set_python_module("mixops.ops.permute_chunks");
+  // Expert parallelism's regrouping (csrc/permute/permute.h): x [N, H] holds A * B chunks in
+  // (a, b) order, chunk (a, b) counts[a, b] rows (counts int32 [A, B]) -> y [N, H] the same
+  // chunks in (b, a) order, rows past sum(counts) zero. Its backward: counts.t().
+  m.def("reorder_chunks(Tensor x, Tensor counts) -> Tensor");
   m.set_python_module("mixops.ops.activation");
   // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
   // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu

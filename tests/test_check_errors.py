@@ -27,6 +27,7 @@ def test_every_op_with_device_values_has_a_slot():
         "slots_to_rows",
         "scatter_rows",
         "scatter_rows_backward",
+        "reorder_chunks",
     ]
 
 
@@ -70,6 +71,9 @@ def test_messages_are_the_cpu_messages_with_the_latest_context():
         ("scatter_rows", 4, "scatter_rows: invalid input values: index holds a row twice"),
         ("scatter_rows_backward", 2, "scatter_rows_backward: invalid input values: index values"),
         ("scatter_rows_backward", 4, "scatter_rows_backward: invalid input values: index holds"),
+        ("reorder_chunks", 8, "reorder_chunks: invalid input values: counts values must be >= 0"),
+        ("reorder_chunks", 16, "reorder_chunks: invalid input values: counts sum to more rows"),
+        ("reorder_chunks", 16, "than x has (num_rows = 77; the chunks were cut at row 77);"),
     ],
 )
 def test_each_slot_has_its_message(op, bit, needle):

@@ -31,6 +31,7 @@ ROWS_TO_SLOTS = torch.ops.mixops.rows_to_slots.default
 SLOTS_TO_ROWS = torch.ops.mixops.slots_to_rows.default
 SCATTER_ROWS = torch.ops.mixops.scatter_rows.default
 SCATTER_ROWS_BW = torch.ops.mixops.scatter_rows_backward.default
+REORDER = torch.ops.mixops.reorder_chunks.default
 ACT = torch.ops.mixops.gated_activation.default
 ACT_BW = torch.ops.mixops.gated_activation_backward.default
 I32, I64, F16, BF16, F64 = torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float64
@@ -165,6 +166,15 @@ def scatter_rows_bw(grad=None, index=None):
     return SCATTER_ROWS_BW, (grad, index), {}
 
 
+COUNTS = torch.tensor([[1, 0, 2], [3, 1, 0]], dtype=I32)
+
+
+def reorder(x=None, counts=None):
+    x = torch.randn(9, 4) if x is None else x
+    counts = COUNTS if counts is None else counts
+    return REORDER, (x, counts), {}
+
+
 def act(gate_up=None, activation="silu"):
     return ACT, (torch.randn(6, 8) if gate_up is None else gate_up, activation), {}
 
@@ -224,6 +234,14 @@ VALID = {
         grad=torch.randn(4, 6).t(), index=INDEX[:0]
     ),
     "scatter_rows_backward 2^31 - 2 empty rows": lambda: scatter_rows_bw(grad=big(2**31 - 2, 0)),
+    "reorder_chunks": reorder,
+    "reorder_chunks strided x, transposed counts": lambda: reorder(
+        x=torch.randn(9, 7)[:, 1:5], counts=COUNTS.t()
+    ),
+    "reorder_chunks N = 0, zero counts, A = 1": lambda: reorder(
+        x=torch.randn(0, 4), counts=torch.zeros(1, 3, dtype=I32)
+    ),
+    "reorder_chunks 2^31 - 1 empty rows": lambda: reorder(x=big(2**31 - 1, 0)),
     "gated_activation": act,
     "gated_activation_backward": act_bw,
 }
@@ -483,6 +501,21 @@ BAD = {
     "scatter_rows_bw index 2-D": lambda: scatter_rows_bw(index=INDEX[None]),
     "scatter_rows_bw index device": lambda: scatter_rows_bw(index=INDEX.to(O)),
     "scatter_rows_bw 2^31 - 1 rows": lambda: scatter_rows_bw(grad=big(2**31 - 1, 4)),
+    # reorder_chunks
+    "reorder x 1-D": lambda: reorder(x=torch.randn(9)),
+    "reorder x 3-D": lambda: reorder(x=torch.randn(9, 4, 1)),
+    "reorder x int": lambda: reorder(x=torch.ones(9, 4, dtype=I32)),
+    "reorder x bool": lambda: reorder(x=torch.ones(9, 4, dtype=torch.bool)),
+    "reorder counts int64": lambda: reorder(counts=COUNTS.long()),
+    "reorder counts float": lambda: reorder(counts=COUNTS.float()),
+    "reorder counts 1-D": lambda: reorder(counts=COUNTS[0]),
+    "reorder counts 3-D": lambda: reorder(counts=COUNTS[None]),
+    "reorder counts 0-D": lambda: reorder(counts=COUNTS[0, 0]),
+    "reorder counts A = 0": lambda: reorder(counts=COUNTS[:0]),
+    "reorder counts B = 0": lambda: reorder(counts=COUNTS[:, :0]),
+    "reorder counts 2^31 chunks": lambda: reorder(counts=big(2**16, 2**15, dtype=I32)),
+    "reorder counts device": lambda: reorder(counts=COUNTS.to(O)),
+    "reorder x 2^31 rows": lambda: reorder(x=big(2**31, 4)),
     # gated_activation (csrc/activation/check.cpp)
     "act name": lambda: act(activation="swish"),
     "act scalar": lambda: act(gate_up=torch.tensor(1.0)),

@@ -1,7 +1,7 @@
 """CUDA-only routing behaviour: the GPU picks exactly the CPU's experts (the shared
 routing::/det:: code), permute's integer outputs equal the CPU's, no host sync (graph capture of
-the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map/index (permute,
-unpermute, the MoA slot ops and scatter_rows), determinism.
+the whole chain), the MIXOPS_DEBUG error path for bad ids/modality/row_map/index/counts
+(permute, unpermute, the MoA slot ops, scatter_rows and reorder_chunks), determinism.
 Skipped without a GPU."""
 
 import os
@@ -179,6 +179,13 @@ _BAD = {
         "g = torch.randn(4, 4, device='cuda'); i = torch.tensor([2, 2], dtype=torch.int32,"
         " device='cuda')\nout = torch.ops.mixops.scatter_rows_backward(g, i)[1]",
         r"scatter_rows_backward: invalid input values: index holds a row twice",
+    ),
+    "reorder_chunks": (
+        "x = torch.randn(6, 4, device='cuda')\n"
+        "c = torch.tensor([[2, -1], [3, 4]], dtype=torch.int32, device='cuda')\n"
+        "out = mixops.ops.reorder_chunks(x, c)",
+        r"reorder_chunks: invalid input values: counts values must be >= 0 \(treated as 0\); "
+        r"counts sum to more rows than x has \(num_rows = 6; the chunks were cut at row 6\);",
     ),
     "modality": (
         "l = torch.randn(4, 8, device='cuda'); m = torch.full((4,), 5, device='cuda')\n"

@@ -1,8 +1,8 @@
 // Device-side error reporting, torch-free: every CUDA op that can meet bad input *values* (offsets,
-// ids, row_map, modality: reading them on the host would need a sync) has one slot in a small
-// per-device int32 array that lives for the whole process. Its kernels clamp the bad values and OR
-// the family's error bits (GroupedMmError, RouterError, PermuteError) into the slot; bits stay set
-// until mixops.check_errors() (or MIXOPS_DEBUG=1 after every call) reads and clears them.
+// ids, row_map, modality, counts: reading them on the host would need a sync) has one slot in a
+// small per-device int32 array that lives for the whole process. Its kernels clamp the bad values
+// and OR the family's error bits (GroupedMmError, RouterError, PermuteError) into the slot; bits
+// stay set until mixops.check_errors() (or MIXOPS_DEBUG=1 after every call) reads and clears them.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +22,7 @@ enum class ErrorSlot : int32_t {
   kSlotsToRows,
   kScatterRows,
   kScatterRowsBackward,
+  kReorderChunks,
   kCount,
 };
 constexpr int kNumErrorSlots = static_cast<int>(ErrorSlot::kCount);
@@ -31,7 +32,7 @@ inline const char* error_slot_name(ErrorSlot s) {
   constexpr const char* kNames[kNumErrorSlots] = {
       "grouped_mm",    "router_topk",        "router_topk_backward",       "permute",
       "unpermute",     "unpermute_backward", "unpermute_weights_backward", "rows_to_slots",
-      "slots_to_rows", "scatter_rows",       "scatter_rows_backward"};
+      "slots_to_rows", "scatter_rows",       "scatter_rows_backward",      "reorder_chunks"};
   const int i = static_cast<int>(s);
   return i >= 0 && i < kNumErrorSlots ? kNames[i] : nullptr;
 }

@@ -288,6 +288,42 @@ void scatter_rows_backward_check(const at::Tensor& grad, const at::Tensor& index
   scatter_rows_check_index(index, index.dim() == 1 ? index.size(0) : -1, grad, op);
 }
 
+void reorder_chunks_check(const at::Tensor& x, const at::Tensor& counts) {
+  const char* op = "reorder_chunks";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [num_rows, hidden], got shape ", x.sizes());
+  check_float(x, op, "x");
+  TORCH_CHECK(counts.scalar_type() == at::kInt, op, ": counts must be int32, got ",
+              counts.scalar_type());
+  TORCH_CHECK(counts.dim() == 2, op,
+              ": counts must be 2-D [A, B] (chunk (a, b) has counts[a, b] rows), got shape ",
+              counts.sizes());
+  TORCH_CHECK(counts.size(0) >= 1 && counts.size(1) >= 1, op,
+              ": counts must have A >= 1 and B >= 1, got shape ", counts.sizes());
+  TORCH_CHECK(counts.numel() <= INT32_MAX, op, ": counts must have A * B < 2^31 chunks, got shape ",
+              counts.sizes());
+  check_same_device(counts, x, op, "counts", "x");
+  TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": x must have fewer than 2^31 rows (row offsets are ",
+              "int32), got ", x.size(0));
+}
+
+std::vector<int64_t> reorder_chunks_source_offsets(const at::Tensor& counts, int64_t num_rows) {
+  const at::Tensor c = counts.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  const int64_t b = counts.size(1), n = c.numel();
+  std::vector<int64_t> off(static_cast<size_t>(n) + 1);
+  int64_t sum = 0;  // < 2^31 * 2^31: no overflow
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0, "reorder_chunks: counts[", i / b, ", ", i % b, "] = ", p[i],
+                " must be >= 0");
+    off[i] = sum;
+    sum += p[i];
+  }
+  off[n] = sum;
+  TORCH_CHECK(sum <= num_rows, "reorder_chunks: counts sum to ", sum, " rows, more than x has (",
+              num_rows, ")");
+  return off;
+}
+
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
                                   int64_t num_rows) {
   std::string msg = std::string(op) + ": invalid input values:";
@@ -311,6 +347,15 @@ std::string scatter_rows_error_message(int32_t bits, const char* op, int64_t num
            ") (treated as -1);";
   if (bits & kRowMapDuplicate)
     msg += " index holds a row twice (one of them was written); index must hold distinct rows;";
+  return msg;
+}
+
+std::string reorder_chunks_error_message(int32_t bits, const char* op, int64_t num_rows) {
+  std::string msg = std::string(op) + ": invalid input values:";
+  if (bits & kCountsNegative) msg += " counts values must be >= 0 (treated as 0);";
+  if (bits & kCountsPastRows)
+    msg += " counts sum to more rows than x has (num_rows = " + std::to_string(num_rows) +
+           "; the chunks were cut at row " + std::to_string(num_rows) + ");";
   return msg;
 }
 
@@ -341,6 +386,9 @@ const bool kPermuteMessagesRegistered = [] {
   });
   register_error_message(ErrorSlot::kScatterRowsBackward, [](int32_t bits, const ErrorContext& c) {
     return scatter_rows_error_message(bits, "scatter_rows_backward", c.b);
+  });
+  register_error_message(ErrorSlot::kReorderChunks, [](int32_t bits, const ErrorContext& c) {
+    return reorder_chunks_error_message(bits, "reorder_chunks", c.b);
   });
   return true;
 }();

@@ -45,6 +45,13 @@ void scatter_rows_backward_check(const at::Tensor& grad, const at::Tensor& index
 std::vector<int32_t> scatter_index_inverse(const at::Tensor& index, int64_t num_rows,
                                            const char* op);
 
+// reorder_chunks (expert parallelism's chunk regrouping, permute.h).
+void reorder_chunks_check(const at::Tensor& x, const at::Tensor& counts);
+// Host check of counts values (CPU tensor): every entry >= 0 and the sum <= num_rows (raises
+// naming the first bad entry); returns the exclusive prefix sums in (a, b) order with the total
+// appended (A * B + 1 entries): chunk (a, b) is rows off[a * B + b] .. off[a * B + b + 1] - 1.
+std::vector<int64_t> reorder_chunks_source_offsets(const at::Tensor& counts, int64_t num_rows);
+
 std::string permute_error_message(int32_t bits, const char* op, int64_t num_experts,
                                   int64_t num_rows);
 

@@ -1,9 +1,9 @@
 // permute, unpermute, their backward ops and the MoA slot layout ops on CUDA, the op layer:
 // validation (shared with CPU), outputs and scratch through the torch allocator, current stream
-// and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu, rows.cu).
-// ids and
-// row_map values are not read on the host: kernels treat bad values as "none" and set an error
-// flag that MIXOPS_DEBUG=1 checks after the launch.
+// and device guard, then the torch-free launchers (permute.cu, unpermute.cu, slots.cu, rows.cu,
+// chunks.cu). ids, row_map, index and counts values are not read on the host: kernels treat bad
+// values as "none" (counts: clamped) and set an error flag that MIXOPS_DEBUG=1 checks after the
+// launch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -269,6 +269,32 @@ std::tuple<at::Tensor, at::Tensor> scatter_rows_backward_cuda(const at::Tensor& 
   return {grad_base, grad_rows};
 }
 
+at::Tensor reorder_chunks_cuda(const at::Tensor& x_in, const at::Tensor& counts_in) {
+  reorder_chunks_check(x_in, counts_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_view(x_in), counts = counts_in.contiguous();
+  const int64_t n = x.size(0);
+  at::Tensor y = at::empty({n, x.size(1)}, x.options());
+  ReorderChunksParams p{};
+  p.dtype = to_mixops_dtype(x.scalar_type());
+  p.num_rows = n;
+  p.hidden = x.size(1);
+  p.num_a = counts.size(0);
+  p.num_b = counts.size(1);
+  p.counts = counts.data_ptr<int32_t>();
+  p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
+  p.y = y.data_ptr();
+  const cudaStream_t stream = stream_of(y);
+  const cuda::OpScratch scratch(y.options(), cuda::reorder_chunks_workspace_bytes(counts.numel()),
+                                stream, ErrorSlot::kReorderChunks, {0, n});
+  p.error_flag = scratch.flag();
+  launch_checked("reorder_chunks",
+                 [&] { cuda::reorder_chunks_launch(p, scratch.workspace(), stream); });
+  scratch.check();
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
@@ -280,6 +306,7 @@ TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
   m.impl("slots_to_rows", &slots_to_rows_cuda);
   m.impl("scatter_rows", &scatter_rows_cuda);
   m.impl("scatter_rows_backward", &scatter_rows_backward_cuda);
+  m.impl("reorder_chunks", &reorder_chunks_cuda);
 }
 
 }  // namespace mixops

@@ -1,11 +1,12 @@
 // permute / unpermute / rows_to_slots / slots_to_rows on CUDA: the torch-free boundary between
 // the op layer (cuda.cpp: validation, allocation through the torch allocator, stream) and the
 // kernels (permute.cu + permute_kernel.cuh, unpermute.cu + unpermute_kernel.cuh, slots.cu +
-// slots_kernel.cuh, rows.cu + rows_kernel.cuh). Formats: permute.h.
+// slots_kernel.cuh, rows.cu + rows_kernel.cuh, chunks.cu + chunks_kernel.cuh). Formats: permute.h.
 //
 // Contract for callers:
-//  * params are validated except for values in device memory (ids, row_map): kernels treat bad
-//    values as "no expert"/"no row" and OR PermuteError bits into error_flag (core/errors.h).
+//  * params are validated except for values in device memory (ids, row_map, index, counts):
+//    kernels treat bad values as "no expert"/"no row" (counts: clamped) and OR PermuteError bits
+//    into error_flag (core/errors.h).
 //  * workspace points to the matching *_workspace_bytes(...) bytes of device memory, 256-byte
 //    aligned.
 //  * everything is enqueued on `stream`; nothing synchronises the host (CUDA-graph capturable);
@@ -55,5 +56,12 @@ void select_rows_launch(const SelectRowsParams& p, cudaStream_t stream);
 size_t scatter_rows_workspace_bytes(int64_t num_rows);
 void scatter_rows_launch(const SelectRowsParams& p, const int32_t* index, int64_t n,
                          void* workspace, const char* op, cudaStream_t stream);
+
+// reorder_chunks (chunks.cu + chunks_kernel.cuh): y [N, H] contiguous (every row written; rows
+// past the clamped counts' sum zero) from x, ReorderChunksParams. workspace:
+// reorder_chunks_workspace_bytes(A * B) (the counts' prefix sums in both orders). Negative counts
+// count as 0 and chunks are cut at row N of x, flagged (kCountsNegative, kCountsPastRows).
+size_t reorder_chunks_workspace_bytes(int64_t num_chunks);
+void reorder_chunks_launch(const ReorderChunksParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace mixops::cuda

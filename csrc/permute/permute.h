@@ -33,6 +33,19 @@
 // output in row order through the inverse map row -> i (a gather: no atomics, and the copy of
 // base is the same pass): out[r] = rows[slot_of[r]] or base[r]. The backward: grad_base[r] = 0
 // for written rows, else grad[r]; grad_rows[i] = grad[index[i]] (zeros for -1).
+//
+// Chunk reorder (expert parallelism: received rows regrouped by local expert): reorder_chunks(x
+// [N, H], counts [A, B] int32) holds A * B chunks back to back in (a, b) order, chunk (a, b)
+// being counts[a, b] consecutive rows; y [N, H] holds the same chunks in (b, a) order (the chunk
+// order of counts.t()), rows past S = sum(counts) zero (x's rows past S are not read). Both
+// backends take exclusive prefix sums of counts in both orders (src_off in (a, b) order, dst_off
+// in (b, a) order, each with the total appended) and write y in row order: row r lies in the
+// chunk whose dst_off range holds it (a binary search over dst_off) and copies x[src_off + r -
+// dst_off]. The backward is the inverse reorder, reorder_chunks(grad_y, counts.t()). Bad counts
+// (negative, or summing past N) raise on CPU; CUDA flags them (kCountsNegative, kCountsPastRows)
+// and clamps: a negative count is 0, and the chunks are cut at row N of x (a chunk past it is
+// empty, the one across it truncated), so y still holds exactly the rows of x below N that the
+// clamped counts name.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +63,8 @@ enum PermuteError : int32_t {
   kRowMapOutOfRange = 2,  // some row_map[t, j] outside [-1, num_rows): treated as -1
   kRowMapDuplicate = 4,   // unpermute_backward, slots_to_rows: two slots map to one row (the last
                           // slot is kept)
+  kCountsNegative = 8,    // reorder_chunks: some counts[a, b] < 0: treated as 0
+  kCountsPastRows = 16,   // reorder_chunks: the counts sum past x's rows: chunks cut at row N
 };
 
 struct PermuteParams {
@@ -121,6 +136,21 @@ struct SelectRowsParams {
   int64_t b_stride;
   void* dst;            // [dst_rows, H] contiguous
   int32_t* error_flag;  // nullable: map values outside [-1, a_rows) set kRowMapOutOfRange
+};
+
+// reorder_chunks (chunks of x in (a, b) order -> y in (b, a) order; the backward is the same op
+// with counts transposed).
+struct ReorderChunksParams {
+  Dtype dtype;            // of x and y
+  int64_t num_rows;       // N, rows of x and of y (< 2^31)
+  int64_t hidden;         // H
+  int64_t num_a;          // A: counts [A, B], A * B < 2^31
+  int64_t num_b;          // B
+  const int32_t* counts;  // [A, B] contiguous
+  const void* x;          // [N, H], row stride x_stride, unit column stride
+  int64_t x_stride;
+  void* y;              // [N, H] contiguous
+  int32_t* error_flag;  // nullable: kCountsNegative, kCountsPastRows
 };
 
 // rows_to_slots (rows -> slots) and slots_to_rows (slots -> rows): one struct, both directions.
@@ -203,6 +233,28 @@ MIXOPS_INLINE uint32_t priority_sort_key(float p) {
 // Slots are counted in chunks of this many (a chunk = one CUDA block's share; the CPU uses the
 // same chunks so its per-chunk partial counts are laid out alike).
 constexpr int64_t kChunkSlots = 2048;
+
+// reorder_chunks: the (a, b) chunk that is the j-th in (b, a) order, as its index a * B + b in
+// counts (row-major). j in [0, A * B).
+MIXOPS_INLINE int64_t chunk_of_transposed(int64_t j, int64_t num_a, int64_t num_b) {
+  return (j % num_a) * num_b + j / num_a;
+}
+
+// The chunk j < n whose rows off[j] .. off[j + 1] - 1 hold row r, for non-decreasing offsets
+// off[0..n] with off[0] <= r < off[n]: the last j with off[j] <= r (so never an empty chunk).
+template <class Off>
+MIXOPS_INLINE int64_t chunk_holding(const Off* off, int64_t n, int64_t r) {
+  int64_t lo = 0, hi = n;  // off[lo] <= r < off[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (off[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
 
 MIXOPS_INLINE int64_t num_chunks(int64_t slots) { return (slots + kChunkSlots - 1) / kChunkSlots; }
 

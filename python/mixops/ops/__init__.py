@@ -7,6 +7,7 @@ Each op family has its own module; importing this package registers them all. Th
 from .activation import gated_activation
 from .grouped_mm import grouped_mm
 from .permute import PermuteOutput, permute, rows_to_slots, slots_to_rows, unpermute
+from .permute_chunks import reorder_chunks
 from .permute_rows import scatter_rows
 from .routing import RouterOutput, TopcOutput, router_topk, select_topc
 
@@ -23,4 +24,5 @@ __all__ = [
     "rows_to_slots",
     "slots_to_rows",
     "scatter_rows",
+    "reorder_chunks",
 ]

@@ -1,7 +1,14 @@
 """Plain-PyTorch references for every mixops op: slow, obvious, used by tests and benchmarks."""
 
 from .grouped_mm import grouped_mm
-from .permute import permute, rows_to_slots, scatter_rows, slots_to_rows, unpermute
+from .permute import (
+    permute,
+    reorder_chunks,
+    rows_to_slots,
+    scatter_rows,
+    slots_to_rows,
+    unpermute,
+)
 from .routing import router_topk
 
 __all__ = [
@@ -12,4 +19,5 @@ __all__ = [
     "rows_to_slots",
     "slots_to_rows",
     "scatter_rows",
+    "reorder_chunks",
 ]

@@ -80,3 +80,19 @@ def scatter_rows(base, rows, index):
     has = index >= 0
     out[index[has].long()] = rows[has]
     return out
+
+
+def reorder_chunks(x, counts):
+    """y [N, H]: the chunks of x (chunk (a, b) = counts[a, b] consecutive rows, in (a, b) order)
+    in (b, a) order, rows past sum(counts) zero; a fresh contiguous tensor (bits copied exactly),
+    differentiable. Plain loops over the chunks; counts must be valid (>= 0, sum <= N)."""
+    c = counts.cpu().tolist()
+    num_a, num_b = len(c), len(c[0])
+    start, src = 0, {}
+    for a in range(num_a):
+        for b in range(num_b):
+            src[a, b] = start
+            start += c[a][b]
+    pieces = [x[src[a, b] : src[a, b] + c[a][b]] for b in range(num_b) for a in range(num_a)]
+    pieces.append(x.new_zeros(x.shape[0] - start, x.shape[1]))
+    return torch.cat(pieces)
