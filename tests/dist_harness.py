@@ -62,7 +62,7 @@ def run_world(fn, world, *args, deadline=DEADLINE_S, backend="gloo"):
         while not procs.join(timeout=max(0.1, min(1.0, end - time.monotonic()))):
             if time.monotonic() > end:
                 raise TimeoutError(f"run_world: the {world} workers did not finish in {deadline} s")
-    except mp.ProcessRaisedException as e:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # raised, or crashed
         reports = []
         while not errors.empty():
             reports.append(errors.get())

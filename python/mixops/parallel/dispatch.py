@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..ops import rows_to_slots, slots_to_rows
+from ..ops import reorder_chunks, rows_to_slots, slots_to_rows
 from .comm import start_exchange
 from .overlap import ChunkedExperts
 
@@ -39,15 +39,7 @@ __all__ = [
 
 def _reorder(x, counts):
     """Rows of ``x`` in chunks ordered (a, b) with sizes ``counts [A, B]`` -> order (b, a)."""
-    op = getattr(torch.ops.mixops, "reorder_chunks", None)
-    if op is not None:
-        return torch.ops.mixops.reorder_chunks.default(x, counts.to(torch.int32))
-    sizes = counts.reshape(-1).tolist()  # fallback before the op: host counts (dropless only)
-    pieces = list(x[: sum(sizes)].split(sizes))
-    A, B = counts.shape
-    out = [pieces[a * B + b] for b in range(B) for a in range(A)]
-    tail = x.new_zeros(x.shape[0] - sum(sizes), *x.shape[1:])
-    return torch.cat(out + [tail])
+    return reorder_chunks(x, counts.to(torch.int32))
 
 
 @dataclass
