@@ -28,6 +28,7 @@
 
 #include "core/macros.h"
 #include "permute/permute.h"
+#include "permute/row_copy.cuh"
 
 namespace mixops::cuda::chunks_kernels {
 
@@ -133,19 +134,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       src = x + (src_off[i] + (r - dst_off[j])) * s.x_stride;
     }
     U* out = y + r * s.row;
-    for (int64_t e0 = 0; e0 < s.row; e0 += 32 * kUnroll) {
-      U buf[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll in flight
-        const int64_t e = e0 + u * 32 + lane;
-        if (e < s.row) buf[u] = src == nullptr ? U{} : src[e];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t e = e0 + u * 32 + lane;
-        if (e < s.row) out[e] = buf[u];
-      }
-    }
+    warp_copy_row<kUnroll>(src, out, s.row, lane);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "permute/permute.h"
+#include "permute/row_copy.cuh"
 
 namespace mixops::cuda::rows_kernels {
 
@@ -40,19 +41,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     const U* src = m >= 0 ? (a != nullptr ? a + m * s.a_stride : nullptr)
                           : (b != nullptr ? b + r * s.b_stride : nullptr);
     U* out = dst + r * s.row;
-    for (int64_t e0 = 0; e0 < s.row; e0 += 32 * kUnroll) {
-      U buf[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll in flight
-        const int64_t e = e0 + u * 32 + lane;
-        if (e < s.row) buf[u] = src == nullptr ? U{} : src[e];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t e = e0 + u * 32 + lane;
-        if (e < s.row) out[e] = buf[u];
-      }
-    }
+    warp_copy_row<kUnroll>(src, out, s.row, lane);
   }
   if (bad && lane == 0 && p.error_flag != nullptr) atomicOr(p.error_flag, kRowMapOutOfRange);
 }
