@@ -319,3 +319,20 @@ def _hf_state_dict(rank, world):
 def test_hf_mixtral_state_dict_shards_and_matches():
     pytest.importorskip("transformers")
     run_world(_hf_state_dict, 2)
+
+
+def _zero_experts(rank, world, cap):
+    ref, ep = _pair(cap, zero_experts=("identity", "null"))
+    with torch.no_grad():  # some tokens choose the zero experts
+        ref.gate.weight[E:].mul_(3.0)
+        ep.gate.weight.copy_(ref.gate.weight)
+    xs = _tokens(world, 10)
+    y = ep(xs[rank])
+    want = ref(torch.cat(xs))[rank * 10 : (rank + 1) * 10] if cap is None else ref(xs[rank])
+    torch.testing.assert_close(y, want, **TOL)
+    assert ep.gate.weight.shape[0] == E + 2 and ep.experts.down_proj.shape[0] == E // world
+
+
+@pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])
+def test_zero_experts_stay_on_their_rank(cap):
+    run_world(_zero_experts, 2, cap)

@@ -103,6 +103,21 @@ def _capacity_fraction(capacity_factor):
     return Fraction(capacity_factor).limit_denominator(1 << 20)
 
 
+def _zero_kinds(zero_experts):
+    """zero_experts: None, an int Z (Z identity experts), or a sequence of "identity" / "null"."""
+    if zero_experts is None:
+        return ()
+    if isinstance(zero_experts, int) and not isinstance(zero_experts, bool):
+        if zero_experts < 0:
+            raise ValueError(f"MoE: zero_experts must be >= 0, got {zero_experts}")
+        return ("identity",) * zero_experts
+    kinds = tuple(zero_experts)
+    for k in kinds:
+        if k not in ("identity", "null"):
+            raise ValueError(f"MoE: zero_experts kinds are 'identity' or 'null', got {k!r}")
+    return kinds
+
+
 def router_losses(r, num_tokens, token_mask, num_experts, aux_loss_coef, z_loss_coef):
     """``aux_loss_coef`` x the load-balancing loss (HF transformers' ``load_balancing_loss_func``
     for one layer) + ``z_loss_coef`` x the ST-MoE router z-loss, over the tokens of ``token_mask``
@@ -173,6 +188,13 @@ class MoE(nn.Module):
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss (HF transformers'
             ``load_balancing_loss_func`` for one layer) and the ST-MoE router z-loss; after each
             forward ``self.aux_loss`` holds their weighted sum (a 0-dim fp32 tensor with autograd).
+        zero_experts: zero-computation experts the router may choose besides the computing ones
+            (LongCat-Flash, AdaMoE): an int Z (Z identity experts) or a sequence of "identity"
+            (returns its input times the routing weight) / "null" (returns zero). With
+            ``num_experts`` E the router chooses among E + Z (ids E .. E + Z - 1 are the zero
+            experts; a given RouterConfig counts all E + Z); they take no GEMM rows (permute
+            skips them), their share is added in the combine, and the load counts, losses and
+            selection bias cover all E + Z. ``experts`` holds the E computing experts.
         parts: existing modules to build the layer around (see ``MoEParts``).
 
     forward(x, token_mask=None, modality=None): ``token_mask`` [tokens] (bool, or 0/1 like an
@@ -197,6 +219,7 @@ class MoE(nn.Module):
         capacity_factor: Optional[float] = None,
         aux_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
+        zero_experts=None,
         parts: Optional[MoEParts] = None,
         device=None,
         dtype=None,
@@ -204,9 +227,19 @@ class MoE(nn.Module):
     ):
         super().__init__()
         self.expert_choice = isinstance(router, str) and router == "expert_choice"
+        self.zero_experts = _zero_kinds(zero_experts)
+        if self.zero_experts and self.expert_choice:
+            raise ValueError("MoE: zero_experts are for token choice, not expert choice")
         if self.expert_choice:
             router = _expert_choice_config(num_experts, top_k, capacity_factor, router_options)
+        if self.zero_experts and router is None and isinstance(num_experts, int):
+            num_experts += len(self.zero_experts)  # the router chooses among E + Z
         router = _router_config(num_experts, top_k, router, router_options)
+        if router.num_experts <= len(self.zero_experts):
+            raise ValueError(
+                f"MoE: the router's {router.num_experts} choices must include computing experts "
+                f"besides the {len(self.zero_experts)} zero_experts"
+            )
         if parts is not None:
             shared_ffn_size = 1 if parts.shared is not None else 0
             shared_expert_gate = parts.shared_gate is not None
@@ -223,8 +256,13 @@ class MoE(nn.Module):
             parts = MoEParts(
                 gate=TopKRouter(hidden_size, E, router.selection_bias, device=device, dtype=dtype),
                 experts=Experts(
-                    hidden_size, ffn_size, E, activation in GATED, device=device, dtype=dtype
-                ),
+                    hidden_size,
+                    ffn_size,
+                    E - len(self.zero_experts),
+                    activation in GATED,
+                    device=device,
+                    dtype=dtype,
+                ),  # fmt: skip
                 shared=(
                     MLP(hidden_size, shared_ffn_size, activation, device=device, dtype=dtype)
                     if shared_ffn_size
@@ -253,7 +291,10 @@ class MoE(nn.Module):
         self.aux_loss = None
 
     # The router's shape and flags, read from its config (which is immutable).
+    # The router's choices (computing experts, then zero-computation experts).
     num_experts = property(lambda self: self.router_config.num_experts)
+    # The computing (GEMM) experts: ids 0 .. num_computing_experts - 1.
+    num_computing_experts = property(lambda self: self.num_experts - len(self.zero_experts))
     top_k = property(lambda self: self.router_config.top_k)
     selection_bias = property(lambda self: self.router_config.selection_bias)
     router_fp32 = property(lambda self: self.router_config.router_fp32)
@@ -353,11 +394,12 @@ class MoE(nn.Module):
         return r, capacity
 
     def _experts_routed(self, x2, r, capacity, cast):
-        """permute -> the experts' grouped GEMMs -> unpermute (expert parallelism replaces it)."""
-        E = self.num_experts
+        """permute -> the experts' grouped GEMMs -> unpermute (expert parallelism replaces it),
+        plus the zero-computation experts' share."""
+        E = self.num_computing_experts
         w1, w2 = self._expert_weights(cast)
         with _stage("permute", x2):
-            p = permute(x2, r.ids, E, capacity=capacity)
+            p = permute(x2, self._computing_ids(r.ids), E, capacity=capacity)
         with _stage("gate_up_gemm", x2):
             h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
         with _stage("activation", x2):
@@ -366,7 +408,26 @@ class MoE(nn.Module):
             o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
-        return y
+        return self._add_zero_experts(x2, y, r)
+
+    def _computing_ids(self, ids):
+        """ids with the zero-computation experts' choices as -1 (permute leaves them out)."""
+        if not self.zero_experts:
+            return ids
+        return torch.where(ids < self.num_computing_experts, ids, -1)
+
+    def _add_zero_experts(self, x2, y, r):
+        """``y + (sum of the routing weights on identity experts) * x``: identity experts return
+        their input times the weight, null experts nothing; no GEMM rows, no atomics."""
+        kinds = self.zero_experts
+        if "identity" not in kinds:
+            return y
+        E = self.num_computing_experts
+        ident = torch.tensor([k == "identity" for k in kinds], device=r.ids.device)
+        zid = (r.ids.long() - E).clamp(min=0, max=len(kinds) - 1)
+        on = (r.ids >= E) & ident[zid]
+        w = torch.where(on, r.weights, 0).sum(-1, keepdim=True)
+        return y + (w * x2.to(w.dtype)).to(y.dtype)
 
     def _expert_weights(self, cast):
         """The experts' first (gate_up or up) and down projections, cast to ``cast`` when given

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..nn.activations import GATED, apply_activation
 from ..nn.experts import MLP, Experts
-from ..nn.moe import MoE, MoEParts, _router_config, _stage
+from ..nn.moe import MoE, MoEParts, _router_config, _stage, _zero_kinds
 from ..nn.router import TopKRouter
 from ..ops import grouped_mm, permute, unpermute
 from .comm import check_same_config, resolve_group
@@ -97,11 +97,14 @@ class ExpertParallelMoE(MoE):
             raise ValueError(f"ExpertParallelMoE: num_chunks must be an int >= 1, got {num_chunks}")
         router_keys = {"router", *_router_option_names()}
         router_opts = {k: v for k, v in options.items() if k in router_keys}
-        cfg = _router_config(num_experts, top_k, router_opts.pop("router", None), dict(router_opts))
+        Z = len(_zero_kinds(options.get("zero_experts")))  # zero experts never travel
+        cfg = _router_config(
+            num_experts + Z, top_k, router_opts.pop("router", None), dict(router_opts)
+        )
         El = num_experts // world
         kw = dict(device=device, dtype=dtype)
         parts = MoEParts(
-            gate=TopKRouter(hidden_size, num_experts, cfg.selection_bias, **kw),
+            gate=TopKRouter(hidden_size, cfg.num_experts, cfg.selection_bias, **kw),
             experts=Experts(hidden_size, ffn_size, El, activation in GATED, **kw),
             shared=MLP(hidden_size, shared_ffn_size, activation, **kw) if shared_ffn_size else None,
             shared_gate=(
@@ -176,12 +179,13 @@ class ExpertParallelMoE(MoE):
             r, capacity = self._route(xr, token_mask, modality)
             if self.reduce_stats:
                 self.aux_loss = self._group_losses(r, xr.shape[0], token_mask)
-            E, n = self.num_experts, self.num_chunks
+            E, n = self.num_computing_experts, self.num_chunks
+            ids = self._computing_ids(r.ids)  # zero experts stay on this rank
             with _stage("permute", xr):
                 if capacity is None:
                     bounds = [xr.shape[0] * c // n for c in range(n + 1)]
                     ps = [
-                        permute(xr[bounds[c] : bounds[c + 1]], r.ids[bounds[c] : bounds[c + 1]], E)
+                        permute(xr[bounds[c] : bounds[c + 1]], ids[bounds[c] : bounds[c + 1]], E)
                         for c in range(n)
                     ]
                     with _stage("dispatch_counts", xr):
@@ -190,7 +194,7 @@ class ExpertParallelMoE(MoE):
                     row_maps = [p.row_map for p in ps]
                     num_rows = [p.x_sorted.shape[0] for p in ps]
                 else:
-                    p = permute(xr, r.ids, E, capacity=capacity)
+                    p = permute(xr, ids, E, capacity=capacity)
                     plan = plan_capacity(p.x_sorted, p.offsets, E, capacity, self.group, n)
                     row_maps, num_rows = [p.row_map], [p.x_sorted.shape[0]]
             plan.compiled = compiling
@@ -240,6 +244,7 @@ class ExpertParallelMoE(MoE):
                         w = h.r.weights[bounds[c] : bounds[c + 1]]
                         ys.append(unpermute(o, h.row_maps[c], w))
                     y = torch.cat(ys) if n > 1 else ys[0]
+            y = self._add_zero_experts(h.x2 if h.cast is None else h.x2.to(h.cast), y, h.r)
         y = self._add_shared(h.x2, y)
         return y.reshape(h.x_shape)
 
