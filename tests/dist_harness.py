@@ -38,6 +38,10 @@ def _worker(rank, world, port, fn, args, errors, backend):
         )
         try:
             fn(rank, world, *args)
+            # Every rank out of its last collective before any rank tears its group down: a rank
+            # closing its gloo connections while a peer still finishes a collective aborts the
+            # peer ("terminate called without an active exception").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:
