@@ -3,6 +3,7 @@ each joining a gloo (or NCCL) group over loopback (127.0.0.1, a free port) with 
 and runs ``fn(rank, world, *args)``. A worker's exception fails the test with its traceback; a
 worker still running at the deadline is killed and fails the test: never a hang."""
 
+import gc
 import os
 import socket
 import time
@@ -38,9 +39,11 @@ def _worker(rank, world, port, fn, args, errors, backend):
         )
         try:
             fn(rank, world, *args)
-            # Every rank out of its last collective before any rank tears its group down: a rank
-            # closing its gloo connections while a peer still finishes a collective aborts the
-            # peer ("terminate called without an active exception").
+            # Free what the test left in reference cycles (modules, autograd contexts holding the
+            # group or its works) while the interpreter is alive, and have every rank out of its
+            # last collective before any rank tears the group down: a worker aborted once in CI
+            # ("terminate called without an active exception") at teardown.
+            gc.collect()
             dist.barrier()
         finally:
             dist.destroy_process_group()
