@@ -360,3 +360,23 @@ def _all_to_all(rank, world):
 
 def test_differentiable_all_to_all_with_variable_splits():
     run_world(_all_to_all, 2)
+
+
+def _no_leak(rank, world, cap):
+    import gc
+
+    from mixops.parallel.dispatch import DispatchPlan
+
+    ref, ep = _pair(cap, num_chunks=2)
+    x = _tokens(world, 10)[rank].requires_grad_(True)
+    y = ep(x)
+    y.square().sum().backward()
+    del y
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, DispatchPlan)]
+    assert not alive, f"{len(alive)} dispatch plans still alive after the step"
+
+
+@pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])
+def test_a_step_leaves_no_plan_alive(cap):
+    run_world(_no_leak, 2, cap)

@@ -162,9 +162,15 @@ def compiled_experts_all(plan, fn, w1, w2):
 
 
 def finish_all(plan):
-    """Wait for every chunk's combine; the chunks' rows in the order they were sent."""
+    """Wait for every chunk's combine; the chunks' rows in the order they were sent. The plan lets
+    go of the outputs (and their handles): ChunkedExperts' context holds the plan, and an output
+    held by the plan would hold that context in turn (a cycle through the autograd graph that
+    Python's gc cannot free: the plan, its tensors and the process group would leak)."""
+    outs = []
     for ch in plan.chunks:
         if ch.handle is not None:
             ch.handle.wait()
             ch.handle = None
-    return [ch.out for ch in plan.chunks]
+        outs.append(ch.out)
+        ch.out = None
+    return outs
