@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attend", "rope", "padding_token_mask"]
+__all__ = ["attend", "rope", "padding_token_mask", "causal_allowed"]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def padding_token_mask(attention_mask, batch, q_len) -> Optional[torch.Tensor]:
     return attention_mask[:, -q_len:].reshape(batch, q_len) != 0
 
 
-def _causal(q_len, kv_len, device):
+def causal_allowed(q_len, kv_len, device):
     """[q_len, kv_len] bool, True where query i (the last q_len of kv_len positions) may attend."""
     i = torch.arange(q_len, device=device).unsqueeze(1)
     j = torch.arange(kv_len, device=device).unsqueeze(0)
@@ -50,7 +50,7 @@ def _mask4(attention_mask, batch, q_len, kv_len, causal, device):
     m = attention_mask
     if m is None:
         if causal and q_len > 1 and kv_len != q_len:
-            return _causal(q_len, kv_len, device)[None, None]
+            return causal_allowed(q_len, kv_len, device)[None, None]
         return None
     if m.dim() == 2:
         if tuple(m.shape) != (batch, kv_len):
@@ -60,7 +60,7 @@ def _mask4(attention_mask, batch, q_len, kv_len, causal, device):
             )
         m = (m != 0)[:, None, None, :]
         if causal:
-            m = m & _causal(q_len, kv_len, device)
+            m = m & causal_allowed(q_len, kv_len, device)
         return m
     if m.dim() != 4 or m.shape[-2:] != (q_len, kv_len):
         raise ValueError(

@@ -14,6 +14,8 @@ with the skipped tokens hidden as keys (``skip_mask``), which is what a dense KV
 
 import torch
 
+from .moa_attention import causal_allowed
+
 __all__ = [
     "capacity_count",
     "routable_choice",
@@ -94,12 +96,6 @@ def _combine(mask, keep):
     return torch.where(keep, mask, torch.finfo(mask.dtype).min)
 
 
-def _causal(q_len, kv_len, device):
-    i = torch.arange(q_len, device=device).unsqueeze(1)
-    j = torch.arange(kv_len, device=device).unsqueeze(0)
-    return j <= i + (kv_len - q_len)
-
-
 def compact_kwargs(kwargs, idx, valid, *, causal, need_mask, kind, dtype):
     """The block's keyword arguments for the compacted sequence of ``idx`` [B, C] (positions,
     ascending; ``valid`` [B, C] False for empty slots, which hold position 0).
@@ -127,7 +123,7 @@ def compact_kwargs(kwargs, idx, valid, *, causal, need_mask, kind, dtype):
     keep = (valid.unsqueeze(1) & valid.unsqueeze(2)) | diag
     if m is None:
         if need_mask:
-            base = keep if not causal else keep & _causal(C, C, idx.device)
+            base = keep if not causal else keep & causal_allowed(C, C, idx.device)
             out["attention_mask"] = _to_kind(base.unsqueeze(1), kind, dtype)
     elif m.dim() == 2:
         out["attention_mask"] = m.gather(1, idx) * valid.to(m.dtype)
@@ -167,7 +163,7 @@ def skip_mask(mask, key_keep, q_len, *, kind, dtype):
                 "MoD: routing tokens causally needs an attention that takes a mask hiding any key "
                 "(HF 'sdpa' or 'eager'); this block's attention does not"
             )
-        return _to_kind(keep & _causal(q_len, kv_len, dev), kind, dtype)
+        return _to_kind(keep & causal_allowed(q_len, kv_len, dev), kind, dtype)
     if mask.dim() != 4 or mask.shape[-1] != kv_len or mask.shape[-2] != q_len:
         raise ValueError(
             f"MoD: with causal routing attention_mask must be None or [batch, 1 or heads, "

@@ -347,14 +347,18 @@ class MoE(nn.Module):
                 y = self._routed(x2.to(cdt), token_mask, modality, cdt)
         else:
             y = self._routed(x2, token_mask, modality, None)
+        return self._add_shared(x2, y).reshape(shape)
+
+    def _add_shared(self, x2, y):
+        """y + the shared experts' output (gated per token when there is a shared_expert_gate)."""
         shared = self.shared
-        if shared is not None:
-            with _stage("shared_experts", x2):
-                s = shared(x2)
-                if self.shared_expert_gate is not None:
-                    s = torch.sigmoid(self.shared_expert_gate(x2)) * s
-                y = y + s
-        return y.reshape(shape)
+        if shared is None:
+            return y
+        with _stage("shared_experts", x2):
+            s = shared(x2)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(x2)) * s
+            return y + s
 
     def _router_logits(self, x2):
         out = self.gate(x2.float() if self.router_fp32 else x2)

@@ -251,15 +251,6 @@ class ExpertParallelMoE(MoE):
     def forward(self, x, token_mask=None, modality=None):
         return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
 
-    def _add_shared(self, x2, y):
-        shared = self.shared
-        if shared is None:
-            return y
-        s = shared(x2)
-        if self.shared_expert_gate is not None:
-            s = torch.sigmoid(self.shared_expert_gate(x2)) * s
-        return y + s
-
     def _group_losses(self, r, num_tokens, token_mask):
         """The aux / z losses over the group's tokens, 1/R of them on each rank."""
         if not (self.aux_loss_coef or self.z_loss_coef):
