@@ -211,7 +211,8 @@ def _overlap(rank, world, num_chunks):
     torch.manual_seed(0)
     ep = ExpertParallelMoE(64, 128, E, K, num_chunks=num_chunks)
     x = torch.randn(512, 64)
-    ep(x)  # warm up outside the harness
+    x.requires_grad_(True)
+    ep(x).sum().backward()  # warm up outside the harness, forward and backward
     # A link slow enough that every chunk's exchange takes >= 100 ms: noise cannot decide.
     nbytes = 512 * K * 64 * 4 // num_chunks  # about one chunk's rows
     x.requires_grad_(True)

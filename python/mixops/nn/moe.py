@@ -148,14 +148,17 @@ class MoEParts:
     ``gate`` has ``weight`` [E, hidden] (and ``e_score_correction_bias`` with a selection bias;
     its forward returns the logits, or a tuple whose first item they are); ``experts`` has
     ``gate_up_proj``/``up_proj`` and ``down_proj`` in HF's layout; ``shared`` maps x -> y;
-    ``shared_gate`` maps x -> [tokens, 1]. ``shared_name`` is the attribute (and state-dict prefix)
-    the shared module goes under."""
+    ``shared_gate`` maps x -> [tokens, 1]. ``shared_name`` and ``gate_name`` are the attributes (and
+    state-dict prefixes) the shared module and the router go under (LongCat-Flash: ``router``).
+    ``experts`` may hold more first-projection slices than computing experts (LongCat-Flash's
+    ``gate_up_proj`` [E + Z, 2F, H]): the first E are used, the rest get zero gradient."""
 
     gate: nn.Module
     experts: nn.Module
     shared: Optional[nn.Module] = None
     shared_gate: Optional[nn.Module] = None
     shared_name: str = "shared_experts"
+    gate_name: str = "gate"
 
 
 class MoE(nn.Module):
@@ -276,14 +279,15 @@ class MoE(nn.Module):
             )
         elif router.selection_bias and not hasattr(parts.gate, "e_score_correction_bias"):
             raise ValueError("MoE: selection_bias=True needs parts.gate.e_score_correction_bias")
-        self.gate = parts.gate
+        self.gate_name = parts.gate_name
+        self.add_module(parts.gate_name, parts.gate)
         self.experts = parts.experts
         self.shared_name = parts.shared_name
         if parts.shared is not None:
             self.add_module(parts.shared_name, parts.shared)
         self.shared_expert_gate = parts.shared_gate
         if device is None:
-            device = parts.gate.weight.device
+            device = next(parts.gate.parameters()).device
         # Tokens routed to each expert since the last update_bias (not saved: a training-loop state).
         self.register_buffer(
             "tokens_per_expert", torch.zeros(E, dtype=torch.int64, device=device), persistent=False
@@ -302,6 +306,14 @@ class MoE(nn.Module):
     @property
     def shared(self):
         return getattr(self, self.shared_name, None)
+
+    @property
+    def gate(self):
+        """The router module (which makes the logits), under ``gate_name``."""
+        gate = self._modules.get(self.__dict__.get("gate_name", "gate"))
+        if gate is None:  # (nn.Module.add_module asks hasattr before the router is added)
+            raise AttributeError("MoE.gate: the router is not set yet")
+        return gate
 
     def reset_parameters(self):
         """Initialise the layer again, as its constructor does: every submodule's own
@@ -325,19 +337,8 @@ class MoE(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         modality: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"MoE: x must have hidden size {self.hidden_size} in its last "
-                f"dimension, got shape {tuple(x.shape)}"
-            )
         shape = x.shape
-        x2 = x.reshape(-1, self.hidden_size)
-        if token_mask is not None:  # HF-style 0/1 attention masks are accepted too
-            token_mask = token_mask.reshape(-1)
-            if token_mask.dtype != torch.bool:
-                token_mask = token_mask != 0
-        if modality is not None:
-            modality = modality.reshape(-1)
+        x2, token_mask, modality = self._flatten(x, token_mask, modality)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # Custom ops are not autocast: cast explicitly (weights through differentiable casts,
@@ -349,16 +350,78 @@ class MoE(nn.Module):
             y = self._routed(x2, token_mask, modality, None)
         return self._add_shared(x2, y).reshape(shape)
 
+    def _flatten(self, x, token_mask, modality):
+        """x as [tokens, hidden], token_mask as bool [tokens], modality as [tokens]."""
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoE: x must have hidden size {self.hidden_size} in its last "
+                f"dimension, got shape {tuple(x.shape)}"
+            )
+        x2 = x.reshape(-1, self.hidden_size)
+        if token_mask is not None:  # HF-style 0/1 attention masks are accepted too
+            token_mask = token_mask.reshape(-1)
+            if token_mask.dtype != torch.bool:
+                token_mask = token_mask != 0
+        if modality is not None:
+            modality = modality.reshape(-1)
+        return x2, token_mask, modality
+
+    # -- staged API -------------------------------------------------------------------------------
+    # The same three stages as ExpertParallelMoE, so that a schedule written against them (the
+    # shortcut-connected blocks of nn/shortcut.py) runs on one process too, in order, with the
+    # results of forward().
+    def dispatch_start(self, x, token_mask=None, modality=None) -> "StagedCall":
+        """Stage 1 of 3: the router (with expert parallelism the dispatch all-to-all then starts;
+        on one process nothing travels). ``combine_finish(run_experts(dispatch_start(x)))``
+        equals ``forward(x)``."""
+        x2, token_mask, modality = self._flatten(x, token_mask, modality)
+        cast = autocast_dtype(x)
+        h = StagedCall(x.shape, x2, cast)
+        with no_autocast(x, cast):
+            xr = h.routed_input()
+            if self.expert_choice:
+                h.r = token_mask
+            else:
+                h.r, h.capacity = self._route(xr, token_mask, modality)
+        return h
+
+    def run_experts(self, h: "StagedCall") -> "StagedCall":
+        """Stage 2 of 3: the routed experts (expert parallelism: as their rows arrive, and the
+        combine all-to-all starts)."""
+        h.advance("dispatching", "combining", "MoE.run_experts")
+        with no_autocast(h.x2, h.cast):
+            xr = h.routed_input()
+            if self.expert_choice:
+                h.y = self._expert_choice_routed(xr, h.r, h.cast)
+            else:
+                h.y = self._experts_routed(xr, h.r, h.capacity, h.cast)
+        return h
+
+    def combine_finish(self, h: "StagedCall", shared_input=None) -> torch.Tensor:
+        """Stage 3 of 3: the routed output plus the shared experts' output; the shared experts
+        take ``shared_input`` (same shape as x; the shortcut-connected form feeds them the current
+        representation while the routed experts took the shortcut) or x itself."""
+        shared_x2 = h.shared_x2(self, shared_input)
+        h.advance("combining", "finished", "MoE.combine_finish")
+        y, h.y = h.y, None
+        return self._add_shared(shared_x2, y).reshape(h.x_shape)
+
     def _add_shared(self, x2, y):
         """y + the shared experts' output (gated per token when there is a shared_expert_gate)."""
+        s = self._shared_out(x2)
+        return y if s is None else y + s
+
+    def _shared_out(self, x2):
+        """The shared experts' output on x2 (gated per token when there is a shared_expert_gate),
+        or None without shared experts."""
         shared = self.shared
         if shared is None:
-            return y
+            return None
         with _stage("shared_experts", x2):
             s = shared(x2)
             if self.shared_expert_gate is not None:
                 s = torch.sigmoid(self.shared_expert_gate(x2)) * s
-            return y + s
+            return s
 
     def _router_logits(self, x2):
         out = self.gate(x2.float() if self.router_fp32 else x2)
@@ -431,7 +494,8 @@ class MoE(nn.Module):
         zid = (r.ids.long() - E).clamp(min=0, max=len(kinds) - 1)
         on = (r.ids >= E) & ident[zid]
         w = torch.where(on, r.weights, 0).sum(-1, keepdim=True)
-        return y + (w * x2.to(w.dtype)).to(y.dtype)
+        dt = torch.promote_types(w.dtype, x2.dtype)  # fp32 weights, fp64 inputs: in fp64
+        return y + (w.to(dt) * x2.to(dt)).to(y.dtype)
 
     def _expert_weights(self, cast):
         """The experts' first (gate_up or up) and down projections, cast to ``cast`` when given
@@ -439,6 +503,8 @@ class MoE(nn.Module):
         gated = self.activation in GATED
         w1 = self.experts.gate_up_proj if gated else self.experts.up_proj
         w2 = self.experts.down_proj
+        if w1.shape[0] != w2.shape[0]:  # slices for the zero experts too (LongCat-Flash): a view
+            w1 = w1[: w2.shape[0]]
         return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
 
     def _expert_choice_routed(self, x2, token_mask, cast):
@@ -496,3 +562,61 @@ def _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expe
         raise ValueError(f"MoE: shared_ffn_size must be an int >= 0, got {shared_ffn_size!r}")
     if shared_expert_gate and not shared_ffn_size:
         raise ValueError("MoE: shared_expert_gate needs shared experts (shared_ffn_size > 0)")
+
+
+@dataclass
+class StagedCall:
+    """One call in flight through the staged API of MoE (and ExpertParallelMoE, which adds its
+    exchange plan)."""
+
+    x_shape: torch.Size
+    x2: torch.Tensor  # [tokens, hidden] the routed experts' input
+    cast: Optional[torch.dtype]  # the autocast dtype the routed path runs in, or None
+    r: object = None  # the router's result (expert choice: the token mask)
+    capacity: object = None
+    y: object = None
+    plan: object = None  # expert parallelism: the exchange plan
+    row_maps: object = None
+    num_rows: object = None
+    stage: str = "dispatching"
+
+    def routed_input(self):
+        return self.x2 if self.cast is None else self.x2.to(self.cast)
+
+    def advance(self, want, to, what):
+        if self.stage != want:
+            raise RuntimeError(f"{what}: the handle is {self.stage}, expected {want}")
+        self.stage = to
+
+    def shared_x2(self, moe, shared_input):
+        if shared_input is None:
+            return self.x2
+        if shared_input.shape != self.x_shape:
+            raise ValueError(
+                f"MoE.combine_finish: shared_input must have x's shape {tuple(self.x_shape)}, "
+                f"got {tuple(shared_input.shape)}"
+            )
+        return shared_input.reshape(-1, moe.hidden_size)
+
+
+def autocast_dtype(x):
+    """The autocast dtype of x's device type when autocast is on there, else None."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+class no_autocast:
+    """Runs the routed path without autocast when the caller had it on (custom ops are not
+    autocast: the layer casts explicitly)."""
+
+    def __init__(self, x, cast):
+        self.ctx = torch.autocast(x.device.type, enabled=False) if cast is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False

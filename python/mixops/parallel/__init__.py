@@ -2,7 +2,7 @@
 expert GEMMs (dispatch.py), the collectives (comm.py), ``ExpertParallelMoE`` (moe.py) and the
 helpers for data-parallel wrappers and state dicts (helpers.py)."""
 
-from .comm import all_to_all, check_same_config, resolve_group, slow_link, traced
+from .comm import all_to_all, check_same_config, resolve_group, slow_link, traced, traced_call
 from .helpers import (
     allreduce_expert_grads,
     expert_parameter_names,
@@ -20,6 +20,7 @@ __all__ = [
     "resolve_group",
     "slow_link",
     "traced",
+    "traced_call",
     "expert_parameter_names",
     "ignore_experts_in_ddp",
     "allreduce_expert_grads",

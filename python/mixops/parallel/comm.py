@@ -21,6 +21,7 @@ __all__ = [
     "check_same_config",
     "slow_link",
     "traced",
+    "traced_call",
     "start_exchange",
 ]
 
@@ -106,6 +107,47 @@ def traced(name):
     finally:
         if link is not None:
             link.trace.append(["compute", name, t0, time.monotonic()])
+
+
+class _BackwardMark(Function):
+    """Identity; its backward stamps the time into a trace record (slot 2: the gradient reached
+    the traced call's output; slot 3: it left one of its inputs, the latest one kept)."""
+
+    @staticmethod
+    def forward(ctx, link, record, slot, x):
+        ctx.link, ctx.record, ctx.slot = link, record, slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        now, rec = time.monotonic(), ctx.record
+        if ctx.slot == 2:
+            rec[2] = now
+            ctx.link.trace.append(rec)
+        else:
+            rec[3] = now if rec[3] is None else max(rec[3], now)
+        return None, None, None, grad
+
+
+def traced_call(name, fn, *args):
+    """``fn(*args)``; in the delay harness its forward is recorded as compute ``name`` and its
+    backward as compute ``name + ".backward"`` (from the gradient reaching its output to the last
+    one leaving its tensor inputs). Without the harness: the plain call, nothing added."""
+    link = _LINK
+    if link is None:
+        return fn(*args)
+    rec = ["compute", name + ".backward", None, None]
+    marked = [
+        _BackwardMark.apply(link, rec, 3, a)
+        if isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled()
+        else a
+        for a in args
+    ]
+    with traced(name):
+        out = fn(*marked)
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        out = _BackwardMark.apply(link, rec, 2, out)
+    return out
 
 
 def _a2a(out, inp, out_splits, in_splits, group, async_op, name="all_to_all"):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..ops import reorder_chunks, rows_to_slots, slots_to_rows
 from .comm import start_exchange
-from .overlap import ChunkedExperts
+from .overlap import ChunkedExperts, GradBox, StartGrad, WaitGrad
 
 __all__ = [
     "DispatchPlan",
@@ -53,6 +53,9 @@ class _Chunk:
     offsets: torch.Tensor  # [E_local] int32 ends of each local expert's rows
     handle: object = None
     out: object = None
+    send_in: object = None  # ``send`` through WaitGrad (the split backward), until run_experts
+    grad_box: object = None  # WaitGrad's box (the dispatch's gradient exchange)
+    back_box: object = None  # StartGrad's box (the combine's gradient exchange)
 
 
 @dataclass
@@ -136,7 +139,12 @@ def plan_capacity(x_sorted, offsets, num_experts, capacity, group, num_chunks=1)
 
 def start_stage(plan):
     """Start the first chunk's dispatch (the staged API's first stage; no autograd: the
-    ChunkedExperts Function carries the gradient of every exchange)."""
+    ChunkedExperts Function carries the gradient of every exchange) and put every chunk's rows
+    through WaitGrad, so the dispatch's gradient is waited for here, after the backward of
+    whatever the caller runs before ``experts_all``."""
+    for ch in plan.chunks:
+        ch.grad_box = GradBox()
+        ch.send_in = WaitGrad.apply(ch.grad_box, ch.send)
     if plan.chunks:
         ch = plan.chunks[0]
         ch.handle = start_exchange(ch.send, plan.group, ch.recv_splits, ch.send_splits, "dispatch")
@@ -145,7 +153,10 @@ def start_stage(plan):
 def experts_all(plan, fn, w1, w2):
     """Every chunk's experts ``fn(rows, offsets, w1, w2)``, overlapped with the exchanges
     (overlap.ChunkedExperts, forward and backward); each chunk's combine is started."""
-    outs = ChunkedExperts.apply(plan, fn, w1, w2, *[ch.send for ch in plan.chunks])
+    sends = [ch.send if ch.send_in is None else ch.send_in for ch in plan.chunks]
+    for ch in plan.chunks:
+        ch.send_in = None
+    outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)
     for ch, o in zip(plan.chunks, outs):
         ch.out = o
 
@@ -162,15 +173,24 @@ def compiled_experts_all(plan, fn, w1, w2):
 
 
 def finish_all(plan):
-    """Wait for every chunk's combine; the chunks' rows in the order they were sent. The plan lets
-    go of the outputs (and their handles): ChunkedExperts' context holds the plan, and an output
-    held by the plan would hold that context in turn (a cycle through the autograd graph that
-    Python's gc cannot free: the plan, its tensors and the process group would leak)."""
-    outs = []
-    for ch in plan.chunks:
+    """Wait for every chunk's combine; the chunks' rows in the order they were sent, each through
+    StartGrad (its backward starts the combine's gradient exchange before the backward of what
+    the caller ran between ``experts_all`` and here). The plan lets go of the outputs (and their
+    handles): ChunkedExperts' context holds the plan, and an output held by the plan would hold
+    that context in turn (a cycle through the autograd graph that Python's gc cannot free: the
+    plan, its tensors and the process group would leak)."""
+    outs = [None] * len(plan.chunks)
+    # StartGrad nodes made last chunk first: the engine runs the node made last first, so the
+    # gradient exchanges start in chunk order (the order ChunkedExperts' backward waits for them).
+    for c in reversed(range(len(plan.chunks))):
+        ch = plan.chunks[c]
         if ch.handle is not None:
             ch.handle.wait()
             ch.handle = None
-        outs.append(ch.out)
+        out = ch.out
+        if not plan.compiled and torch.is_grad_enabled() and out.requires_grad:
+            ch.back_box = GradBox()
+            out = StartGrad.apply(ch.back_box, plan.group, ch.recv_splits, ch.send_splits, out)
+        outs[c] = out
         ch.out = None
     return outs

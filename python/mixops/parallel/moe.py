@@ -19,7 +19,6 @@ Staged API (for work to overlap with the exchanges)::
     y = moe.combine_finish(h)   # waits for the combine, unpermute, shared experts
 """
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,10 +26,19 @@ import torch.distributed as dist
 
 from ..nn.activations import GATED, apply_activation
 from ..nn.experts import MLP, Experts
-from ..nn.moe import MoE, MoEParts, _router_config, _stage, _zero_kinds
+from ..nn.moe import (
+    MoE,
+    MoEParts,
+    StagedCall,
+    _router_config,
+    _stage,
+    _zero_kinds,
+    autocast_dtype,
+    no_autocast,
+)
 from ..nn.router import TopKRouter
 from ..ops import grouped_mm, permute, unpermute
-from .comm import check_same_config, resolve_group
+from .comm import check_same_config, resolve_group, traced_call
 from .dispatch import (
     compiled_experts_all,
     experts_all,
@@ -43,20 +51,6 @@ from .dispatch import (
 __all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
 
 EXPERT_PARALLEL_ATTR = "_mixops_expert_parallel"  # set True on sharded expert parameters
-
-
-@dataclass
-class _Handle:
-    """One forward in flight through the stages."""
-
-    x_shape: torch.Size
-    x2: torch.Tensor
-    r: object
-    row_maps: list
-    num_rows: list
-    plan: object
-    cast: Optional[torch.dtype]
-    stage: str = "dispatching"
 
 
 class ExpertParallelMoE(MoE):
@@ -151,20 +145,9 @@ class ExpertParallelMoE(MoE):
         self._checked = key
 
     # -- the stages -------------------------------------------------------------------------------
-    def dispatch_start(self, x, token_mask=None, modality=None) -> _Handle:
+    def dispatch_start(self, x, token_mask=None, modality=None) -> StagedCall:
         """Router and permute, then the dispatch all-to-all starts; returns the handle."""
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"MoE: x must have hidden size {self.hidden_size} in its last "
-                f"dimension, got shape {tuple(x.shape)}"
-            )
-        x2 = x.reshape(-1, self.hidden_size)
-        if token_mask is not None:
-            token_mask = token_mask.reshape(-1)
-            if token_mask.dtype != torch.bool:
-                token_mask = token_mask != 0
-        if modality is not None:
-            modality = modality.reshape(-1)
+        x2, token_mask, modality = self._flatten(x, token_mask, modality)
         compiling = torch.compiler.is_compiling()
         if compiling and self._capacity is None:
             raise RuntimeError(
@@ -173,9 +156,9 @@ class ExpertParallelMoE(MoE):
             )
         if not compiling:  # (a host round trip; it runs on the eager calls)
             self._check_config(x2.shape[0])
-        cast = _autocast_dtype(x)
-        with _no_autocast(x, cast):
-            xr = x2 if cast is None else x2.to(cast)
+        h = StagedCall(x.shape, x2, autocast_dtype(x))
+        with no_autocast(x, h.cast):
+            xr = h.routed_input()
             r, capacity = self._route(xr, token_mask, modality)
             if self.reduce_stats:
                 self.aux_loss = self._group_losses(r, xr.shape[0], token_mask)
@@ -201,12 +184,12 @@ class ExpertParallelMoE(MoE):
             if not compiling:  # compiled: run_experts exchanges with functional collectives
                 with _stage("dispatch", xr):
                     start_stage(plan)
-        return _Handle(x.shape, x2, r, row_maps, num_rows, plan, cast)
+        h.r, h.row_maps, h.num_rows, h.plan = r, row_maps, num_rows, plan
+        return h
 
-    def run_experts(self, h: _Handle) -> _Handle:
+    def run_experts(self, h: StagedCall) -> StagedCall:
         """Waits for each chunk's dispatch, runs the local experts, starts its combine."""
-        if h.stage != "dispatching":
-            raise RuntimeError(f"ExpertParallelMoE.run_experts: the handle is {h.stage}")
+        h.advance("dispatching", "combining", "ExpertParallelMoE.run_experts")
         w1, w2 = self._expert_weights(h.cast)
         act = self.activation
 
@@ -215,20 +198,20 @@ class ExpertParallelMoE(MoE):
                 a = apply_activation(act, grouped_mm(rows, w1.transpose(1, 2), offsets))
                 return grouped_mm(a, w2.transpose(1, 2), offsets)
 
-        with _no_autocast(h.x2, h.cast):
+        with no_autocast(h.x2, h.cast):
             if h.plan.compiled:
                 compiled_experts_all(h.plan, experts, w1, w2)
             else:
                 experts_all(h.plan, experts, w1, w2)
-        h.stage = "combining"
         return h
 
-    def combine_finish(self, h: _Handle) -> torch.Tensor:
-        """Waits for the combine, unpermutes (routing weights) and adds the shared experts."""
-        if h.stage != "combining":
-            raise RuntimeError(f"ExpertParallelMoE.combine_finish: the handle is {h.stage}")
-        h.stage = "finished"
-        with _no_autocast(h.x2, h.cast):
+    def combine_finish(self, h: StagedCall, shared_input=None) -> torch.Tensor:
+        """The shared experts (on ``shared_input`` when given, else x) run while the combine
+        travels; then waits for it, unpermutes (routing weights) and adds them."""
+        shared_x2 = h.shared_x2(self, shared_input)
+        h.advance("combining", "finished", "ExpertParallelMoE.combine_finish")
+        s = traced_call("shared", self._shared_out, shared_x2)
+        with no_autocast(h.x2, h.cast):
             with _stage("combine_wait", h.x2):
                 outs = finish_all(h.plan)
             with _stage("unpermute", h.x2):
@@ -244,9 +227,9 @@ class ExpertParallelMoE(MoE):
                         w = h.r.weights[bounds[c] : bounds[c + 1]]
                         ys.append(unpermute(o, h.row_maps[c], w))
                     y = torch.cat(ys) if n > 1 else ys[0]
-            y = self._add_zero_experts(h.x2 if h.cast is None else h.x2.to(h.cast), y, h.r)
-        y = self._add_shared(h.x2, y)
-        return y.reshape(h.x_shape)
+            y = self._add_zero_experts(h.routed_input(), y, h.r)
+        h.plan = None
+        return (y if s is None else y + s).reshape(h.x_shape)
 
     def forward(self, x, token_mask=None, modality=None):
         return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
@@ -303,24 +286,3 @@ def _router_option_names():
     from ..nn.router import RouterConfig
 
     return RouterConfig.option_names()
-
-
-def _autocast_dtype(x):
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-
-
-class _no_autocast:
-    """Runs the routed path without autocast when the caller had it on (as MoE.forward)."""
-
-    def __init__(self, x, cast):
-        self.ctx = torch.autocast(x.device.type, enabled=False) if cast is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False

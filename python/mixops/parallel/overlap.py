@@ -12,6 +12,17 @@ Each chunk's experts run under ``torch.enable_grad`` on the received rows as a l
 graph (rows -> local order -> experts -> return order) is kept and differentiated in the backward
 with ``torch.autograd.grad`` for the rows and the expert weights (which are this Function's inputs:
 parameters, or their autocast copies). The exchanges here carry no autograd of their own.
+
+Split backward (``WaitGrad``, ``StartGrad``): the layer's two backward exchanges can also overlap
+work outside the layer (the shortcut-connected schedule's dense sublayers). ``StartGrad`` sits on
+each chunk's combined rows (made in ``combine_finish``): its backward only starts the combine's
+gradient exchange and hands its gradient on unread. ``WaitGrad`` sits on each chunk's rows to send (made
+in ``dispatch_start``): ChunkedExperts' backward starts the dispatch's gradient exchange and
+returns placeholders, and ``WaitGrad``'s backward waits for it. The autograd engine runs the nodes
+made later first, so the backward of whatever ran between ``dispatch_start`` and ``run_experts``
+(or between ``run_experts`` and ``combine_finish``) runs while those exchanges travel. A
+placeholder is never read before its wait: each has exactly one consumer, the waiting node. The
+nodes share only a ``GradBox`` (no reference to the plan), so no reference cycle forms.
 """
 
 import torch
@@ -19,7 +30,7 @@ from torch.autograd import Function
 
 from .comm import start_exchange, traced
 
-__all__ = ["ChunkedExperts"]
+__all__ = ["ChunkedExperts", "GradBox", "WaitGrad", "StartGrad"]
 
 
 class ChunkedExperts(Function):
@@ -64,10 +75,13 @@ class ChunkedExperts(Function):
 
         gw1 = gw2 = None
         grad_sends = [None] * len(chunks)
-        if chunks:
+        for c, ch in enumerate(chunks):  # exchanges StartGrad already started
+            if ch.back_box is not None:
+                pending[c] = ch.back_box.take()
+        if chunks and pending[0] is None:
             pending[0] = start_back(0)
         for c, ch in enumerate(chunks):
-            if c + 1 < len(chunks):
+            if c + 1 < len(chunks) and pending[c + 1] is None:
                 pending[c + 1] = start_back(c + 1)
             g_back = pending[c].wait()
             with traced("experts.backward"):
@@ -81,9 +95,57 @@ class ChunkedExperts(Function):
             grad_sends[c] = start_exchange(
                 g_leaf, plan.group, ch.send_splits, ch.recv_splits, "dispatch.backward"
             )
+            if ch.grad_box is not None:  # WaitGrad waits for it; hand it the placeholder
+                ch.grad_box.handle = grad_sends[c]
+                grad_sends[c] = grad_sends[c].out
             ch.leaf = ch.back = None  # free the chunk's graph
-        grads = [h.wait() for h in grad_sends]
+        grads = [g if isinstance(g, torch.Tensor) else g.wait() for g in grad_sends]
         return (None, None, gw1, gw2, *grads)
+
+
+class GradBox:
+    """Where one backward exchange in flight waits between two autograd nodes."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self):
+        self.handle = None
+
+    def take(self):
+        h, self.handle = self.handle, None
+        return h
+
+
+class WaitGrad(Function):
+    """Identity forward on a chunk's rows to send; backward: the dispatch's gradient, waited for
+    (ChunkedExperts' backward started it and put it in ``box``)."""
+
+    @staticmethod
+    def forward(ctx, box, x):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, placeholder):
+        h = ctx.box.take()
+        return None, (placeholder if h is None else h.wait())
+
+
+class StartGrad(Function):
+    """Identity forward on a chunk's combined rows; backward: starts the combine's gradient
+    exchange (into ``box``, for ChunkedExperts' backward) and passes its placeholder on."""
+
+    @staticmethod
+    def forward(ctx, box, group, recv_splits, send_splits, x):
+        ctx.box, ctx.group, ctx.splits = box, group, (recv_splits, send_splits)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.box.handle = start_exchange(grad, ctx.group, *ctx.splits, "combine.backward")
+        # ChunkedExperts' backward reads the exchange's output from the box, not this gradient
+        # (which is the exchange's input, still being sent: passed on, never written).
+        return None, None, None, None, grad
 
 
 def _dispatch(plan, ch):
