@@ -1,21 +1,23 @@
-"""python -m mixops.bench [moe | moa | mod | ep | grouped_mm | routing]: benchmarks that time mixops beside
-its peers in one run and print medians and ratios. moe (the default) times the whole MoE layer
+"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing]: benchmarks that
+time mixops beside its peers in one run and print medians and ratios. moe (the default) times the whole MoE layer
 against HF transformers' Mixtral block; moa the MoA (mixture of attention heads) layer against HF's
 JetMoE attention; mod the MoD (mixture of depths) wrapper against its floor and the dense block, and
 MoE expert choice against token choice; ep the expert-parallel layer's overlap of communication with
-compute (gloo processes, a simulated link); grouped_mm and routing time the ops underneath them."""
+compute (gloo processes, a simulated link); scmoe the shortcut-connected layer's schedule against
+the standard one under the same link; grouped_mm and routing time the ops underneath them."""
 
 import argparse
 
 import torch
 
-from . import ep, grouped_mm, moa, mod, moe, routing
+from . import ep, grouped_mm, moa, mod, moe, routing, scmoe
 
 JOBS = {
     "moe": moe,
     "moa": moa,
     "mod": mod,
     "ep": ep,
+    "scmoe": scmoe,
     "grouped_mm": grouped_mm,
     "routing": routing,
 }

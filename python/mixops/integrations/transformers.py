@@ -318,7 +318,11 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
 
     JetMoE: the MoA attention (``JetMoeAttention``) and the MoE MLP (``JetMoeMoE``) keep their
     modules and change class to mixops-backed subclasses (see ``mixops.integrations.jetmoe``).
-    ``moe_kwargs`` do not apply to them."""
+    ``moe_kwargs`` do not apply to them.
+
+    LongCat-Flash: each decoder layer keeps its modules and runs mixops' shortcut-connected
+    schedule; its MoE (zero experts, selection bias, routed scaling) becomes a ``mixops.nn.MoE``
+    holding HF's router and experts (see ``mixops.integrations.longcat``)."""
     plans = []
     for name, block in model.named_modules():
         if isinstance(block, MoE) or not (
@@ -331,7 +335,7 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
             warnings.warn(
                 f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=2
             )
-    jetmoe_plans = _jetmoe_plans(model)
+    jetmoe_plans = _jetmoe_plans(model) + _longcat_plans(model, moe_kwargs)
     for name, block, moe in plans:  # nothing can fail from here on
         _patch_router_class(block.gate)
         moe.train(block.training)
@@ -343,6 +347,23 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     if plans or jetmoe_plans:
         _hook_hf_models(model)
     return [name for name, _, _ in plans] + [name for name, _ in jetmoe_plans]
+
+
+def _longcat_plans(model, moe_kwargs):
+    """[(name, apply)] for the LongCat-Flash decoder layers (integrations/longcat.py)."""
+    if not any(type(m).__name__.startswith("LongcatFlash") for m in model.modules()):
+        return []
+    from . import longcat
+
+    out = []
+    for name, apply in longcat.plans(model, moe_kwargs):
+        if isinstance(apply, longcat.Unsupported):
+            warnings.warn(
+                f"mixops.patch_model: {name} left as it is: {apply}", UserWarning, stacklevel=3
+            )
+        else:
+            out.append((name, apply))
+    return out
 
 
 def _jetmoe_plans(model):

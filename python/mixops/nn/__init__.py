@@ -1,6 +1,6 @@
 """nn.Modules built from the mixops ops: the MoE layer (moe.py), the MoA layer (moa.py), the MoD
-wrapper (mod.py), the router and its configuration (router.py), the experts (experts.py) and the
-activations by name."""
+wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and its configuration
+(router.py), the experts (experts.py) and the activations by name."""
 
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
@@ -8,6 +8,7 @@ from .moa import MoA, MoAExperts, MoAParts
 from .mod import MoD, pmod_capacity_schedule
 from .moe import MoE, MoEParts
 from .router import RouterConfig, TopKRouter
+from .shortcut import ScMoEBlock, ShortcutDecoderLayer
 
 __all__ = [
     "MoA",
@@ -17,6 +18,8 @@ __all__ = [
     "pmod_capacity_schedule",
     "MoE",
     "MoEParts",
+    "ScMoEBlock",
+    "ShortcutDecoderLayer",
     "RouterConfig",
     "TopKRouter",
     "Experts",

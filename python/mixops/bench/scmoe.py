@@ -1,0 +1,169 @@
+"""Shortcut-connected MoE benchmark (`python -m mixops.bench scmoe --world 2`): a LongCat-Flash
+style layer (two attention + two dense MLP sublayers and an expert-parallel MoE, gloo processes
+on this machine) with the standard schedule (the MoE called in place on its input: dispatch,
+experts and combine back to back) against the shortcut-connected schedule
+(``mixops.nn.ShortcutDecoderLayer``: the dispatch starts before the dense sublayers, the combine
+finishes after them), forward and forward+backward, through the delay harness's link
+(``mixops.parallel.slow_link``) at two speeds: the all-to-alls of a forward take 15% and 60% of the
+standard layer's MoE forward time (the ScMoE paper's NVLink and PCIe cases). Reports per pass,
+speed and schedule: step ms without and with the link, the communication time, and the fraction
+hidden, (step without link + comm - step with link) / comm.
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SHARES = (0.15, 0.60)  # all-to-all time / the standard layer's MoE forward time
+
+
+def _shape(quick):
+    # batch, seq (per rank), hidden, dense ffn, expert ffn, experts, top-k, heads
+    return (2, 64, 128, 384, 128, 8, 2, 4) if quick else (2, 256, 512, 1408, 512, 8, 2, 8)
+
+
+def _layer(shape):
+    from torch import nn
+
+    from mixops.nn import MLP, ShortcutDecoderLayer
+    from mixops.parallel import ExpertParallelMoE
+    from mixops.reference.decoder import SelfAttention
+
+    _, _, H, FD, FE, E, k, heads = shape
+    torch.manual_seed(0)
+    moe = ExpertParallelMoE(H, FE, E, k)
+    return ShortcutDecoderLayer(
+        moe,
+        [SelfAttention(H, heads), SelfAttention(H, heads)],
+        [MLP(H, FD, "swiglu"), MLP(H, FD, "swiglu")],
+        [nn.RMSNorm(H), nn.RMSNorm(H)],
+        [nn.RMSNorm(H), nn.RMSNorm(H)],
+    )
+
+
+def standard_forward(layer, x):
+    """The same layer with the MoE called in place (no overlap): what the shortcut saves."""
+    a, m = layer.self_attn, layer.mlps
+    h1 = x + a[0](layer.input_layernorm[0](x))
+    u = layer.post_attention_layernorm[0](h1)
+    moe_out = layer.mlp(u)
+    h2 = h1 + m[0](u)
+    h3 = h2 + a[1](layer.input_layernorm[1](h2))
+    return h3 + m[1](layer.post_attention_layernorm[1](h3)) + moe_out
+
+
+def _worker(rank, world, port, args, out):
+    threads = max(1, (os.cpu_count() or 2) // world)
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=120),
+    )  # fmt: skip
+    from mixops.parallel import slow_link
+
+    shape = _shape(args.quick)
+    B, S, H = shape[:3]
+    layer = _layer(shape)
+    x = torch.randn(B, S, H, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+    fwds = {"standard": lambda: standard_forward(layer, x), "shortcut": lambda: layer(x)}
+
+    def step(which, bwd):
+        if bwd:
+            x.grad = None
+            fwds[which]().square().mean().backward()
+        else:
+            with torch.no_grad():
+                fwds[which]()
+
+    def median_ms(which, bwd, speed=None):
+        ts = []
+        for _ in range(args.reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if speed is None:
+                step(which, bwd)
+            else:
+                with slow_link(speed):
+                    step(which, bwd)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    for which in fwds:  # warm up
+        step(which, True)
+    with slow_link(1e15) as trace:  # bytes per pass, measured once
+        step("standard", False)
+        fwd_bytes = sum(t[4] for t in trace if t[0] == "comm")
+        trace.clear()
+        step("standard", True)
+        bwd_bytes = sum(t[4] for t in trace if t[0] == "comm")
+    with torch.no_grad():  # the standard layer's MoE forward time (no link)
+        u = torch.randn(B, S, H)
+        moe_ms = statistics.median(
+            [_timed_ms(lambda: layer.mlp(u), dist) for _ in range(args.reps)]
+        )
+    base = {(w, b): median_ms(w, b) for w in fwds for b in (0, 1)}
+    rows = []
+    for share in SHARES:
+        speed = fwd_bytes / (share * moe_ms / 1e3)
+        for b, nbytes in ((0, fwd_bytes), (1, bwd_bytes)):
+            comm = nbytes / speed * 1e3
+            for w in fwds:
+                ms = median_ms(w, b, speed)
+                hidden = (base[(w, b)] + comm - ms) / comm
+                rows.append((share, "fwd+bwd" if b else "fwd", w, base[(w, b)], ms, comm, hidden))
+    if rank == 0:
+        out.put((rows, moe_ms, shape, threads))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _timed_ms(fn, dist):
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run(args):
+    world = args.world
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, port, args, out), nprocs=world, start_method="spawn")
+    rows, moe_ms, (B, S, H, FD, FE, E, k, heads), threads = out.get()
+    print(
+        f"mixops shortcut-connected MoE benchmark: world {world} (gloo, one machine, "
+        f"{os.cpu_count()} cores, {threads} thread(s) per rank, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}; per rank "
+        f"batch {B} x seq {S}, hidden {H}, dense ffn {FD}, {heads} heads; MoE: E {E}, k {k}, "
+        f"expert ffn {FE}; fp32; standard MoE forward {moe_ms:.2f} ms; median ms of {args.reps} "
+        "reps; link: the delay harness"
+    )
+    print("hidden = (step without link + comm - step with link) / comm (target >= 85%)")
+    head = (
+        f"{'a2a/MoE':>8} {'pass':<8} {'schedule':<9} {'no-link ms':>11} {'link ms':>9} "
+        f"{'comm ms':>9} {'hidden':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for share, pas, w, base, ms, comm, hid in rows:
+        print(
+            f"{100 * share:>7.0f}% {pas:<8} {w:<9} {base:>11.2f} {ms:>9.2f} {comm:>9.2f} "
+            f"{100 * hid:>7.1f}%"
+        )
+    sys.stdout.flush()
+    return rows
+
+
+def add_args(p: argparse.ArgumentParser):
+    pass  # --world comes from the ep job

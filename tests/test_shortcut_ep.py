@@ -1,0 +1,177 @@
+"""Shortcut-connected blocks with expert parallelism in 2 gloo processes: the layers with
+ExpertParallelMoE equal the single-process layers (outputs and gradients, dropless and capacity,
+zero experts and shared experts), and under the delay harness every MoE exchange, forward and
+backward, travels inside the dense sublayers' compute, with the step no slower than 1.1x the step
+without link delay when the communication is shorter than the dense work."""
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_world
+from test_shortcut import PreNormAttention, _dual_layer
+
+H, FF, E, K = 16, 24, 8, 2
+F64 = dict(dtype=torch.float64)
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _moes(cap, **kw):
+    from mixops.nn import MoE
+    from mixops.parallel import ExpertParallelMoE
+
+    torch.manual_seed(0)
+    ref = MoE(H, FF, E, K, zero_experts=2, capacity_factor=cap, **kw, **F64)
+    ep = ExpertParallelMoE(H, FF, E, K, zero_experts=2, capacity_factor=cap, **kw, **F64)
+    ep.load_full_state_dict(ref.state_dict())
+    return ref, ep
+
+
+def _build(kind, moe):
+    from torch import nn
+
+    from mixops.nn import ScMoEBlock
+
+    if kind == "dual":
+        return _dual_layer(moe)
+    torch.manual_seed(2)
+    return ScMoEBlock(PreNormAttention(), moe, norm=nn.RMSNorm(H, **F64),
+                      shortcut_norm=nn.RMSNorm(H, **F64))  # fmt: skip
+
+
+def _equals_single_process(rank, world, kind, cap):
+    shared = dict(shared_ffn_size=12) if kind == "scmoe" else {}
+    ref_moe, ep_moe = _moes(cap, selection_bias=True, **shared)
+    with torch.no_grad():  # a selection bias that sends part of the tokens to the zero experts
+        for m in (ref_moe, ep_moe):
+            m.gate.e_score_correction_bias[E] = 0.3  # top-2: zero expert E + a computing one
+    ref, ours = _build(kind, ref_moe), _build(kind, ep_moe)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 5, H, generator=g, **F64) for _ in range(world)]
+    x = xs[rank].clone().requires_grad_(True)
+    y = ours(x)
+    y.square().sum().backward()
+    if cap is None:  # dropless: one process over every rank's batch
+        xa = torch.cat(xs).requires_grad_(True)
+        ya = ref(xa)
+        ya.square().sum().backward()
+        want, gx = ya[2 * rank : 2 * rank + 2], xa.grad[2 * rank : 2 * rank + 2]
+    else:  # capacity: each rank's batch through the single process with that capacity
+        outs = []
+        for xr in xs:
+            xr = xr.clone().requires_grad_(True)
+            yr = ref(xr)
+            yr.square().sum().backward()
+            outs.append((yr, xr.grad))
+        want, gx = outs[rank]
+    torch.testing.assert_close(y, want, **TOL)
+    torch.testing.assert_close(x.grad, gx, **TOL)
+    sl = slice(rank * E // world, (rank + 1) * E // world)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        want_g = ref_params[name].grad
+        if ".experts." in name:
+            torch.testing.assert_close(p.grad, want_g[sl], **TOL, msg=name)
+        else:  # replicated: the ranks' gradients sum to the single process's
+            got = p.grad.clone()
+            dist.all_reduce(got)
+            torch.testing.assert_close(got, want_g, **TOL, msg=name)
+    chosen = ep_moe.tokens_per_expert
+    assert chosen[E:].sum() > 0 and chosen[:E].sum() > 0  # zero and computing experts chosen
+
+
+@pytest.mark.parametrize("kind", ["dual", "scmoe"])
+@pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])
+def test_shortcut_layers_equal_single_process(kind, cap):
+    run_world(_equals_single_process, 2, kind, cap)
+
+
+# -- overlap under the delay harness ------------------------------------------------------------
+HB, FB, EB = 256, 1024, 4  # hidden, dense ffn, experts: dense sublayers of tens of ms per pass
+
+
+def _big_layer():
+    from torch import nn
+
+    from mixops.nn import MLP, ShortcutDecoderLayer
+    from mixops.parallel import ExpertParallelMoE
+    from test_shortcut import Attention
+
+    torch.manual_seed(0)
+    moe = ExpertParallelMoE(HB, 256, EB, 2)
+    return ShortcutDecoderLayer(
+        moe,
+        [Attention(HB, 4).float(), Attention(HB, 4).float()],
+        [MLP(HB, FB, "swiglu"), MLP(HB, FB, "swiglu")],
+        [nn.RMSNorm(HB), nn.RMSNorm(HB)],
+        [nn.RMSNorm(HB), nn.RMSNorm(HB)],
+    )
+
+
+def _covered(interval, spans):
+    """The part of ``interval`` [a, b] inside the union of ``spans``."""
+    a, b = interval
+    cut = sorted((max(a, s), min(b, e)) for s, e in spans if min(b, e) > max(a, s))
+    total, end = 0.0, a
+    for s, e in cut:
+        s = max(s, end)
+        if e > s:
+            total, end = total + e - s, e
+    return total
+
+
+def _overlap(rank, world):
+    from mixops.parallel import slow_link
+
+    layer = _big_layer()
+    x = torch.randn(2, 128, HB, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+
+    def step():
+        x.grad = None
+        layer(x).square().mean().backward()
+
+    for _ in range(2):
+        step()  # warm up
+    dense_ms = []
+    for _ in range(3):  # the bytes of each exchange, and the dense regions' times
+        with slow_link(1e15) as trace:
+            step()
+        dense_ms += [t[3] - t[2] for t in trace if t[0] == "compute" and t[1].startswith("dense")]
+    per_exchange = max(t[4] for t in trace if t[0] == "comm")
+    # Each exchange takes about 30% of the shortest dense region (forward or backward) it may
+    # hide behind: communication shorter than the dense work.
+    speed = per_exchange / (0.3 * min(dense_ms))
+
+    base, slow, steps = [], [], []
+    for _ in range(5):  # interleaved, so the machine's drift hits both alike
+        for link in (False, True):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if link:
+                with slow_link(speed) as trace:
+                    step()
+                steps.append(trace)
+            else:
+                step()
+            (slow if link else base).append(time.perf_counter() - t0)
+
+    def hidden(trace):
+        dense = [(t[2], t[3]) for t in trace if t[0] == "compute" and t[1] != "experts"]
+        comms = [t for t in trace if t[0] == "comm"]
+        names = sorted({t[1] for t in comms})
+        assert names == ["combine", "combine.backward", "dispatch", "dispatch.backward"], names
+        return min(_covered((t[2], t[3]), dense) / (t[3] - t[2]) for t in comms)
+
+    # Every exchange of a step at least 85% inside dense compute, in most steps (a step the
+    # machine stalls in may not be).
+    fractions = [hidden(t) for t in steps]
+    assert sorted(fractions)[len(fractions) // 2] >= 0.85, (fractions, steps)
+    b, s = statistics.median(base), statistics.median(slow)
+    assert s <= 1.1 * b, (s, b, fractions)
+
+
+def test_shortcut_communication_hides_behind_the_dense_sublayers():
+    run_world(_overlap, 2)
