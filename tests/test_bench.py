@@ -152,3 +152,23 @@ def test_mod_bench_quick_runs_and_prints_tables():
         "bfloat16",
     ):
         assert needle in out, needle
+
+
+def _quick(job, *extra):
+    p = subprocess.run(
+        [sys.executable, "-m", "mixops.bench", job, "--quick", "--reps", "1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_multi_process_benches_quick_run_and_print_tables():
+    out = _quick("ep", "--world", "2")
+    for needle in ("expert-parallel benchmark: world 2", "no-link ms", "hidden"):
+        assert needle in out
+    out = _quick("scmoe", "--world", "2")
+    for needle in ("shortcut-connected MoE benchmark: world 2", "standard", "shortcut", "60%"):
+        assert needle in out

@@ -181,3 +181,17 @@ def test_unsupported_layers_stay_with_a_warning():
     assert type(model.model.layers[0]) is type(before.model.layers[0])
     ids = torch.randint(0, 64, (1, 4))
     torch.testing.assert_close(model(ids).logits, before(ids).logits, rtol=0, atol=0)
+
+
+def test_from_hf_shares_the_weights_and_leaves_the_block_working():
+    from mixops.integrations.transformers import from_hf
+
+    ref, _ = _models()
+    block = ref.model.layers[0].mlp
+    moe = from_hf(block)
+    assert moe.router.classifier.weight is block.router.classifier.weight
+    assert moe.experts is block.experts
+    assert set(moe.state_dict()) == set(block.state_dict())
+    x = torch.randn(3, 7, H, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(moe(x), block(x), **TOL64)
+    assert len(block.router(x.reshape(-1, H))) == 3  # HF's own router is untouched

@@ -83,10 +83,14 @@ def _equals_single_process(rank, world, kind, cap):
     assert chosen[E:].sum() > 0 and chosen[:E].sum() > 0  # zero and computing experts chosen
 
 
-@pytest.mark.parametrize("kind", ["dual", "scmoe"])
+def _both_layers(rank, world, cap):
+    for kind in ("dual", "scmoe"):
+        _equals_single_process(rank, world, kind, cap)
+
+
 @pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])
-def test_shortcut_layers_equal_single_process(kind, cap):
-    run_world(_equals_single_process, 2, kind, cap)
+def test_shortcut_layers_equal_single_process(cap):
+    run_world(_both_layers, 2, cap)
 
 
 # -- overlap under the delay harness ------------------------------------------------------------
@@ -135,15 +139,17 @@ def _overlap(rank, world):
 
     for _ in range(2):
         step()  # warm up
-    dense_ms = []
-    for _ in range(3):  # the bytes of each exchange, and the dense regions' times
+    regions = {}  # the dense regions' times (forward: 2, backward: 2), over 5 steps
+    for _ in range(5):
         with slow_link(1e15) as trace:
             step()
-        dense_ms += [t[3] - t[2] for t in trace if t[0] == "compute" and t[1].startswith("dense")]
+        dense = [t for t in trace if t[0] == "compute" and t[1].startswith("dense")]
+        for i, t in enumerate(dense):
+            regions.setdefault(i, []).append(t[3] - t[2])
     per_exchange = max(t[4] for t in trace if t[0] == "comm")
-    # Each exchange takes about 30% of the shortest dense region (forward or backward) it may
-    # hide behind: communication shorter than the dense work.
-    speed = per_exchange / (0.3 * min(dense_ms))
+    # Each exchange takes about 40% of the (median) time of the shortest dense region it may hide
+    # behind: communication shorter than the dense work.
+    speed = per_exchange / (0.4 * min(statistics.median(v) for v in regions.values()))
 
     base, slow, steps = [], [], []
     for _ in range(5):  # interleaved, so the machine's drift hits both alike
@@ -159,14 +165,22 @@ def _overlap(rank, world):
             (slow if link else base).append(time.perf_counter() - t0)
 
     def hidden(trace):
+        """The least hidden share of a step's exchanges: the part of each inside dense compute,
+        over the most that could be (the exchange, or the dense region after its start when
+        the machine made that one shorter)."""
         dense = [(t[2], t[3]) for t in trace if t[0] == "compute" and t[1] != "experts"]
         comms = [t for t in trace if t[0] == "comm"]
         names = sorted({t[1] for t in comms})
         assert names == ["combine", "combine.backward", "dispatch", "dispatch.backward"], names
-        return min(_covered((t[2], t[3]), dense) / (t[3] - t[2]) for t in comms)
+        worst = 1.0
+        for t in comms:
+            after = [e - s for s, e in dense if s >= t[2] - 1e-3]
+            most = min(t[3] - t[2], after[0] if after else 0.0)
+            worst = min(worst, _covered((t[2], t[3]), dense) / most if most > 0 else 0.0)
+        return worst
 
-    # Every exchange of a step at least 85% inside dense compute, in most steps (a step the
-    # machine stalls in may not be).
+    # Every exchange of a step at least 85% hidden, in most steps (a step the machine stalls in
+    # may not be).
     fractions = [hidden(t) for t in steps]
     assert sorted(fractions)[len(fractions) // 2] >= 0.85, (fractions, steps)
     b, s = statistics.median(base), statistics.median(slow)

@@ -10,15 +10,13 @@ it, the communication time, and the fraction of the communication hidden,
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .world import spawn_world
 
 CHUNKS = (1, 4, 8)
 
@@ -37,13 +35,7 @@ def _median_ms(fn, reps, *args):
     return statistics.median(ts)
 
 
-def _worker(rank, world, port, args, out):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // world))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=120),
-    )  # fmt: skip
+def _worker(rank, world, args):
     from mixops.parallel import ExpertParallelMoE, slow_link
 
     T, H, F, E, k = _shape(args.quick)
@@ -78,21 +70,12 @@ def _worker(rank, world, port, args, out):
                 ms = _median_ms(step, args.reps, layers[n], b)
             hidden = (base[(n, b)] + comm_ms - ms) / comm_ms
             rows.append(("fwd+bwd" if b else "fwd", n, base[(n, b)], ms, comm_ms, hidden))
-    if rank == 0:
-        out.put((rows, speed, (T, H, F, E, k)))
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows, speed, (T, H, F, E, k)
 
 
 def run(args):
     world = args.world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, out), nprocs=world, start_method="spawn")
-    rows, speed, (T, H, F, E, k) = out.get()
+    rows, speed, (T, H, F, E, k) = spawn_world(_worker, world, args)
     print(
         f"mixops expert-parallel benchmark: world {world} (gloo, one machine, "
         f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}), "

@@ -12,15 +12,14 @@ hidden, (step without link + comm - step with link) / comm.
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .world import spawn_world
 
 SHARES = (0.15, 0.60)  # all-to-all time / the standard layer's MoE forward time
 
@@ -60,13 +59,7 @@ def standard_forward(layer, x):
     return h3 + m[1](layer.post_attention_layernorm[1](h3)) + moe_out
 
 
-def _worker(rank, world, port, args, out):
-    threads = max(1, (os.cpu_count() or 2) // world)
-    torch.set_num_threads(threads)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=120),
-    )  # fmt: skip
+def _worker(rank, world, args):
     from mixops.parallel import slow_link
 
     shape = _shape(args.quick)
@@ -119,10 +112,7 @@ def _worker(rank, world, port, args, out):
                 ms = median_ms(w, b, speed)
                 hidden = (base[(w, b)] + comm - ms) / comm
                 rows.append((share, "fwd+bwd" if b else "fwd", w, base[(w, b)], ms, comm, hidden))
-    if rank == 0:
-        out.put((rows, moe_ms, shape, threads))
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows, moe_ms, shape, torch.get_num_threads()
 
 
 def _timed_ms(fn, dist):
@@ -134,13 +124,7 @@ def _timed_ms(fn, dist):
 
 def run(args):
     world = args.world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, out), nprocs=world, start_method="spawn")
-    rows, moe_ms, (B, S, H, FD, FE, E, k, heads), threads = out.get()
+    rows, moe_ms, (B, S, H, FD, FE, E, k, heads), threads = spawn_world(_worker, world, args)
     print(
         f"mixops shortcut-connected MoE benchmark: world {world} (gloo, one machine, "
         f"{os.cpu_count()} cores, {threads} thread(s) per rank, CPU capability "

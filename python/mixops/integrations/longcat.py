@@ -23,7 +23,7 @@ from ..nn.moe import MoE, MoEParts
 from ..nn.router import RouterConfig
 from ..nn.shortcut import dual_sublayer_forward
 
-__all__ = ["plans", "Unsupported"]
+__all__ = ["plans", "build", "from_hf", "Unsupported"]
 
 # HF hidden_act of the gated experts -> mixops activation.
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
@@ -59,8 +59,27 @@ def _subclass(obj, forward):
     return _CLASSES[cls]
 
 
-def build(block, moe_kwargs) -> MoE:
-    """A mixops.nn.MoE around a ``LongcatFlashMoE``'s router and experts (changes nothing)."""
+class _Logits(torch.nn.Module):
+    """The logits of an HF LongCat-Flash router (sharing its classifier and bias buffer), for
+    ``from_hf``: the HF block keeps its own router working."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.classifier = router.classifier
+        self.register_buffer("e_score_correction_bias", router.e_score_correction_bias)
+
+    forward = _router_logits_forward
+
+
+def from_hf(block, moe_kwargs) -> MoE:
+    """A mixops.nn.MoE computing what a ``LongcatFlashMoE`` computes, sharing its Parameters and
+    bias buffer (same state-dict keys); the HF block keeps working."""
+    return build(block, moe_kwargs, gate=_Logits(block.router))
+
+
+def build(block, moe_kwargs, gate=None) -> MoE:
+    """A mixops.nn.MoE around a ``LongcatFlashMoE``'s router (or ``gate``) and experts (changes
+    nothing)."""
     router, experts = getattr(block, "router", None), getattr(block, "experts", None)
     if router is None or experts is None or not hasattr(router, "classifier"):
         raise Unsupported(f"{type(block).__name__}: no router.classifier / experts")
@@ -83,7 +102,7 @@ def build(block, moe_kwargs) -> MoE:
         )
     except ValueError as e:
         raise Unsupported(f"{type(router).__name__}: {e}") from e
-    parts = MoEParts(gate=router, experts=experts, gate_name="router")
+    parts = MoEParts(gate=router if gate is None else gate, experts=experts, gate_name="router")
     moe = MoE(
         H,
         experts.intermediate_size,

@@ -290,13 +290,21 @@ def from_hf(block: nn.Module, **moe_kwargs):
 
     Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE and OLMoE (softmax top-k,
     with or without ``norm_topk_prob``), DeepSeek-V3 and GLM-4-MoE (sigmoid, selection bias,
-    group-limited top-k, routed scaling, shared experts). A ``JetMoeAttention`` gives a
+    group-limited top-k, routed scaling, shared experts), LongCat-Flash (softmax over routed and
+    identity zero experts, selection bias, routed scaling). A ``JetMoeAttention`` gives a
     ``mixops.nn.MoA`` (``moe_kwargs`` are then MoA options). Anything else raises ValueError
     saying what is missing."""
     if type(block).__name__ in ("JetMoeAttention", "MixopsJetMoeAttention"):
         from .jetmoe import moa_from_hf
 
         return moa_from_hf(block, **moe_kwargs)
+    if type(block).__name__ == "LongcatFlashMoE":
+        from . import longcat
+
+        try:
+            return longcat.from_hf(block, moe_kwargs)
+        except longcat.Unsupported as e:
+            raise ValueError(f"mixops.from_hf: cannot convert: {e}") from None
     try:
         _check_block(block)
         return _build(block, _Logits(block.gate), moe_kwargs)
