@@ -195,3 +195,21 @@ def test_from_hf_shares_the_weights_and_leaves_the_block_working():
     x = torch.randn(3, 7, H, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(moe(x), block(x), **TOL64)
     assert len(block.router(x.reshape(-1, H))) == 3  # HF's own router is untouched
+
+
+def test_hidden_states_and_gradient_checkpointing():
+    ref, ours = _models()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    hr = ref(ids, output_hidden_states=True).hidden_states
+    ho = ours(ids, output_hidden_states=True).hidden_states
+    assert len(ho) == len(hr) == 3
+    for a, b in zip(ho, hr):
+        torch.testing.assert_close(a, b, **TOL64)
+    for m in (ref, ours):
+        m.train()
+        enable = getattr(m, "activation_checkpointing_enable", None)  # transformers >= 5.24
+        (enable or m.gradient_checkpointing_enable)()
+        m(ids, labels=ids).loss.backward()
+    grads_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL64, msg=name)
