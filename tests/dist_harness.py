@@ -25,10 +25,14 @@ def _free_port():
 
 def _worker(rank, world, port, fn, args, errors, backend):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    # torch read the thread count when the spawned process imported it (unpickling the test
+    # function), before the variable above: without this every rank runs 2+ threads on the 2
+    # cores, and the oversubscribed OpenMP pools stall each other by tens of ms at random.
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(rank)
         dist.init_process_group(
             backend,
