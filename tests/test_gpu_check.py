@@ -5,6 +5,7 @@ smoke runs of the device-side scripts on the CPU (sanitize cases, grouped_mm TFL
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -243,3 +244,23 @@ def test_profile_moe_stage_summary(capsys):
     for stage in ("router", "permute", "gate_up_gemm", "activation", "down_gemm", "unpermute"):
         assert f"| mixops.moe.{stage} | 1 |" in out
     assert "GeneratedBackwardFor_mixops_grouped_mm" in out
+
+
+def test_transformers_range_matches_pyproject_and_prepare(monkeypatch):
+    """tests/helpers.py's supported range = pyproject's `transformers` extra = the bench
+    requirements; gpu_prepare.sh carries a version inside it; newer versions skip."""
+    tomllib = pytest.importorskip("tomllib")
+    from helpers import TRANSFORMERS_BELOW, TRANSFORMERS_MIN, skip_unsupported_transformers
+
+    spec = f"transformers>={TRANSFORMERS_MIN},<{TRANSFORMERS_BELOW}"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert spec in extras["transformers"]
+    assert spec in (ROOT / "requirements-bench.txt").read_text()
+    prepared = re.search(r"TRANSFORMERS_VERSION-([0-9.]+)", (BENCH / "gpu_prepare.sh").read_text())
+    assert prepared and prepared.group(1).startswith(TRANSFORMERS_MIN + ".")
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(transformers, "__version__", TRANSFORMERS_BELOW + ".0")
+    with pytest.raises(pytest.skip.Exception, match="outside the supported range"):
+        skip_unsupported_transformers()
