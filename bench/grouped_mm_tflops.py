@@ -84,22 +84,29 @@ def mode_fns(mode, x, w, gy, off, w_dense):
 
 
 def rel_diff(fns):
-    """max |mixops - torch._grouped_mm| / max |torch._grouped_mm| (NaN if torch refuses)."""
+    """max |mixops - torch._grouped_mm| / max |torch._grouped_mm| (NaN if torch refuses), in fp32
+    over slices of the first dimension (a DeepSeek-V3 weight gradient is 3.8 G elements)."""
     try:
-        ref = fns["torch._grouped_mm"]().float()
+        ref = fns["torch._grouped_mm"]()
     except RuntimeError:
         return float("nan")
-    ours = fns["mixops"]().float()
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    ours = fns["mixops"]()
+    step = max(1, (1 << 27) // max(1, ref[0].numel()))
+    err = top = 0.0
+    for i in range(0, ref.shape[0], step):
+        r, o = ref[i : i + step].float(), ours[i : i + step].float()
+        err = max(err, (o - r).abs().max().item())
+        top = max(top, r.abs().max().item())
+    return err / max(top, 1e-30)
 
 
 def run_model(m, dtype, device, reps, dists=DISTS, modes=MODES):
     """One row per (dist, mode): TFLOP/s of each impl and the ratios."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(m.rows, m.k, generator=g, dtype=torch.float32).to(device, dtype)
-    w = (torch.randn(m.experts, m.k, m.n, generator=g) / m.k**0.5).to(device, dtype)
-    gy = torch.randn(m.rows, m.n, generator=g, dtype=torch.float32).to(device, dtype)
-    w_dense = (torch.randn(m.k, m.n, generator=g) / m.k**0.5).to(device, dtype)
+    torch.manual_seed(0)  # made on the device: DeepSeek-V3's w is 3.8 G elements
+    x = torch.randn(m.rows, m.k, device=device, dtype=dtype)
+    w = torch.randn(m.experts, m.k, m.n, device=device, dtype=dtype).mul_(m.k**-0.5)
+    gy = torch.randn(m.rows, m.n, device=device, dtype=dtype)
+    w_dense = torch.randn(m.k, m.n, device=device, dtype=dtype).mul_(m.k**-0.5)
     flops = 2.0 * m.rows * m.k * m.n
     rows = []
     for dist in dists:

@@ -173,7 +173,7 @@ def run(args):
         print("\nno mixops.moe.* ranges (the layer opens them on CUDA only)")
     bwd = summarize(events, "autograd::engine::evaluate_function: ", on_gpu)
     _print_table("Backward (autograd nodes)", bwd[:12], on_gpu)
-    sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
     print(f"\nTop kernels and ops by {sort}:\n")
     print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70))
     if args.trace:
