@@ -233,6 +233,12 @@ def parse_args(argv=None, steps=None):
         help="seconds for the whole run (default 480); each step gets at most what is left",
     )
     p.add_argument(
+        "--min-step-s",
+        type=float,
+        default=5.0,
+        help="a step is skipped when less than this is left of the budget (default 5)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="check local files and tools, print the plan, run nothing",
@@ -469,7 +475,7 @@ def main(argv=None):
     for i, step in enumerate(args.steps, 1):
         left = args.budget - (time.monotonic() - t_start)
         reason = skip_reason(step, done, gpu)
-        if reason is None and left < 5:
+        if reason is None and left < args.min_step_s:
             reason = f"no time left in the {args.budget:.0f} s budget"
         print(f"[{i}/{len(args.steps)}] {step.name} ", end="", flush=True)
         if reason:

@@ -170,14 +170,16 @@ def test_budget_and_gpu_absent(tmp_path):
             "--out",
             str(out),
             "--budget",
-            "6",
+            "2",
+            "--min-step-s",
+            "1",
         ]
     )
     assert time.monotonic() - t0 < 15
     md = (out / "gpu_check.md").read_text()
     assert "## gpu_only: skipped: no CUDA GPU" in md
-    assert "## long: timed out after 6 s" in md
-    assert "## late: skipped: no time left in the 6 s budget" in md, r.stdout
+    assert "## long: timed out after 2 s" in md
+    assert "## late: skipped: no time left in the 2 s budget" in md, r.stdout
 
 
 def test_only_runs_one_step(tmp_path):
