@@ -14,6 +14,13 @@ fi
 export TORCH_CUDA_ARCH_LIST="$arch" MIXOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "mixops build: TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$MAX_JOBS CUTLASS_DIR=${CUTLASS_DIR:-<nvidia-cutlass package>}"
 t0=$(date +%s)
-"$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -v "$ROOT"
+rm -f "$WORK/pythonpath"
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -v "$ROOT"; then
+  # pip itself may be what failed (a missing build tool); the CMake build folder is in the tree,
+  # so building in place reuses whatever compiled. gpu_check then puts python/ on PYTHONPATH.
+  echo "pip install failed after $(( $(date +%s) - t0 )) s; building in place instead"
+  (cd "$ROOT" && "$PY" setup.py build_ext --inplace)
+  echo "$ROOT/python" > "$WORK/pythonpath"
+fi
 echo "build + install: $(( $(date +%s) - t0 )) s"
 cd /tmp && "$PY" -c "import json, mixops; print(json.dumps(mixops.build_info()))"

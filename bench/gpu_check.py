@@ -279,6 +279,8 @@ def _env(args, out):
     env.update(PY=args.python, OUT=str(out), ROOT=str(ROOT), WORK=str(WORK), PYTHONUNBUFFERED="1")
     # bench/ holds the pytest plugin the cuda_tests step loads; $WORK/site the carried wheels.
     paths = [str(ROOT / "bench")]
+    if (WORK / "pythonpath").is_file():  # the build fell back to an in-place build
+        paths.insert(0, (WORK / "pythonpath").read_text().strip())
     if (WORK / "site").is_dir():
         paths.append(str(WORK / "site"))
     if env.get("PYTHONPATH"):
