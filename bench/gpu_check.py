@@ -433,13 +433,13 @@ def dry_run(args):
         print(f"  file  {rel}: {'ok' if ok else 'MISSING OR BROKEN'}")
         if not ok:
             problems.append(rel)
-    for tool in ("bash", "git"):
-        print(f"  tool  {tool}: {'ok' if shutil.which(tool) else 'MISSING'}")
-        if not shutil.which(tool):
+    py_ok = bool(shutil.which(args.python)) or Path(args.python).is_file()
+    tools = {"bash": shutil.which("bash"), "git (optional)": shutil.which("git") or "absent"}
+    tools[f"python {args.python}"] = py_ok
+    for tool, found in tools.items():
+        print(f"  tool  {tool}: {'ok' if found else 'MISSING'}")
+        if not found:
             problems.append(tool)
-    print(
-        f"  python {args.python}: {'ok' if shutil.which(args.python) or Path(args.python).exists() else 'MISSING'}"
-    )
     carried = sorted(p.name for p in CARRY.iterdir()) if CARRY.is_dir() else []
     print(
         f"  carry .gpu/: {', '.join(carried) if carried else 'absent (run bench/gpu_prepare.sh)'}"
