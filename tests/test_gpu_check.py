@@ -266,3 +266,27 @@ def test_transformers_range_matches_pyproject_and_prepare(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", TRANSFORMERS_BELOW + ".0")
     with pytest.raises(pytest.skip.Exception, match="outside the supported range"):
         skip_unsupported_transformers()
+
+
+def test_benchmarks_bracket_the_timed_region_for_nsys(monkeypatch):
+    """mixops.bench.timing.cuda_profiler_range: cudaProfilerStart after a sync, Stop after a
+    sync, also when the timed body raises; nothing at all off CUDA."""
+    import torch
+
+    from mixops.bench.timing import cuda_profiler_range
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append("stop"))
+    with cuda_profiler_range(True):
+        calls.append("timed")
+    assert calls == ["sync", "start", "timed", "sync", "stop"]
+    calls.clear()
+    with pytest.raises(ValueError), cuda_profiler_range(True):
+        raise ValueError
+    assert calls == ["sync", "start", "sync", "stop"]
+    calls.clear()
+    with cuda_profiler_range(False):
+        pass
+    assert calls == []
