@@ -3,13 +3,13 @@ PYTHONPATH): keep only the tests that exercise CUDA, so a GPU machine's few minu
 
 A test is a CUDA test when its id names cuda (tests/test_*_cuda.py, cases parametrised over
 devices: `[cuda...]`), or when it carries a skipif whose reason names CUDA or a GPU (the
-`requires_cuda` marks of tests/conftest.py). The SIMT harness tests run on the CPU whatever their
+`requires_cuda` marks of tests/conftest.py, tests/test_build.py's "CPU-only build"). The SIMT harness tests run on the CPU whatever their
 names say, and are left out.
 """
 
 import re
 
-_GPU_REASON = re.compile(r"cuda|gpu", re.IGNORECASE)
+_GPU_REASON = re.compile(r"cuda|gpu|cpu-only build", re.IGNORECASE)
 
 
 def is_cuda_test(item):

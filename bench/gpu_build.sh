@@ -12,6 +12,7 @@ if [ -z "$arch" ]; then
   [ "$cap" = "9.0" ] && arch="9.0a"  # Hopper: the wgmma/TMA kernels need sm_90a
 fi
 export TORCH_CUDA_ARCH_LIST="$arch" MIXOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+mkdir -p "$WORK" && echo "$arch" > "$WORK/arch"  # gpu_check exports it to the later steps (tests)
 echo "mixops build: TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$MAX_JOBS CUTLASS_DIR=${CUTLASS_DIR:-<nvidia-cutlass package>}"
 t0=$(date +%s)
 rm -f "$WORK/pythonpath"

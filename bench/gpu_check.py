@@ -286,6 +286,8 @@ def _env(args, out):
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    if (WORK / "arch").is_file():  # what the build step built for (tests/test_build.py reads it)
+        env["TORCH_CUDA_ARCH_LIST"] = (WORK / "arch").read_text().strip()
     if (WORK / "cutlass" / "include" / "cutlass" / "cutlass.h").exists():
         env.setdefault("CUTLASS_DIR", str(WORK / "cutlass"))
     return env

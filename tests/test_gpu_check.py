@@ -215,6 +215,9 @@ def test_cuda_tests_plugin_selects_cuda_tests():
     assert plugin.is_cuda_test(item("tests/test_grouped_mm_cuda.py::test_x"))
     assert plugin.is_cuda_test(item("tests/test_permute.py::test_y[cuda-float32]"))
     assert plugin.is_cuda_test(item("tests/test_check_errors.py::t", "no CUDA device/kernels"))
+    assert plugin.is_cuda_test(
+        item("tests/test_build.py::test_sass[sm_90a-GMMA]", "CPU-only build")
+    )
     assert not plugin.is_cuda_test(item("tests/test_permute.py::test_y[cpu-float32]"))
     assert not plugin.is_cuda_test(item("tests/test_simt_router.py::test_cuda_like"))
 
