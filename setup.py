@@ -46,6 +46,12 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def run(self):
+        # setuptools clears self.inplace while it builds (it copies the .so afterwards), so the
+        # build-facts folder of an in-place build must be decided here.
+        self._in_source = bool(self.inplace)
+        super().run()
+
     def build_extension(self, ext):
         import pybind11
         import torch
@@ -94,7 +100,11 @@ class CMakeBuild(build_ext):
         # Build facts next to the extension: torch version check at import, tests/test_build.py.
         # An editable install imports the package from the source tree, so they go there too.
         targets = [out_path.parent / "_build"]
-        if getattr(self, "editable_mode", False) or self.inplace:
+        if (
+            getattr(self, "editable_mode", False)
+            or self.inplace
+            or getattr(self, "_in_source", False)
+        ):
             targets.append(ROOT / "python" / "mixops" / "_build")
         for meta_dir in targets:
             shutil.rmtree(meta_dir, ignore_errors=True)

@@ -3,7 +3,30 @@ the copy ops (data with NaN/inf/-0, bits, assert_bits_equal)."""
 
 import math
 
+import pytest
 import torch
+
+# The transformers versions the HF integration supports, [TRANSFORMERS_MIN, TRANSFORMERS_BELOW)
+# (pyproject's `transformers` extra; tests/test_gpu_check.py keeps the two equal). The HF tests
+# skip outside it: pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN) before their
+# imports (an older transformers, a GPU machine's own, may lack the classes they import), and
+# skip_unsupported_transformers() after them.
+TRANSFORMERS_MIN, TRANSFORMERS_BELOW = "5.24", "5.25"
+TRANSFORMERS_REASON = "transformers (requirements-test.txt) is needed for the HF integration tests"
+
+
+def skip_unsupported_transformers():
+    """Skip the calling test module when transformers is newer than the supported range."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version(TRANSFORMERS_BELOW):
+        pytest.skip(
+            f"transformers {transformers.__version__} is outside the supported range "
+            f">={TRANSFORMERS_MIN},<{TRANSFORMERS_BELOW}",
+            allow_module_level=True,
+        )
+
 
 # atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}

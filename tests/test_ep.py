@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import run_world
+from helpers import TRANSFORMERS_MIN, skip_unsupported_transformers
 
 H, F, E, K = 16, 24, 8, 2
 F64 = dict(dtype=torch.float64)
@@ -318,7 +319,8 @@ def _hf_state_dict(rank, world):
 
 
 def test_hf_mixtral_state_dict_shards_and_matches():
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN)
+    skip_unsupported_transformers()
     run_world(_hf_state_dict, 2)
 
 

@@ -14,12 +14,18 @@ import pickle
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from helpers import TRANSFORMERS_MIN, TRANSFORMERS_REASON, skip_unsupported_transformers
+
+transformers = pytest.importorskip(
+    "transformers", minversion=TRANSFORMERS_MIN, reason=TRANSFORMERS_REASON
+)
 from transformers import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
 
 from mixops.integrations import jetmoe  # noqa: E402
 from mixops.integrations.transformers import from_hf, patch_model  # noqa: E402
 from mixops.nn import MoA  # noqa: E402
+
+skip_unsupported_transformers()
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 

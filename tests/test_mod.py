@@ -216,6 +216,13 @@ def test_routable_mask_processes_the_rest_and_counts_only_routable_tokens():
     assert m.chosen[2].nonzero().flatten().tolist() == [2, 3, 4, 7, 8, 9, 10]
 
 
+@pytest.mark.xfail(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.14",
+    raises=RuntimeError,
+    strict=False,
+    reason="torch 2.11's inductor gives the fp64 CPU flash-attention backward (the decoder block's "
+    "SDPA) a float32 logsumexp buffer: 'expected scalar type Double but found Float'; 2.14 is right",
+)
 def test_compile_fullgraph_dynamic_matches_eager():
     m = make(capacity=0.25, gate="sigmoid", causal_rule="router")
     cm = torch.compile(m, fullgraph=True, dynamic=True)

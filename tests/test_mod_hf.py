@@ -9,12 +9,16 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from helpers import TRANSFORMERS_MIN, TRANSFORMERS_REASON, skip_unsupported_transformers
+
+pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN, reason=TRANSFORMERS_REASON)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from mixops.integrations.mod import add_mod
 from mixops.nn import MoD, pmod_capacity_schedule
 from mod_reference import dense_mod
+
+skip_unsupported_transformers()
 
 V = 101
 

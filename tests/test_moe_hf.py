@@ -7,9 +7,10 @@ tensor's scale, bf16 by the project's rule (tests/helpers.py) against the HF blo
 import pytest
 import torch
 
+from helpers import TRANSFORMERS_MIN, TRANSFORMERS_REASON, skip_unsupported_transformers
+
 transformers = pytest.importorskip(
-    "transformers",
-    reason="transformers (requirements-test.txt) is needed for the HF integration tests",
+    "transformers", minversion=TRANSFORMERS_MIN, reason=TRANSFORMERS_REASON
 )
 from transformers import (
     DeepseekV3Config,
@@ -36,6 +37,8 @@ from mixops.integrations.transformers import (
     patch_model,
 )
 from mixops.nn import MoE  # noqa: E402
+
+skip_unsupported_transformers()
 
 H, F = 32, 24
 

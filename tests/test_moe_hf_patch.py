@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 
+from helpers import TRANSFORMERS_MIN, TRANSFORMERS_REASON, skip_unsupported_transformers
+
 transformers = pytest.importorskip(
-    "transformers",
-    reason="transformers (requirements-test.txt) is needed for the HF integration tests",
+    "transformers", minversion=TRANSFORMERS_MIN, reason=TRANSFORMERS_REASON
 )
 from transformers import DeepseekV3Config, MixtralConfig  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
@@ -28,6 +29,8 @@ from transformers.models.mixtral.modeling_mixtral import (  # noqa: E402
 from mixops.integrations.transformers import from_hf, patch_model  # noqa: E402
 from mixops.nn import MoE  # noqa: E402
 from test_moe_init import garbage_memory  # noqa: E402,F401  (a fixture)
+
+skip_unsupported_transformers()
 
 H = 32
 

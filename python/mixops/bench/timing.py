@@ -1,7 +1,9 @@
-"""Timing helpers shared by the benchmarks: medians over repeats, CUDA events on GPU, NVTX ranges."""
+"""Timing helpers shared by the benchmarks: medians over repeats, CUDA events on GPU, NVTX ranges,
+and the CUDA profiler range (cudaProfilerStart/Stop) around each timed region."""
 
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -11,6 +13,22 @@ from .._nvtx import nvtx_range as _nvtx_range
 def nvtx_range(name):
     """An NVTX range (visible in `nsys profile`) around a benchmark stage; no-op off GPU."""
     return _nvtx_range(name, enabled=torch.cuda.is_available())
+
+
+@contextmanager
+def cuda_profiler_range(enabled=True):
+    """cudaProfilerStart/Stop around the timed region (after the warm-up), so `nsys profile
+    --capture-range=cudaProfilerApi` records the measured calls only (bench/README.md)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
 
 
 def selected_dtypes(args):
@@ -60,8 +78,9 @@ def interleaved_median_ms(fns, device, reps, slow_seconds=7.0):
             times[name] = [once]
         else:
             live.append(name)
-    for _ in range(reps):
-        for name in live:
-            with nvtx_range(name):
-                times[name].append(_time_once(fns[name], device, flush))
+    with cuda_profiler_range(device == "cuda"):
+        for _ in range(reps):
+            for name in live:
+                with nvtx_range(name):
+                    times[name].append(_time_once(fns[name], device, flush))
     return {name: statistics.median(t) for name, t in times.items()}

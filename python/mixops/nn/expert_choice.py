@@ -14,6 +14,7 @@ other tokens, and with one token every expert picks it.
 
 import torch
 
+from .._compat import sym_min
 from ..ops import grouped_mm, select_topc, unpermute
 from .activations import apply_activation
 
@@ -25,7 +26,7 @@ def expert_capacity(capacity, num_tokens, num_experts):
     under torch.compile when T is)."""
     num, den = capacity.numerator, capacity.denominator
     c = (num * num_tokens + den * num_experts - 1) // (den * num_experts)
-    return torch.sym_min(c, num_tokens)
+    return sym_min(c, num_tokens)
 
 
 def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask):

@@ -14,6 +14,7 @@ with the skipped tokens hidden as keys (``skip_mask``), which is what a dense KV
 
 import torch
 
+from .._compat import sym_min
 from .moa_attention import causal_allowed
 
 __all__ = [
@@ -30,10 +31,10 @@ def capacity_count(capacity, n):
     capacity as a Fraction, or ``min(n, capacity)`` for an int capacity (``n`` may be symbolic or a
     tensor)."""
     if isinstance(capacity, int):
-        return torch.sym_min(capacity, n) if not torch.is_tensor(n) else n.clamp(max=capacity)
+        return sym_min(capacity, n) if not torch.is_tensor(n) else n.clamp(max=capacity)
     num, den = capacity.numerator, capacity.denominator
     c = (num * n + den - 1) // den
-    return torch.sym_min(c, n) if not torch.is_tensor(c) else torch.minimum(c, n)
+    return sym_min(c, n) if not torch.is_tensor(c) else torch.minimum(c, n)
 
 
 def _order_key(r):

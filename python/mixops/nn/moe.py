@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._compat import sym_min
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation, check_activation
@@ -457,7 +458,7 @@ class MoE(nn.Module):
             num, den = self._capacity.numerator, self._capacity.denominator
             capacity = (num * num_tokens * k + den * E - 1) // (den * E)
             # More slots than T * k drop nothing; capping keeps any capacity_factor within int64.
-            capacity = torch.sym_min(capacity, num_tokens * k)
+            capacity = sym_min(capacity, num_tokens * k)
         return r, capacity
 
     def _experts_routed(self, x2, r, capacity, cast):
