@@ -10,17 +10,17 @@ import warnings
 import pytest
 import torch
 
+from helpers import TRANSFORMERS_MIN, TRANSFORMERS_REASON, skip_unsupported_transformers
+
 transformers = pytest.importorskip(
-    "transformers",
-    reason="transformers (requirements-test.txt) is needed for the HF integration tests",
+    "transformers", minversion=TRANSFORMERS_MIN, reason=TRANSFORMERS_REASON
 )
-try:
-    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
-except ImportError:  # pragma: no cover (transformers without LongCat-Flash)
-    pytest.skip("this transformers has no LongCat-Flash", allow_module_level=True)
+from transformers import LongcatFlashConfig, LongcatFlashForCausalLM  # noqa: E402
 
 from mixops.integrations.transformers import patch_model  # noqa: E402
 from mixops.nn import MoE  # noqa: E402
+
+skip_unsupported_transformers()
 
 E, Z, K, H = 4, 2, 2, 32
 # The router's logits, softmax and top-k run in fp32 in both (HF's and mixops' own fp32 routing
