@@ -147,7 +147,7 @@ STEPS = [
         60,
         f"{_PYTEST} -s -v tests/test_ep_cuda.py",
         "expert parallelism, world size 1 over NCCL, torch.cuda._sleep on the comm stream "
-        "as the link: does the chunked overlap hold on real streams?",
+        "as the link: do the chunked and the shortcut-connected overlaps hold on real streams?",
         after=["build"],
         tail=20,
         files=["tests/test_ep_cuda.py"],
