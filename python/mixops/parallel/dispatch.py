@@ -153,7 +153,7 @@ def start_stage(plan):
 def experts_all(plan, fn, w1, w2):
     """Every chunk's experts ``fn(rows, offsets, w1, w2)``, overlapped with the exchanges
     (overlap.ChunkedExperts, forward and backward); each chunk's combine is started."""
-    sends = [ch.send if ch.send_in is None else ch.send_in for ch in plan.chunks]
+    sends = [ch.send_in for ch in plan.chunks]
     for ch in plan.chunks:
         ch.send_in = None
     outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)

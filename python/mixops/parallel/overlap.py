@@ -36,7 +36,8 @@ __all__ = ["ChunkedExperts", "GradBox", "WaitGrad", "StartGrad"]
 class ChunkedExperts(Function):
     """``outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)``: every chunk's combined rows
     (still arriving: read them after ``plan``'s combine handles are waited). The first chunk's
-    dispatch may already be started (``plan.chunks[0].handle``)."""
+    dispatch may already be started (``plan.chunks[0].handle``). ``sends`` are the chunks' rows
+    through WaitGrad (``dispatch.start_stage``), which waits for their gradients."""
 
     @staticmethod
     def forward(ctx, plan, fn, w1, w2, *sends):
@@ -65,25 +66,19 @@ class ChunkedExperts(Function):
         plan = ctx.plan
         w1, w2 = ctx.saved_tensors
         chunks = plan.chunks
-        pending = [None] * len(chunks)
 
-        def start_back(c):
-            ch, g = chunks[c], grad_outs[c]
-            if g is None:  # an output the loss does not use
-                g = ch.back.new_zeros(ch.out_shape)
+        def start_back(c):  # a chunk whose StartGrad did not run: an output the loss ignores
+            ch = chunks[c]
+            g = ch.back.new_zeros(ch.out_shape) if grad_outs[c] is None else grad_outs[c]
             return start_exchange(g, plan.group, ch.recv_splits, ch.send_splits, "combine.backward")
 
+        # StartGrad's backward started each chunk's combine gradient exchange (in chunk order).
+        pending = [ch.back_box.take() if ch.back_box is not None else None for ch in chunks]
+        pending = [h if h is not None else start_back(c) for c, h in enumerate(pending)]
         gw1 = gw2 = None
-        grad_sends = [None] * len(chunks)
-        for c, ch in enumerate(chunks):  # exchanges StartGrad already started
-            if ch.back_box is not None:
-                pending[c] = ch.back_box.take()
-        if chunks and pending[0] is None:
-            pending[0] = start_back(0)
-        for c, ch in enumerate(chunks):
-            if c + 1 < len(chunks) and pending[c + 1] is None:
-                pending[c + 1] = start_back(c + 1)
-            g_back = pending[c].wait()
+        placeholders = []
+        for ch, h in zip(chunks, pending):
+            g_back = h.wait()
             with traced("experts.backward"):
                 g_leaf, g1, g2 = torch.autograd.grad(
                     ch.back, (ch.leaf, w1, w2), g_back, allow_unused=True
@@ -92,15 +87,13 @@ class ChunkedExperts(Function):
             gw2 = g2 if gw2 is None else (gw2 if g2 is None else gw2 + g2)
             if g_leaf is None:
                 g_leaf = torch.zeros_like(ch.leaf)
-            grad_sends[c] = start_exchange(
+            # WaitGrad (on this chunk's rows to send) waits for it; it gets the placeholder.
+            ch.grad_box.handle = start_exchange(
                 g_leaf, plan.group, ch.send_splits, ch.recv_splits, "dispatch.backward"
             )
-            if ch.grad_box is not None:  # WaitGrad waits for it; hand it the placeholder
-                ch.grad_box.handle = grad_sends[c]
-                grad_sends[c] = grad_sends[c].out
+            placeholders.append(ch.grad_box.handle.out)
             ch.leaf = ch.back = None  # free the chunk's graph
-        grads = [g if isinstance(g, torch.Tensor) else g.wait() for g in grad_sends]
-        return (None, None, gw1, gw2, *grads)
+        return (None, None, gw1, gw2, *placeholders)
 
 
 class GradBox:
@@ -127,8 +120,7 @@ class WaitGrad(Function):
 
     @staticmethod
     def backward(ctx, placeholder):
-        h = ctx.box.take()
-        return None, (placeholder if h is None else h.wait())
+        return None, ctx.box.take().wait()
 
 
 class StartGrad(Function):
