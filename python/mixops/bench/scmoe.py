@@ -48,23 +48,33 @@ def _layer(shape):
     )
 
 
+class _InPlace:
+    """A MoE whose whole forward runs at ``dispatch_start``: the standard schedule (dispatch,
+    experts and combine back to back, nothing overlapped) through the very same layer code."""
+
+    def __init__(self, moe):
+        self.moe = moe
+
+    def dispatch_start(self, x):
+        return self.moe(x)
+
+    def run_experts(self, y):
+        return y
+
+    def combine_finish(self, y):
+        return y
+
+
 def standard_forward(layer, x):
     """The same layer with the MoE called in place (no overlap): what the shortcut saves. Its
-    dense regions are traced as the shortcut layer's are."""
-    from mixops.parallel import traced_call
+    dense regions are traced as the shortcut layer's are (the same schedule function)."""
+    from types import SimpleNamespace
 
-    a, m = layer.self_attn, layer.mlps
-    ln_in, ln_post = layer.input_layernorm, layer.post_attention_layernorm
-    h1 = x + a[0](ln_in[0](x))
-    u = ln_post[0](h1)
-    moe_out = layer.mlp(u)
+    from mixops.nn.shortcut import dual_sublayer_forward
 
-    def first_dense(h1, u):
-        h2 = h1 + m[0](u)
-        return h2 + a[1](ln_in[1](h2))
-
-    h3 = traced_call("dense", first_dense, h1, u)
-    return h3 + traced_call("dense", lambda h3: m[1](ln_post[1](h3)), h3) + moe_out
+    names = ("self_attn", "mlps", "input_layernorm", "post_attention_layernorm")
+    standard = SimpleNamespace(mlp=_InPlace(layer.mlp), **{n: getattr(layer, n) for n in names})
+    return dual_sublayer_forward(standard, x)
 
 
 def _worker(rank, world, args):
