@@ -213,3 +213,18 @@ def test_hidden_states_and_gradient_checkpointing():
     grads_ref = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, grads_ref[name].grad, **TOL64, msg=name)
+
+
+def test_patched_model_pickles():
+    import io
+    import pickle
+
+    ref, ours = _models()
+    buf = io.BytesIO()
+    torch.save(ours, buf)  # a whole-model pickle, as torch.save(model) makes it
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=0, atol=0)
+    assert type(back.model.layers[0]).__name__ == "MixopsLongcatFlashDecoderLayer"
+    pickle.dumps(ours.model.layers[0].mlp.router)

@@ -1,9 +1,10 @@
 """HF transformers' LongCat-Flash on mixops (``patch_model`` calls ``plans``).
 
-Each ``LongcatFlashDecoderLayer`` keeps its modules and changes class to a subclass whose forward
-is mixops' shortcut schedule (``mixops.nn.shortcut.dual_sublayer_forward``: the MoE's dispatch
-starts on ``post_attention_layernorm[0]``'s output, the dense sublayers run, then the experts,
-and the combine finishes last), and its ``mlp`` (``LongcatFlashMoE``) becomes a
+Each ``LongcatFlashDecoderLayer`` keeps its modules and changes class to a subclass defined here
+(so patched models pickle) whose forward is mixops' shortcut schedule
+(``mixops.nn.shortcut.dual_sublayer_forward``: the MoE's dispatch starts on
+``post_attention_layernorm[0]``'s output, the dense sublayers run, then the experts, and the
+combine finishes last), and its ``mlp`` (``LongcatFlashMoE``) becomes a
 ``mixops.nn.MoE`` holding HF's router (as ``router``) and experts (as ``experts``): the same
 Parameter objects and state-dict keys.
 
@@ -18,12 +19,23 @@ zero gradient, as in HF.
 
 import torch
 import torch.nn.functional as F
+from transformers.models.longcat_flash.modeling_longcat_flash import (
+    LongcatFlashDecoderLayer,
+    LongcatFlashTopkRouter,
+)
 
 from ..nn.moe import MoE, MoEParts
 from ..nn.router import RouterConfig
 from ..nn.shortcut import dual_sublayer_forward
 
-__all__ = ["plans", "build", "from_hf", "Unsupported"]
+__all__ = [
+    "plans",
+    "build",
+    "from_hf",
+    "Unsupported",
+    "MixopsLongcatFlashDecoderLayer",
+    "MixopsLongcatFlashTopkRouter",
+]
 
 # HF hidden_act of the gated experts -> mixops activation.
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
@@ -40,23 +52,21 @@ def _router_logits_forward(self, hidden_states):
     return (F.linear(x.to(torch.float32), self.classifier.weight.to(torch.float32)),)
 
 
-def _layer_forward(self, hidden_states, **kwargs):
-    # HF's keyword arguments (attention_mask, position_ids, the cache under the name this
-    # transformers version uses, position_embeddings, ...) go to both attention sublayers as HF's
-    # own layer passes them.
-    return dual_sublayer_forward(self, hidden_states, **kwargs)
+# The classes patch_model gives HF's modules: subclasses (HF's isinstance-based initialisation and
+# output recorders still find them) defined here, so patched models pickle.
+class MixopsLongcatFlashTopkRouter(LongcatFlashTopkRouter):
+    """LongCat-Flash's router after patch_model: only the fp32 logits (mixops routes)."""
+
+    forward = _router_logits_forward
 
 
-_CLASSES = {}  # HF class -> its mixops subclass
+class MixopsLongcatFlashDecoderLayer(LongcatFlashDecoderLayer):
+    """LongCat-Flash's layer after patch_model: mixops' shortcut schedule. HF's keyword arguments
+    (attention_mask, position_ids, the cache under this transformers version's name,
+    position_embeddings, ...) go to both attention sublayers as HF's own layer passes them."""
 
-
-def _subclass(obj, forward):
-    cls = type(obj)
-    if cls in _CLASSES.values():
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type("Mixops" + cls.__name__, (cls,), {"forward": forward})
-    return _CLASSES[cls]
+    def forward(self, hidden_states, **kwargs):
+        return dual_sublayer_forward(self, hidden_states, **kwargs)
 
 
 class _Logits(torch.nn.Module):
@@ -122,10 +132,7 @@ def plans(model, moe_kwargs):
     before anything changes."""
     out = []
     for name, layer in model.named_modules():
-        if type(layer).__name__ not in (
-            "LongcatFlashDecoderLayer",
-            "MixopsLongcatFlashDecoderLayer",
-        ) or isinstance(layer.mlp, MoE):
+        if not isinstance(layer, LongcatFlashDecoderLayer) or isinstance(layer.mlp, MoE):
             continue
         try:
             moe = build(layer.mlp, moe_kwargs)
@@ -134,11 +141,10 @@ def plans(model, moe_kwargs):
             continue
 
         def apply(layer=layer, moe=moe):
-            router = layer.mlp.router
-            router.__class__ = _subclass(router, _router_logits_forward)
+            layer.mlp.router.__class__ = MixopsLongcatFlashTopkRouter
             moe.train(layer.mlp.training)
             layer.mlp = moe
-            layer.__class__ = _subclass(layer, _layer_forward)
+            layer.__class__ = MixopsLongcatFlashDecoderLayer
 
         out.append((name, apply))
     return out
