@@ -2,6 +2,8 @@
 the copy ops (data with NaN/inf/-0, bits, assert_bits_equal)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +78,26 @@ def assert_bits_equal(ours, expect, what):
         f"{what}: {ours.dtype} {tuple(ours.shape)} vs {expect.dtype} {tuple(expect.shape)}"
     )
     assert torch.equal(bits(ours), bits(expect)), f"{what}: bits differ from the reference"
+
+
+def strided_variants(rows, cols, dtype, device):
+    """Row-strided (offset by one element), column-strided (copied), expanded (row stride 0) and
+    transposed views of [rows, cols] (the copy ops' layout tests)."""
+    wide = data(rows, 3 * cols + 1, dtype, device)
+    return {
+        "row-strided": wide[:, 1 : 1 + cols],
+        "column-strided": wide[:, : 3 * cols : 3],
+        "expanded": data(1, cols, dtype, device).expand(rows, cols),
+        "transposed": data(cols, rows, dtype, device).t(),
+    }
+
+
+def run_script_ok(source, timeout=300):
+    """Run ``source`` in a fresh Python process (an extreme that crashes fails one test, not the
+    run) and assert it exited 0 after printing exactly "ok"."""
+    p = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=timeout
+    )
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (
+        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
+    )

@@ -8,7 +8,7 @@ import torch
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES
-from helpers import assert_close_to_ref, opcheck
+from helpers import assert_close_to_ref, opcheck, run_script_ok
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -328,15 +328,7 @@ print("ok")
 
 
 def test_huge_capacity_equals_dropless():
-    import subprocess
-    import sys
-
-    p = subprocess.run(
-        [sys.executable, "-c", _HUGE_CAPACITY], capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0 and p.stdout.strip() == "ok", (
-        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
-    )
+    run_script_ok(_HUGE_CAPACITY)
 
 
 def sequential_unpermute(y_sorted, row_map, weights, dtype):

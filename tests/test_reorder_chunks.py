@@ -4,16 +4,13 @@ exact copies in every dtype (the bits, NaN included), zero-size chunks, A or B =
 S < N, strided x and counts, gradients, opcheck, compile with dynamic shapes, bad input and
 extreme sizes."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES, HAS_CUDA, requires_cuda
-from helpers import assert_bits_equal, data, opcheck
+from helpers import assert_bits_equal, data, opcheck, run_script_ok, strided_variants
 from mixops.ops import reorder_chunks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -103,18 +100,6 @@ def test_empty(device, shape):
     assert_bits_equal(y, ref.reorder_chunks(x.detach().cpu(), counts.cpu()), "y")
     y.sum().backward()
     assert x.grad.shape == x.shape
-
-
-def strided_variants(n, h, dtype, device):
-    """Row-strided (offset by one element), column-strided (copied), expanded (row stride 0) and
-    transposed views of [n, h]."""
-    wide = data(n, 3 * h + 1, dtype, device)
-    return {
-        "row-strided": wide[:, 1 : 1 + h],
-        "column-strided": wide[:, : 3 * h : 3],
-        "expanded": data(1, h, dtype, device).expand(n, h),
-        "transposed": data(h, n, dtype, device).t(),
-    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -457,9 +442,4 @@ print("ok")
 
 
 def test_extreme_sizes():
-    p = subprocess.run(
-        [sys.executable, "-c", _EXTREMES], capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0 and p.stdout.strip() == "ok", (
-        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
-    )
+    run_script_ok(_EXTREMES)

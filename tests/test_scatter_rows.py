@@ -3,16 +3,13 @@ plain-torch reference (mixops.reference) and the backward's definition: exact co
 dtype (the bits, NaN included), strided and expanded inputs, empty shapes, gradients, opcheck,
 compile with dynamic shapes, bad input and extreme sizes."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES, HAS_CUDA, requires_cuda
-from helpers import assert_bits_equal, data, opcheck
+from helpers import assert_bits_equal, data, opcheck, run_script_ok, strided_variants
 from mixops.ops import scatter_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -113,18 +110,6 @@ def test_empty(device, shape):
     assert base.grad.shape == base.shape and rows.grad.shape == rows.shape
     grad_base, grad_rows = BACKWARD(torch.randn(t, hidden, device=device), index)
     assert grad_base.shape == (t, hidden) and grad_rows.shape == (written + none, hidden)
-
-
-def strided_variants(t, h, dtype, device):
-    """Row-strided (offset by one element), column-strided (copied), expanded (row stride 0) and
-    transposed views of [t, h]."""
-    wide = data(t, 3 * h + 1, dtype, device)
-    return {
-        "row-strided": wide[:, 1 : 1 + h],
-        "column-strided": wide[:, : 3 * h : 3],
-        "expanded": data(1, h, dtype, device).expand(t, h),
-        "transposed": data(h, t, dtype, device).t(),
-    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -524,9 +509,4 @@ print("ok")
 
 
 def test_extreme_sizes():
-    p = subprocess.run(
-        [sys.executable, "-c", _EXTREMES], capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0 and p.stdout.strip() == "ok", (
-        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
-    )
+    run_script_ok(_EXTREMES)

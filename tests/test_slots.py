@@ -3,9 +3,6 @@ plain-torch reference (mixops.reference): exact copies in every dtype (the bits,
 each the inverse of the other on permute's rows, the strided layouts SDPA makes, gradients,
 opcheck, compile with dynamic shapes, bad input and extreme sizes."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +10,7 @@ import torch.nn.functional as F
 import mixops
 import mixops.reference as ref
 from conftest import DEVICES, HAS_CUDA, requires_cuda
-from helpers import assert_bits_equal, data, opcheck
+from helpers import assert_bits_equal, data, opcheck, run_script_ok
 from mixops.ops import permute, rows_to_slots, slots_to_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -394,9 +391,4 @@ print("ok")
 
 
 def test_extreme_sizes():
-    p = subprocess.run(
-        [sys.executable, "-c", _EXTREMES], capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0 and p.stdout.strip() == "ok", (
-        f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
-    )
+    run_script_ok(_EXTREMES)
