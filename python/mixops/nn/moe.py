@@ -338,18 +338,10 @@ class MoE(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         modality: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        shape = x.shape
-        x2, token_mask, modality = self._flatten(x, token_mask, modality)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            # Custom ops are not autocast: cast explicitly (weights through differentiable casts,
-            # so fp32 master weights get fp32 gradients) and run the routed path without autocast.
-            cdt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                y = self._routed(x2.to(cdt), token_mask, modality, cdt)
-        else:
-            y = self._routed(x2, token_mask, modality, None)
-        return self._add_shared(x2, y).reshape(shape)
+        # The three stages back to back (on one process nothing travels between them). Custom ops
+        # are not autocast: under autocast the routed path runs without it, on explicit casts
+        # (weights through differentiable casts, so fp32 master weights get fp32 gradients).
+        return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
 
     def _flatten(self, x, token_mask, modality):
         """x as [tokens, hidden], token_mask as bool [tokens], modality as [tokens]."""
@@ -427,12 +419,6 @@ class MoE(nn.Module):
     def _router_logits(self, x2):
         out = self.gate(x2.float() if self.router_fp32 else x2)
         return out[0] if isinstance(out, tuple) else out
-
-    def _routed(self, x2, token_mask, modality, cast):
-        if self.expert_choice:
-            return self._expert_choice_routed(x2, token_mask, cast)
-        r, capacity = self._route(x2, token_mask, modality)
-        return self._experts_routed(x2, r, capacity, cast)
 
     def _route(self, x2, token_mask, modality):
         """The router (top-k, the load counter, the losses) and the capacity: (r, capacity)."""

@@ -231,9 +231,6 @@ class ExpertParallelMoE(MoE):
         h.plan = None
         return (y if s is None else y + s).reshape(h.x_shape)
 
-    def forward(self, x, token_mask=None, modality=None):
-        return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
-
     def _group_losses(self, r, num_tokens, token_mask):
         """The aux / z losses over the group's tokens, 1/R of them on each rank."""
         if not (self.aux_loss_coef or self.z_loss_coef):
