@@ -131,9 +131,10 @@ def _mlp_activation(mlp: JetMoeMoE) -> str:
     return _GATED[name]
 
 
-def plan(block):
+def plan(block, moe_kwargs=None):
     """For a JetMoE block of patch_model: a function applying the patch (which cannot fail), or
-    None when ``block`` is not a JetMoE block. Raises Unsupported when it cannot be expressed."""
+    None when ``block`` is not a JetMoE block. Raises Unsupported when it cannot be expressed.
+    (``moe_kwargs``, patch_model's MoE options, do not apply to JetMoE's blocks.)"""
     if isinstance(block, (MixopsJetMoeAttention, MixopsJetMoeMoE)):
         return None
     if isinstance(block, JetMoeAttention):

@@ -1,4 +1,4 @@
-"""HF transformers' LongCat-Flash on mixops (``patch_model`` calls ``plans``).
+"""HF transformers' LongCat-Flash on mixops (``patch_model`` calls ``plan`` on every module).
 
 Each ``LongcatFlashDecoderLayer`` keeps its modules and changes class to a subclass defined here
 (so patched models pickle) whose forward is mixops' shortcut schedule
@@ -29,7 +29,7 @@ from ..nn.router import RouterConfig
 from ..nn.shortcut import dual_sublayer_forward
 
 __all__ = [
-    "plans",
+    "plan",
     "build",
     "from_hf",
     "Unsupported",
@@ -126,25 +126,18 @@ def build(block, moe_kwargs, gate=None) -> MoE:
     return moe
 
 
-def plans(model, moe_kwargs):
-    """[(name, apply)] for every LongCat-Flash decoder layer of ``model``; a layer mixops cannot
-    express raises Unsupported from ``build`` (the caller warns and leaves it). Every MoE is built
-    before anything changes."""
-    out = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LongcatFlashDecoderLayer) or isinstance(layer.mlp, MoE):
-            continue
-        try:
-            moe = build(layer.mlp, moe_kwargs)
-        except Unsupported as e:
-            out.append((name, e))
-            continue
+def plan(layer, moe_kwargs):
+    """For a module of patch_model: a function applying the patch (which cannot fail), or None
+    when ``layer`` is not an unpatched LongCat-Flash decoder layer. Raises Unsupported when mixops
+    cannot express it (the MoE is built here, before anything changes)."""
+    if not isinstance(layer, LongcatFlashDecoderLayer) or isinstance(layer.mlp, MoE):
+        return None
+    moe = build(layer.mlp, moe_kwargs)
 
-        def apply(layer=layer, moe=moe):
-            layer.mlp.router.__class__ = MixopsLongcatFlashTopkRouter
-            moe.train(layer.mlp.training)
-            layer.mlp = moe
-            layer.__class__ = MixopsLongcatFlashDecoderLayer
+    def apply():
+        layer.mlp.router.__class__ = MixopsLongcatFlashTopkRouter
+        moe.train(layer.mlp.training)
+        layer.mlp = moe
+        layer.__class__ = MixopsLongcatFlashDecoderLayer
 
-        out.append((name, apply))
-    return out
+    return apply

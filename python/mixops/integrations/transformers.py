@@ -12,6 +12,7 @@ transformers is an optional dependency (``pip install mixops[transformers]``); i
 without it raises ImportError saying so.
 """
 
+import importlib
 import warnings
 from dataclasses import dataclass
 
@@ -343,54 +344,43 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
             warnings.warn(
                 f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=2
             )
-    jetmoe_plans = _jetmoe_plans(model) + _longcat_plans(model, moe_kwargs)
+    family_plans = _family_plans(model, moe_kwargs)
     for name, block, moe in plans:  # nothing can fail from here on
         _patch_router_class(block.gate)
         moe.train(block.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, moe)
-    for _, apply in jetmoe_plans:
+    for _, apply in family_plans:
         apply()
-    if plans or jetmoe_plans:
+    if plans or family_plans:
         _hook_hf_models(model)
-    return [name for name, _, _ in plans] + [name for name, _ in jetmoe_plans]
+    return [name for name, _, _ in plans] + [name for name, _ in family_plans]
 
 
-def _longcat_plans(model, moe_kwargs):
-    """[(name, apply)] for the LongCat-Flash decoder layers (integrations/longcat.py)."""
-    if not any(type(m).__name__.startswith("LongcatFlash") for m in model.modules()):
-        return []
-    from . import longcat
+# Model families whose blocks change class in place (integrations/<module>.py, each with
+# ``plan(block, moe_kwargs)`` and ``Unsupported``), by their HF class-name prefix.
+_FAMILIES = (("JetMoe", "jetmoe"), ("LongcatFlash", "longcat"))
 
+
+def _family_plans(model, moe_kwargs):
+    """[(name, apply)] for the blocks of the families above (imported only when present); a block
+    mixops cannot express is left with a warning."""
     out = []
-    for name, apply in longcat.plans(model, moe_kwargs):
-        if isinstance(apply, longcat.Unsupported):
-            warnings.warn(
-                f"mixops.patch_model: {name} left as it is: {apply}", UserWarning, stacklevel=3
-            )
-        else:
-            out.append((name, apply))
-    return out
-
-
-def _jetmoe_plans(model):
-    """[(name, apply)] for the JetMoE attention and MLP blocks (integrations/jetmoe.py)."""
-    if not any(type(m).__name__.startswith("JetMoe") for m in model.modules()):
-        return []
-    from . import jetmoe
-
-    out = []
-    for name, block in model.named_modules():
-        try:
-            apply = jetmoe.plan(block)
-        except jetmoe.Unsupported as e:
-            warnings.warn(
-                f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=3
-            )
+    for prefix, module in _FAMILIES:
+        if not any(type(m).__name__.startswith(prefix) for m in model.modules()):
             continue
-        if apply is not None:
-            out.append((name, apply))
+        family = importlib.import_module(f"{__package__}.{module}")
+        for name, block in model.named_modules():
+            try:
+                apply = family.plan(block, moe_kwargs)
+            except family.Unsupported as e:
+                warnings.warn(
+                    f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=3
+                )
+                continue
+            if apply is not None:
+                out.append((name, apply))
     return out
 
 
