@@ -477,9 +477,12 @@ class MoE(nn.Module):
         if "identity" not in kinds:
             return y
         E = self.num_computing_experts
-        ident = torch.tensor([k == "identity" for k in kinds], device=r.ids.device)
-        zid = (r.ids.long() - E).clamp(min=0, max=len(kinds) - 1)
-        on = (r.ids >= E) & ident[zid]
+        # Choices of an identity expert: the zero experts' ids less the null ones (comparisons
+        # only: no per-call lookup table copied to the device, which would also break capture).
+        on = r.ids >= E
+        for j, kind in enumerate(kinds):
+            if kind == "null":
+                on = on & (r.ids != E + j)
         w = torch.where(on, r.weights, 0).sum(-1, keepdim=True)
         dt = torch.promote_types(w.dtype, x2.dtype)  # fp32 weights, fp64 inputs: in fp64
         return y + (w.to(dt) * x2.to(dt)).to(y.dtype)
