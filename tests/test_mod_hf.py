@@ -49,11 +49,15 @@ def test_capacity_one_equals_the_original_model_and_its_generation(kind):
     model = tiny(kind)
     conv = copy.deepcopy(model)
     mods = add_mod(conv, layers=[0, 2], capacity=1.0)  # gate "tanh": a zero router, g = 1
+    name = type(model.model.layers[1]).__name__
     assert [type(layer).__name__ for layer in conv.model.layers] == [
-        "MoD",
-        type(model.model.layers[1]).__name__,
-        "MoD",
+        "MoD" + name,
+        name,
+        "MoD" + name,
     ]
+    assert [layer is m for layer, m in zip(conv.model.layers, [mods[0], None, mods[1]])] == [
+        True, False, True
+    ]  # fmt: skip
     ids, am = batch()
     real = am.bool()
     for use_cache in (False, True):
@@ -68,18 +72,23 @@ def test_capacity_one_equals_the_original_model_and_its_generation(kind):
         assert torch.equal(got, want)
 
 
-def test_parameters_are_the_original_objects():
+def test_parameters_and_keys_are_the_original_ones_in_their_order():
     model = tiny()
-    before = {n: p for n, p in model.named_parameters()}
+    before = list(model.named_parameters())
+    keys = list(model.state_dict())
     mods = add_mod(model, layers=[1], capacity=0.5, causal_rule="predictor")
-    after = dict(model.named_parameters())
-    for n, p in before.items():
-        n2 = n.replace("layers.1.", "layers.1.block.")
-        assert after[n2] is p, n
-    assert set(after) - {n.replace("layers.1.", "layers.1.block.") for n in before} == {
+    after = list(model.named_parameters())
+    added = [
         "model.layers.1.router.weight",
         *(f"model.layers.1.{n}" for n, _ in mods[0].predictor.named_parameters(prefix="predictor")),
-    }
+    ]
+    # Every original Parameter under its own name, HF's order kept; MoD's at the end of the layer.
+    i = max(k for k, (n, _) in enumerate(before) if n.startswith("model.layers.1.")) + 1
+    want = [n for n, _ in before[:i]] + added + [n for n, _ in before[i:]]
+    assert [n for n, _ in after] == want
+    objs = dict(after)
+    assert all(objs[n] is p for n, p in before)
+    assert [k for k in model.state_dict() if k not in added] == keys
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])

@@ -3,27 +3,101 @@ layers are called ``layer(hidden_states, attention_mask=..., position_embeddings
 position_ids=..., cache=..., **kwargs)`` and return the residual sum), the way Router-Tuning adds
 MoD to a pretrained model::
 
-    from mixops.integrations.mod import add_mod
+    from mixops.integrations.mod import add_mod, mod_from_pretrained
     mods = add_mod(model, layers=range(1, n, 2), capacity=0.5, causal_rule="router")
     loss = out.loss + sum(m.aux_loss for m in mods)   # train the routers (use_cache=False)
     model.generate(...)                               # each token routed by sigmoid(r) > 0.5
+    model.save_pretrained(path)
+    model = mod_from_pretrained(LlamaForCausalLM, path)  # the same MoD model back
 
-The chosen layers are replaced by ``mixops.nn.MoD(layer)`` holding the original layer (its
-Parameters, not copies) as ``block``: state-dict keys gain ``block.`` and each MoD layer adds
-``router.weight`` (and ``predictor.*``). Load pretrained weights before converting.
+In place: each chosen decoder layer keeps its object, its Parameters and every state-dict key; its
+class becomes a subclass of its own (``MoD<LayerClass>``, built once per class) whose forward is
+MoD's routing around the original forward, and it gains ``router.weight`` (and ``predictor.*``).
+So a plain HF ``from_pretrained`` of a saved MoD model loads every original weight (and reports
+the router keys as unexpected), HF's output recording, gradient checkpointing and hooks see the
+MoD layer, and the model deep-copies and pickles. What ``add_mod`` did is recorded in
+``model.config.mixops_mod`` (saved with the config); ``mod_from_pretrained`` (or
+``restore_mod`` on a loaded model) rebuilds it and loads the routers. Checkpoints saved by earlier
+versions, whose wrapped layers' keys carry a ``block.`` prefix, load too (give ``add_mod``'s
+arguments: those versions did not record them).
 
 The padding mask: HF hands decoder layers a 4-D (or no) mask, so a pre-hook on the decoder model
 passes its 2-D ``attention_mask`` to the MoD layers (padding is never chosen, and is never a kept
 key). Training and evaluation without a cache use top-C (pass ``use_cache=False``: HF creates a
 cache by default in evaluation); with a cache every token is routed by the causal rule. Attention
-must be "sdpa" or "eager" (flash attention cannot hide arbitrary keys).
+must be "sdpa" or "eager" (flash attention cannot hide arbitrary keys). Recorded outputs are full
+length: ``output_hidden_states`` records the MoD layer's output, and ``output_attentions``
+(eager attention) maps a top-C layer's compacted weights back to ``[batch, heads, seq, seq]`` (zero
+for the skipped tokens' rows and columns).
 """
 
+from fractions import Fraction
+
+import torch
 from torch import nn
 
-from ..nn import MoD
+from ..nn.mod import MoDRouting
+from .mod_checkpoint import mod_from_pretrained, restore_mod
 
-__all__ = ["add_mod"]
+__all__ = ["add_mod", "mod_from_pretrained", "restore_mod", "MoDDecoderLayer"]
+
+# What MoD sets on a layer (hidden_size and layer_idx may exist already, with the same meaning).
+_OWN = (
+    "router", "predictor", "capacity", "gate", "scale_skipped", "residual", "causal",
+    "causal_rule", "aux_loss_coef", "predictor_hidden", "router_bias", "router_logits", "chosen",
+    "aux_loss", "hf_padding_mask", "mod_compaction",
+)  # fmt: skip
+
+
+class MoDDecoderLayer(MoDRouting):
+    """The mixin of the in-place MoD layers (``MoD<LayerClass>``): MoD's routing around the
+    layer class's own forward."""
+
+    _mod_base = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError(
+                f"MoD: {type(self).__name__} takes hidden_states positionally and the rest by "
+                f"keyword, got {len(args)} more positional arguments"
+            )
+        return self.mod_forward(hidden_states, **kwargs)
+
+    def _run_block(self, x, **kwargs):
+        return super(MoDDecoderLayer, self).forward(x, **kwargs)
+
+    def _block_root(self):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # The class is built at run time: rebuild it from the layer class (pickle, deepcopy).
+        return _new_layer, (type(self)._mod_base,), self.__dict__
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of the wrapper MoD (earlier add_mod) hold this layer's keys under "block.".
+        old = prefix + "block."
+        for k in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + k[len(old) :]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_CLASSES = {}
+
+
+def _layer_class(base):
+    cls = _CLASSES.get(base)
+    if cls is None:
+        attrs = {"_mod_base": base, "__module__": __name__}
+        if not hasattr(base, "reset_parameters"):
+            attrs["reset_parameters"] = MoDRouting.reset_mod_parameters
+        cls = type("MoD" + base.__name__, (MoDDecoderLayer, base), attrs)
+        _CLASSES[base] = cls
+    return cls
+
+
+def _new_layer(base):
+    cls = _layer_class(base)
+    return cls.__new__(cls)
 
 
 def _decoder(model):
@@ -36,26 +110,95 @@ def _decoder(model):
     )
 
 
-def _padding_hook(mods):
-    def hook(module, args, kwargs):
-        m = kwargs.get("attention_mask")
-        pad = m if m is not None and getattr(m, "dim", lambda: 0)() == 2 else None
-        for mod in mods:
-            mod.hf_padding_mask = pad
+def _pass_padding_mask(decoder, args, kwargs):
+    """Forward pre-hook of the decoder: its 2-D attention_mask (or None) to every MoD layer."""
+    m = kwargs.get("attention_mask")
+    pad = m if torch.is_tensor(m) and m.dim() == 2 else None
+    for layer in decoder.layers:
+        if isinstance(layer, MoDRouting):
+            layer.hf_padding_mask = pad
 
-    return hook
+
+class _FullLengthAttentions:
+    """Forward hook (run before HF's recorder) of an attention module inside a MoD layer: while
+    the layer runs its block on a top-C compacted sequence, attention weights ``[B, h, C, C]``
+    go back to ``[B, h, seq, seq]`` at the tokens' positions."""
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+
+    def __call__(self, module, args, output):
+        ctx = self.layer.mod_compaction
+        if ctx is None or not isinstance(output, tuple) or len(output) <= self.index:
+            return None
+        w = output[self.index]
+        if not torch.is_tensor(w) or w.dim() != 4 or not _recording_attentions():
+            return None
+        pos, ok, S = ctx
+        B, h, C, _ = w.shape
+        w = w * (ok[:, None, :, None] & ok[:, None, None, :]).to(w.dtype)  # empty slots: none
+        rows = w.new_zeros(B, h, S, C).scatter_add_(2, pos[:, None, :, None].expand(B, h, C, C), w)
+        full = w.new_zeros(B, h, S, S).scatter_add_(
+            3, pos[:, None, None, :].expand(B, h, S, C), rows
+        )
+        return output[: self.index] + (full,) + output[self.index + 1 :]
+
+
+def _recording_attentions():
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers layout: map them always
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _attention_specs(decoder):
+    """(class or class name, index) of the modules whose output HF records as attentions."""
+    specs = getattr(decoder, "_can_record_outputs", None) or {}
+    specs = specs.get("attentions")
+    specs = specs if isinstance(specs, list) else [specs] if specs is not None else []
+    out = []
+    for s in specs:
+        target = getattr(s, "target_class", None) or getattr(s, "class_name", None) or s
+        out.append((target, getattr(s, "index", 1)))
+    return out
+
+
+def _hook_attentions(layer, specs):
+    for m in layer.modules():
+        for target, index in specs:
+            hit = isinstance(m, target) if isinstance(target, type) else type(m).__name__ == target
+            if hit and not any(
+                isinstance(h, _FullLengthAttentions) for h in m._forward_hooks.values()
+            ):
+                m.register_forward_hook(_FullLengthAttentions(layer, index), prepend=True)
+
+
+def _options_record(model):
+    cfg = getattr(model, "config", None)
+    rec = getattr(cfg, "mixops_mod", None) if cfg is not None else None
+    return rec if isinstance(rec, dict) else None
+
+
+def _record(model, index, layer):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    rec = _options_record(model) or {"version": 1, "layers": {}}
+    rec["layers"][str(index)] = layer.mod_options()
+    cfg.mixops_mod = rec
 
 
 def add_mod(
     model: nn.Module, layers=None, capacity=0.125, *, capacities=None, **mod_options
 ) -> list:
-    """Wrap the decoder layers at the indices ``layers`` (an int or an iterable; default every
-    layer) in ``mixops.nn.MoD`` with ``capacity``, in place; or give ``capacities``, one entry per
-    layer (None: the layer stays dense), as ``pmod_capacity_schedule`` returns. ``mod_options`` go
-    to MoD (default ``gate="tanh"``: a zero router, so every chosen token starts with weight 1).
-    Returns the new MoD modules."""
-    decoder = _decoder(model)
-    n = len(decoder.layers)
+    """Turn the decoder layers at the indices ``layers`` (an int or an iterable; default every
+    layer) into MoD layers with ``capacity``, in place; or give ``capacities``, one entry per layer
+    (None: the layer stays dense), as ``pmod_capacity_schedule`` returns. ``mod_options`` go to
+    MoD (default ``gate="tanh"``: a zero router, so every chosen token starts with weight 1).
+    Returns the MoD layers (the model's own layer objects)."""
+    n = len(_decoder(model).layers)
     if isinstance(layers, int):
         layers = [layers]
     if capacities is not None:
@@ -75,22 +218,48 @@ def add_mod(
                 raise ValueError(f"add_mod: layer index {i!r} is out of range for {n} layers")
             plan[i % n] = capacity
     mod_options.setdefault("gate", "tanh")
+    return convert_layers(model, {i: dict(mod_options, capacity=c) for i, c in plan.items()})
+
+
+def convert_layers(model, plan):
+    """``plan``: {layer index: MoD options including capacity} (as ``config.mixops_mod`` records
+    them). Converts those layers in place, records them and installs the model-level hooks."""
+    decoder = _decoder(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    mods = []
-    for i, cap in sorted(plan.items()):
-        layer = decoder.layers[i]
-        if isinstance(layer, MoD):
+    for i in plan:
+        if isinstance(decoder.layers[i], MoDRouting):
             raise ValueError(f"add_mod: layer {i} is already a MoD layer")
+    mods = []
+    for i, opts in sorted(plan.items()):
+        layer, opts = decoder.layers[i], dict(opts)
+        cap = opts.pop("capacity")
+        if isinstance(cap, str):
+            cap = Fraction(cap)
+        clash = [a for a in _OWN if hasattr(layer, a)]
+        if clash:
+            raise ValueError(
+                f"add_mod: layer {i} ({type(layer).__name__}) already has {clash}, which MoD adds"
+            )
         p = next(layer.parameters(), None)
         kw = {} if p is None else dict(device=p.device, dtype=p.dtype)
-        mod = MoD(layer, hidden, cap, **mod_options, **kw).train(layer.training)
-        decoder.layers[i] = mod
-        mods.append(mod)
-    all_mods = [m for m in decoder.layers if isinstance(m, MoD)]
-    old = getattr(decoder, "_mixops_mod_hook", None)
-    if old is not None:
-        old.remove()
-    decoder._mixops_mod_hook = decoder.register_forward_pre_hook(
-        _padding_hook(all_mods), with_kwargs=True
-    )
+        layer.__class__ = _layer_class(type(layer))
+        layer._mod_init(layer, hidden, cap, **opts, **kw)
+        _record(model, i, layer)
+        mods.append(layer)
+    if not any(h is _pass_padding_mask for h in decoder._forward_pre_hooks.values()):
+        decoder.register_forward_pre_hook(_pass_padding_mask, with_kwargs=True)
+    specs = _attention_specs(decoder)
+    for layer in mods:
+        _hook_attentions(layer, specs)
+    _hook_init(model)
     return mods
+
+
+def _hook_init(model):
+    """HF's init (``init_weights()``, also after ``to_empty()``) re-initialises every module; MoD's
+    routers then get MoD's own init again through HF's init functions (loaded tensors kept)."""
+    try:
+        from .transformers import _hook_hf_models
+    except ImportError:  # no transformers: nothing re-initialises the routers
+        return
+    _hook_hf_models(model)

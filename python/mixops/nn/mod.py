@@ -15,7 +15,6 @@ seen); each sequence of a batch decides for itself. The skipped/kept history of 
 lives on the cache object, per MoD layer.
 """
 
-import math
 from fractions import Fraction
 from typing import Optional, Union
 
@@ -24,117 +23,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import select_topc
+from .mod_history import cache_len, layer_history
 from .mod_rows import gather_rows, write_rows
-from .mod_select import capacity_count, compact_kwargs, mask_kind, routable_choice, skip_mask
+from .mod_select import (
+    capacity_count,
+    compact_kwargs,
+    mask_kind,
+    parse_capacity,
+    pmod_capacity_schedule,
+    routable_choice,
+    skip_mask,
+)
 
-__all__ = ["MoD", "pmod_capacity_schedule"]
+__all__ = ["MoD", "MoDRouting", "pmod_capacity_schedule"]
 
 _GATES = ("raw", "sigmoid", "tanh", "one")
 _RULES = (None, "router", "predictor")
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
 
-def _capacity(capacity):
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, float, Fraction)):
-        raise TypeError(
-            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
-        )
-    if isinstance(capacity, int):
-        if capacity < 1:
-            raise ValueError(
-                f"MoD: an int capacity (tokens per sequence) must be >= 1, got {capacity}"
-            )
-        return capacity
-    if not (math.isfinite(capacity) and 0 < capacity <= 1):
-        raise ValueError(
-            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
-        )
-    return Fraction(capacity).limit_denominator(1 << 20)
+class MoDRouting:
+    """MoD's routing around a block, shared by ``MoD`` (which holds the block) and the HF decoder
+    layers that ``mixops.integrations.mod.add_mod`` turns into MoD layers in place (the block is
+    the layer's own forward, so every key of the original layer is kept). A subclass is an
+    nn.Module that provides ``_run_block(x, **kwargs)`` and ``_block_root()`` (the module whose
+    submodules hold the attention) and calls ``_mod_init`` in its constructor."""
 
-
-def pmod_capacity_schedule(num_layers, mean=0.5, max_ratio=0.85, min_ratio=0.15, kind="cos"):
-    """p-MoD's progressive ratio decay: the token retention ratio of layer ``l`` (0-based) is
-    ``mean + cos(pi * l / (num_layers - 1)) / 2`` (``kind="cos"``, the shifted cosine) or
-    ``mean + 1/2 - l / (num_layers - 1)`` (``"linear"``), clamped below at ``min_ratio``; layers whose
-    ratio exceeds ``max_ratio`` stay dense (None). Returns one entry per layer: a Fraction capacity
-    for ``MoD`` or None. (p-MoD's defaults: mean 0.5, max 0.85, min 0.15.)"""
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(
-            f"pmod_capacity_schedule: num_layers must be an int >= 1, got {num_layers!r}"
-        )
-    if not 0 < min_ratio <= max_ratio <= 1:
-        raise ValueError("pmod_capacity_schedule: need 0 < min_ratio <= max_ratio <= 1")
-    if kind not in ("cos", "linear"):
-        raise ValueError(f"pmod_capacity_schedule: kind must be 'cos' or 'linear', got {kind!r}")
-    span = max(num_layers - 1, 1)
-    out = []
-    for layer in range(num_layers):
-        if kind == "cos":
-            ratio = mean + math.cos(math.pi * layer / span) / 2
-        else:
-            ratio = mean + 0.5 - layer / span
-        out.append(None if ratio > max_ratio else _capacity(max(ratio, min_ratio)))
-    return out
-
-
-class MoD(nn.Module):
-    """Mixture-of-Depths around ``block``: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
-
-    Args:
-        block: the module to route around (attention + MLP, or either). It is called as
-            ``block(x, **kwargs)`` with the forward's extra keyword arguments, adjusted to the
-            compacted sequence (``position_ids``, ``position_embeddings``, ``attention_mask``); a
-            tuple result's first element is used.
-        hidden_size: the model width (default: ``block.hidden_size``).
-        capacity: tokens processed per sequence, ``C = ceil(capacity * seq)`` computed exactly from
-            the capacity as a fraction (float or Fraction in (0, 1]), or an int C (at most seq).
-        gate: g(r) for the chosen tokens' update: "raw" (the router output, the paper), "sigmoid",
-            "tanh" (p-MoD's ``0.2 * tanh(r) + 1``, the router initialised to zero so every weight
-            starts at exactly 1) or "one" (g = 1: the router only selects).
-        scale_skipped: p-MoD's symmetric reweighting: skipped tokens become ``g(r) * x``.
-        residual: the block returns ``x + f`` (HF decoder layers); False: it returns ``f``.
-        causal: the block's attention is causal (HF decoder layers); masks built by MoD follow it.
-        causal_rule: None, "router" or "predictor" (see the module docstring); needed for
-            generation with a cache unless every token is processed (capacity 1).
-        aux_loss_coef: weight of the causal rule's BCE loss (``self.aux_loss`` after a top-C
-            forward). predictor_hidden: the predictor's width (default hidden // 8).
-        router_bias: a bias in the router projection.
-
-    forward(hidden_states, *, attention_mask=None, token_mask=None, routable_mask=None,
-    max_processed=None, routing=None, **block_kwargs):
-        token_mask [batch, seq]: False for padding (never chosen); default from a 2-D
-        ``attention_mask``, else every token. routable_mask [batch, seq]: tokens subject to routing
-        (the others are always processed; C counts routable tokens per sequence, and the compacted
-        length is ``max_processed``, default seq). routing: "topc" or "causal" (default: causal
-        when a cache is passed in evaluation, else top-C; in training a cache is not handed to the
-        block). A cache goes in under the block's name for it (``cache``, ``past_key_values`` or
-        ``past_key_value``).
-    After a forward: ``router_logits`` [batch, seq] (fp32), ``chosen`` [batch, seq] bool (the
-    processed tokens), ``aux_loss`` (0-dim, or None).
-    """
-
-    def __init__(
+    def _mod_init(
         self,
-        block: nn.Module,
-        hidden_size: Optional[int] = None,
-        capacity: Union[float, Fraction, int] = 0.125,
+        root,
+        hidden_size,
+        capacity,
         *,
-        gate: str = "raw",
-        scale_skipped: bool = False,
-        residual: bool = True,
-        causal: bool = True,
-        causal_rule: Optional[str] = None,
-        aux_loss_coef: float = 1.0,
-        predictor_hidden: Optional[int] = None,
-        router_bias: bool = False,
+        gate="raw",
+        scale_skipped=False,
+        residual=True,
+        causal=True,
+        causal_rule=None,
+        aux_loss_coef=1.0,
+        predictor_hidden=None,
+        router_bias=False,
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        if not isinstance(block, nn.Module):
-            raise TypeError(f"MoD: block must be an nn.Module, got {type(block).__name__}")
         if hidden_size is None:
-            hidden_size = getattr(block, "hidden_size", None)
+            hidden_size = getattr(root, "hidden_size", None)
             if hidden_size is None:
                 raise ValueError("MoD: give hidden_size (the block has no hidden_size attribute)")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
@@ -143,12 +76,16 @@ class MoD(nn.Module):
             raise ValueError(f"MoD: gate must be one of {_GATES}, got {gate!r}")
         if causal_rule not in _RULES:
             raise ValueError(f"MoD: causal_rule must be one of {_RULES}, got {causal_rule!r}")
-        self.block = block
+        layer_idx = next(
+            (m.layer_idx for m in root.modules() if isinstance(getattr(m, "layer_idx", None), int)),
+            None,
+        )
         self.hidden_size = hidden_size
-        self.capacity = _capacity(capacity)
+        self.capacity = parse_capacity(capacity)
         self.gate, self.scale_skipped = gate, bool(scale_skipped)
         self.residual, self.causal = bool(residual), bool(causal)
         self.causal_rule, self.aux_loss_coef = causal_rule, float(aux_loss_coef)
+        self.predictor_hidden, self.router_bias = predictor_hidden, bool(router_bias)
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden_size, 1, bias=router_bias, **kw)
         self.predictor = None
@@ -157,28 +94,41 @@ class MoD(nn.Module):
             self.predictor = nn.Sequential(
                 nn.Linear(hidden_size, p, **kw), nn.SiLU(), nn.Linear(p, 1, **kw)
             )
-        self.layer_idx = next(
-            (
-                m.layer_idx
-                for m in block.modules()
-                if isinstance(getattr(m, "layer_idx", None), int)
-            ),
-            None,
-        )
+        self.layer_idx = layer_idx
         self.router_logits = self.chosen = self.aux_loss = None
         # [batch, kv_len] padding mask for the next forwards when the caller's attention_mask is
         # 4-D (set by mixops.integrations.mod's hook on HF decoder models).
         self.hf_padding_mask = None
-        self.reset_parameters()
+        # (positions [B, C], filled [B, C], seq) while a top-C block runs, for hooks that map
+        # the compacted sequence's outputs back to full length (HF's recorded attentions).
+        self.mod_compaction = None
+        self.reset_mod_parameters()
 
-    def reset_parameters(self):
-        """The router: zeros for the "tanh" gate (every weight starts at exactly 1), else N(0, 0.02)."""
+    def mod_options(self):
+        """The constructor options that rebuild this layer's routing (JSON-friendly)."""
+        cap = self.capacity
+        return {
+            "capacity": cap if isinstance(cap, int) else str(cap),
+            "gate": self.gate,
+            "scale_skipped": self.scale_skipped,
+            "residual": self.residual,
+            "causal": self.causal,
+            "causal_rule": self.causal_rule,
+            "aux_loss_coef": self.aux_loss_coef,
+            "predictor_hidden": self.predictor_hidden,
+            "router_bias": self.router_bias,
+        }
+
+    def reset_mod_parameters(self, init=nn.init):
+        """The router: zeros for the "tanh" gate (every weight starts at exactly 1), else
+        N(0, 0.02). ``init``: the module of init functions (HF's ``transformers.initialization``
+        skips tensors loaded from a checkpoint)."""
         if self.gate == "tanh":
-            nn.init.zeros_(self.router.weight)
+            init.zeros_(self.router.weight)
         else:
-            nn.init.normal_(self.router.weight, std=0.02)
+            init.normal_(self.router.weight, std=0.02)
         if self.router.bias is not None:
-            nn.init.zeros_(self.router.bias)
+            init.zeros_(self.router.bias)
 
     def _gate(self, r):
         if self.gate == "raw":
@@ -200,7 +150,7 @@ class MoD(nn.Module):
             return y
         return torch.lerp(x, y, g)
 
-    def forward(
+    def mod_forward(
         self,
         hidden_states: torch.Tensor,
         *,
@@ -232,7 +182,7 @@ class MoD(nn.Module):
             # Training: the block runs without the cache (HF creates one unless use_cache=False;
             # nothing reads it back in training). Decoding on with that cache is an error.
             skipped = cache.__dict__.setdefault("_mixops_mod_skipped", set())
-            if id(self) in skipped or (_cache_len(cache, self) or 0) > 0:
+            if id(self) in skipped or (cache_len(cache, self) or 0) > 0:
                 raise ValueError(
                     "MoD: decoding with a cache needs evaluation mode (model.eval()): in training "
                     "MoD routes by top-C and does not write the cache"
@@ -304,10 +254,14 @@ class MoD(nn.Module):
             slot_ok,
             causal=self.causal,
             need_mask=may_be_empty and not self.causal,
-            kind=mask_kind(self.block) if may_be_empty and not self.causal else "bool",
+            kind=mask_kind(self._block_root()) if may_be_empty and not self.causal else "bool",
             dtype=x.dtype,
         )
-        y = self.block(xc, **bkw)
+        self.mod_compaction = (pos, slot_ok, S)
+        try:
+            y = self._run_block(xc, **bkw)
+        finally:
+            self.mod_compaction = None
         if isinstance(y, (tuple, list)):
             y = y[0]
         # The chosen tokens' gates: from their own logits again when only they need a gradient.
@@ -361,7 +315,7 @@ class MoD(nn.Module):
             if routable is not None:
                 keep = keep | ~routable
         keep = _and(keep, valid)
-        history = _history(cache, self, keep)
+        history, q_pos = layer_history(cache, self, keep)
         m = kwargs.get("attention_mask")
         if m is not None and m.dim() == 2:
             m = None  # padding is in key_keep already (history holds the padding mask's zeros)
@@ -373,9 +327,13 @@ class MoD(nn.Module):
             )
         bkw = dict(kwargs)
         bkw["attention_mask"] = skip_mask(
-            m, history[:, -kv_len:], S, kind=mask_kind(self.block), dtype=x.dtype
+            m,
+            history[:, history.shape[1] - kv_len :],
+            q_pos - (history.shape[1] - kv_len),
+            kind=mask_kind(self._block_root()),
+            dtype=x.dtype,
         )
-        y = self.block(x, **bkw)
+        y = self._run_block(x, **bkw)
         if isinstance(y, (tuple, list)):
             y = y[0]
         self.chosen, self.aux_loss = keep, None
@@ -387,6 +345,68 @@ class MoD(nn.Module):
             f"scale_skipped={self.scale_skipped}, residual={self.residual}, "
             f"causal_rule={self.causal_rule!r}"
         )
+
+
+class MoD(MoDRouting, nn.Module):
+    """Mixture-of-Depths around ``block``: ``[batch, seq, hidden] -> [batch, seq, hidden]``.
+
+    Args:
+        block: the module to route around (attention + MLP, or either). It is called as
+            ``block(x, **kwargs)`` with the forward's extra keyword arguments, adjusted to the
+            compacted sequence (``position_ids``, ``position_embeddings``, ``attention_mask``); a
+            tuple result's first element is used.
+        hidden_size: the model width (default: ``block.hidden_size``).
+        capacity: tokens processed per sequence, ``C = ceil(capacity * seq)`` computed exactly from
+            the capacity as a fraction (float or Fraction in (0, 1]), or an int C (at most seq).
+        gate: g(r) for the chosen tokens' update: "raw" (the router output, the paper), "sigmoid",
+            "tanh" (p-MoD's ``0.2 * tanh(r) + 1``, the router initialised to zero so every weight
+            starts at exactly 1) or "one" (g = 1: the router only selects).
+        scale_skipped: p-MoD's symmetric reweighting: skipped tokens become ``g(r) * x``.
+        residual: the block returns ``x + f`` (HF decoder layers); False: it returns ``f``.
+        causal: the block's attention is causal (HF decoder layers); masks built by MoD follow it.
+        causal_rule: None, "router" or "predictor" (see the module docstring); needed for
+            generation with a cache unless every token is processed (capacity 1).
+        aux_loss_coef: weight of the causal rule's BCE loss (``self.aux_loss`` after a top-C
+            forward). predictor_hidden: the predictor's width (default hidden // 8).
+        router_bias: a bias in the router projection.
+
+    forward(hidden_states, *, attention_mask=None, token_mask=None, routable_mask=None,
+    max_processed=None, routing=None, **block_kwargs):
+        token_mask [batch, seq]: False for padding (never chosen); default from a 2-D
+        ``attention_mask``, else every token. routable_mask [batch, seq]: tokens subject to routing
+        (the others are always processed; C counts routable tokens per sequence, and the compacted
+        length is ``max_processed``, default seq). routing: "topc" or "causal" (default: causal
+        when a cache is passed in evaluation, else top-C; in training a cache is not handed to the
+        block). A cache goes in under the block's name for it (``cache``, ``past_key_values`` or
+        ``past_key_value``).
+    After a forward: ``router_logits`` [batch, seq] (fp32), ``chosen`` [batch, seq] bool (the
+    processed tokens), ``aux_loss`` (0-dim, or None).
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        hidden_size: Optional[int] = None,
+        capacity: Union[float, Fraction, int] = 0.125,
+        **options,
+    ):
+        nn.Module.__init__(self)
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"MoD: block must be an nn.Module, got {type(block).__name__}")
+        self.block = block
+        self._mod_init(block, hidden_size, capacity, **options)
+
+    def reset_parameters(self):
+        self.reset_mod_parameters()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        return self.mod_forward(hidden_states, **kwargs)
+
+    def _run_block(self, x, **kwargs):
+        return self.block(x, **kwargs)
+
+    def _block_root(self):
+        return self.block
 
 
 def _cast(t, dtype):
@@ -410,41 +430,3 @@ def _bool_mask(name, m, B, S, device):
         got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
         raise ValueError(f"MoD: {name} must be a [batch, seq] = {(B, S)} tensor, got {got}")
     return (m != 0).to(device)
-
-
-def _cache_len(cache, layer):
-    """Tokens the cache holds for this layer (None when the layer index is unknown)."""
-    if layer.layer_idx is None or not hasattr(cache, "get_seq_length"):
-        return None
-    return int(cache.get_seq_length(layer.layer_idx))
-
-
-def _history(cache, layer, keep):
-    """The kept mask of every token this layer has seen in ``cache`` (the past ones, then ``keep``),
-    stored on the cache per MoD layer. An empty cache starts a fresh history; a history that no
-    longer matches the cache (cropped, reordered for beams, filled without MoD) is an error."""
-    if cache is None:
-        return keep
-    store = getattr(cache, "_mixops_mod_history", None)
-    if store is None:
-        store = {}
-        cache._mixops_mod_history = store
-    past = store.get(id(layer))
-    n_past = _cache_len(cache, layer)
-    if n_past == 0 or (n_past is None and past is None):
-        past = None
-    elif (
-        past is None
-        or past.shape[0] != keep.shape[0]
-        or (n_past is not None and past.shape[1] != n_past)
-    ):
-        have = None if past is None else tuple(past.shape)
-        raise ValueError(
-            f"MoD: the cache holds {n_past} tokens for layer {layer.layer_idx} but this layer's "
-            f"skip history is {have}: MoD's history does not follow cache edits (crop, beam "
-            f"reordering) or a cache filled without MoD"
-        )
-    if past is not None:
-        keep = torch.cat((past, keep), dim=1)
-    store[id(layer)] = keep
-    return keep

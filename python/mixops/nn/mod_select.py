@@ -12,18 +12,66 @@ positions, rotary tables and masks for it); the causal rule runs the block on th
 with the skipped tokens hidden as keys (``skip_mask``), which is what a dense KV cache needs.
 """
 
+import math
+from fractions import Fraction
+
 import torch
 
 from .._compat import sym_min
 from .moa_attention import causal_allowed
 
 __all__ = [
+    "parse_capacity",
+    "pmod_capacity_schedule",
     "capacity_count",
     "routable_choice",
     "compact_kwargs",
     "skip_mask",
     "mask_kind",
 ]
+
+
+def parse_capacity(capacity):
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float, Fraction)):
+        raise TypeError(
+            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+        )
+    if isinstance(capacity, int):
+        if capacity < 1:
+            raise ValueError(
+                f"MoD: an int capacity (tokens per sequence) must be >= 1, got {capacity}"
+            )
+        return capacity
+    if not (math.isfinite(capacity) and 0 < capacity <= 1):
+        raise ValueError(
+            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+        )
+    return Fraction(capacity).limit_denominator(1 << 20)
+
+
+def pmod_capacity_schedule(num_layers, mean=0.5, max_ratio=0.85, min_ratio=0.15, kind="cos"):
+    """p-MoD's progressive ratio decay: the token retention ratio of layer ``l`` (0-based) is
+    ``mean + cos(pi * l / (num_layers - 1)) / 2`` (``kind="cos"``, the shifted cosine) or
+    ``mean + 1/2 - l / (num_layers - 1)`` (``"linear"``), clamped below at ``min_ratio``; layers whose
+    ratio exceeds ``max_ratio`` stay dense (None). Returns one entry per layer: a Fraction capacity
+    for ``MoD`` or None. (p-MoD's defaults: mean 0.5, max 0.85, min 0.15.)"""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"pmod_capacity_schedule: num_layers must be an int >= 1, got {num_layers!r}"
+        )
+    if not 0 < min_ratio <= max_ratio <= 1:
+        raise ValueError("pmod_capacity_schedule: need 0 < min_ratio <= max_ratio <= 1")
+    if kind not in ("cos", "linear"):
+        raise ValueError(f"pmod_capacity_schedule: kind must be 'cos' or 'linear', got {kind!r}")
+    span = max(num_layers - 1, 1)
+    out = []
+    for layer in range(num_layers):
+        if kind == "cos":
+            ratio = mean + math.cos(math.pi * layer / span) / 2
+        else:
+            ratio = mean + 0.5 - layer / span
+        out.append(None if ratio > max_ratio else parse_capacity(max(ratio, min_ratio)))
+    return out
 
 
 def capacity_count(capacity, n):
@@ -148,15 +196,15 @@ def compact_kwargs(kwargs, idx, valid, *, causal, need_mask, kind, dtype):
     return out
 
 
-def skip_mask(mask, key_keep, q_len, *, kind, dtype):
+def skip_mask(mask, key_keep, q_pos, *, kind, dtype):
     """The block's 4-D mask for a dense run where keys with ``key_keep`` [B, kv_len] False are
-    hidden from every query except their own (the last ``q_len`` positions are the queries).
+    hidden from every query except their own. ``q_pos`` [q_len]: each query's key position (the
+    last q_len positions for a growing cache, the write positions for a static one).
     ``mask``: HF's mask for the step (None, bool or additive float, [B, 1|h, q_len, kv_len])."""
     B, kv_len = key_keep.shape
-    dev = key_keep.device
-    own = torch.arange(kv_len, device=dev).unsqueeze(0) == (
-        torch.arange(q_len, device=dev).unsqueeze(1) + (kv_len - q_len)
-    )
+    q_len = q_pos.shape[0]
+    keys = torch.arange(kv_len, device=key_keep.device).unsqueeze(0)
+    own = keys == q_pos.unsqueeze(1)
     keep = (key_keep[:, None, None, :] | own).expand(B, 1, q_len, kv_len)
     if mask is None:
         if kind is None:
@@ -164,7 +212,7 @@ def skip_mask(mask, key_keep, q_len, *, kind, dtype):
                 "MoD: routing tokens causally needs an attention that takes a mask hiding any key "
                 "(HF 'sdpa' or 'eager'); this block's attention does not"
             )
-        return _to_kind(keep & causal_allowed(q_len, kv_len, dev), kind, dtype)
+        return _to_kind(keep & (keys <= q_pos.unsqueeze(1)), kind, dtype)
     if mask.dim() != 4 or mask.shape[-1] != kv_len or mask.shape[-2] != q_len:
         raise ValueError(
             f"MoD: with causal routing attention_mask must be None or [batch, 1 or heads, "
