@@ -71,6 +71,15 @@ def restore_mod(model, checkpoint=None, *, layers=None, options=None, **hub_kwar
     result = model.load_state_dict(found, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"restore_mod: checkpoint keys fit no MoD layer: {result.unexpected_keys}")
+    # As HF marks what it loads: its init functions (init_weights()) then keep these tensors.
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for k in found:
+        for p in prefixes:
+            if k.startswith(p + "block."):
+                k = p + k[len(p) + len("block.") :]
+        if k in tensors:
+            tensors[k]._is_hf_initialized = True
     return mods
 
 

@@ -5,7 +5,7 @@ wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and it
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
 from .moa import MoA, MoAExperts, MoAParts
-from .mod import MoD, pmod_capacity_schedule
+from .mod import MoD, MoDRouter, MoDRouting, pmod_capacity_schedule
 from .moe import MoE, MoEParts
 from .router import RouterConfig, TopKRouter
 from .shortcut import ScMoEBlock, ShortcutDecoderLayer
@@ -15,6 +15,8 @@ __all__ = [
     "MoAParts",
     "MoAExperts",
     "MoD",
+    "MoDRouter",
+    "MoDRouting",
     "pmod_capacity_schedule",
     "MoE",
     "MoEParts",

@@ -35,11 +35,29 @@ from .mod_select import (
     skip_mask,
 )
 
-__all__ = ["MoD", "MoDRouting", "pmod_capacity_schedule"]
+__all__ = ["MoD", "MoDRouter", "MoDRouting", "pmod_capacity_schedule"]
 
 _GATES = ("raw", "sigmoid", "tanh", "one")
 _RULES = (None, "router", "predictor")
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+class MoDRouter(nn.Linear):
+    """MoD's router projection ``[hidden] -> [1]``: zeros for the "tanh" gate (every weight
+    starts at exactly 1), else N(0, 0.02), bias zero. Its own class so that every initialiser
+    (``reset_parameters``, HF's ``init_weights`` through mixops' hook) applies this rule."""
+
+    zero_init = False
+
+    def reset_parameters(self, init=nn.init):
+        """``init``: the module of init functions (HF's ``transformers.initialization`` skips
+        tensors loaded from a checkpoint)."""
+        if self.zero_init:
+            init.zeros_(self.weight)
+        else:
+            init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            init.zeros_(self.bias)
 
 
 class MoDRouting:
@@ -87,7 +105,8 @@ class MoDRouting:
         self.causal_rule, self.aux_loss_coef = causal_rule, float(aux_loss_coef)
         self.predictor_hidden, self.router_bias = predictor_hidden, bool(router_bias)
         kw = dict(device=device, dtype=dtype)
-        self.router = nn.Linear(hidden_size, 1, bias=router_bias, **kw)
+        self.router = MoDRouter(hidden_size, 1, bias=router_bias, **kw)
+        self.router.zero_init = gate == "tanh"
         self.predictor = None
         if causal_rule == "predictor":
             p = predictor_hidden or max(1, hidden_size // 8)
@@ -120,15 +139,8 @@ class MoDRouting:
         }
 
     def reset_mod_parameters(self, init=nn.init):
-        """The router: zeros for the "tanh" gate (every weight starts at exactly 1), else
-        N(0, 0.02). ``init``: the module of init functions (HF's ``transformers.initialization``
-        skips tensors loaded from a checkpoint)."""
-        if self.gate == "tanh":
-            init.zeros_(self.router.weight)
-        else:
-            init.normal_(self.router.weight, std=0.02)
-        if self.router.bias is not None:
-            init.zeros_(self.router.bias)
+        """The router's init (``MoDRouter.reset_parameters``)."""
+        self.router.reset_parameters(init)
 
     def _gate(self, r):
         if self.gate == "raw":
