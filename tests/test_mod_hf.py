@@ -58,6 +58,7 @@ def test_capacity_one_equals_the_original_model_and_its_generation(kind):
     assert [layer is m for layer, m in zip(conv.model.layers, [mods[0], None, mods[1]])] == [
         True, False, True
     ]  # fmt: skip
+    assert all(isinstance(m, MoD) for m in mods)  # collecting MoD layers by class finds them
     ids, am = batch()
     real = am.bool()
     for use_cache in (False, True):
@@ -178,3 +179,23 @@ def test_add_mod_errors():
         add_mod(model, layers=[0])
     with pytest.raises(ValueError, match="no decoder"):
         add_mod(torch.nn.Linear(2, 2))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny().train()
+        mods = add_mod(model, layers=[1, 2], capacity=0.5, causal_rule="router")
+        for m in mods:
+            torch.nn.init.normal_(
+                m.router.weight, std=0.3, generator=torch.Generator().manual_seed(2)
+            )
+        if checkpointing:  # HF's checkpointing now wraps the whole MoD layer
+            model.gradient_checkpointing_enable()
+        ids, am = batch()
+        out = model(ids, attention_mask=am, labels=ids, use_cache=False)
+        (out.loss + sum(m.aux_loss for m in mods)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(g is not None for g in grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

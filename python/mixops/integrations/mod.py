@@ -11,7 +11,8 @@ MoD to a pretrained model::
     model = mod_from_pretrained(LlamaForCausalLM, path)  # the same MoD model back
 
 In place: each chosen decoder layer keeps its object, its Parameters and every state-dict key; its
-class becomes a subclass of its own (``MoD<LayerClass>``, built once per class) whose forward is
+class becomes a subclass of its own and of ``mixops.nn.MoD`` (``MoD<LayerClass>``, built once per
+class; ``isinstance(layer, MoD)`` holds) whose forward is
 MoD's routing around the original forward, and it gains ``router.weight`` (and ``predictor.*``).
 So a plain HF ``from_pretrained`` of a saved MoD model loads every original weight (and reports
 the router keys as unexpected), HF's output recording, gradient checkpointing and hooks see the
@@ -36,7 +37,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..nn.mod import MoDRouting
+from ..nn.mod import MoD, MoDRouting
 from .mod_checkpoint import mod_from_pretrained, restore_mod
 
 __all__ = ["add_mod", "mod_from_pretrained", "restore_mod", "MoDDecoderLayer"]
@@ -49,9 +50,10 @@ _OWN = (
 )  # fmt: skip
 
 
-class MoDDecoderLayer(MoDRouting):
-    """The mixin of the in-place MoD layers (``MoD<LayerClass>``): MoD's routing around the
-    layer class's own forward."""
+class MoDDecoderLayer(MoD):
+    """The base of the in-place MoD layers (``MoD<LayerClass>``, a subclass of this and of the
+    layer's class, so ``isinstance(layer, MoD)`` holds): MoD's routing around the layer class's
+    own forward. There is no ``block`` submodule: the layer is its own block."""
 
     _mod_base = None
 
@@ -61,13 +63,19 @@ class MoDDecoderLayer(MoDRouting):
                 f"MoD: {type(self).__name__} takes hidden_states positionally and the rest by "
                 f"keyword, got {len(args)} more positional arguments"
             )
-        return self.mod_forward(hidden_states, **kwargs)
+        return MoD.forward(self, hidden_states, **kwargs)
 
     def _run_block(self, x, **kwargs):
-        return super(MoDDecoderLayer, self).forward(x, **kwargs)
+        return type(self)._mod_base.forward(self, x, **kwargs)
 
     def _block_root(self):
         return self
+
+    def reset_parameters(self):
+        base = getattr(type(self)._mod_base, "reset_parameters", None)
+        if base is not None:
+            base(self)
+        self.reset_mod_parameters()
 
     def __reduce_ex__(self, protocol):
         # The class is built at run time: rebuild it from the layer class (pickle, deepcopy).
@@ -88,8 +96,6 @@ def _layer_class(base):
     cls = _CLASSES.get(base)
     if cls is None:
         attrs = {"_mod_base": base, "__module__": __name__}
-        if not hasattr(base, "reset_parameters"):
-            attrs["reset_parameters"] = MoDRouting.reset_mod_parameters
         cls = type("MoD" + base.__name__, (MoDDecoderLayer, base), attrs)
         _CLASSES[base] = cls
     return cls
