@@ -256,3 +256,62 @@ def test_set_experts_implementation_warns_after_patch():
         assert torch.equal(a.mlp.tokens_per_expert, torch.full((8,), 3))
     with pytest.warns(UserWarning, match="set_experts_implementation"):
         clone.set_experts_implementation("eager")
+
+
+# ---- expert choice is not causal ----------------------------------------------------------------
+
+
+def test_router_option_is_refused_with_the_model_untouched():
+    # The routing is the HF router's; expert choice would also leak later tokens in a decoder.
+    model = _mixtral()
+    snap = _snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"patch_model: router= is not an option.*expert choice is not causal"
+    ):
+        patch_model(model, router="expert_choice", capacity_factor=1.0)
+    assert _snapshot(model) == snap
+    with pytest.raises(ValueError, match=r"from_hf: router= is not an option"):
+        from_hf(model.model.layers[0].mlp, router="expert_choice", capacity_factor=1.0)
+
+
+def _with_expert_choice_mlps(causal):
+    """Mixtral with an expert-choice mixops MoE put in each decoder layer by hand (the way one
+    reaches an HF decoder: patch_model keeps HF's token choice)."""
+    model = _mixtral()
+    torch.manual_seed(2)
+    for layer in model.model.layers:
+        layer.mlp = MoE(H, 24, 8, router="expert_choice", capacity_factor=1.0, causal=causal)
+    return model
+
+
+def _earlier_logits_move(model, ids, pos):
+    """Whether some replacement of token ``pos`` changes the logits before it (one sequence per
+    forward: expert choice also mixes the sequences of a batch)."""
+    with torch.no_grad():
+        base = model(ids).logits[:, :pos]
+        for tok in range(16):
+            other = ids.clone()
+            other[0, pos] = tok
+            if (model(other).logits[:, :pos] - base).abs().max() > 1e-4:
+                return True
+    return False
+
+
+def test_expert_choice_in_a_decoder_sees_later_tokens_token_choice_does_not():
+    ids = _ids()[:1]  # [1, 9]
+    assert not _earlier_logits_move(_mixtral(), ids, 8)  # HF's token choice: causal
+    assert _earlier_logits_move(_with_expert_choice_mlps(causal=False), ids, 8)
+
+
+@pytest.mark.parametrize("causal", [None, True, False])
+def test_expert_choice_in_a_decoder_warns_once_per_layer_when_generating(causal):
+    # causal=None: the prefill ([batch, 9, hidden]) cannot tell; the first cached decoding step
+    # ([batch, 1, hidden]) warns. causal=True: the first forward warns. False: never.
+    model = _with_expert_choice_mlps(causal)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        model.generate(_ids(), max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=0)
+    got = [str(w.message) for w in rec if "expert choice is not causal" in str(w.message)]
+    assert len(got) == (0 if causal is False else 2), got
+    why = {None: "a decoding step with a cache", True: "built with causal=True"}
+    assert all(why[causal] in m for m in got)

@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..nn import MoE, MoEParts, RouterConfig
+from ..nn.mod import MoDRouter
 from ..ops import grouped_mm, permute, unpermute
 
 __all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
@@ -187,7 +188,7 @@ def _build(block, gate, moe_kwargs) -> MoE:
         shared_gate=shared_gate,
         shared_name=shared_name,
     )
-    return MoE(
+    moe = MoE(
         H,
         block.experts.down_proj.shape[-1],
         router=router,
@@ -195,6 +196,18 @@ def _build(block, gate, moe_kwargs) -> MoE:
         parts=parts,
         **moe_kwargs,
     )
+    _keep_hf_order(moe, block)
+    return moe
+
+
+def _keep_hf_order(moe, block):
+    """Give ``moe``'s submodules the order ``block`` registered them in (Qwen3-MoE, DeepSeek-V3
+    and GLM-4-MoE register the experts before the router; MoE the router first), so that
+    ``named_parameters()`` and ``state_dict()`` keep HF's order: an optimizer state saved before
+    patching is loaded by position, and would otherwise put moments onto other tensors."""
+    hf = [n for n in block._modules if n in moe._modules]
+    for name in hf + [n for n in moe._modules if n not in hf]:
+        moe._modules[name] = moe._modules.pop(name)
 
 
 class _Logits(nn.Module):
@@ -241,7 +254,8 @@ def _patch_router_class(gate):
 
 class _InitWeights:
     """``_init_weights`` of an HF model after patch_model: HF's own, then the buffers mixops adds
-    (MoE's load counter), through HF's init functions, so the ``_is_hf_initialized`` flags hold.
+    (MoE's load counter) and MoD's router init, through HF's init functions, so the
+    ``_is_hf_initialized`` flags hold.
     HF's ``init_weights()`` (also after ``to_empty()`` on a model built on the meta device) calls
     it for every module. The routers stay HF's classes' subclasses: HF initialises them itself."""
 
@@ -252,6 +266,8 @@ class _InitWeights:
         type(self.model)._init_weights(self.model, module)
         if isinstance(module, MoE):
             hf_init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, MoDRouter):  # after HF's nn.Linear init: MoD's (zero for tanh)
+            module.reset_parameters(init=hf_init)
 
 
 class _SetExpertsImplementation:
@@ -295,6 +311,7 @@ def from_hf(block: nn.Module, **moe_kwargs):
     identity zero experts, selection bias, routed scaling). A ``JetMoeAttention`` gives a
     ``mixops.nn.MoA`` (``moe_kwargs`` are then MoA options). Anything else raises ValueError
     saying what is missing."""
+    _check_no_router(moe_kwargs, "from_hf")
     if type(block).__name__ in ("JetMoeAttention", "MixopsJetMoeAttention"):
         from .jetmoe import moa_from_hf
 
@@ -317,8 +334,9 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     """Replace every convertible MoE block of ``model`` in place by a ``mixops.nn.MoE`` that keeps
     the block's own submodules: the same Parameter objects (an optimizer built before keeps
     working), the same state-dict keys, and the HF router module (now computing only the logits),
-    so ``output_router_logits`` and HF's load-balancing loss still work. Returns the names of the
-    replaced blocks.
+    so ``output_router_logits`` and HF's load-balancing loss still work, and HF's order of
+    parameters, state-dict keys and buffers (an optimizer state is loaded by position). Returns
+    the names of the replaced blocks. ``router=`` is not an option (the routing is HF's).
 
     Every layer is built before anything changes: a block mixops cannot express stays exactly as
     it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched.
@@ -332,6 +350,7 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     LongCat-Flash: each decoder layer keeps its modules and runs mixops' shortcut-connected
     schedule; its MoE (zero experts, selection bias, routed scaling) becomes a ``mixops.nn.MoE``
     holding HF's router and experts (see ``mixops.integrations.longcat``)."""
+    _check_no_router(moe_kwargs, "patch_model")
     plans = []
     for name, block in model.named_modules():
         if isinstance(block, MoE) or not (
@@ -356,6 +375,17 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     if plans or family_plans:
         _hook_hf_models(model)
     return [name for name, _, _ in plans] + [name for name, _ in family_plans]
+
+
+def _check_no_router(moe_kwargs, what):
+    """The routing is the HF router's own: ``router=`` is not an option (it would also reach MoE
+    twice). Expert choice in particular is not causal, and these models are causal decoders."""
+    if "router" in moe_kwargs:
+        raise ValueError(
+            f"mixops.{what}: router= is not an option (got router={moe_kwargs['router']!r}): each "
+            "block keeps its HF router's routing. These are causal decoders, and expert choice "
+            "is not causal (a token's output depends on later tokens): use token choice for them"
+        )
 
 
 # Model families whose blocks change class in place (integrations/<module>.py, each with

@@ -9,16 +9,106 @@ chosen scores as weights: each token sums its own rows, deterministic, no atomic
 no host sync.
 
 It looks across every token of the batch at once (not causal): a token's output depends on the
-other tokens, and with one token every expert picks it.
+other tokens, later ones included, and with one token every expert picks it. ``warn_not_causal``
+says so, once per layer, where that matters (a causal model, a decoding step). No load-balancing
+loss (balanced by construction); the router z-loss applies (``z_loss``).
 """
+
+import warnings
 
 import torch
 
 from .._compat import sym_min
 from ..ops import grouped_mm, select_topc, unpermute
 from .activations import apply_activation
+from .router import RouterConfig
 
-__all__ = ["expert_capacity", "expert_choice_routed"]
+__all__ = [
+    "expert_capacity",
+    "expert_choice_config",
+    "expert_choice_routed",
+    "warn_not_causal",
+    "z_loss",
+]
+
+
+def expert_choice_config(num_experts, top_k, capacity_factor, aux_loss_coef, options):
+    """The RouterConfig behind router="expert_choice" (its projection only; the choice is the
+    experts'), after the checks that are expert choice's own."""
+    if top_k is not None:
+        raise ValueError(
+            "MoE: router='expert_choice' lets each expert pick its tokens; give capacity_factor, "
+            f"not top_k (got top_k={top_k!r})"
+        )
+    if capacity_factor is None:
+        raise ValueError(
+            "MoE: router='expert_choice' needs capacity_factor (each expert takes "
+            "ceil(capacity_factor * tokens / num_experts) tokens)"
+        )
+    if aux_loss_coef:
+        raise ValueError(
+            "MoE: router='expert_choice' is balanced by construction (every expert takes the "
+            "same number of tokens), so it has no load-balancing loss: aux_loss_coef must be 0, "
+            f"got {aux_loss_coef!r} (z_loss_coef applies)"
+        )
+    extra = set(options) - {"router_fp32"}
+    if extra:
+        raise ValueError(
+            f"MoE: router='expert_choice' takes no routing options but router_fp32 "
+            f"(got {', '.join(sorted(extra))})"
+        )
+    if num_experts is None:
+        raise ValueError("MoE: router='expert_choice' needs num_experts")
+    return RouterConfig(
+        num_experts=num_experts, top_k=1, router_fp32=options.pop("router_fp32", False)
+    )
+
+
+_NOT_CAUSAL = (
+    "mixops: expert choice is not causal ({why}). Each expert picks its tokens across the whole "
+    "batch, so a token's output depends on later tokens (and on the other sequences), and a "
+    "decoding step is routed unlike training (one token alone is taken by every expert: a "
+    "softmax mix of all of them). For causal decoders and generation use token choice "
+    "(MoE(..., top_k=k)); expert choice is for encoders and non-causal training. "
+    "MoE(..., causal=False) (or layer.causal = False) silences this warning."
+)
+
+
+def warn_not_causal(moe, x):
+    """Warn, once per layer, when expert-choice layer ``moe`` runs where causality matters: it
+    was built with ``causal=True``, or (``causal=None``, unknown) ``x`` is ``[batch, 1, hidden]``,
+    one token per sequence, which is what an HF decoder layer hands its MLP when decoding with a
+    cache. ``causal=False`` never warns. Skipped while torch.compile traces (dynamo cannot trace
+    ``warnings.warn``): an eager forward warns."""
+    if moe.causal is False or moe.__dict__.get("_warned_not_causal"):
+        return
+    if torch.compiler.is_compiling():
+        return
+    if moe.causal:
+        why = "the layer was built with causal=True"
+    elif x.dim() >= 3 and x.shape[-2] == 1:
+        why = "it got one token per sequence, [batch, 1, hidden]: a decoding step with a cache"
+    else:
+        return
+    moe._warned_not_causal = True
+    warnings.warn(_NOT_CAUSAL.format(why=why), UserWarning, stacklevel=4)
+
+
+def z_loss(logits, token_mask, z_loss_coef):
+    """``z_loss_coef`` x the ST-MoE router z-loss (the mean over the counted tokens of
+    ``logsumexp(logits)^2``; the tokens of ``token_mask``, all when None), computed as MoE's
+    ``router_losses`` does for token choice: a 0-dim tensor (fp32, fp64 for fp64 logits), or
+    None when the coefficient is 0. logits ``[T, E]``; token_mask ``[T]`` bool or None."""
+    if not z_loss_coef:
+        return None
+    lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    z = lse.square()
+    if token_mask is None:
+        n = max(logits.shape[0], 1) if isinstance(logits.shape[0], int) else logits.shape[0]
+    else:
+        z = torch.where(token_mask, z, z.new_zeros(()))
+        n = token_mask.sum().clamp(min=1).to(z.dtype)
+    return z_loss_coef * z.sum() / n
 
 
 def expert_capacity(capacity, num_tokens, num_experts):

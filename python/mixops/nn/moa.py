@@ -25,7 +25,7 @@ from torch import nn
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, rows_to_slots, slots_to_rows, unpermute
 from .moa_attention import attend, padding_token_mask, rope
-from .moe import _router_config, router_losses
+from .moe import _router_config, per_token, router_losses
 from .router import RouterConfig
 
 __all__ = ["MoA", "MoAParts", "MoAExperts"]
@@ -127,8 +127,9 @@ class MoA(nn.Module):
             or HF's 4-D mask ``[batch, 1 or heads, q_len, kv_len]`` (bool, True = attend, or
             additive float); position_embeddings: ``(cos, sin)`` ``[batch, q_len, head_dim]`` for
             RoPE at the tokens' own positions (HF's rotary embedding output); cache: an HF
-            ``Cache`` (one key and value per token); token_mask ``[batch, q_len]``: tokens counted
-            in the losses (default: from a 2-D padding mask, else all).
+            ``Cache`` (one key and value per token); token_mask ``[batch, q_len]`` (or flat
+            ``[batch * q_len]``; another shape raises): tokens counted in the losses (default:
+            from a 2-D padding mask, else all).
     ``self.router_logits`` holds the last forward's logits ``[tokens, E]`` (fp32).
     """
 
@@ -253,10 +254,9 @@ class MoA(nn.Module):
         x2 = x.reshape(-1, H)
         if token_mask is None:
             token_mask = padding_token_mask(attention_mask, B, S)
-        elif token_mask.dtype != torch.bool:
+        token_mask = per_token("MoA", "token_mask", token_mask, x.shape[:2], B * S, "hidden_states")
+        if token_mask is not None and token_mask.dtype != torch.bool:
             token_mask = token_mask != 0
-        if token_mask is not None:
-            token_mask = token_mask.reshape(-1)
         with _stage("router", x):
             logits = self._router_logits(x2)
             r = router_topk(logits, token_mask=token_mask, **self._router_kwargs)

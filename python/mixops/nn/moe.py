@@ -19,7 +19,7 @@ from .._compat import sym_min
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation, check_activation
-from .expert_choice import expert_choice_routed
+from .expert_choice import expert_choice_config, expert_choice_routed, warn_not_causal, z_loss
 from .experts import MLP, Experts
 from .router import RouterConfig, TopKRouter
 
@@ -61,32 +61,6 @@ def _router_config(num_experts, top_k, router, options):
                 f"MoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
             )
     return router
-
-
-def _expert_choice_config(num_experts, top_k, capacity_factor, options):
-    """The RouterConfig behind router="expert_choice" (its projection only; the choice is the
-    experts'), after the checks that are expert choice's own."""
-    if top_k is not None:
-        raise ValueError(
-            "MoE: router='expert_choice' lets each expert pick its tokens; give capacity_factor, "
-            f"not top_k (got top_k={top_k!r})"
-        )
-    if capacity_factor is None:
-        raise ValueError(
-            "MoE: router='expert_choice' needs capacity_factor (each expert takes "
-            "ceil(capacity_factor * tokens / num_experts) tokens)"
-        )
-    extra = set(options) - {"router_fp32"}
-    if extra:
-        raise ValueError(
-            f"MoE: router='expert_choice' takes no routing options but router_fp32 "
-            f"(got {', '.join(sorted(extra))})"
-        )
-    if num_experts is None:
-        raise ValueError("MoE: router='expert_choice' needs num_experts")
-    return RouterConfig(
-        num_experts=num_experts, top_k=1, router_fp32=options.pop("router_fp32", False)
-    )
 
 
 def _capacity_fraction(capacity_factor):
@@ -143,6 +117,25 @@ def router_losses(r, num_tokens, token_mask, num_experts, aux_loss_coef, z_loss_
     return loss
 
 
+def per_token(who, name, t, lead_shape, num_tokens, x_name="x"):
+    """A per-token argument (``token_mask``, ``modality``) as ``[num_tokens]``, or None. Its shape
+    must be the input's leading dims ``lead_shape`` or flat ``[num_tokens]``: same count is not
+    enough (a transposed ``[seq, batch]`` mask would silently pair other tokens)."""
+    if t is None:
+        return None
+    if t.shape != lead_shape and tuple(t.shape) != (num_tokens,):
+
+        def dims(shape):
+            return "[" + ", ".join(str(d) for d in shape) + "]"
+
+        flat = "" if len(lead_shape) == 1 else f" or [{num_tokens}]"
+        raise ValueError(
+            f"{who}: {name} must be {dims(lead_shape)} ({x_name}'s leading dims){flat}, "
+            f"got shape {dims(t.shape)}"
+        )
+    return t.reshape(-1)
+
+
 @dataclass
 class MoEParts:
     """Existing modules for MoE to use (and share parameters with) instead of making its own:
@@ -171,11 +164,13 @@ class MoE(nn.Module):
         router: a ``RouterConfig`` (how tokens choose experts), or ``"expert_choice"``: each
             expert picks its ``min(T, ceil(capacity_factor * T / E))`` best tokens by their softmax
             scores over the experts (Zhou et al. 2022; ``top_k`` must not be given; a token may get
-            0..E experts; it looks across every token of the batch, so it is not causal; padding
-            tokens of ``token_mask`` are never picked). Instead of a RouterConfig, its options may be
-            given as keywords: ``score_fn``, ``topk_then_score``, ``renormalize``, ``renorm_eps``,
-            ``scaling``, ``num_groups``, ``groups_kept``, ``group_score``, ``num_modalities``
-            (``mixops.ops.router_topk``'s options), ``selection_bias`` (a buffer
+            0..E experts; it looks across every token of the batch, so it is not causal, see
+            ``causal``; padding tokens of ``token_mask`` are never picked; ``z_loss_coef``
+            applies, ``aux_loss_coef`` must be 0: balanced by construction). Instead of a
+            RouterConfig, its options may be given as keywords: ``score_fn``,
+            ``topk_then_score``, ``renormalize``, ``renorm_eps``, ``scaling``, ``num_groups``,
+            ``groups_kept``, ``group_score``, ``num_modalities`` (``mixops.ops.router_topk``'s
+            options), ``selection_bias`` (a buffer
             ``gate.e_score_correction_bias`` added to the scores for choosing only; see
             ``update_bias``) and ``router_fp32`` (router logits in fp32, DeepSeek-V3; the routing
             math itself always runs in fp32).
@@ -200,11 +195,16 @@ class MoE(nn.Module):
             skips them), their share is added in the combine, and the load counts, losses and
             selection bias cover all E + Z. ``experts`` holds the E computing experts.
         parts: existing modules to build the layer around (see ``MoEParts``).
+        causal: whether the layer is in a causal model (a decoder); only expert choice uses it.
+            True: expert choice warns on its first forward (it leaks later tokens into earlier
+            outputs); None (unknown): it warns on a decoding step's ``[batch, 1, hidden]``; False
+            (encoders, non-causal training): never. Once per layer.
 
-    forward(x, token_mask=None, modality=None): ``token_mask`` [tokens] (bool, or 0/1 like an
-    attention mask; any shape with x's leading dims) leaves tokens (padding)
-    out of the losses and the load statistics (they are still routed); ``modality`` [tokens] int
-    picks each token's expert group when ``num_modalities > 1``.
+    forward(x, token_mask=None, modality=None): ``token_mask`` (bool, or 0/1 like an attention
+    mask; shaped as x's leading dims, e.g. ``[batch, seq]``, or flat ``[tokens]``; another shape
+    raises) leaves tokens (padding) out of the losses and the load statistics (they are still
+    routed); ``modality`` int (same shapes) picks each token's expert group when
+    ``num_modalities > 1``.
 
     Built on the meta device: ``to_empty(device=...)`` then ``reset_parameters()``.
     """
@@ -225,6 +225,7 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         zero_experts=None,
         parts: Optional[MoEParts] = None,
+        causal: Optional[bool] = None,
         device=None,
         dtype=None,
         **router_options,
@@ -235,7 +236,12 @@ class MoE(nn.Module):
         if self.zero_experts and self.expert_choice:
             raise ValueError("MoE: zero_experts are for token choice, not expert choice")
         if self.expert_choice:
-            router = _expert_choice_config(num_experts, top_k, capacity_factor, router_options)
+            router = expert_choice_config(
+                num_experts, top_k, capacity_factor, aux_loss_coef, router_options
+            )
+        if causal is not None and not isinstance(causal, bool):
+            raise ValueError(f"MoE: causal must be True, False or None, got {causal!r}")
+        self.causal = causal
         if self.zero_experts and router is None and isinstance(num_experts, int):
             num_experts += len(self.zero_experts)  # the router chooses among E + Z
         router = _router_config(num_experts, top_k, router, router_options)
@@ -351,12 +357,11 @@ class MoE(nn.Module):
                 f"dimension, got shape {tuple(x.shape)}"
             )
         x2 = x.reshape(-1, self.hidden_size)
-        if token_mask is not None:  # HF-style 0/1 attention masks are accepted too
-            token_mask = token_mask.reshape(-1)
-            if token_mask.dtype != torch.bool:
-                token_mask = token_mask != 0
-        if modality is not None:
-            modality = modality.reshape(-1)
+        lead = x.shape[:-1]
+        token_mask = per_token("MoE", "token_mask", token_mask, lead, x2.shape[0])
+        if token_mask is not None and token_mask.dtype != torch.bool:
+            token_mask = token_mask != 0  # HF-style 0/1 attention masks are accepted too
+        modality = per_token("MoE", "modality", modality, lead, x2.shape[0])
         return x2, token_mask, modality
 
     # -- staged API -------------------------------------------------------------------------------
@@ -373,6 +378,7 @@ class MoE(nn.Module):
         with no_autocast(x, cast):
             xr = h.routed_input()
             if self.expert_choice:
+                warn_not_causal(self, x)
                 h.r = token_mask
             else:
                 h.r, h.capacity = self._route(xr, token_mask, modality)
@@ -501,7 +507,7 @@ class MoE(nn.Module):
         w1, w2 = self._expert_weights(cast)
         with _stage("router", x2):
             logits = self._router_logits(x2)
-        self.aux_loss = None  # balanced by construction
+        self.aux_loss = z_loss(logits, token_mask, self.z_loss_coef)  # no aux loss: balanced
         with _stage("expert_choice", x2):
             return expert_choice_routed(
                 logits,
