@@ -197,3 +197,26 @@ def test_recorded_outputs_below_capacity_one_are_full_length():
     torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
     causal = torch.ones(11, 11, dtype=torch.bool).tril()
     assert torch.count_nonzero(w[..., ~causal]) == 0
+
+
+def test_recorded_attentions_carry_the_gradient_of_the_original():
+    model = tiny(attn="eager")
+    conv = copy.deepcopy(model)
+    add_mod(conv, layers=[0, 2], capacity=1.0)
+    ids, am = batch()
+    real = am.bool()
+    gy = torch.randn(3, 11, 101, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for m in (model, conv):
+        out = m(ids, attention_mask=am, use_cache=False, output_attentions=True)
+        for a in out.attentions:
+            a.retain_grad()
+        (out.logits * gy * real[..., None]).sum().backward()
+        grads.append([a.grad for a in out.attentions])
+    pair = (real[:, None, :, None] & real[:, None, None, :]).expand(3, 4, 11, 11)
+    for got, want in zip(*grads):
+        assert got is not None
+        torch.testing.assert_close(got[pair], want[pair], rtol=1e-4, atol=1e-6)
+    mine = dict(conv.named_parameters())
+    for n, p in model.named_parameters():  # parameter gradients unchanged
+        torch.testing.assert_close(mine[n].grad, p.grad, rtol=1e-4, atol=1e-6)

@@ -125,10 +125,37 @@ def _pass_padding_mask(decoder, args, kwargs):
             layer.hf_padding_mask = pad
 
 
+def _to_full(w, pos, ok, S):
+    """Compacted attention weights ``[B, h, C, C]`` at the tokens' positions in ``[B, h, S, S]``
+    (zero elsewhere; empty slots dropped)."""
+    B, h, C, _ = w.shape
+    w = w * (ok[:, None, :, None] & ok[:, None, None, :]).to(w.dtype)
+    rows = w.new_zeros(B, h, S, C).scatter_add_(2, pos[:, None, :, None].expand(B, h, C, C), w)
+    return w.new_zeros(B, h, S, S).scatter_add_(3, pos[:, None, None, :].expand(B, h, S, C), rows)
+
+
+class _OnTheLossPath(torch.autograd.Function):
+    """``out`` unchanged, with the full-length weights ``full`` (a leaf) on the loss path: the
+    backward hands ``out``'s gradient on, and gives ``full`` the gradient the compacted weights
+    ``w`` receive through ``out``, at the tokens' positions (what HF users read from
+    ``attentions[i].grad``). ``w`` itself gets its gradient through ``out``'s own graph."""
+
+    @staticmethod
+    def forward(ctx, out, w, full, pos, ok):
+        ctx.out, ctx.w, ctx.where = out, w, (pos, ok, full.shape[-1])
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gw,) = torch.autograd.grad(ctx.out, ctx.w, grad, retain_graph=True, allow_unused=True)
+        gfull = None if gw is None else _to_full(gw, *ctx.where)
+        return grad, None, gfull, None, None
+
+
 class _FullLengthAttentions:
     """Forward hook (run before HF's recorder) of an attention module inside a MoD layer: while
-    the layer runs its block on a top-C compacted sequence, attention weights ``[B, h, C, C]``
-    go back to ``[B, h, seq, seq]`` at the tokens' positions."""
+    the layer runs its block on a top-C compacted sequence and HF records attentions, weights
+    ``[B, h, C, C]`` go back to ``[B, h, seq, seq]`` at the tokens' positions, with gradients."""
 
     def __init__(self, layer, index):
         self.layer, self.index = layer, index
@@ -141,13 +168,14 @@ class _FullLengthAttentions:
         if not torch.is_tensor(w) or w.dim() != 4 or not _recording_attentions():
             return None
         pos, ok, S = ctx
-        B, h, C, _ = w.shape
-        w = w * (ok[:, None, :, None] & ok[:, None, None, :]).to(w.dtype)  # empty slots: none
-        rows = w.new_zeros(B, h, S, C).scatter_add_(2, pos[:, None, :, None].expand(B, h, C, C), w)
-        full = w.new_zeros(B, h, S, S).scatter_add_(
-            3, pos[:, None, None, :].expand(B, h, S, C), rows
-        )
-        return output[: self.index] + (full,) + output[self.index + 1 :]
+        full = _to_full(w.detach(), pos, ok, S)
+        out = list(output)
+        main = 1 if self.index == 0 else 0  # the attention output, on the loss path
+        if w.requires_grad and torch.is_tensor(out[main]) and out[main].requires_grad:
+            full.requires_grad_(True)
+            out[main] = _OnTheLossPath.apply(out[main], w, full, pos, ok)
+        out[self.index] = full
+        return tuple(out)
 
 
 def _recording_attentions():
