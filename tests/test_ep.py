@@ -123,14 +123,22 @@ def _mismatch(rank, world, what):
     from mixops.parallel import ExpertParallelMoE
 
     ffn = F + (rank if what == "ffn" else 0)
-    ep = ExpertParallelMoE(H, ffn, E, K, capacity_factor=1.0 if what == "tokens" else None, **F64)
+    # reduce_stats on one rank only: its loss all-reduces would meet the other's exchange.
+    stats = dict(reduce_stats=rank == 0, aux_loss_coef=0.01) if what == "reduce_stats" else {}
+    ep = ExpertParallelMoE(
+        H, ffn, E, K, capacity_factor=1.0 if what == "tokens" else None, **stats, **F64
+    )
     T = 10 + (rank if what == "tokens" else 0)
-    match = "ffn_size" if what == "ffn" else r"tokens \(capacity mode needs equal token counts\)"
-    with pytest.raises(ValueError, match=f"disagree on {match}"):
+    match = {
+        "ffn": "ffn_size: rank 0: 24, rank 1: 25",
+        "tokens": r"tokens \(capacity mode needs equal token counts\): rank 0: 10, rank 1: 11",
+        "reduce_stats": "reduce_stats: rank 0: 1, rank 1: 0",
+    }[what]
+    with pytest.raises(ValueError, match=f"disagree on .*{match}"):
         ep(torch.randn(T, H, **F64))
 
 
-@pytest.mark.parametrize("what", ["ffn", "tokens"])
+@pytest.mark.parametrize("what", ["ffn", "tokens", "reduce_stats"])
 def test_mismatched_configurations_are_errors(what):
     run_world(_mismatch, 2, what)
 

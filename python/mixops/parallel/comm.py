@@ -19,6 +19,8 @@ __all__ = [
     "all_to_all",
     "AllToAllHandle",
     "check_same_config",
+    "start_config_check",
+    "ConfigCheck",
     "slow_link",
     "traced",
     "traced_call",
@@ -288,9 +290,33 @@ def start_exchange(x, group, out_splits=None, in_splits=None, name="all_to_all")
     return AllToAllHandle(out, _StreamWork(done, work))
 
 
-def check_same_config(values: dict, group, what="mixops.parallel") -> None:
-    """Raise on every rank if the ranks of ``group`` disagree on ``values`` (name -> int); the
-    message names the field and each rank's value. One small all_gather (a host round trip)."""
+class ConfigCheck:
+    """A configuration check in flight (``start_config_check``): ``finish()`` waits for its
+    all_gather and raises on every rank if the ranks disagree."""
+
+    def __init__(self, names, every, work, what):
+        self.names, self.every, self.work, self.what = names, every, work, what
+
+    def finish(self) -> None:
+        if self.work is None:
+            return
+        self.work.wait()
+        self.work = None
+        table = torch.stack(self.every).cpu()  # (NCCL: the host sync of the check)
+        bad = []
+        for i, n in enumerate(self.names):
+            col = table[:, i].tolist()
+            if len(set(col)) > 1:
+                bad.append(f"{n}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(col)))
+        if bad:
+            raise ValueError(f"{self.what}: the ranks disagree on " + "; ".join(bad))
+
+
+def start_config_check(values: dict, group, what="mixops.parallel") -> ConfigCheck:
+    """Start comparing ``values`` (name -> int) between the ranks of ``group``: one all_gather
+    of an int64 tensor of ``len(values)`` elements, so every rank must pass the same names (then
+    the collective has the same shape everywhere, whatever the values). Work that needs no
+    collective may run before ``finish()``; any other collective of the group must come after."""
     names = sorted(values)
     mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64)
     backend = dist.get_backend(group)
@@ -298,12 +324,12 @@ def check_same_config(values: dict, group, what="mixops.parallel") -> None:
     mine = mine.to(dev)
     world = dist.get_world_size(group)
     every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    table = torch.stack(every).cpu()
-    for i, n in enumerate(names):
-        col = table[:, i].tolist()
-        if len(set(col)) > 1:
-            raise ValueError(
-                f"{what}: the ranks disagree on {n}: "
-                + ", ".join(f"rank {r}: {v}" for r, v in enumerate(col))
-            )
+    work = dist.all_gather(every, mine, group=group, async_op=True)
+    return ConfigCheck(names, every, work, what)
+
+
+def check_same_config(values: dict, group, what="mixops.parallel") -> None:
+    """Raise on every rank if the ranks of ``group`` disagree on ``values`` (name -> int; the
+    same names on every rank); the message names each disagreeing field and each rank's value.
+    One small all_gather (a host round trip)."""
+    start_config_check(values, group, what).finish()
