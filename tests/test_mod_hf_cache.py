@@ -142,3 +142,17 @@ def test_an_edited_cache_keeps_its_class_and_copies_with_its_history():
             c.reorder_cache(torch.tensor([1, 0]))
             got = model(nxt[[1, 0]], cache=c, use_cache=True).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sliding_window_static_cache_is_a_clear_error():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = MistralForCausalLM(cfg).eval()
+    add_mod(model, layers=[1], capacity=0.5, causal_rule="router")
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="MoD: layer 1's static cache"):
+        model(ids, cache=StaticCache(config=cfg, max_cache_len=16), use_cache=True)

@@ -146,7 +146,13 @@ def _static_positions(cache, layer, S, device):
     """The positions ``[S]`` the static cache writes this step (its length + 0..S-1, no sync)."""
     if layer.layer_idx is None:
         raise ValueError("MoD: a static cache needs the wrapped layer's layer_idx")
-    start = getattr(cache.layers[layer.layer_idx], "cumulative_length", None)
+    cache_layer = cache.layers[layer.layer_idx]
+    if getattr(cache_layer, "is_sliding", False):
+        raise NotImplementedError(
+            f"MoD: layer {layer.layer_idx}'s static cache is a sliding window "
+            f"({type(cache_layer).__name__}); MoD follows full static layers and growing caches"
+        )
+    start = getattr(cache_layer, "cumulative_length", None)
     if not torch.is_tensor(start):
         start = torch.tensor(int(start or 0))
     return start.to(device) + torch.arange(S, device=device)
