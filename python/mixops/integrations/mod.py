@@ -260,6 +260,13 @@ def convert_layers(model, plan):
     them). Converts those layers in place, records them and installs the model-level hooks."""
     decoder = _decoder(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl == "flex_attention":
+        raise ValueError(
+            "add_mod: attn_implementation 'flex_attention' is not supported (its BlockMask "
+            "cannot be compacted or hide skipped keys); use 'sdpa' or 'eager' (flash attention: "
+            "top-C training only, not generation)"
+        )
     for i in plan:
         if isinstance(decoder.layers[i], MoDRouting):
             raise ValueError(f"add_mod: layer {i} is already a MoD layer")

@@ -178,6 +178,7 @@ class MoDRouting:
                 f"MoD: hidden_states must be [batch, seq, {self.hidden_size}], got {tuple(x.shape)}"
             )
         B, S, _ = x.shape
+        self._check_mask(kwargs.get("attention_mask"))
         valid = self._token_mask(token_mask, kwargs.get("attention_mask"), B, S, x.device)
         routable = _bool_mask("routable_mask", routable_mask, B, S, x.device)
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
@@ -216,6 +217,32 @@ class MoDRouting:
         if routing == "causal":
             return self._causal_forward(x, r, g, valid, routable, cache, kwargs)
         return self._topc_forward(x, r, g, valid, routable, max_processed, kwargs)
+
+    def _block_output(self, y, x):
+        """The block's output tensor (a tuple's first element) in x's dtype: under autocast a
+        block may return a lower precision (cast back, as the residual stream is x's); otherwise
+        another dtype is an error."""
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        if not torch.is_tensor(y) or y.shape[-1] != x.shape[-1]:
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"MoD: the block must return [batch, seq, {x.shape[-1]}], got {got}")
+        if y.dtype != x.dtype:
+            if not torch.is_autocast_enabled(x.device.type):
+                raise ValueError(
+                    f"MoD: the block returned {y.dtype} for a {x.dtype} input; MoD mixes the "
+                    f"block's output into its input, so it must return the input's dtype"
+                )
+            y = y.to(x.dtype)
+        return y
+
+    def _check_mask(self, m):
+        if m is not None and not torch.is_tensor(m):
+            raise ValueError(
+                f"MoD: attention_mask must be a tensor or None, got {type(m).__name__} (HF's "
+                f"flex_attention passes a BlockMask, which MoD cannot compact or use to hide "
+                f"skipped keys); use attn_implementation 'sdpa' or 'eager'"
+            )
 
     def _router(self, x):
         """Router logits [..., seq] in x's dtype."""
@@ -274,8 +301,7 @@ class MoDRouting:
             y = self._run_block(xc, **bkw)
         finally:
             self.mod_compaction = None
-        if isinstance(y, (tuple, list)):
-            y = y[0]
+        y = self._block_output(y, x)
         # The chosen tokens' gates: from their own logits again when only they need a gradient.
         gc = self._gate(self._router(xc)) if self._rows_only else g.gather(1, pos)
         out_c = self._update(xc, y, gc).reshape(-1, H)
@@ -345,9 +371,7 @@ class MoDRouting:
             kind=mask_kind(self._block_root()),
             dtype=x.dtype,
         )
-        y = self._run_block(x, **bkw)
-        if isinstance(y, (tuple, list)):
-            y = y[0]
+        y = self._block_output(self._run_block(x, **bkw), x)
         self.chosen, self.aux_loss = keep, None
         return torch.where(keep.unsqueeze(-1), self._update(x, y, g), self._skipped(x, g))
 
