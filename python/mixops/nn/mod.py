@@ -26,7 +26,12 @@ from ..ops import select_topc
 from .mod_history import cache_len, layer_history
 from .mod_rows import gather_rows, write_rows
 from .mod_select import (
+    MoDRouter,
+    all_true,
+    and_masks,
+    bool_mask,
     capacity_count,
+    cast_or_none,
     compact_kwargs,
     mask_kind,
     parse_capacity,
@@ -40,24 +45,6 @@ __all__ = ["MoD", "MoDRouter", "MoDRouting", "pmod_capacity_schedule"]
 _GATES = ("raw", "sigmoid", "tanh", "one")
 _RULES = (None, "router", "predictor")
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
-
-
-class MoDRouter(nn.Linear):
-    """MoD's router projection ``[hidden] -> [1]``: zeros for the "tanh" gate (every weight
-    starts at exactly 1), else N(0, 0.02), bias zero. Its own class so that every initialiser
-    (``reset_parameters``, HF's ``init_weights`` through mixops' hook) applies this rule."""
-
-    zero_init = False
-
-    def reset_parameters(self, init=nn.init):
-        """``init``: the module of init functions (HF's ``transformers.initialization`` skips
-        tensors loaded from a checkpoint)."""
-        if self.zero_init:
-            init.zeros_(self.weight)
-        else:
-            init.normal_(self.weight, std=0.02)
-        if self.bias is not None:
-            init.zeros_(self.bias)
 
 
 class MoDRouting:
@@ -180,7 +167,7 @@ class MoDRouting:
         B, S, _ = x.shape
         self._check_mask(kwargs.get("attention_mask"))
         valid = self._token_mask(token_mask, kwargs.get("attention_mask"), B, S, x.device)
-        routable = _bool_mask("routable_mask", routable_mask, B, S, x.device)
+        routable = bool_mask("routable_mask", routable_mask, B, S, x.device)
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         if routing is None:
             routing = "causal" if cache is not None and not self.training else "topc"
@@ -247,7 +234,7 @@ class MoDRouting:
     def _router(self, x):
         """Router logits [..., seq] in x's dtype."""
         w = self.router.weight.to(x.dtype)
-        return F.linear(x, w, _cast(self.router.bias, x.dtype)).squeeze(-1)
+        return F.linear(x, w, cast_or_none(self.router.bias, x.dtype)).squeeze(-1)
 
     def _token_mask(self, token_mask, attention_mask, B, S, device):
         if token_mask is None:
@@ -256,7 +243,7 @@ class MoDRouting:
                 m = self.hf_padding_mask
             if m is not None:
                 token_mask = m[:, -S:]
-        return _bool_mask("token_mask", token_mask, B, S, device)
+        return bool_mask("token_mask", token_mask, B, S, device)
 
     def _skipped(self, x, g):
         return g.unsqueeze(-1).to(x.dtype) * x if self.scale_skipped else x
@@ -273,7 +260,7 @@ class MoDRouting:
             if isinstance(L, bool) or not isinstance(L, int) or not 1 <= L <= S:
                 raise ValueError(f"MoD: max_processed must be an int in [1, seq={S}], got {L!r}")
             idx, chosen_routed = routable_choice(
-                rf, routable, _all(valid, B, S, x.device), self.capacity, L
+                rf, routable, all_true(valid, B, S, x.device), self.capacity, L
             )
         slot_ok = idx >= 0
         may_be_empty = valid is not None or routable is not None
@@ -312,7 +299,7 @@ class MoDRouting:
         chosen = chosen.scatter(1, torch.where(slot_ok, idx, S), True)[:, :S]
         self.chosen = chosen
         self.aux_loss = self._aux_loss(x, chosen if chosen_routed is None else chosen_routed,
-                                       valid if routable is None else _and(valid, routable))  # fmt: skip
+                                       valid if routable is None else and_masks(valid, routable))  # fmt: skip
         return out
 
     def _rule_logits(self, x):
@@ -352,7 +339,7 @@ class MoDRouting:
             keep = self._rule_logits(x) > 0  # sigmoid(logit) > 0.5
             if routable is not None:
                 keep = keep | ~routable
-        keep = _and(keep, valid)
+        keep = and_masks(keep, valid)
         history, q_pos = layer_history(cache, self, keep)
         m = kwargs.get("attention_mask")
         if m is not None and m.dim() == 2:
@@ -443,26 +430,3 @@ class MoD(MoDRouting, nn.Module):
 
     def _block_root(self):
         return self.block
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
-def _all(valid, B, S, device):
-    return valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=device)
-
-
-def _and(a, b):
-    if a is None:
-        return b
-    return a if b is None else a & b
-
-
-def _bool_mask(name, m, B, S, device):
-    if m is None:
-        return None
-    if not torch.is_tensor(m) or tuple(m.shape) != (B, S):
-        got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
-        raise ValueError(f"MoD: {name} must be a [batch, seq] = {(B, S)} tensor, got {got}")
-    return (m != 0).to(device)

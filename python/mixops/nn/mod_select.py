@@ -1,4 +1,6 @@
-"""Token selection and the block's inputs for mixops.nn.MoD.
+"""Token selection and the block's inputs for mixops.nn.MoD: the capacity, the router projection
+(``MoDRouter``), top-C and routable choice, the compacted block's arguments, the causal skip mask
+and small mask helpers.
 
 Two ways a sequence's tokens are chosen:
 - top-C (training and evaluation without a cache): per sequence the C best router scores among the
@@ -16,11 +18,13 @@ import math
 from fractions import Fraction
 
 import torch
+from torch import nn
 
 from .._compat import sym_min
 from .moa_attention import causal_allowed
 
 __all__ = [
+    "MoDRouter",
     "parse_capacity",
     "pmod_capacity_schedule",
     "capacity_count",
@@ -219,3 +223,44 @@ def skip_mask(mask, key_keep, q_pos, *, kind, dtype):
             f"{q_len}, {kv_len}], got shape {tuple(mask.shape)}"
         )
     return _combine(mask, keep)
+
+
+class MoDRouter(nn.Linear):
+    """MoD's router projection ``[hidden] -> [1]``: zeros for the "tanh" gate (every weight
+    starts at exactly 1), else N(0, 0.02), bias zero. Its own class so that every initialiser
+    (``reset_parameters``, HF's ``init_weights`` through mixops' hook) applies this rule."""
+
+    zero_init = False
+
+    def reset_parameters(self, init=nn.init):
+        """``init``: the module of init functions (HF's ``transformers.initialization`` skips
+        tensors loaded from a checkpoint)."""
+        if self.zero_init:
+            init.zeros_(self.weight)
+        else:
+            init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+
+def cast_or_none(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def all_true(valid, B, S, device):
+    return valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+
+
+def and_masks(a, b):
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def bool_mask(name, m, B, S, device):
+    if m is None:
+        return None
+    if not torch.is_tensor(m) or tuple(m.shape) != (B, S):
+        got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
+        raise ValueError(f"MoD: {name} must be a [batch, seq] = {(B, S)} tensor, got {got}")
+    return (m != 0).to(device)
