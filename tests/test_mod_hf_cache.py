@@ -156,3 +156,15 @@ def test_a_sliding_window_static_cache_is_a_clear_error():
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(11))
     with torch.no_grad(), pytest.raises(NotImplementedError, match="MoD: layer 1's static cache"):
         model(ids, cache=StaticCache(config=cfg, max_cache_len=16), use_cache=True)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_cache_filled_without_mod_is_a_clear_error(kind):
+    model, _ = routed_model()
+    plain = tiny()  # the same weights without MoD
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        cache = new_cache(kind, model)
+        plain(ids, cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="MoD: the (static )?cache (already )?holds 6 tokens"):
+            model(ids[:, :1], cache=cache, use_cache=True)

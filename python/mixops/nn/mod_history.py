@@ -168,10 +168,18 @@ def layer_history(cache, layer, keep):
     if store.static:
         buf = store.tensors.get(key)
         max_len = cache.get_max_length(layer.layer_idx)
+        pos = _static_positions(cache, layer, S, keep.device)
         if buf is None or buf.shape != (B, max_len) or buf.device != keep.device:
+            # A new history starts with an empty cache (one host read, at the prefill): a cache
+            # another model filled has no skip history to give.
+            if not torch.compiler.is_compiling() and int(pos[0]) != 0:
+                raise ValueError(
+                    f"MoD: the static cache already holds {int(pos[0])} tokens for layer "
+                    f"{layer.layer_idx} but this layer has no skip history for it (a cache "
+                    f"filled without MoD, or for another batch size)"
+                )
             buf = torch.zeros(B, max_len, dtype=torch.bool, device=keep.device)
             store.tensors[key] = buf
-        pos = _static_positions(cache, layer, S, keep.device)
         buf.index_copy_(1, pos, keep)
         return buf, pos
     past = store.tensors.get(key)
