@@ -333,3 +333,109 @@ def test_autocast_bf16_casts_explicitly_and_keeps_fp32_master_grads():
     ref = mb(x.detach().bfloat16(), attention_mask=torch.ones(2, 6, dtype=torch.long),
              position_embeddings=tuple(t.bfloat16() for t in rope))  # fmt: skip
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_bad_mask_lengths_and_a_cache_without_layer_idx_are_clear_errors():
+    m = make()
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    for bad in (torch.ones(2, 2), torch.ones(2, 5)):  # shorter and longer than the keys
+        with pytest.raises(ValueError, match=rf"attention_mask.*{bad.shape[1]}.*\b3\b|"
+                                             rf"attention_mask.*\b3\b.*{bad.shape[1]}"):  # fmt: skip
+            m(x, attention_mask=bad)
+    with pytest.raises(ValueError, match=r"attention_mask.*batch"):
+        m(x, attention_mask=torch.ones(3, 3))
+    cache = DynamicCache()
+    with pytest.raises(ValueError, match="layer_idx"):
+        m(x, cache=cache)
+    assert cache.get_seq_length() == 0, "the cache is left as it was"
+    m.layer_idx = 0
+    m(x[:, :2], cache=cache)
+    with pytest.raises(
+        ValueError, match=r"attention_mask.*\b4\b.*\b3\b|attention_mask.*\b3\b.*\b4\b"
+    ):
+        m(x[:, :1], attention_mask=torch.ones(2, 4), cache=cache)  # 2 cached + 1 new = 3 keys
+
+
+DOC_IDS = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0], [5, 5, 7, 7, 7, 7, 9]])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_document_ids_attend_within_each_document(padded):
+    m = make(E=5, k=2, Hkv=2)
+    B, S = DOC_IDS.shape
+    x = torch.randn(B, S, 32, dtype=torch.float64, requires_grad=True)
+    rope = rope_tables(B, S, 8, torch.float64)
+    pad = LEFT_PAD if padded else None
+    same = DOC_IDS[:, :, None] == DOC_IDS[:, None, :]
+    allowed = causal_allowed(B, S, pad) & same
+    y = m(x, attention_mask=pad, position_embeddings=rope, document_ids=DOC_IDS)
+    ref = oracle(m, x, "jetmoe", allowed, rope)
+    valid = torch.ones(B, S, dtype=torch.bool) if pad is None else pad.bool()
+    torch.testing.assert_close(y[valid], ref[valid], rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y) * valid[..., None]
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="document_ids"):
+        m(x, document_ids=DOC_IDS[:, :4])
+    m.layer_idx, cache = 0, DynamicCache()
+    m(x[:, :3], cache=cache)
+    with pytest.raises(ValueError, match="document_ids"):  # keys of earlier calls: no ids for them
+        m(x[:, 3:], cache=cache, document_ids=DOC_IDS[:, 3:])
+
+
+def test_output_attentions_gives_the_weights_in_jetmoe_head_order():
+    m = make(E=5, k=2, Hkv=2)
+    B, S = LEFT_PAD.shape
+    x = torch.randn(B, S, 32, dtype=torch.float64)
+    rope = rope_tables(B, S, 8, torch.float64)
+    y, w = m(x, attention_mask=LEFT_PAD, position_embeddings=rope, output_attentions=True)
+    valid = LEFT_PAD.bool()
+    want = m(x, attention_mask=LEFT_PAD, position_embeddings=rope)
+    torch.testing.assert_close(y[valid], want[valid], rtol=1e-12, atol=1e-12)
+    assert w.shape == (B, 2 * 2, S, S)
+    # head j * Hkv + h: the j-th chosen expert's query head h against key head h (HF's order)
+    ids = (x.reshape(-1, 32) @ m.experts.router.layer.weight.T).topk(2, -1).indices.view(B, S, 2)
+    kv = (x @ m.kv_proj.weight.T).view(B, S, 2, 2, 8)
+    key = moa_mod.rope(kv[:, :, 0].transpose(1, 2), *rope)  # [B, Hkv, S, d]
+    allowed = causal_allowed(B, S, LEFT_PAD)
+    for j in range(2):
+        wq = m.experts.input_linear.weight[ids[..., j]]  # [B, S, Hkv * d, H]
+        q = torch.einsum("bsoh,bsh->bso", wq, x).view(B, S, 2, 8).transpose(1, 2)
+        q = moa_mod.rope(q, *rope)
+        s = (q @ key.transpose(-1, -2)) * m.scaling
+        p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1)
+        for h in range(2):
+            torch.testing.assert_close(
+                w[:, j * 2 + h][valid], p[:, h][valid], rtol=1e-12, atol=1e-12
+            )
+
+
+@torch.no_grad()
+def test_block_mask_equals_the_dense_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    m = make(E=5, k=2, Hkv=2).eval()
+    B, S = LEFT_PAD.shape
+    x = torch.randn(B, S, 32, dtype=torch.float64)
+    rope = rope_tables(B, S, 8, torch.float64)
+    pad = LEFT_PAD.bool()
+
+    def mask_mod(b, h, qi, ki):
+        return (ki <= qi) & pad[b, ki]
+
+    bm = create_block_mask(mask_mod, B, None, S, S, device="cpu")
+    valid = LEFT_PAD.bool()
+    want = m(x, attention_mask=LEFT_PAD, position_embeddings=rope)
+    got = m(x, attention_mask=bm, position_embeddings=rope)
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-12, atol=1e-12)
+    want = m(x, attention_mask=LEFT_PAD, position_embeddings=rope, document_ids=DOC_IDS)
+    got = m(x, attention_mask=bm, position_embeddings=rope, document_ids=DOC_IDS)
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="BlockMask"):
+        m(x[:, :5], attention_mask=bm)
+    with pytest.raises(ValueError, match="output_attentions"):
+        m(x, attention_mask=bm, output_attentions=True)
+    md = make(attention_dropout=0.1).train()
+    with pytest.raises(ValueError, match="dropout"):
+        md(x, attention_mask=bm)

@@ -122,14 +122,24 @@ class MoA(nn.Module):
         parts: existing modules to build around (see ``MoAParts``).
 
     forward(hidden_states, attention_mask=None, position_embeddings=None, cache=None,
-    token_mask=None, cache_kwargs=None):
+    token_mask=None, cache_kwargs=None, document_ids=None, output_attentions=False):
         attention_mask: None, a ``[batch, kv_len]`` 0/1 padding mask (combined with ``causal``),
-            or HF's 4-D mask ``[batch, 1 or heads, q_len, kv_len]`` (bool, True = attend, or
-            additive float); position_embeddings: ``(cos, sin)`` ``[batch, q_len, head_dim]`` for
+            HF's 4-D mask ``[batch, 1 or heads, q_len, kv_len]`` (bool, True = attend, or
+            additive float), or a flex-attention ``BlockMask`` (run with ``flex_attention``; no
+            attention dropout); the 4-D and BlockMask forms are the whole mask (``causal`` is
+            not added); position_embeddings: ``(cos, sin)`` ``[batch, q_len, head_dim]`` for
             RoPE at the tokens' own positions (HF's rotary embedding output); cache: an HF
-            ``Cache`` (one key and value per token); token_mask ``[batch, q_len]`` (or flat
-            ``[batch * q_len]``; another shape raises): tokens counted in the losses (default:
-            from a 2-D padding mask, else all).
+            ``Cache`` (one key and value per token; needs ``layer_idx``); token_mask
+            ``[batch, q_len]`` (or flat ``[batch * q_len]``; another shape raises): tokens counted
+            in the losses (default: from a 2-D padding mask, else all); document_ids
+            ``[batch, q_len]`` ints: packed (padding-free) documents, a token attends only to
+            tokens of its own document (combined with the mask; the call's tokens must be all the
+            keys: ``moa_attention.document_ids_from_cu_seq_lens`` / ``_from_position_ids`` make
+            them); output_attentions: also return the attention weights
+            ``[batch, top_k * num_kv_heads, q_len, kv_len]``, slot j's head h at
+            ``j * num_kv_heads + h`` (HF JetMoE's order; attention written out, as HF's eager:
+            a fully masked row gets uniform weights).
+    Returns ``[batch, q_len, hidden]``, or ``(output, weights)`` with ``output_attentions``.
     ``self.router_logits`` holds the last forward's logits ``[tokens, E]`` (fp32).
     """
 
@@ -213,26 +223,35 @@ class MoA(nn.Module):
         cache=None,
         token_mask: Optional[torch.Tensor] = None,
         cache_kwargs: Optional[dict] = None,
-    ) -> torch.Tensor:
+        document_ids: Optional[torch.Tensor] = None,
+        output_attentions: bool = False,
+    ):
         x = hidden_states
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoA: hidden_states must be [batch, seq, {self.hidden_size}], "
                 f"got shape {tuple(x.shape)}"
             )
+        if cache is not None and self.layer_idx is None:
+            raise ValueError(
+                "MoA: a cache needs this layer's index in it: build MoA with layer_idx=... "
+                "(or set .layer_idx) before passing cache="
+            )
+        if document_ids is not None and tuple(document_ids.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"MoA: document_ids must be [batch, q_len] = {tuple(x.shape[:2])} "
+                f"(hidden_states' leading dims), got shape {tuple(document_ids.shape)}"
+            )
+        args = (attention_mask, position_embeddings, cache, token_mask, cache_kwargs,
+                document_ids, bool(output_attentions))  # fmt: skip
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # Custom ops are not autocast: cast explicitly (weights through differentiable casts,
             # so fp32 master weights get fp32 gradients) and run without autocast, as MoE does.
             cdt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._forward(
-                    x.to(cdt), attention_mask, position_embeddings, cache, token_mask,
-                    cache_kwargs, cdt,
-                )  # fmt: skip
-        return self._forward(
-            x, attention_mask, position_embeddings, cache, token_mask, cache_kwargs, None
-        )
+                return self._forward(x.to(cdt), *args, cdt)
+        return self._forward(x, *args, None)
 
     def _weights(self, cast):
         """(query, output, kv, kv bias, output bias) weights, cast to ``cast`` when given."""
@@ -247,7 +266,7 @@ class MoA(nn.Module):
         return ws if cast is None else tuple(None if w is None else w.to(cast) for w in ws)
 
     def _forward(self, x, attention_mask, position_embeddings, cache, token_mask, cache_kwargs,
-                 cast):  # fmt: skip
+                 document_ids, output_attentions, cast):  # fmt: skip
         B, S, H = x.shape
         E, k, Hkv, d = self.num_experts, self.top_k, self.num_kv_heads, self.head_dim
         w_q, w_o, w_kv, b_kv, bias = self._weights(cast)
@@ -288,7 +307,12 @@ class MoA(nn.Module):
                 causal=self.causal,
                 scale=self.scaling,
                 dropout_p=self.attention_dropout if self.training else 0.0,
+                document_ids=document_ids,
+                output_attentions=output_attentions,
             )  # [B, S, Hkv, k, d] (a view when it can be)
+        weights = None
+        if output_attentions:
+            o, weights = o
         with _stage("output_gemm", x):
             rows = slots_to_rows(o.reshape(B * S, Hkv, k, d), p.row_map, p.x_sorted.shape[0])
             y_rows = grouped_mm(rows, w_o.transpose(1, 2), p.offsets)
@@ -297,7 +321,8 @@ class MoA(nn.Module):
         if bias is not None:
             # In place: unpermute's output is fresh, and its backward does not keep it.
             y = y.add_(bias)
-        return y.view(B, S, H)
+        y = y.view(B, S, H)
+        return (y, weights) if output_attentions else y
 
     def extra_repr(self):
         return (
