@@ -72,12 +72,17 @@ def step_logits(model, ids, am, generated):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("mode", ["greedy", "sampling", "prompt_lookup", "static_cache"])
+@pytest.mark.parametrize(
+    "mode", ["greedy", "sampling", "prompt_lookup", "assisted", "static_cache"]
+)
 def test_below_capacity_one_each_step_equals_a_step_by_step_recomputation(mode):
     model, mods = routed_model(layers=(0, 1, 2))
-    B = 1 if mode == "prompt_lookup" else 3
+    B = 1 if mode in ("prompt_lookup", "assisted") else 3
     ids, am = batch(B=B)
-    out = generate(model, ids, am, mode, return_dict_in_generate=True, output_logits=True)
+    extra = dict(return_dict_in_generate=True, output_logits=True)
+    if mode == "assisted":  # candidates verified several at a time, rejected ones cropped
+        mode, extra["assistant_model"] = "greedy", tiny(layers=1)
+    out = generate(model, ids, am, mode, **extra)
     assert any((~m.chosen).any() for m in mods)  # tokens do skip layers while generating
     gen = out.sequences[:, ids.shape[1] :]
     torch.testing.assert_close(
@@ -100,10 +105,17 @@ def test_below_capacity_one_beam_scores_equal_a_step_by_step_recomputation(mode)
     torch.testing.assert_close(out.sequences_scores.double(), want, rtol=0, atol=1e-4)
 
 
-def test_a_compiled_decoding_step_on_a_static_cache_equals_eager():
+@pytest.mark.parametrize("capacity", [1.0, 0.5])
+def test_a_compiled_decoding_step_on_a_static_cache_equals_eager(capacity):
+    """At capacity 1 against the unwrapped model in eager mode, below 1 against MoD's eager."""
     model = tiny(layers=1)  # one layer: inductor's CPU compile dominates the test's time
-    mods = add_mod(model, layers=[0], capacity=0.5, causal_rule="router", gate="sigmoid")
-    mods[0].router.weight.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    plain = copy.deepcopy(model)
+    if capacity == 1.0:
+        mods = add_mod(model, layers=[0], capacity=1.0)
+    else:
+        mods = add_mod(model, layers=[0], capacity=0.5, causal_rule="router", gate="sigmoid")
+        mods[0].router.weight.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    eager = plain if capacity == 1.0 else model
     ids, am = batch()
     nxt = torch.randint(0, 101, (3, 1), generator=torch.Generator().manual_seed(12))
     am2 = torch.cat((am, torch.ones_like(am[:, :1])), 1)
@@ -111,12 +123,13 @@ def test_a_compiled_decoding_step_on_a_static_cache_equals_eager():
     with torch.no_grad():
         cache = StaticCache(config=model.config, max_cache_len=16)
         model(ids, attention_mask=am, cache=cache, use_cache=True)
-        ref_cache = copy.deepcopy(cache)
-        want = model(nxt, attention_mask=am2, cache=ref_cache, use_cache=True).logits
+        ref_cache = StaticCache(config=model.config, max_cache_len=16)
+        eager(ids, attention_mask=am, cache=ref_cache, use_cache=True)
+        want = eager(nxt, attention_mask=am2, cache=ref_cache, use_cache=True).logits
         got = step(nxt, attention_mask=am2, cache=cache, use_cache=True).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         am3 = torch.cat((am2, torch.ones_like(am[:, :1])), 1)
-        want = model(nxt, attention_mask=am3, cache=ref_cache, use_cache=True).logits
+        want = eager(nxt, attention_mask=am3, cache=ref_cache, use_cache=True).logits
         got = step(nxt, attention_mask=am3, cache=cache, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert mods[0].chosen.shape == (3, 1)
