@@ -411,13 +411,28 @@ class MoD(MoDRouting, nn.Module):
         block: nn.Module,
         hidden_size: Optional[int] = None,
         capacity: Union[float, Fraction, int] = 0.125,
-        **options,
+        *,
+        gate: str = "raw",
+        scale_skipped: bool = False,
+        residual: bool = True,
+        causal: bool = True,
+        causal_rule: Optional[str] = None,
+        aux_loss_coef: float = 1.0,
+        predictor_hidden: Optional[int] = None,
+        router_bias: bool = False,
+        device=None,
+        dtype=None,
     ):
         nn.Module.__init__(self)
         if not isinstance(block, nn.Module):
             raise TypeError(f"MoD: block must be an nn.Module, got {type(block).__name__}")
         self.block = block
-        self._mod_init(block, hidden_size, capacity, **options)
+        self._mod_init(
+            block, hidden_size, capacity, gate=gate, scale_skipped=scale_skipped,
+            residual=residual, causal=causal, causal_rule=causal_rule,
+            aux_loss_coef=aux_loss_coef, predictor_hidden=predictor_hidden,
+            router_bias=router_bias, device=device, dtype=dtype,
+        )  # fmt: skip
 
     def reset_parameters(self):
         self.reset_mod_parameters()
