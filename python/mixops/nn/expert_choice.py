@@ -11,7 +11,7 @@ no host sync.
 It looks across every token of the batch at once (not causal): a token's output depends on the
 other tokens, later ones included, and with one token every expert picks it. ``warn_not_causal``
 says so, once per layer, where that matters (a causal model, a decoding step). No load-balancing
-loss (balanced by construction); the router z-loss applies (``z_loss``).
+loss (balanced by construction); the router z-loss applies (MoE's ``router_losses``).
 """
 
 import warnings
@@ -28,7 +28,6 @@ __all__ = [
     "expert_choice_config",
     "expert_choice_routed",
     "warn_not_causal",
-    "z_loss",
 ]
 
 
@@ -92,23 +91,6 @@ def warn_not_causal(moe, x):
         return
     moe._warned_not_causal = True
     warnings.warn(_NOT_CAUSAL.format(why=why), UserWarning, stacklevel=4)
-
-
-def z_loss(logits, token_mask, z_loss_coef):
-    """``z_loss_coef`` x the ST-MoE router z-loss (the mean over the counted tokens of
-    ``logsumexp(logits)^2``; the tokens of ``token_mask``, all when None), computed as MoE's
-    ``router_losses`` does for token choice: a 0-dim tensor (fp32, fp64 for fp64 logits), or
-    None when the coefficient is 0. logits ``[T, E]``; token_mask ``[T]`` bool or None."""
-    if not z_loss_coef:
-        return None
-    lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    z = lse.square()
-    if token_mask is None:
-        n = max(logits.shape[0], 1) if isinstance(logits.shape[0], int) else logits.shape[0]
-    else:
-        z = torch.where(token_mask, z, z.new_zeros(()))
-        n = token_mask.sum().clamp(min=1).to(z.dtype)
-    return z_loss_coef * z.sum() / n
 
 
 def expert_capacity(capacity, num_tokens, num_experts):

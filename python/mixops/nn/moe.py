@@ -10,6 +10,7 @@ router logits -> router_topk -> permute -> grouped_mm (gate+up) -> activation ->
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ from .._compat import sym_min
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation, check_activation
-from .expert_choice import expert_choice_config, expert_choice_routed, warn_not_causal, z_loss
+from .expert_choice import expert_choice_config, expert_choice_routed, warn_not_causal
 from .experts import MLP, Experts
 from .router import RouterConfig, TopKRouter
 
@@ -507,7 +508,14 @@ class MoE(nn.Module):
         w1, w2 = self._expert_weights(cast)
         with _stage("router", x2):
             logits = self._router_logits(x2)
-        self.aux_loss = z_loss(logits, token_mask, self.z_loss_coef)  # no aux loss: balanced
+        # The router z-loss as token choice computes it (no aux loss: balanced by construction).
+        self.aux_loss = None
+        if self.z_loss_coef:
+            lse = torch.logsumexp(logits.double() if logits.dtype == torch.float64 else
+                                  logits.float(), dim=-1)  # fmt: skip
+            self.aux_loss = router_losses(
+                SimpleNamespace(lse=lse), x2.shape[0], token_mask, None, 0.0, self.z_loss_coef
+            )
         with _stage("expert_choice", x2):
             return expert_choice_routed(
                 logits,
