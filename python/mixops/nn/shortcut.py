@@ -20,6 +20,8 @@ the delay harness (``mixops.parallel.slow_link``).
 
 from torch import nn
 
+from .._trace import traced_call
+
 __all__ = ["ScMoEBlock", "ShortcutDecoderLayer", "dual_sublayer_forward"]
 
 
@@ -29,8 +31,6 @@ def _first(out):
 
 def _dense(fn, *args):
     """``fn(*args)``, traced as "dense" compute in the delay harness (forward and backward)."""
-    from ..parallel.comm import traced_call  # (the parallel package imports nn)
-
     return traced_call("dense", fn, *args)
 
 
