@@ -1,5 +1,7 @@
-"""The benchmarks run: a quick pass of each job prints its table (numbers are not judged); the
-README's main job (moe, the default) also writes its chart."""
+"""The benchmarks run: a quick pass of each job prints its table (timings are not judged; the
+multi-process jobs' traced shares must lie in [0, 100]%); the README's main job (moe, the default)
+also writes its chart. The traced share's interval arithmetic (bench/_overlap.py) is checked
+against hand-computed intervals."""
 
 import subprocess
 import sys
@@ -165,10 +167,72 @@ def _quick(job, *extra):
     return p.stdout
 
 
+def _table_rows(out, pass_col):
+    """The table rows of a benchmark's stdout: the lines whose ``pass_col``-th field is a pass."""
+    rows = [line.split() for line in out.splitlines()]
+    return [r for r in rows if len(r) > pass_col and r[pass_col] in ("fwd", "fwd+bwd")]
+
+
+def _percent(field):
+    assert field.endswith("%"), field
+    return float(field[:-1])
+
+
 def test_multi_process_benches_quick_run_and_print_tables():
     out = _quick("ep", "--world", "2")
-    for needle in ("expert-parallel benchmark: world 2", "no-link ms", "hidden"):
+    for needle in ("expert-parallel benchmark: world 2", "no-link ms", "hidden", "traced"):
         assert needle in out
+    head = next(line for line in out.splitlines() if line.startswith("pass"))
+    assert head.split()[:4] == ["pass", "n", "traced", "hidden"], head  # traced: the headline
+    assert "traced = " in out and "target >= " in out.split("traced = ")[1].split("hidden")[0]
+    rows = _table_rows(out, 0)
+    assert sorted((r[0], int(r[1])) for r in rows) == sorted(
+        (p, n) for p in ("fwd", "fwd+bwd") for n in (1, 4, 8)
+    ), out
+    for r in rows:
+        assert 0.0 <= _percent(r[2]) <= 100.0, r
     out = _quick("scmoe", "--world", "2")
     for needle in ("shortcut-connected MoE benchmark: world 2", "standard", "shortcut", "60%"):
         assert needle in out
+    rows = _table_rows(out, 1)
+    assert len(rows) == 8, out  # 2 speeds x 2 passes x 2 schedules
+    for r in rows:
+        assert 0.0 <= _percent(r[-1]) <= 100.0, r
+
+
+def _trace(comms, computes):
+    return [["comm", "a2a", a, b, 1] for a, b in comms] + [
+        ["compute", "experts", a, b] for a, b in computes
+    ]
+
+
+def test_union_merges_overlapping_nested_and_touching_intervals():
+    from mixops.bench._overlap import union
+
+    spans = [(4, 8), (2, 5), (12, 15), (13, 14), (15, 16), (7, 7), (9, 8)]
+    assert union(spans) == [[2, 8], [12, 16]]
+    assert union([]) == []
+
+
+def test_covered_share_against_hand_computed_intervals():
+    from mixops.bench._overlap import covered_share
+
+    # One exchange [0, 10]: compute [2, 5] and [4, 8] overlap (their union [2, 8]: 6, not
+    # 3 + 4), [-3, 1] counts only inside the exchange (1), [12, 15] lies outside it (0).
+    trace = _trace([(0, 10)], [(2, 5), (4, 8), (-3, 1), (12, 15)])
+    assert covered_share(trace) == 0.7
+    # A nested interval adds nothing; compute after the exchange nothing.
+    assert covered_share(_trace([(0, 10)], [(1, 9), (2, 3), (10, 20)])) == 0.8
+    # Two exchanges [0, 10] and [20, 24]; one compute [8, 22] covers 2 of each: 4 / 14.
+    assert covered_share(_trace([(0, 10), (20, 24)], [(8, 22)])) == 4 / 14
+    # Exchanges queued on the link overlap each other: each counts its own covered time,
+    # (3 + 3) / (10 + 10).
+    assert covered_share(_trace([(0, 10), (5, 15)], [(6, 9)])) == 0.3
+    # Unfinished records (end None) are left out, as are the bytes field and other names.
+    trace = _trace([(0, 10)], [(0, 5)])
+    trace += [["comm", "combine", 11, None, 8], ["compute", "experts.backward", 5, None]]
+    assert covered_share(trace) == 0.5
+    # Fully covered; nothing covered; no link time at all.
+    assert covered_share(_trace([(1, 2), (3, 4)], [(0, 5)])) == 1.0
+    assert covered_share(_trace([(0, 10)], [(10, 11), (-1, 0)])) == 0.0
+    assert covered_share(_trace([], [(0, 1)])) == 0.0

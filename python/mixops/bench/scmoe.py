@@ -6,8 +6,10 @@ experts and combine back to back) against the shortcut-connected schedule
 finishes after them), forward and forward+backward, through the delay harness's link
 (``mixops.parallel.slow_link``) at two speeds: the all-to-alls of a forward take 15% and 60% of the
 standard layer's MoE forward time (the ScMoE paper's NVLink and PCIe cases). Reports per pass,
-speed and schedule: step ms without and with the link, the communication time, and the fraction
-hidden, (step without link + comm - step with link) / comm.
+speed and schedule: step ms without and with the link, the communication time, the fraction
+hidden, (step without link + comm - step with link) / comm, and the traced share: how much of each
+exchange's link time the recorded compute covers in the harness's trace (``_overlap.covered_share``,
+the measure ep reports too).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ._overlap import covered_share
 from .world import spawn_world
 
 SHARES = (0.15, 0.60)  # all-to-all time / the standard layer's MoE forward time
@@ -139,23 +142,6 @@ def _worker(rank, world, args):
                 hidden = (base + comm - ms) / comm
                 rows.append((share, "fwd+bwd" if b else "fwd", w, base, ms, comm, hidden, traced))
     return rows, moe_ms, shape, torch.get_num_threads()
-
-
-def covered_share(trace):
-    """The share of the exchanges' time (on the link) that compute intervals cover."""
-    spans = sorted((t[2], t[3]) for t in trace if t[0] == "compute" and t[3] is not None)
-    comm = total = 0.0
-    for t in trace:
-        if t[0] != "comm":
-            continue
-        a, b = t[2], t[3]
-        comm += b - a
-        end = a
-        for s, e in spans:
-            s, e = max(s, end), min(e, b)
-            if e > s:
-                total, end = total + e - s, e
-    return total / comm if comm > 0 else 0.0
 
 
 def _timed_ms(fn, dist):
