@@ -356,6 +356,38 @@ def test_bad_mask_lengths_and_a_cache_without_layer_idx_are_clear_errors():
         m(x[:, :1], attention_mask=torch.ones(2, 4), cache=cache)  # 2 cached + 1 new = 3 keys
 
 
+@pytest.mark.parametrize(
+    "cos_shape, sin_shape, bad",
+    [
+        ((2, 3, 16), (2, 3, 16), "cos"),  # another head_dim (the model's, not this layer's)
+        ((2, 3, 8), (2, 3, 4), "sin"),
+        ((2, 4, 8), (2, 4, 8), "cos"),  # another length
+        ((3, 3, 8), (3, 3, 8), "cos"),  # another batch
+        ((3, 8), (3, 8), "cos"),  # no batch dimension
+    ],
+)
+def test_rope_tables_of_the_wrong_shape_get_moas_message(cos_shape, sin_shape, bad):
+    m = make(d=8)  # head_dim 8
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    pe = (torch.randn(cos_shape, dtype=torch.float64), torch.randn(sin_shape, dtype=torch.float64))
+    want = rf"MoA: position_embeddings' {bad} must be \[batch or 1, q_len, head_dim\] = \[2 or 1, 3, 8\]"
+    with pytest.raises(ValueError, match=want):
+        m(x, position_embeddings=pe)
+    with pytest.raises(ValueError, match=r"MoA: position_embeddings must be a pair \(cos, sin\)"):
+        m(x, position_embeddings=pe[:1])
+    m(x, position_embeddings=rope_tables(1, 3, 8, torch.float64))  # batch 1 broadcasts
+
+
+def test_an_input_of_another_dtype_names_the_layer():
+    m = make(dtype=torch.float32)
+    with pytest.raises(
+        ValueError, match=r"MoA: hidden_states is torch.bfloat16 .*weights are torch.float32"
+    ):
+        m(torch.randn(2, 3, 32, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the layer casts itself
+        assert m(torch.randn(2, 3, 32)).dtype == torch.bfloat16
+
+
 DOC_IDS = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0], [5, 5, 7, 7, 7, 7, 9]])
 
 

@@ -1,10 +1,17 @@
 """python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing]: benchmarks that
-time mixops beside its peers in one run and print medians and ratios. moe (the default) times the whole MoE layer
-against HF transformers' Mixtral block; moa the MoA (mixture of attention heads) layer against HF's
-JetMoE attention; mod the MoD (mixture of depths) wrapper against its floor and the dense block, and
-MoE expert choice against token choice; ep the expert-parallel layer's overlap of communication with
-compute (gloo processes, a simulated link); scmoe the shortcut-connected layer's schedule against
-the standard one under the same link; grouped_mm and routing time the ops underneath them."""
+time mixops beside its peers in one run and print medians and ratios.
+
+  moe         (the default) the whole MoE layer against HF transformers' Mixtral block
+  moa         the MoA (mixture of attention heads) layer against HF's JetMoE attention
+  mod         the MoD (mixture of depths) wrapper against its floor and the dense block, and MoE
+              expert choice against token choice
+  ep          the expert-parallel layer's overlap of communication with compute (gloo processes,
+              a simulated link)
+  scmoe       the shortcut-connected layer's schedule against the standard one under that link
+  grouped_mm  grouped GEMM, the op underneath the expert layers
+  routing     router_topk + permute + unpermute against plain PyTorch
+
+Each option's help ends with the benchmarks that use it; the others ignore it."""
 
 import argparse
 
@@ -22,18 +29,100 @@ JOBS = {
     "routing": routing,
 }
 
+# The benchmarks that read each shared option (tests/test_bench_help.py checks these lists
+# against each benchmark module's source). ep and scmoe run fp32 on the CPU (gloo processes).
+SHARED_USED_BY = {
+    "--device": ("moe", "moa", "mod", "grouped_mm", "routing"),
+    "--quick": tuple(JOBS),
+    "--reps": tuple(JOBS),
+    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing"),
+    "--experts": ("moe", "moa", "grouped_mm", "routing"),
+}
+# Options a benchmark adds that others read too ({option: the other benchmarks}).
+ALSO_USED_BY = {"--world": ("scmoe",)}
+# Help for benchmark options declared without one.
+FALLBACK_HELP = {
+    "--dist": "group sizes: balanced, Zipf-skewed, or both (all)",
+}
+
+
+def _help(text, jobs, default):
+    """``text``, the option's default (unless off or already told) and its users."""
+    if not (default is None or default is False or default in ("", [])) and "default" not in text:
+        text += f" (default: {default})"
+    jobs = tuple(j for j in JOBS if j in jobs)  # in JOBS' order
+    users = "all" if jobs == tuple(JOBS) else ", ".join(jobs)
+    return f"{text} [used by: {users}]".lstrip()
+
+
+class _JobOptions:
+    """What a benchmark's ``add_args`` sees: its options go to its own argument group, each help
+    ending with the benchmarks that use the option."""
+
+    def __init__(self, parser, name):
+        self.group = parser.add_argument_group(f"{name} options")
+        self.name = name
+
+    def add_argument(self, *flags, **kwargs):
+        opt = next((f for f in flags if f.startswith("--")), flags[0])
+        text = kwargs.get("help") or FALLBACK_HELP.get(opt, "")
+        if text.startswith(f"{self.name}: "):  # the old "<job>: ..." prefix says it less well
+            text = text[len(self.name) + 2 :]
+        users = (self.name, *ALSO_USED_BY.get(opt, ()))
+        kwargs["help"] = _help(text, users, kwargs.get("default"))
+        return self.group.add_argument(*flags, **kwargs)
+
+    def __getattr__(self, name):  # anything else (set_defaults, ...): the group's
+        return getattr(self.group, name)
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="python -m mixops.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "which",
+        nargs="?",
+        default="moe",
+        choices=list(JOBS),
+        metavar="benchmark",
+        help=f"which benchmark to run: {', '.join(JOBS)} (see above; default: moe)",
+    )
+    shared = p.add_argument_group("options shared by several benchmarks")
+    for flags, kwargs in (
+        (
+            ("--device",),
+            dict(
+                default="cuda" if torch.cuda.is_available() else "cpu",
+                help="where to run: cpu, cuda or cuda:N",
+            ),
+        ),
+        (("--quick",), dict(action="store_true", help="small shapes (a smoke run)")),
+        (("--reps",), dict(type=int, default=7, help="timed repetitions per case (the median)")),
+        (
+            ("--dtype",),
+            dict(
+                default="all",
+                choices=["all", "float32", "bfloat16"],
+                help="the dtypes to time (all: float32 and bfloat16)",
+            ),
+        ),
+        (
+            ("--experts",),
+            dict(type=int, default=0, help="only shapes with this many experts (0: every shape)"),
+        ),
+    ):
+        kwargs["help"] = _help(kwargs["help"], SHARED_USED_BY[flags[0]], kwargs.get("default"))
+        shared.add_argument(*flags, **kwargs)
+    for name, job in JOBS.items():
+        job.add_args(_JobOptions(p, name))
+    return p
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mixops.bench", description=__doc__)
-    p.add_argument("which", nargs="?", default="moe", choices=list(JOBS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--dtype", default="all", choices=["all", "float32", "bfloat16"])
-    p.add_argument("--experts", type=int, default=0, help="only shapes with this many experts")
-    for job in JOBS.values():
-        job.add_args(p)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     JOBS[args.which].run(args)
 
 

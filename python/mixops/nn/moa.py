@@ -24,7 +24,7 @@ from torch import nn
 
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, rows_to_slots, slots_to_rows, unpermute
-from .moa_attention import attend, padding_token_mask, rope
+from .moa_attention import attend, padding_token_mask, rope, rope_tables
 from .moe import _router_config, per_token, router_losses
 from .router import RouterConfig
 
@@ -242,9 +242,18 @@ class MoA(nn.Module):
                 f"MoA: document_ids must be [batch, q_len] = {tuple(x.shape[:2])} "
                 f"(hidden_states' leading dims), got shape {tuple(document_ids.shape)}"
             )
+        if position_embeddings is not None:
+            rope_tables(position_embeddings, x.shape[0], x.shape[1], self.head_dim)
         args = (attention_mask, position_embeddings, cache, token_mask, cache_kwargs,
                 document_ids, bool(output_attentions))  # fmt: skip
         dev = x.device.type
+        w = self.experts.input_linear.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(dev):
+            raise ValueError(
+                f"MoA: hidden_states is {x.dtype} but the layer's weights are {w.dtype}: convert "
+                f"the layer (.to({x.dtype})) or the input (.to({w.dtype})), or run under "
+                f"torch.autocast"
+            )
         if torch.is_autocast_enabled(dev):
             # Custom ops are not autocast: cast explicitly (weights through differentiable casts,
             # so fp32 master weights get fp32 gradients) and run without autocast, as MoE does.

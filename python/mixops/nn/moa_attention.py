@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask
 __all__ = [
     "attend",
     "rope",
+    "rope_tables",
     "padding_token_mask",
     "causal_allowed",
     "document_ids_from_cu_seq_lens",
@@ -41,6 +42,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_tables(position_embeddings, batch, q_len, head_dim):
+    """``position_embeddings`` checked as MoA's RoPE tables: ``(cos, sin)``, each ``[batch or 1,
+    q_len, head_dim]`` (HF's rotary output at this call's tokens). Anything else raises a
+    ValueError naming the expected shape (not a broadcast error from inside ``rope``)."""
+    pe = position_embeddings
+    want = f"[batch or 1, q_len, head_dim] = [{batch} or 1, {q_len}, {head_dim}]"
+    if not (isinstance(pe, (tuple, list)) and len(pe) == 2 and all(torch.is_tensor(t) for t in pe)):
+        got = type(pe).__name__
+        if isinstance(pe, (tuple, list)):
+            got += "(" + ", ".join(type(t).__name__ for t in pe) + ")"
+        raise ValueError(
+            f"MoA: position_embeddings must be a pair (cos, sin) of tensors {want}, got {got}"
+        )
+    for name, t in zip(("cos", "sin"), pe):
+        if t.dim() != 3 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (q_len, head_dim):
+            raise ValueError(
+                f"MoA: position_embeddings' {name} must be {want} (the RoPE table of this "
+                f"layer's head_dim {head_dim} at this call's {q_len} tokens), got shape "
+                f"{tuple(t.shape)}"
+            )
+    return pe
 
 
 def padding_token_mask(attention_mask, batch, q_len) -> Optional[torch.Tensor]:

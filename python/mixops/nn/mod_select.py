@@ -36,21 +36,38 @@ __all__ = [
 
 
 def parse_capacity(capacity):
+    """MoD's capacity as a Fraction (the share of each sequence's tokens, in (0, 1]) or an int
+    (a token count, >= 2). A bare int 1 is refused: "capacity 1" means every token, but an int
+    is a count (one token per sequence), so it is an error saying to write ``1.0`` (every token)
+    or ``Fraction(1)``; floats and Fractions are always ratios, ints >= 2 always counts."""
     if isinstance(capacity, bool) or not isinstance(capacity, (int, float, Fraction)):
         raise TypeError(
-            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+            f"MoD: capacity must be a fraction in (0, 1] (float or Fraction) or an int >= 2 "
+            f"(tokens per sequence), got {capacity!r}"
         )
     if isinstance(capacity, int):
+        if capacity == 1:
+            raise ValueError(
+                "MoD: capacity=1 is ambiguous: an int capacity is a token count (1 would keep "
+                "one token per sequence), while capacity 1 as a ratio processes every token. "
+                "Write capacity=1.0 (or Fraction(1)) for every token; an int capacity counts "
+                "tokens and must be >= 2"
+            )
         if capacity < 1:
             raise ValueError(
-                f"MoD: an int capacity (tokens per sequence) must be >= 1, got {capacity}"
+                f"MoD: an int capacity (tokens per sequence) must be >= 2, got {capacity}"
             )
         return capacity
     if not (math.isfinite(capacity) and 0 < capacity <= 1):
         raise ValueError(
-            f"MoD: capacity must be a fraction in (0, 1] or an int >= 1, got {capacity!r}"
+            f"MoD: capacity must be a fraction in (0, 1] (float or Fraction) or an int >= 2 "
+            f"(tokens per sequence), got {capacity!r}"
         )
-    return Fraction(capacity).limit_denominator(1 << 20)
+    if isinstance(capacity, Fraction):
+        return capacity  # exact already
+    # A float: its nearest simple fraction (0.7 -> 7/10, not 0.6999999999999999555...).
+    frac = Fraction(capacity).limit_denominator(1 << 20)
+    return frac if frac > 0 else Fraction(capacity)
 
 
 def pmod_capacity_schedule(num_layers, mean=0.5, max_ratio=0.85, min_ratio=0.15, kind="cos"):
@@ -74,7 +91,8 @@ def pmod_capacity_schedule(num_layers, mean=0.5, max_ratio=0.85, min_ratio=0.15,
             ratio = mean + math.cos(math.pi * layer / span) / 2
         else:
             ratio = mean + 0.5 - layer / span
-        out.append(None if ratio > max_ratio else parse_capacity(max(ratio, min_ratio)))
+        # float(): the ratios are shares of the sequence, never token counts (min_ratio=1).
+        out.append(None if ratio > max_ratio else parse_capacity(float(max(ratio, min_ratio))))
     return out
 
 

@@ -276,25 +276,27 @@ class ExpertParallelMoE(MoE):
         """The aux / z losses over the group's tokens, 1/R of them on each rank."""
         if not (self.aux_loss_coef or self.z_loss_coef):
             return None
-        from torch.distributed.nn.functional import all_reduce
+
+        def all_reduce(t):  # differentiable sum over the group
+            return _AllReduceSum.apply(self.group, t)
 
         n = (
             torch.tensor(float(num_tokens), device=r.lse.device)
             if token_mask is None
             else token_mask.sum().to(r.lse.dtype)
         )
-        n = all_reduce(n.reshape(1), group=self.group)[0].clamp(min=1)
+        n = all_reduce(n.reshape(1))[0].clamp(min=1)
         loss = r.lse.new_zeros(())
         if self.aux_loss_coef:
             counts = r.counts.to(r.score_sum.dtype)
             dist.all_reduce(counts, group=self.group)
-            p = all_reduce(r.score_sum, group=self.group)
+            p = all_reduce(r.score_sum)
             loss = loss + self.aux_loss_coef * self.num_experts * (counts / n * p / n).sum()
         if self.z_loss_coef:
             z = r.lse.square()
             if token_mask is not None:
                 z = torch.where(token_mask, z, z.new_zeros(()))
-            loss = loss + self.z_loss_coef * all_reduce(z.sum().reshape(1), group=self.group)[0] / n
+            loss = loss + self.z_loss_coef * all_reduce(z.sum().reshape(1))[0] / n
         return loss / self.world_size
 
     # -- training-loop API ----------------------------------------------------------------------
@@ -347,6 +349,24 @@ class ExpertParallelMoE(MoE):
                 v = torch.cat(parts)
             out[k] = v
         return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable sum over ``group``: each rank gets the sum, and the gradient of each
+    rank's input is the sum of the ranks' output gradients. The same collectives, values and
+    gradients as ``torch.distributed.nn.functional.all_reduce``, which torch 2.14 deprecates
+    with a FutureWarning on every call (reduce_stats called it on every forward)."""
+
+    @staticmethod
+    def forward(ctx, group, t):
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _AllReduceSum.apply(ctx.group, grad)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
