@@ -32,6 +32,7 @@ length: ``output_hidden_states`` records the MoD layer's output, and ``output_at
 for the skipped tokens' rows and columns).
 """
 
+import copy
 from fractions import Fraction
 
 import torch
@@ -270,23 +271,38 @@ def convert_layers(model, plan):
     for i in plan:
         if isinstance(decoder.layers[i], MoDRouting):
             raise ValueError(f"add_mod: layer {i} is already a MoD layer")
-    mods = []
-    for i, opts in sorted(plan.items()):
-        layer, opts = decoder.layers[i], dict(opts)
-        cap = opts.pop("capacity")
-        if isinstance(cap, str):
-            cap = Fraction(cap)
-        clash = [a for a in _OWN if hasattr(layer, a)]
-        if clash:
-            raise ValueError(
-                f"add_mod: layer {i} ({type(layer).__name__}) already has {clash}, which MoD adds"
-            )
-        p = next(layer.parameters(), None)
-        kw = {} if p is None else dict(device=p.device, dtype=p.dtype)
-        layer.__class__ = _layer_class(type(layer))
-        layer._mod_init(layer, hidden, cap, **opts, **kw)
-        _record(model, i, layer)
-        mods.append(layer)
+    cfg = getattr(model, "config", None)
+    before = copy.deepcopy(getattr(cfg, "mixops_mod", None))
+    mods, undo = [], []
+    try:
+        for i, opts in sorted(plan.items()):
+            layer, opts = decoder.layers[i], dict(opts)
+            cap = opts.pop("capacity")
+            if isinstance(cap, str):
+                cap = Fraction(cap)
+            clash = [a for a in _OWN if hasattr(layer, a)]
+            if clash:
+                raise ValueError(
+                    f"add_mod: layer {i} ({type(layer).__name__}) already has {clash}, which MoD "
+                    "adds"
+                )
+            p = next(layer.parameters(), None)
+            kw = {} if p is None else dict(device=p.device, dtype=p.dtype)
+            undo.append(_layer_state(layer))
+            layer.__class__ = _layer_class(type(layer))
+            layer._mod_init(layer, hidden, cap, **opts, **kw)
+            _record(model, i, layer)
+            mods.append(layer)
+    except BaseException:
+        # A bad option of any layer leaves the model as it was: no half-converted layer.
+        for state in reversed(undo):
+            _restore_layer(*state)
+        if cfg is not None:
+            if before is None:
+                cfg.__dict__.pop("mixops_mod", None)
+            else:
+                cfg.mixops_mod = before
+        raise
     if not any(h is _pass_padding_mask for h in decoder._forward_pre_hooks.values()):
         decoder.register_forward_pre_hook(_pass_padding_mask, with_kwargs=True)
     specs = _attention_specs(decoder)
@@ -294,6 +310,22 @@ def convert_layers(model, plan):
         _hook_attentions(layer, specs)
     _hook_init(model)
     return mods
+
+
+def _layer_state(layer):
+    """What converting ``layer`` changes: its class and the names in its attribute tables."""
+    tables = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks")
+    return layer, type(layer), set(vars(layer)), {t: set(getattr(layer, t)) for t in tables}
+
+
+def _restore_layer(layer, cls, names, tables):
+    layer.__class__ = cls
+    for t, keys in tables.items():
+        table = getattr(layer, t)
+        for k in set(table) - keys:
+            del table[k]
+    for k in set(vars(layer)) - names:
+        delattr(layer, k)
 
 
 def _hook_init(model):
