@@ -22,21 +22,29 @@ struct alignas(sizeof(T) * N) Pack {
 
 // Threads walk (row, column vector) pairs of a 2-D grid: x over the f / N column vectors of a
 // half row, y over rows, both grid-strided. N > 1 only when every row start of every operand and f
-// are N-element aligned (the launcher checks), so a vector never straddles the gate/up boundary.
+// are N-element aligned (the launcher checks), so a vector never straddles the gate/up boundary
+// and the up half starts fv = f / N vectors after the gate half.
+// Indices are 64-bit: a half row may hold 2^31 columns or more, and the column stride is up to
+// 2^16 blocks x 256 threads, so a 32-bit column index would wrap past its last column (negative,
+// out of bounds, never ending) once f / N passes 2^31 - 2^24 (tests/simt/wide_columns.cpp).
+// The column loops are not unrolled: nvcc did not unroll them before either, but with 64-bit
+// indices it computed a trip count with a 64-bit division call, and the fp64 gelu_tanh backward
+// then spilled 20 bytes on sm_90a (ptxas -v; 0 with unroll 1, and the same loads and stores).
 template <GatedAct Act, typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     gated_act_kernel(const T* __restrict__ h, int64_t ld, T* __restrict__ out, int64_t rows,
                      int64_t f) {
   using A = acc_t<T>;
   using P = Pack<T, N>;
-  const int32_t fv = static_cast<int32_t>(f / N);  // f < 2^31 (the launcher checks)
+  const int64_t fv = f / N;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const P* gate = reinterpret_cast<const P*>(h + r * ld);
-    const P* up = reinterpret_cast<const P*>(h + r * ld + f);
+    const P* gate = reinterpret_cast<const P*>(h + r * ld);  // up vectors at + fv
     P* o = reinterpret_cast<P*>(out + r * f);
-    for (int32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < fv; c += gridDim.x * blockDim.x) {
-      const P g = gate[c], u = up[c];
+#pragma unroll 1
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < fv;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const P g = gate[c], u = gate[fv + c];
       P y;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -53,14 +61,16 @@ __global__ void __launch_bounds__(kThreads)
                               T* __restrict__ dh, int64_t rows, int64_t f) {
   using A = acc_t<T>;
   using P = Pack<T, N>;
-  const int32_t fv = static_cast<int32_t>(f / N);  // f < 2^31 (the launcher checks)
+  const int64_t fv = f / N;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const T* hr = h + r * ld;  // gate columns, then up columns at + f
-    T* dr = dh + r * 2 * f;    // the same layout, contiguous
+    const P* hr = reinterpret_cast<const P*>(h + r * ld);  // gate vectors, then up at + fv
+    P* dr = reinterpret_cast<P*>(dh + r * 2 * f);          // the same layout, contiguous
     const P* go = reinterpret_cast<const P*>(grad + r * f);
-    for (int32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < fv; c += gridDim.x * blockDim.x) {
-      const P g = reinterpret_cast<const P*>(hr)[c], u = reinterpret_cast<const P*>(hr + f)[c];
+#pragma unroll 1
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < fv;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const P g = hr[c], u = hr[fv + c];
       const P gr = go[c];
       P dg, du;
 #pragma unroll
@@ -71,8 +81,8 @@ __global__ void __launch_bounds__(kThreads)
         dg.v[j] = from_acc<T>(det::mul(det::mul(goj, uj), d));
         du.v[j] = from_acc<T>(det::mul(goj, v));
       }
-      reinterpret_cast<P*>(dr)[c] = dg;
-      reinterpret_cast<P*>(dr + f)[c] = du;
+      dr[c] = dg;
+      dr[fv + c] = du;
     }
   }
 }

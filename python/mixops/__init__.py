@@ -23,8 +23,10 @@ def check_errors() -> None:
     synchronisation per device), clears it, and raises a ``RuntimeError`` with the CPU path's
     message for each op that saw bad values (sizes are those of the op's latest call). Call it
     where a sync is cheap: after a training step, in tests, when debugging. ``MIXOPS_DEBUG=1``
-    instead checks after every call. Not allowed during CUDA graph capture. Same op for other
-    frameworks: ``torch.ops.mixops.check_errors()``. A no-op for CPU ops (they raise at the call).
+    instead checks after every call, except calls captured into a CUDA graph (a sync is illegal
+    there): call this after replaying the graph. Not allowed during CUDA graph capture. Same op for
+    other frameworks: ``torch.ops.mixops.check_errors()``. A no-op for CPU ops (they raise at the
+    call).
     """
     torch.ops.mixops.check_errors()
 

@@ -23,6 +23,8 @@ inline thread_local Options launch_options;  // what every bridged launch runs u
 // Every kernel a bridged launch ran, in order (a driver clears it before a call), so tests can
 // tell which paths a case took.
 inline thread_local std::vector<const void*> launched;
+// The grid and block of the latest bridged launch.
+inline thread_local dim3 last_grid, last_block;
 template <class K>
 bool ran(K* kernel) {
   for (const void* p : launched)
@@ -37,6 +39,7 @@ template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t /*stream*/, Args&&... args) {
   simt::launched.push_back(reinterpret_cast<const void*>(kernel));
+  simt::last_grid = grid, simt::last_block = block;
   simt::launch(simt::launch_options, kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 

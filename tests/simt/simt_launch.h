@@ -52,6 +52,11 @@ struct Options {
   size_t stack_bytes = 64 * 1024;
 #endif
   uint64_t max_rounds = uint64_t(1) << 26;  // per block: a longer block is reported as stuck
+  // Only the blocks whose linear index (x fastest, then y, z) is in [block_begin, block_end) run;
+  // gridDim still reports the whole grid. For the index arithmetic of launches too large to run
+  // whole on the CPU: one block of a grid that covers 2^31 elements.
+  uint64_t block_begin = 0;
+  uint64_t block_end = UINT64_MAX;
 };
 
 // One run of launch_checked.
@@ -145,6 +150,7 @@ inline void run_grid(const Options& o, dim3 grid, dim3 block, size_t smem, void 
     for (uint64_t i = nblocks; i > 1; --i) std::swap(order[i - 1], order[m.rng() % i]);
   }
   for (uint64_t b : order) {
+    if (b < o.block_begin || b >= o.block_end) continue;
     const uint3 bidx{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                      static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))};
     run_block(m, bidx);

@@ -34,7 +34,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     Invalid offset *values* (negative, decreasing, past the end) raise on CPU. On CUDA, checking
     them would need a host synchronisation, so kernels clamp them to the valid range and set a
     device-side error flag; with the environment variable ``MIXOPS_DEBUG=1`` the op synchronises
-    and raises the same error as on CPU.
+    and raises the same error as on CPU (except while captured into a CUDA graph: then the flag
+    waits for ``mixops.check_errors()`` after replay).
 
     Autograd: the input gradient is the 2-D x 3-D mode with b transposed, the weight gradient the
     2-D x 2-D mode (written directly in b's storage layout); each only when it is needed.
