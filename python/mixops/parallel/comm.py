@@ -81,6 +81,24 @@ def _a2a(out, inp, out_splits, in_splits, group, async_op, name="all_to_all"):
     return None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable sum over ``group``: each rank gets the sum, and the gradient of each
+    rank's input is the sum of the ranks' output gradients. The same collectives, values and
+    gradients as ``torch.distributed.nn.functional.all_reduce``, which torch 2.14 deprecates
+    with a FutureWarning on every call (reduce_stats called it on every forward)."""
+
+    @staticmethod
+    def forward(ctx, group, t):
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _AllReduceSum.apply(ctx.group, grad)
+
+
 class AllToAllHandle:
     """An all-to-all in flight: ``wait()`` returns its output (autograd attached at start)."""
 

@@ -44,7 +44,7 @@ from ..nn.moe import (
 )
 from ..nn.router import TopKRouter
 from ..ops import grouped_mm, permute, unpermute
-from .comm import resolve_group, start_config_check, traced_call
+from .comm import _AllReduceSum, resolve_group, start_config_check, traced_call
 from .dispatch import (
     compiled_experts_all,
     experts_all,
@@ -349,24 +349,6 @@ class ExpertParallelMoE(MoE):
                 v = torch.cat(parts)
             out[k] = v
         return out
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """A differentiable sum over ``group``: each rank gets the sum, and the gradient of each
-    rank's input is the sum of the ranks' output gradients. The same collectives, values and
-    gradients as ``torch.distributed.nn.functional.all_reduce``, which torch 2.14 deprecates
-    with a FutureWarning on every call (reduce_stats called it on every forward)."""
-
-    @staticmethod
-    def forward(ctx, group, t):
-        ctx.group = group
-        out = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _AllReduceSum.apply(ctx.group, grad)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
