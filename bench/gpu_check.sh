@@ -3,7 +3,8 @@
 # compute-sanitizer, grouped_mm TFLOP/s, MoE/MoA/MoD/EP benchmarks and a profile; a Markdown
 # report in $OUT (or --out). Run from anywhere; carry .gpu/ (bench/gpu_prepare.sh makes it).
 #   bash bench/gpu_check.sh [--only STEP] [--skip STEP] [--budget S] [--out DIR] [--dry-run]
-# The logic and the step table are in bench/gpu_check.py (--help lists the options).
+# The logic is in bench/gpu_check.py (--help lists the options), the step table in
+# bench/gpu_check_steps.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$(command -v python3 || command -v python)}

@@ -5,9 +5,12 @@
 * the kernels we write live in *_kernel.cuh headers with no launch syntax, torch or CUTLASS;
 * every op family has the same files in the same places;
 * the grouped_mm path choice (csrc/grouped_mm/path.h) on several GPUs;
-* the per-file CUDA arch flags (cmake/MixopsArchs.cmake) for several TORCH_CUDA_ARCH_LISTs.
+* the per-file CUDA arch flags (cmake/MixopsArchs.cmake) for several TORCH_CUDA_ARCH_LISTs;
+* no Python file of the package is longer than MAX_PY_LINES lines;
+* nothing in mixops.nn imports mixops.parallel (parallel builds on nn, never the reverse).
 """
 
+import ast
 import json
 import re
 import shutil
@@ -225,3 +228,58 @@ def test_per_file_arch_flags(arch_list, sm80_sass, sm80_ptx, all_sass, all_ptx, 
 def test_bad_arch_lists_are_clear_errors(arch_list, message):
     proc = _arch_flags(arch_list)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+PACKAGE = ROOT / "python" / "mixops"
+MAX_PY_LINES = 400  # split a longer module along its seams (issue 23)
+
+
+def test_no_python_file_of_the_package_is_too_long():
+    long = {
+        str(f.relative_to(ROOT)): n
+        for f in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(f.read_text().splitlines())) > MAX_PY_LINES
+    }
+    assert not long, f"over {MAX_PY_LINES} lines: {long}"
+
+
+def _imported_modules(source, package):
+    """The absolute names of the modules that ``source`` (a module of ``package``, e.g.
+    "mixops.nn") imports anywhere, relative imports resolved; ``from a import b`` gives ``a.b``."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)
+    return names
+
+
+def _parallel(names):
+    return sorted(n for n in names if n == "mixops.parallel" or n.startswith("mixops.parallel."))
+
+
+def test_nn_does_not_import_parallel():
+    # The scan sees every spelling of the import.
+    for src in (
+        "from ..parallel import slow_link",
+        "from ..parallel.comm import traced_call",
+        "from .. import parallel",
+        "import mixops.parallel.comm",
+        "from mixops import parallel",
+        "def f():\n    from ..parallel import comm",
+    ):
+        assert _parallel(_imported_modules(src, "mixops.nn")), src
+    assert not _parallel(_imported_modules("from .._trace import traced", "mixops.nn"))
+
+    bad = {}
+    for f in sorted((PACKAGE / "nn").rglob("*.py")):
+        package = ".".join(("mixops", *f.relative_to(PACKAGE).parent.parts))
+        found = _parallel(_imported_modules(f.read_text(), package))
+        if found:
+            bad[str(f.relative_to(ROOT))] = found
+    assert not bad, f"mixops.nn imports mixops.parallel: {bad}"

@@ -9,12 +9,11 @@ and the ``"mixops"`` experts implementation (``experts_implementation="mixops"``
     register()                                  # then from_pretrained(..., experts_implementation="mixops")
 
 transformers is an optional dependency (``pip install mixops[transformers]``); importing this module
-without it raises ImportError saying so.
+without it raises ImportError saying so. Which blocks and routers convert, and how: hf_blocks.py.
 """
 
 import importlib
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,147 +29,20 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "mixops.integrations.transformers needs HF transformers: pip install 'mixops[transformers]'"
     ) from e
 
-from ..nn import MoE, MoEParts, RouterConfig
+from ..nn import MoE, MoEParts
 from ..nn.mod import MoDRouter
 from ..ops import grouped_mm, permute, unpermute
-
-__all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
-
-
-@dataclass(frozen=True)
-class _RouterSpec:
-    score_fn: str  # "softmax" | "sigmoid"
-    deepseek: bool = (
-        False  # sigmoid + selection bias + groups + eps 1e-20 + routed scaling, fp32 logits
-    )
-    always_renormalize: bool = False  # Mixtral renormalises without a flag
-
-
-# Router classes whose forward mixops reproduces exactly (by class name, so that importing every
-# model of transformers is not needed). Block classes: a gate, 3-D experts, optional shared experts.
-_ROUTERS = {
-    "MixtralTopKRouter": _RouterSpec("softmax", always_renormalize=True),
-    "Qwen2MoeTopKRouter": _RouterSpec("softmax"),
-    "Qwen3MoeTopKRouter": _RouterSpec("softmax"),
-    "OlmoeTopKRouter": _RouterSpec("softmax"),
-    "DeepseekV3TopkRouter": _RouterSpec("sigmoid", deepseek=True),
-    "Glm4MoeTopkRouter": _RouterSpec("sigmoid", deepseek=True),
-}
-SUPPORTED_BLOCKS = (
-    "MixtralSparseMoeBlock",
-    "Qwen2MoeSparseMoeBlock",
-    "Qwen3MoeSparseMoeBlock",
-    "OlmoeSparseMoeBlock",
-    "DeepseekV3MoE",
-    "Glm4MoeMoE",
+from .hf_blocks import (
+    _PATCHED_ROUTER_CLASSES,
+    SUPPORTED_BLOCKS,
+    _check_block,
+    _hidden_act,
+    _router_config,
+    _shared,
+    _Unsupported,
 )
 
-# HF hidden_act of gated experts -> mixops activation.
-_GATED_ACTS = {
-    "silu": "swiglu",
-    "swish": "swiglu",
-    "gelu": "geglu",
-    "gelu_pytorch_tanh": "geglu_tanh",
-    "gelu_new": "geglu_tanh",
-    "relu": "reglu",
-}
-
-
-class _Unsupported(ValueError):
-    """What mixops cannot express about one HF block."""
-
-
-def _hidden_act(experts):
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    if act is None:
-        raise _Unsupported(
-            f"cannot tell the activation of {type(experts).__name__} (no config.hidden_act)"
-        )
-    if act not in _GATED_ACTS:
-        raise _Unsupported(
-            f"activation {act!r} of {type(experts).__name__} is not supported "
-            f"(supported: {', '.join(_GATED_ACTS)})"
-        )
-    return _GATED_ACTS[act]
-
-
-def _check_block(block):
-    """Raises _Unsupported saying what is missing unless mixops can hold this block's modules."""
-    name = type(block).__name__
-    if name not in SUPPORTED_BLOCKS:
-        raise _Unsupported(
-            f"{name} is not a supported MoE block (supported: {', '.join(SUPPORTED_BLOCKS)})"
-        )
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if gate is None or _router_name(gate) not in _ROUTERS:
-        raise _Unsupported(f"{name}: router {type(gate).__name__} has no mixops equivalent")
-    if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        raise _Unsupported(
-            f"{name}: experts without 3-D gate_up_proj/down_proj weights are not supported"
-        )
-    if (
-        getattr(experts, "has_bias", False)
-        or getattr(experts, "is_transposed", False)
-        or getattr(experts, "has_post_expert_norm", False)
-        or not getattr(experts, "is_concatenated", True)
-    ):
-        raise _Unsupported(
-            f"{name}: expert biases, transposed or interleaved weights and "
-            "post-expert norms are not supported"
-        )
-    if getattr(block, "jitter_noise", 0) and block.jitter_noise > 0:
-        raise _Unsupported(
-            f"{name}: router_jitter_noise={block.jitter_noise} has no mixops equivalent"
-        )
-
-
-def _router_config(gate) -> RouterConfig:
-    """The RouterConfig choosing what the HF router ``gate`` chooses, with the same weights."""
-    spec = _ROUTERS[_router_name(gate)]
-    E, k = gate.weight.shape[0], gate.top_k
-    if not spec.deepseek:
-        return RouterConfig(
-            num_experts=E,
-            top_k=k,
-            score_fn=spec.score_fn,
-            renormalize=spec.always_renormalize or bool(gate.norm_topk_prob),
-        )
-    groups, kept = gate.num_group, gate.topk_group
-    if k == E:
-        # HF masks the dropped groups' scores to -inf and still takes the top E: every expert,
-        # weighted by its sigmoid score. Group limiting changes nothing.
-        groups = kept = 1
-    elif groups and kept and E % groups == 0 and k > kept * (E // groups):
-        raise _Unsupported(
-            f"{type(gate).__name__}: top_k ({k}) is more than the {kept * (E // groups)} experts "
-            f"of the {kept} kept group(s) (n_group={groups}, topk_group={kept}); HF then also "
-            "picks experts of dropped groups, whose -inf scores torch.topk orders in no "
-            "specified way, and mixops does not reproduce that choice"
-        )
-    try:
-        return RouterConfig(
-            num_experts=E,
-            top_k=k,
-            score_fn="sigmoid",
-            renormalize=bool(gate.norm_topk_prob),
-            renorm_eps=1e-20,
-            scaling=float(gate.routed_scaling_factor),
-            selection_bias=True,
-            num_groups=groups,
-            groups_kept=kept,
-            group_score="top2_sum",
-            router_fp32=True,
-        )
-    except ValueError as e:
-        raise _Unsupported(f"{type(gate).__name__}: {e}") from e
-
-
-def _shared(block):
-    if hasattr(block, "shared_expert"):
-        return block.shared_expert, getattr(block, "shared_expert_gate", None), "shared_expert"
-    if hasattr(block, "shared_experts"):
-        return block.shared_experts, None, "shared_experts"
-    return None, None, "shared_experts"
+__all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
 
 
 def _build(block, gate, moe_kwargs) -> MoE:
@@ -228,15 +100,6 @@ def _hf_router_logits_forward(self, hidden_states):
     # in a tuple, so HF's output recorder (router_logits, aux loss) still sees them.
     x = hidden_states.reshape(-1, self.weight.shape[-1])
     return (F.linear(x, self.weight.to(x.dtype)),)
-
-
-_PATCHED_ROUTER_CLASSES = {}
-
-
-def _router_name(gate):
-    """The HF class name of a router, also once patch_model has patched it."""
-    cls = type(gate)
-    return cls.__base__.__name__ if cls in _PATCHED_ROUTER_CLASSES.values() else cls.__name__
 
 
 def _patch_router_class(gate):

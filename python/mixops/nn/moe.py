@@ -5,11 +5,10 @@ router logits -> router_topk -> permute -> grouped_mm (gate+up) -> activation ->
 -> unpermute, plus optional shared experts. Submodule and parameter names follow HF transformers
 (``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
 ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj``), so state dicts move between the two.
+The options' parsing is in moe_config.py, the staged API (dispatch_start, run_experts,
+combine_finish) in moe_staged.py, reset_parameters and update_bias in moe_training.py.
 """
 
-import math
-from dataclasses import dataclass
-from fractions import Fraction
 from types import SimpleNamespace
 from typing import Optional
 
@@ -19,10 +18,27 @@ from torch import nn
 from .._compat import sym_min
 from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
-from .activations import GATED, apply_activation, check_activation
-from .expert_choice import expert_choice_config, expert_choice_routed, warn_not_causal
+from .activations import GATED, apply_activation
+from .expert_choice import expert_choice_config, expert_choice_routed
 from .experts import MLP, Experts
+from .moe_config import (
+    MoEParts,
+    _capacity_fraction,
+    _check_layer,
+    _router_config,
+    _zero_kinds,
+    per_token,
+)
+
+# StagedCall, autocast_dtype and no_autocast: parallel/moe.py and integrations/jetmoe.py import
+# them from here.
+from .moe_staged import StagedCall as StagedCall
+from .moe_staged import StagedMoE
+from .moe_staged import autocast_dtype as autocast_dtype
+from .moe_staged import no_autocast as no_autocast
+from .moe_training import TrainingLoopAPI
 from .router import RouterConfig, TopKRouter
+from .router_losses import router_losses
 
 __all__ = ["MoE", "MoEParts"]
 
@@ -38,125 +54,7 @@ def _stage(name, x):
     return nvtx_range(f"mixops.moe.{name}", enabled=_nvtx_enabled(x))
 
 
-def _router_config(num_experts, top_k, router, options):
-    """The layer's RouterConfig: ``router`` itself, or one made from the keyword options."""
-    unknown = set(options) - RouterConfig.option_names()
-    if unknown:
-        raise TypeError(f"MoE got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    if router is None:
-        return RouterConfig(num_experts=num_experts, top_k=top_k, **options)
-    if not isinstance(router, RouterConfig):
-        raise TypeError(
-            f"MoE: router must be a RouterConfig or 'expert_choice', got {router!r}"
-            if isinstance(router, str)
-            else f"MoE: router must be a RouterConfig, got {type(router).__name__}"
-        )
-    if options:
-        raise ValueError(
-            f"MoE: give the routing options either as router=RouterConfig(...) or as "
-            f"keywords, not both (got router= and {', '.join(sorted(options))})"
-        )
-    for name, v in (("num_experts", num_experts), ("top_k", top_k)):
-        if v is not None and v != getattr(router, name):
-            raise ValueError(
-                f"MoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
-            )
-    return router
-
-
-def _capacity_fraction(capacity_factor):
-    if capacity_factor is None:
-        return None
-    if not (
-        isinstance(capacity_factor, (int, float))
-        and math.isfinite(capacity_factor)
-        and capacity_factor > 0
-    ):
-        raise ValueError(
-            f"MoE: capacity_factor must be a finite number > 0 (or None for dropless), "
-            f"got {capacity_factor!r}"
-        )
-    return Fraction(capacity_factor).limit_denominator(1 << 20)
-
-
-def _zero_kinds(zero_experts):
-    """zero_experts: None, an int Z (Z identity experts), or a sequence of "identity" / "null"."""
-    if zero_experts is None:
-        return ()
-    if isinstance(zero_experts, int) and not isinstance(zero_experts, bool):
-        if zero_experts < 0:
-            raise ValueError(f"MoE: zero_experts must be >= 0, got {zero_experts}")
-        return ("identity",) * zero_experts
-    kinds = tuple(zero_experts)
-    for k in kinds:
-        if k not in ("identity", "null"):
-            raise ValueError(f"MoE: zero_experts kinds are 'identity' or 'null', got {k!r}")
-    return kinds
-
-
-def router_losses(r, num_tokens, token_mask, num_experts, aux_loss_coef, z_loss_coef):
-    """``aux_loss_coef`` x the load-balancing loss (HF transformers' ``load_balancing_loss_func``
-    for one layer) + ``z_loss_coef`` x the ST-MoE router z-loss, over the tokens of ``token_mask``
-    (all when None): a 0-dim fp32 tensor with autograd, or None when both coefficients are 0.
-    Shared by MoE and MoA."""
-    if not (aux_loss_coef or z_loss_coef):
-        return None
-    loss = r.lse.new_zeros(())
-    if token_mask is None:
-        n = float(max(num_tokens, 1)) if isinstance(num_tokens, int) else num_tokens
-    else:
-        n = token_mask.sum().clamp(min=1).to(r.lse.dtype)
-    if aux_loss_coef:
-        f = r.counts.to(r.score_sum.dtype) / n
-        p = r.score_sum / n
-        loss = loss + aux_loss_coef * num_experts * (f * p).sum()
-    if z_loss_coef:
-        z = r.lse.square()
-        if token_mask is not None:
-            z = torch.where(token_mask, z, z.new_zeros(()))
-        loss = loss + z_loss_coef * z.sum() / n
-    return loss
-
-
-def per_token(who, name, t, lead_shape, num_tokens, x_name="x"):
-    """A per-token argument (``token_mask``, ``modality``) as ``[num_tokens]``, or None. Its shape
-    must be the input's leading dims ``lead_shape`` or flat ``[num_tokens]``: same count is not
-    enough (a transposed ``[seq, batch]`` mask would silently pair other tokens)."""
-    if t is None:
-        return None
-    if t.shape != lead_shape and tuple(t.shape) != (num_tokens,):
-
-        def dims(shape):
-            return "[" + ", ".join(str(d) for d in shape) + "]"
-
-        flat = "" if len(lead_shape) == 1 else f" or [{num_tokens}]"
-        raise ValueError(
-            f"{who}: {name} must be {dims(lead_shape)} ({x_name}'s leading dims){flat}, "
-            f"got shape {dims(t.shape)}"
-        )
-    return t.reshape(-1)
-
-
-@dataclass
-class MoEParts:
-    """Existing modules for MoE to use (and share parameters with) instead of making its own:
-    ``gate`` has ``weight`` [E, hidden] (and ``e_score_correction_bias`` with a selection bias;
-    its forward returns the logits, or a tuple whose first item they are); ``experts`` has
-    ``gate_up_proj``/``up_proj`` and ``down_proj`` in HF's layout; ``shared`` maps x -> y;
-    ``shared_gate`` maps x -> [tokens, 1]. ``shared_name`` and ``gate_name`` are the attributes (and
-    state-dict prefixes) the shared module and the router go under (LongCat-Flash: ``router``).
-    ``experts`` may hold more first-projection slices than computing experts (LongCat-Flash's
-    ``gate_up_proj`` [E + Z, 2F, H]): the first E are used, the rest get zero gradient."""
-
-    gate: nn.Module
-    experts: nn.Module
-    shared: Optional[nn.Module] = None
-    shared_gate: Optional[nn.Module] = None
-    shared_name: str = "shared_experts"
-    gate_name: str = "gate"
-
-
-class MoE(nn.Module):
+class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
     """A Mixture-of-Experts layer: input ``[..., hidden]``, output the same shape.
 
     Args:
@@ -323,20 +221,7 @@ class MoE(nn.Module):
             raise AttributeError("MoE.gate: the router is not set yet")
         return gate
 
-    def reset_parameters(self):
-        """Initialise the layer again, as its constructor does: every submodule's own
-        ``reset_parameters()`` (router, experts, shared experts; the selection bias to zero), and
-        the load counter to zero. For a layer built on the meta device and materialised with
-        ``to_empty()``. (HF models patched by ``patch_model`` use ``model.init_weights()``.)"""
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
-        self.reset_buffers()
-
-    @torch.no_grad()
-    def reset_buffers(self):
-        """Zero the buffers the layer itself holds (the load counter ``tokens_per_expert``)."""
-        self.tokens_per_expert.zero_()
+    # -- training-loop API (reset_parameters, reset_buffers, update_bias): moe_training.py ------
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
@@ -365,47 +250,7 @@ class MoE(nn.Module):
         modality = per_token("MoE", "modality", modality, lead, x2.shape[0])
         return x2, token_mask, modality
 
-    # -- staged API -------------------------------------------------------------------------------
-    # The same three stages as ExpertParallelMoE, so that a schedule written against them (the
-    # shortcut-connected blocks of nn/shortcut.py) runs on one process too, in order, with the
-    # results of forward().
-    def dispatch_start(self, x, token_mask=None, modality=None) -> "StagedCall":
-        """Stage 1 of 3: the router (with expert parallelism the dispatch all-to-all then starts;
-        on one process nothing travels). ``combine_finish(run_experts(dispatch_start(x)))``
-        equals ``forward(x)``."""
-        x2, token_mask, modality = self._flatten(x, token_mask, modality)
-        cast = autocast_dtype(x)
-        h = StagedCall(x.shape, x2, cast)
-        with no_autocast(x, cast):
-            xr = h.routed_input()
-            if self.expert_choice:
-                warn_not_causal(self, x)
-                h.r = token_mask
-            else:
-                h.r, h.capacity = self._route(xr, token_mask, modality)
-        return h
-
-    def run_experts(self, h: "StagedCall") -> "StagedCall":
-        """Stage 2 of 3: the routed experts (expert parallelism: as their rows arrive, and the
-        combine all-to-all starts)."""
-        h.advance("dispatching", "combining", "MoE.run_experts")
-        with no_autocast(h.x2, h.cast):
-            xr = h.routed_input()
-            if self.expert_choice:
-                h.y = self._expert_choice_routed(xr, h.r, h.cast)
-            else:
-                h.y = self._experts_routed(xr, h.r, h.capacity, h.cast)
-        return h
-
-    def combine_finish(self, h: "StagedCall", shared_input=None) -> torch.Tensor:
-        """Stage 3 of 3: the routed output plus the shared experts' output; the shared experts
-        take ``shared_input`` (same shape as x; the shortcut-connected form feeds them the current
-        representation while the routed experts took the shortcut) or x itself."""
-        shared_x2 = h.shared_x2(self, shared_input)
-        h.advance("combining", "finished", "MoE.combine_finish")
-        y, h.y = h.y, None
-        return self._add_shared(shared_x2, y).reshape(h.x_shape)
-
+    # -- the stages' parts (the stages themselves: StagedMoE, in moe_staged.py) -------------------
     def _add_shared(self, x2, y):
         """y + the shared experts' output (gated per token when there is a shared_expert_gate)."""
         s = self._shared_out(x2)
@@ -527,100 +372,8 @@ class MoE(nn.Module):
                 token_mask,
             )
 
-    # -- training-loop API ------------------------------------------------------------------------
-    @torch.no_grad()
-    def update_bias(self, rate: float, group=None) -> torch.Tensor:
-        """Auxiliary-loss-free balancing (DeepSeek-V3): ``bias += rate * sign(mean_load - load)``,
-        where ``load`` counts the tokens routed to each expert by the training forwards since the
-        last call, summed over ``group`` (a torch.distributed process group) first when given.
-        Resets the count and returns the load that was used."""
-        if not self.selection_bias:
-            raise RuntimeError(
-                "MoE.update_bias: this layer has no selection bias "
-                "(construct it with selection_bias=True)"
-            )
-        load = self.tokens_per_expert.to(torch.float32)
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
-        bias = self.gate.e_score_correction_bias
-        bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
-        self.tokens_per_expert.zero_()
-        return load
-
     def extra_repr(self):
         return (
             f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
             f"capacity_factor={self.capacity_factor},\n{self.router_config}"
         )
-
-
-def _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expert_gate):
-    """The checks of the layer's own arguments (the router's are RouterConfig's)."""
-    for name, v in (("hidden_size", hidden_size), ("ffn_size", ffn_size)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
-    check_activation(activation)
-    if not isinstance(shared_ffn_size, int) or shared_ffn_size < 0:
-        raise ValueError(f"MoE: shared_ffn_size must be an int >= 0, got {shared_ffn_size!r}")
-    if shared_expert_gate and not shared_ffn_size:
-        raise ValueError("MoE: shared_expert_gate needs shared experts (shared_ffn_size > 0)")
-
-
-@dataclass
-class StagedCall:
-    """One call in flight through the staged API of MoE (and ExpertParallelMoE, which adds its
-    exchange plan)."""
-
-    x_shape: torch.Size
-    x2: torch.Tensor  # [tokens, hidden] the routed experts' input
-    cast: Optional[torch.dtype]  # the autocast dtype the routed path runs in, or None
-    r: object = None  # the router's result (expert choice: the token mask)
-    capacity: object = None
-    y: object = None
-    plan: object = None  # expert parallelism: the exchange plan
-    row_maps: object = None
-    num_rows: object = None
-    stage: str = "dispatching"
-
-    def routed_input(self):
-        return self.x2 if self.cast is None else self.x2.to(self.cast)
-
-    def advance(self, want, to, what):
-        if self.stage != want:
-            raise RuntimeError(f"{what}: the handle is {self.stage}, expected {want}")
-        self.stage = to
-
-    def shared_x2(self, moe, shared_input):
-        if shared_input is None:
-            return self.x2
-        if shared_input.shape != self.x_shape:
-            raise ValueError(
-                f"MoE.combine_finish: shared_input must have x's shape {tuple(self.x_shape)}, "
-                f"got {tuple(shared_input.shape)}"
-            )
-        return shared_input.reshape(-1, moe.hidden_size)
-
-
-def autocast_dtype(x):
-    """The autocast dtype of x's device type when autocast is on there, else None."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-
-
-class no_autocast:
-    """Runs the routed path without autocast when the caller had it on (custom ops are not
-    autocast: the layer casts explicitly)."""
-
-    def __init__(self, x, cast):
-        self.ctx = torch.autocast(x.device.type, enabled=False) if cast is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False

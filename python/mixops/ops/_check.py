@@ -1,7 +1,7 @@
-"""TORCH_CHECK for the fakes: each op's Python validator (beside its fake, in ops/<family>.py) is
-a line-by-line copy of its C++ validation (csrc/<family>/check.cpp), and ``check`` formats the
-message pieces as c10 prints them, so a meta or FakeTensor call raises the CPU op's message to
-the letter (tests/test_fake_parity.py holds them equal).
+"""TORCH_CHECK for the fakes: each op's Python validator (beside its fake in ops/<family>.py, or
+in ops/<family>_checks.py) is a line-by-line copy of its C++ validation (csrc/<family>/check.cpp),
+and ``check`` formats the message pieces as c10 prints them, so a meta or FakeTensor call raises
+the CPU op's message to the letter (tests/test_fake_parity.py holds them equal).
 
 The C++ checks cannot be called from the fakes instead: under torch.compile with dynamic shapes
 the sizes are SymInts, which at::Tensor::sizes() refuses, and a check on a symbolic size has to
