@@ -182,8 +182,10 @@ def test_from_hf_refuses_what_it_cannot_express():
     )
     with pytest.raises(ValueError, match="router_jitter_noise"):
         from_hf(block)
-    with pytest.raises(ValueError, match="not a supported MoE block"):
+    with pytest.raises(ValueError, match="not a supported MoE block") as err:
         from_hf(torch.nn.Linear(4, 4))
+    for name in ("MixtralSparseMoeBlock", "Glm4MoeMoE", "LongcatFlashMoE", "JetMoeAttention"):
+        assert name in str(err.value)  # every block from_hf converts is listed
 
 
 def _tiny_mixtral(**kw):

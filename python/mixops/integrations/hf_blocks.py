@@ -35,6 +35,9 @@ SUPPORTED_BLOCKS = (
     "DeepseekV3MoE",
     "Glm4MoeMoE",
 )
+# from_hf (and patch_model) also take these, through their own converters (integrations/longcat.py,
+# integrations/jetmoe.py: a JetMoeAttention gives a mixops.nn.MoA).
+FROM_HF_BLOCKS = SUPPORTED_BLOCKS + ("LongcatFlashMoE", "JetMoeAttention")
 
 # HF hidden_act of gated experts -> mixops activation.
 _GATED_ACTS = {
@@ -70,7 +73,8 @@ def _check_block(block):
     name = type(block).__name__
     if name not in SUPPORTED_BLOCKS:
         raise _Unsupported(
-            f"{name} is not a supported MoE block (supported: {', '.join(SUPPORTED_BLOCKS)})"
+            f"{name} is not a supported MoE block (supported: {', '.join(FROM_HF_BLOCKS)}; "
+            "JetMoeAttention gives a mixops.nn.MoA)"
         )
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or _router_name(gate) not in _ROUTERS:

@@ -40,7 +40,8 @@ class MoD(MoDRouting, nn.Module):
             tuple result's first element is used.
         hidden_size: the model width (default: ``block.hidden_size``).
         capacity: tokens processed per sequence, ``C = ceil(capacity * seq)`` computed exactly from
-            the capacity as a fraction (float or Fraction in (0, 1]), or an int C (at most seq).
+            the capacity as a fraction (float or Fraction in (0, 1]; 1.0 is every token), or an int
+            C >= 2 (at most seq); a bare int 1 raises as ambiguous (write 1.0 for every token).
         gate: g(r) for the chosen tokens' update: "raw" (the router output, the paper), "sigmoid",
             "tanh" (p-MoD's ``0.2 * tanh(r) + 1``, the router initialised to zero so every weight
             starts at exactly 1) or "one" (g = 1: the router only selects).
@@ -48,7 +49,7 @@ class MoD(MoDRouting, nn.Module):
         residual: the block returns ``x + f`` (HF decoder layers); False: it returns ``f``.
         causal: the block's attention is causal (HF decoder layers); masks built by MoD follow it.
         causal_rule: None, "router" or "predictor" (see the module docstring); needed for
-            generation with a cache unless every token is processed (capacity 1).
+            generation with a cache unless every token is processed (capacity 1.0).
         aux_loss_coef: weight of the causal rule's BCE loss (``self.aux_loss`` after a top-C
             forward). predictor_hidden: the predictor's width (default hidden // 8).
         router_bias: a bias in the router projection.
@@ -63,7 +64,8 @@ class MoD(MoDRouting, nn.Module):
         block). A cache goes in under the block's name for it (``cache``, ``past_key_values`` or
         ``past_key_value``).
     After a forward: ``router_logits`` [batch, seq] (fp32), ``chosen`` [batch, seq] bool (the
-    processed tokens), ``aux_loss`` (0-dim, or None).
+    processed tokens), ``aux_loss`` (0-dim after a top-C forward with a causal_rule; None without
+    one, and after a causal-routing forward).
     """
 
     def __init__(

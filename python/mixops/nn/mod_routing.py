@@ -318,7 +318,7 @@ class MoDRouting:
             if self.causal_rule is None:
                 raise ValueError(
                     "MoD: generation (a cache, or routing='causal') needs causal_rule='router' or "
-                    "'predictor' unless every token is processed (capacity 1)"
+                    "'predictor' unless every token is processed (capacity 1.0)"
                 )
             keep = self._rule_logits(x) > 0  # sigmoid(logit) > 0.5
             if routable is not None:

@@ -242,6 +242,12 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
                 f"MoE: x must have hidden size {self.hidden_size} in its last "
                 f"dimension, got shape {tuple(x.shape)}"
             )
+        w = self.experts.down_proj
+        if x.dtype != w.dtype and autocast_dtype(x) is None:
+            raise ValueError(
+                f"MoE: x is {x.dtype} but the layer's weights are {w.dtype}: convert the layer "
+                f"(moe.to({x.dtype})) or the input (x.to({w.dtype})), or run under torch.autocast"
+            )
         x2 = x.reshape(-1, self.hidden_size)
         lead = x.shape[:-1]
         token_mask = per_token("MoE", "token_mask", token_mask, lead, x2.shape[0])

@@ -41,7 +41,10 @@ def permute(
 
         x        [num_tokens, hidden]          float32, bfloat16, float16, float64
         ids      [num_tokens, topk] int32/int64 expert of each choice; -1 = no expert (no row)
-        priority [num_tokens, topk] float       optional, with capacity: priority routing
+        priority [num_tokens, topk] float       optional, only with capacity: slot (t, j) competes
+                                                with priority[t, j] (any floating dtype, x's
+                                                device; higher first, ties in token order, NaN
+                                                last)
         -> PermuteOutput(x_sorted [num_rows, hidden], offsets [E] int32, row_map [T, k] int32,
                          dropped [E] int32)
 

@@ -51,7 +51,9 @@ def router_topk(
         modality   [num_tokens] int or None   with num_modalities = G > 1: experts split into G
                                               equal contiguous groups; token t chooses only in
                                               group modality[t] (and is scored over it alone)
-        token_mask [num_tokens] bool or None  counts/score_sum include only tokens where True
+        token_mask [num_tokens] bool or None  True = a real token: counts and score_sum (so the
+                                              aux loss) include only those; every token is still
+                                              routed (weights, ids and lse as without the mask)
         -> RouterOutput(weights [T, k] f32, ids [T, k] i32, counts [E] i32, score_sum [E] f32,
                         lse [T] f32)
 
