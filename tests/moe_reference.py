@@ -1,7 +1,8 @@
 """A plain-PyTorch Mixture-of-Experts layer for the MoE tests, written from the definitions (not
 from mixops.ops or mixops.nn): router logits, scores, biased and group-limited selection, weights,
-a per-expert masked loop of dense MLPs, shared experts, capacity drops in GShard/Switch priority,
-and the load-balancing / z losses. Differentiable: the tests take its autograd gradients.
+a per-expert masked loop of dense MLPs, zero-computation experts (identity / null), shared experts,
+capacity drops in GShard/Switch priority, and the load-balancing / z losses; and expert-choice
+routing (``expert_choice_forward``). Differentiable: the tests take its autograd gradients.
 
 The configuration is the keyword arguments given to ``mixops.nn.MoE`` (a dict; ``full_config``
 fills in the documented defaults). Parameters are a dict ``name -> tensor`` keyed like the module's
@@ -39,6 +40,7 @@ DEFAULTS = dict(
     capacity_factor=None,
     aux_loss_coef=0.0,
     z_loss_coef=0.0,
+    zero_experts=None,
 )
 
 GATED_ACTS = {
@@ -61,6 +63,21 @@ def full_config(**cfg):
     out = dict(DEFAULTS)
     out.update(cfg)
     return out
+
+
+def zero_kinds(cfg):
+    """The zero-computation experts' kinds, in id order after the computing experts: None -> (),
+    an int Z -> Z identity experts, else the given sequence of "identity" / "null"."""
+    z = cfg.get("zero_experts")
+    if z is None:
+        return ()
+    return ("identity",) * z if isinstance(z, int) else tuple(z)
+
+
+def num_choices(cfg):
+    """What the router chooses among: the computing experts (``num_experts``, as MoE takes it)
+    plus the zero experts. Capacity, load counts and losses count all of them."""
+    return cfg["num_experts"] + len(zero_kinds(cfg))
 
 
 def mlp(x, w_gate, w_up, w_down, activation):
@@ -142,11 +159,12 @@ def expert_weights(logits, ids, cfg):
 
 
 def capacity_of(cfg, num_tokens):
-    """ceil(capacity_factor * T * k / E), exactly (None when dropless)."""
+    """ceil(capacity_factor * T * k / E), exactly (None when dropless); E counts every choice of
+    the router, zero experts included."""
     cf = cfg["capacity_factor"]
     if cf is None:
         return None
-    return math.ceil(Fraction(cf) * num_tokens * cfg["top_k"] / cfg["num_experts"])
+    return math.ceil(Fraction(cf) * num_tokens * cfg["top_k"] / num_choices(cfg))
 
 
 def capacity_keep(ids, num_experts, capacity):
@@ -203,9 +221,14 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
     result). Routing math (scores, weights, losses) runs in float64 for float64 and float32
     otherwise, the expert matmuls in ``dtype``, the weighted sum over experts in float32/64.
 
-    sel_logits: [T, E] the logits the layer under test chooses from (see module docstring)."""
+    Zero experts (``zero_experts``): ids ``num_experts ..`` are chosen like the others; an identity
+    expert returns its input times the weight, a null expert nothing; they take no capacity slot
+    (never dropped) but count in the capacity's E, the load counts and the losses.
+
+    sel_logits: [T, E + Z] the logits the layer under test chooses from (see module docstring)."""
     cfg = full_config(**cfg)
     H, E = cfg["hidden_size"], cfg["num_experts"]
+    kinds = zero_kinds(cfg)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     P = {n: p.to(dtype) for n, p in params.items()}
     x2 = x.reshape(-1, H).to(dtype)
@@ -214,7 +237,7 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
     logits = router_logits(P["gate.weight"], x2, cfg["router_fp32"]).to(acc)
     ids = select_experts(sel_logits, cfg, bias)
     w = expert_weights(logits, ids, cfg)
-    keep = capacity_keep(ids, E, capacity_of(cfg, T))
+    keep = capacity_keep(ids, num_choices(cfg), capacity_of(cfg, T)) | (ids >= E)
 
     F_ = cfg["ffn_size"]
     gated = cfg["activation"] in GATED_ACTS
@@ -231,25 +254,57 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
                 x2[tok], None, P["experts.up_proj"][e], P["experts.down_proj"][e], cfg["activation"]
             )
         y = y.index_add(0, tok, o.to(acc) * w[tok, j, None])
+    for z, kind in enumerate(kinds):  # identity: x times the weight; null: nothing
+        tok, j = (ids == E + z).nonzero(as_tuple=True)
+        if kind == "identity" and tok.numel():
+            y = y.index_add(0, tok, x2[tok].to(acc) * w[tok, j, None])
     y = y.to(dtype)
 
     if cfg["shared_ffn_size"]:
-        s = mlp(
-            x2,
-            P.get("shared_experts.gate_proj.weight"),
-            P["shared_experts.up_proj.weight"],
-            P["shared_experts.down_proj.weight"],
-            cfg["activation"],
-        )
-        if cfg["shared_expert_gate"]:
-            s = torch.sigmoid(x2 @ P["shared_expert_gate.weight"].T) * s
-        y = y + s
+        y = y + shared_forward(P, x2, cfg)
 
     aux = None
     if cfg["aux_loss_coef"] or cfg["z_loss_coef"]:
         balance, z = aux_losses(logits, ids, cfg, token_mask)
         aux = cfg["aux_loss_coef"] * balance + cfg["z_loss_coef"] * z
     return RefOut(y.reshape(x.shape), ids, keep, w, logits, aux)
+
+
+def shared_forward(params, x2, cfg):
+    """The shared experts' output on ``x2`` [T, H] (gated per token with shared_expert_gate)."""
+    cfg = full_config(**cfg)
+    s = mlp(
+        x2,
+        params.get("shared_experts.gate_proj.weight"),
+        params["shared_experts.up_proj.weight"],
+        params["shared_experts.down_proj.weight"],
+        cfg["activation"],
+    )
+    if cfg["shared_expert_gate"]:
+        s = torch.sigmoid(x2 @ params["shared_expert_gate.weight"].T) * s
+    return s
+
+
+def expert_choice_forward(x, gate_weight, w1, w2, cf, token_mask=None):
+    """Expert-choice routing from the paper's equations (Zhou et al. 2022), SwiGLU experts:
+    S = softmax(X Wg) [T, E]; each expert e takes the C = min(T, ceil(cf * T / E)) tokens with the
+    largest S[:, e] (padding tokens of ``token_mask`` never; fewer when fewer are eligible) and adds
+    S[t, e] * FFN_e(x_t) to each one's output. x [T, H]; w1 [E, 2F, H] gate rows first; w2
+    [E, H, F]. Returns (output [T, H], C, chosen [E, T] bool)."""
+    T, E = x.shape[0], gate_weight.shape[0]
+    C = min(T, math.ceil(Fraction(cf) * T / E))
+    s = torch.softmax(x @ gate_weight.T, dim=-1)  # [T, E]
+    out = torch.zeros_like(x)
+    chosen = torch.zeros(E, T, dtype=torch.bool)
+    for e in range(E):
+        col = s[:, e] if token_mask is None else s[:, e].masked_fill(~token_mask, float("-inf"))
+        top = torch.topk(col, C).indices
+        top = top[col[top] > float("-inf")]  # fewer eligible tokens than C
+        chosen[e, top] = True
+        gg, up = (x[top] @ w1[e].T).chunk(2, dim=-1)
+        ffn = (F.silu(gg) * up) @ w2[e].T
+        out = out.index_add(0, top, s[top, e, None] * ffn)
+    return out, C, chosen
 
 
 def leaf_params(module, dtype, round_to=None):

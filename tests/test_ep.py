@@ -2,7 +2,8 @@
 single-process MoE with the same full weights: outputs and gradients under the convention (the
 total loss is the ranks' sum; expert gradients are the rank's slice, router and shared-expert
 gradients equal after an all-reduce), dropless and capacity modes, uneven routing, a rank with no
-tokens, chunked and staged schedules, configuration mismatches, state dicts and DDP."""
+tokens, chunked and staged schedules (the staged API against tests/moe_reference.py), the chunked
+schedule's overlap under the delay harness, configuration mismatches, state dicts and DDP."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 from dist_harness import run_world
 from helpers import TRANSFORMERS_MIN, skip_unsupported_transformers
+from moe_reference import moe_forward
 
 H, F, E, K = 16, 24, 8, 2
 F64 = dict(dtype=torch.float64)
@@ -101,21 +103,31 @@ def test_all_tokens_to_one_rank_and_a_rank_without_tokens():
 
 
 def _staged(rank, world):
-    ref, ep = _pair(None, num_chunks=2)
-    x = _tokens(world, 10)[rank]
-    want = ep(x)
+    ref, ep = _pair(None, shared=12, num_chunks=2)
+    xs = _tokens(world, 10)
+    x = xs[rank].clone().requires_grad_(True)
     h = ep.dispatch_start(x)
     side = (x @ x.t()).sum()  # the caller's independent work
     ep.run_experts(h)
     side = side + x.sum()
     got = ep.combine_finish(h)
     assert torch.isfinite(side)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="the handle is finished"):
         ep.combine_finish(h)
+    got.square().sum().backward()
+    # moe_reference.py's layer (plain torch, a per-expert loop) on every rank's tokens, with the
+    # single-process layer's parameters (not calling it): the total loss is the ranks' sum.
+    cfg = dict(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, shared_ffn_size=12)
+    xa = torch.cat(xs).requires_grad_(True)
+    p = dict(ref.named_parameters())
+    want = moe_forward(p, xa, cfg, torch.float64, xa.detach() @ p["gate.weight"].detach().T).y
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want[rank * 10 : (rank + 1) * 10], **TOL)
+    torch.testing.assert_close(x.grad, xa.grad[rank * 10 : (rank + 1) * 10], **TOL)
+    _check_grads(rank, world, ref, ep)
 
 
-def test_staged_api_equals_one_call():
+def test_staged_api_equals_reference():
     run_world(_staged, 2)
 
 
@@ -246,6 +258,18 @@ def _overlap(rank, world, num_chunks):
         else:  # chunk c's compute starts while chunk c + 1's exchange is on the link
             for c in range(num_chunks - 1):
                 assert comm[c + 1][2] <= compute[c][2] < comm[c + 1][3] - 0.05, trace
+    if num_chunks > 1:
+        # And what a chunk sends on (forward: its combine; backward: its dispatch's gradient) is
+        # still in flight when the next chunk's experts start: nothing waits for it in between.
+        for comm_name, compute_name in (
+            ("combine", "experts"),
+            ("dispatch.backward", "experts.backward"),
+        ):
+            comm = [t for t in trace if t[0] == "comm" and t[1] == comm_name]
+            compute = [t for t in trace if t[0] == "compute" and t[1] == compute_name]
+            assert len(compute) == num_chunks and len(comm) == num_chunks, trace
+            for c in range(num_chunks - 1):
+                assert comm[c][2] <= compute[c + 1][2] < comm[c][3] - 0.05, (comm_name, c, trace)
 
 
 @pytest.mark.parametrize("num_chunks", [1, 4])

@@ -1,7 +1,7 @@
 """mixops.nn.MoD against independent references (tests/mod_reference.py): the masked-dense oracle
 for the output and every gradient with RoPE positions (fp64, bf16 by the tolerance rule), exact
-capacities, padding and routable masks, the causal rule's BCE targets and its locality, compile,
-MoD around an MoE block, p-MoD's schedule and bad input."""
+capacities, padding and routable masks (top-C and causal routing), the causal rule's BCE targets
+and its locality, compile, MoD around an MoE block, p-MoD's schedule and bad input."""
 
 import math
 from fractions import Fraction
@@ -214,6 +214,36 @@ def test_routable_mask_processes_the_rest_and_counts_only_routable_tokens():
     # tokens: the first 7 by position.
     assert torch.equal(m.chosen[0], (tm & ~routable)[0] | topc_mask(r, 2, eligible)[0])
     assert m.chosen[2].nonzero().flatten().tolist() == [2, 3, 4, 7, 8, 9, 10]
+
+
+def test_routable_mask_under_causal_routing():
+    # The causal rule decides for the routable tokens only: every other non-padding token is
+    # processed whatever its logit, padding never; skipped tokens are hidden from later queries.
+    m = make(capacity=0.5, causal_rule="router")
+    B, S = 3, 12
+    x, pos, pe = inputs(B=B, S=S)
+    routable = torch.zeros(B, S, dtype=torch.bool)
+    routable[0, 4:] = True
+    routable[1, :] = True
+    routable[2, ::2] = True
+    tm = torch.ones(B, S, dtype=torch.bool)
+    tm[2, :3] = False
+    out = m(x, token_mask=tm, routable_mask=routable, routing="causal", position_embeddings=pe)
+    r = m.router_logits.detach()
+    rule = r > 0  # sigmoid(logit) > 1/2
+    want = (rule | ~routable) & tm
+    # Each case occurs: routable tokens kept and skipped, non-routable tokens the rule would skip.
+    assert (routable & tm & rule).any() and (routable & tm & ~rule).any()
+    assert (~routable & tm & ~rule).any() and (~tm & ~routable).any()
+    assert torch.equal(m.chosen, want)
+    ref = dense_mod(m.block, x, logits(m, x), want, "raw", position_embeddings=pe)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(out)
+    for a, b in zip(grads(out, x, m, gy), grads(ref, x, m, gy)):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().max() == 0
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.xfail(

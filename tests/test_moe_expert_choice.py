@@ -13,22 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from mixops.nn import MoE
+from moe_reference import expert_choice_forward
 
 
 def reference(x, gate, w1, w2, cf, token_mask=None):
-    T, E = x.shape[0], gate.shape[0]
-    C = min(T, math.ceil(cf * T / E))
-    s = torch.softmax(x @ gate.T, dim=-1)  # [T, E]
-    out = torch.zeros_like(x)
-    for e in range(E):
-        col = s[:, e] if token_mask is None else s[:, e].masked_fill(~token_mask, float("-inf"))
-        top = torch.topk(col, C).indices
-        top = top[col[top] > float("-inf")]  # fewer eligible tokens than C
-        g = s[top, e]
-        h = x[top] @ w1[e].T  # [C, 2F], gate then up
-        gg, up = h.chunk(2, dim=-1)
-        ffn = (F.silu(gg) * up) @ w2[e].T
-        out = out.index_add(0, top, g[:, None] * ffn)
+    """moe_reference.expert_choice_forward (the equations above): (output, C)."""
+    out, C, _ = expert_choice_forward(x, gate, w1, w2, cf, token_mask)
     return out, C
 
 
@@ -64,19 +54,29 @@ def test_expert_choice_equals_the_paper_outputs_and_gradients(cf, masked):
 
 
 def test_every_expert_gets_exactly_c_tokens():
-    # the chosen rows are expert-major, C per expert: each expert's rows are C distinct tokens
-    m = make(E=5, cf=1.5)
-    T, E = 20, 5
+    # The layer itself, with experts that say who ran them: expert e's FFN is relu(x[:, -1]) times
+    # the unit vector e (x[:, -1] = 1), so y[t, e] = S[t, e] > 0 exactly when expert e took token t.
+    T, E, H = 20, 5, 16
+    m = make(E=E, H=H, cf=1.5, activation="relu")
     C = min(T, math.ceil(1.5 * T / E))
-    x = torch.randn(T, 16, dtype=torch.float64)
-    s = torch.softmax(x @ m.gate.weight.T, -1)
-    from mixops.ops import select_topc
-
-    sel = select_topc(s.t().contiguous(), C)
-    assert sel.indices.shape == (E, C) and bool((sel.indices >= 0).all())
+    with torch.no_grad():
+        m.experts.up_proj.zero_()  # [E, F, H]
+        m.experts.up_proj[:, 0, H - 1] = 1.0
+        m.experts.down_proj.zero_()  # [E, H, F]
+        for e in range(E):
+            m.experts.down_proj[e, e, 0] = 1.0
+    x = torch.randn(T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x[:, H - 1] = 1.0
+    with torch.no_grad():
+        y = m(x)
+    s = torch.softmax(x @ m.gate.weight.detach().T, -1)  # [T, E], every entry > 0
+    taken = y[:, :E] != 0  # [T, E]
+    assert taken.sum(0).tolist() == [C] * E
+    assert (y[:, E:] == 0).all()
     for e in range(E):
-        assert len(set(sel.indices[e].tolist())) == C
-        assert set(sel.indices[e].tolist()) == set(torch.topk(s[:, e], C).indices.tolist())
+        want = set(torch.topk(s[:, e], C).indices.tolist())
+        assert set(taken[:, e].nonzero().flatten().tolist()) == want, e
+    torch.testing.assert_close(y[:, :E], torch.where(taken, s, 0), rtol=1e-12, atol=1e-12)
 
 
 def test_one_token_is_picked_by_every_expert():
