@@ -234,17 +234,69 @@ def test_meta_patch_to_empty_init_weights(garbage_memory):
 # ---- set_experts_implementation after patching -------------------------------------------------
 
 
-def test_set_experts_implementation_warns_after_patch():
-    model = _mixtral()
+def _counting(monkeypatch, names):
+    """Wrap HF's experts functions ``names`` in the table HF dispatches through; returns the call
+    counts (the mocks of HF's own test_eager_matches_batched_and_grouped_inference)."""
+    from transformers.integrations import moe as hf_moe
+
+    table = hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping
+    calls = dict.fromkeys(names, 0)
+    for n in names:
+
+        def wrapped(*a, _n=n, _f=table[n], **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setitem(table, n, wrapped)
+    return calls
+
+
+def test_set_experts_implementation_after_patch_reaches_the_patched_blocks(monkeypatch):
+    model, hf = _mixtral(), _mixtral()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning before patching
+        warnings.simplefilter("error")  # no warning before patching, none for blocks that follow
         model.set_experts_implementation("eager")
-    patch_model(model)
-    with pytest.warns(UserWarning, match="set_experts_implementation.*patch_model"):
-        model.set_experts_implementation("grouped_mm")
-    assert model.config._experts_implementation == "grouped_mm"  # HF's own effect still happens
-    with pytest.warns(UserWarning, match="set_experts_implementation"):
-        model.model.set_experts_implementation("eager")
+        patch_model(model)
+        ids = _ids()
+        calls = _counting(monkeypatch, ["batched_mm", "grouped_mm"])
+        for impl in ("batched_mm", "grouped_mm", "eager"):
+            model.set_experts_implementation(impl)
+            hf.set_experts_implementation(impl)
+            assert model.config._experts_implementation == impl  # HF's own effect happens
+            before = dict(calls)
+            with torch.no_grad():
+                got = model(ids).logits
+                for n in calls:  # HF's function for impl ran (once per layer), no other one
+                    assert calls[n] - before[n] == (2 if n == impl else 0), (impl, n, calls)
+                want = hf(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        model.set_experts_implementation("mixops")  # back to mixops' grouped GEMMs
+        before = dict(calls)
+        with torch.no_grad():
+            got = model(ids).logits
+        assert calls == before
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert all(
+            m.hf_experts_implementation == "mixops" for m in model.modules() if isinstance(m, MoE)
+        )
+    # Blocks patched by the base model's post_init first (HF builds the nested model first): the
+    # outer model's set_experts_implementation reaches them too.
+    nested = _mixtral()
+    patch_model(nested.model)
+    assert patch_model(nested) == []
+    nested.set_experts_implementation("batched_mm")
+    assert [m.hf_experts_implementation for m in nested.modules() if isinstance(m, MoE)] == [
+        "batched_mm"
+    ] * 2
+    # A block with a capacity cannot follow HF's (dropless) experts: it stays mixops', and says so.
+    capped = _mixtral()
+    patch_model(capped, capacity_factor=1.0)
+    with pytest.warns(UserWarning, match=r"set_experts_implementation\('grouped_mm'\).*layers"):
+        capped.set_experts_implementation("grouped_mm")
+    assert capped.config._experts_implementation == "grouped_mm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capped.model.set_experts_implementation("mixops")  # nothing to warn about
     # A copy keeps the hooks, and they act on the copy, not on the original.
     clone = copy.deepcopy(model)
     for a, b in zip(model.model.layers, clone.model.layers):
@@ -254,8 +306,13 @@ def test_set_experts_implementation_warns_after_patch():
     for a, b in zip(model.model.layers, clone.model.layers):
         assert torch.equal(b.mlp.tokens_per_expert, torch.zeros(8, dtype=torch.int64))
         assert torch.equal(a.mlp.tokens_per_expert, torch.full((8,), 3))
-    with pytest.warns(UserWarning, match="set_experts_implementation"):
-        clone.set_experts_implementation("eager")
+    clone.set_experts_implementation("batched_mm")
+    assert all(
+        m.hf_experts_implementation == "batched_mm" for m in clone.modules() if isinstance(m, MoE)
+    )
+    assert all(
+        m.hf_experts_implementation == "mixops" for m in model.modules() if isinstance(m, MoE)
+    )
 
 
 # ---- expert choice is not causal ----------------------------------------------------------------

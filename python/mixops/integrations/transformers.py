@@ -45,7 +45,7 @@ from .hf_blocks import (
 __all__ = ["from_hf", "patch_model", "register", "mixops_experts_forward", "SUPPORTED_BLOCKS"]
 
 
-def _build(block, gate, moe_kwargs) -> MoE:
+def _build(block, gate, moe_kwargs, cls=MoE) -> MoE:
     """A mixops.nn.MoE around ``block``'s modules (routing through ``gate``). Raises _Unsupported
     for what mixops cannot express, and MoE's own errors for bad ``moe_kwargs``. Changes nothing."""
     _check_block(block)
@@ -60,7 +60,7 @@ def _build(block, gate, moe_kwargs) -> MoE:
         shared_gate=shared_gate,
         shared_name=shared_name,
     )
-    moe = MoE(
+    moe = cls(
         H,
         block.experts.down_proj.shape[-1],
         router=router,
@@ -133,23 +133,58 @@ class _InitWeights:
             module.reset_parameters(init=hf_init)
 
 
+class PatchedMoE(MoE):
+    """patch_model's replacement of an HF MoE block: a ``mixops.nn.MoE`` around the block's own
+    modules that also follows an explicit ``model.set_experts_implementation(...)`` made after
+    patching. With one of HF's implementations ("eager", "batched_mm", "grouped_mm", ...) the
+    routed experts run through HF's experts module, which dispatches on the config as HF's block
+    would (routing, shared experts and the aux-loss statistics stay mixops'); with "mixops" (and
+    until such a call) they run mixops' grouped GEMMs."""
+
+    hf_experts_implementation = None  # set by the model's set_experts_implementation
+
+    def follows_experts_implementation(self) -> bool:
+        """HF's experts module computes what this layer's routed experts compute: no capacity
+        (HF's blocks drop nothing) and no zero-computation experts."""
+        return self.capacity_factor is None and not self.zero_experts and not self.expert_choice
+
+    def _experts_routed(self, x2, r, capacity, cast):
+        impl = self.hf_experts_implementation
+        if impl in (None, "mixops") or capacity is not None:
+            return super()._experts_routed(x2, r, capacity, cast)
+        weights = r.weights.to(x2.dtype)
+        if cast is None:
+            return self.experts(x2, r.ids.long(), weights)
+        with torch.autocast(x2.device.type, dtype=cast):  # as HF's block runs under autocast
+            return self.experts(x2, r.ids.long(), weights).to(x2.dtype)
+
+
 class _SetExpertsImplementation:
-    """``set_experts_implementation`` of an HF model after patch_model: HF's own, with a warning
-    that it no longer reaches the blocks patch_model replaced."""
+    """``set_experts_implementation`` of an HF model after patch_model: HF's own, and the blocks
+    patch_model replaced follow it (PatchedMoE); a warning names the mixops layers that cannot
+    (a capacity, zero experts, LongCat-Flash's and JetMoE's layers)."""
 
     def __init__(self, model):
         self.model = model
 
     def __call__(self, experts_implementation):
-        if any(isinstance(m, MoE) for m in self.model.modules()):
+        out = type(self.model).set_experts_implementation(self.model, experts_implementation)
+        impl = self.model.config._experts_implementation
+        stuck = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, PatchedMoE) and m.follows_experts_implementation():
+                m.hf_experts_implementation = impl
+            elif isinstance(m, MoE) and impl != "mixops":
+                stuck.append(name)
+        if stuck:
             warnings.warn(
-                "mixops: set_experts_implementation() does not change the MoE blocks "
-                "that patch_model replaced (they run mixops.nn.MoE); it affects only "
-                "blocks that were not patched",
+                f"mixops: set_experts_implementation({impl!r}) does not change these mixops "
+                f"layers of patch_model (a capacity, zero experts, or a family's own layer): "
+                f"{', '.join(stuck[:4])}{' ...' if len(stuck) > 4 else ''}",
                 UserWarning,
                 stacklevel=2,
             )
-        return type(self.model).set_experts_implementation(self.model, experts_implementation)
+        return out
 
 
 def _hook_hf_models(model):
@@ -204,7 +239,8 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
     Every layer is built before anything changes: a block mixops cannot express stays exactly as
     it was, with a warning saying why, and invalid ``moe_kwargs`` raise with the model untouched.
     Afterwards ``model.init_weights()`` also zeroes the buffers mixops adds, and
-    ``set_experts_implementation()`` warns that the replaced blocks no longer follow it.
+    ``model.set_experts_implementation(impl)`` makes the replaced blocks' routed experts run HF's
+    ``impl`` ("mixops" again: mixops' grouped GEMMs), except with a capacity or zero experts.
 
     JetMoE: the MoA attention (``JetMoeAttention``) and the MoE MLP (``JetMoeMoE``) keep their
     modules and change class to mixops-backed subclasses (see ``mixops.integrations.jetmoe``).
@@ -221,7 +257,7 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
         ):
             continue
         try:
-            plans.append((name, block, _build(block, block.gate, moe_kwargs)))
+            plans.append((name, block, _build(block, block.gate, moe_kwargs, PatchedMoE)))
         except _Unsupported as e:
             warnings.warn(
                 f"mixops.patch_model: {name} left as it is: {e}", UserWarning, stacklevel=2
@@ -235,7 +271,9 @@ def patch_model(model: nn.Module, **moe_kwargs) -> list:
         setattr(parent, child, moe)
     for _, apply in family_plans:
         apply()
-    if plans or family_plans:
+    # Also when every block was patched before (by the post_init of a model nested in this one):
+    # this model's own init_weights and set_experts_implementation must reach them too.
+    if plans or family_plans or any(isinstance(m, MoE) for m in model.modules()):
         _hook_hf_models(model)
     return [name for name, _, _ in plans] + [name for name, _ in family_plans]
 
