@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from mixops.nn import MoD, pmod_capacity_schedule
+from mixops.nn import MoD, TokenCount, pmod_capacity_schedule
 from mixops.nn.mod_select import parse_capacity
 from mixops.reference.decoder import DecoderBlock
 
@@ -69,3 +69,12 @@ def test_recorded_options_round_trip_without_the_trap():
     count = _mod(3).mod_options()["capacity"]
     assert full == "1" and count == 3
     assert _chosen_per_sequence(_mod(Fraction(full))) == [10, 10]
+
+
+def test_token_count_one_keeps_one_token_and_the_message_names_it():
+    assert _chosen_per_sequence(_mod(TokenCount(1))) == [1, 1]
+    assert _chosen_per_sequence(_mod(TokenCount(3))) == [3, 3]
+    with pytest.raises(ValueError, match=r"TokenCount\(1\) for one token"):
+        _mod(1)
+    with pytest.raises(ValueError, match="TokenCount capacity must be >= 1"):
+        _mod(TokenCount(0))

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from mixops.integrations.mod import add_mod, mod_from_pretrained, restore_mod
-from mixops.nn import MoDRouting
+from mixops.nn import MoDRouting, TokenCount
 from test_mod_hf import batch, tiny
 
 skip_unsupported_transformers()
@@ -220,3 +220,19 @@ def test_recorded_attentions_carry_the_gradient_of_the_original():
     mine = dict(conv.named_parameters())
     for n, p in model.named_parameters():  # parameter gradients unchanged
         torch.testing.assert_close(mine[n].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_recorded_capacity_of_one_token_restores_as_one_token(tmp_path):
+    # A checkpoint's int capacity is a token count, 1 included (saved before a bare capacity=1 was
+    # refused as ambiguous, or with TokenCount(1)): it restores as one token per sequence.
+    model = tiny()
+    mods = add_mod(model, layers=[1], capacity=TokenCount(1), causal_rule="router")
+    torch.nn.init.normal_(mods[0].router.weight, std=0.5)
+    ids, am = batch()
+    want = logits(model, ids, am)
+    assert model.config.mixops_mod["layers"]["1"]["capacity"] == 1  # recorded as an int count
+    model.save_pretrained(tmp_path)
+    back = mod_from_pretrained(LlamaForCausalLM, tmp_path).eval()
+    torch.testing.assert_close(logits(back, ids, am), want, rtol=0, atol=0)
+    back(ids, attention_mask=am, use_cache=False)
+    assert back.model.layers[1].chosen.sum(1).tolist() == [1, 1, 1]  # one token per sequence

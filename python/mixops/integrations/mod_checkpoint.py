@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..nn.mod_select import TokenCount
+
 __all__ = ["mod_from_pretrained", "restore_mod"]
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -45,6 +47,9 @@ def restore_mod(model, checkpoint=None, *, layers=None, options=None, **hub_kwar
         if options:
             raise ValueError("restore_mod: the config records the MoD layers; give no options")
         plan = {int(i): dict(o) for i, o in rec["layers"].items()}
+        for o in plan.values():  # a recorded int is a token count (1 included: one token)
+            if isinstance(o.get("capacity"), int) and not isinstance(o["capacity"], bool):
+                o["capacity"] = TokenCount(o["capacity"])
         mods = convert_layers(model, plan)
     else:
         raise ValueError(

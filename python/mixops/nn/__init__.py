@@ -5,7 +5,7 @@ wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and it
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
 from .moa import MoA, MoAExperts, MoAParts
-from .mod import MoD, MoDRouter, MoDRouting, pmod_capacity_schedule
+from .mod import MoD, MoDRouter, MoDRouting, TokenCount, pmod_capacity_schedule
 from .moe import MoE, MoEParts
 from .router import RouterConfig, TopKRouter
 from .shortcut import ScMoEBlock, ShortcutDecoderLayer
@@ -18,6 +18,7 @@ __all__ = [
     "MoDRouter",
     "MoDRouting",
     "pmod_capacity_schedule",
+    "TokenCount",
     "MoE",
     "MoEParts",
     "ScMoEBlock",

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .mod_routing import MoDRouting
-from .mod_select import MoDRouter, pmod_capacity_schedule
+from .mod_select import MoDRouter, TokenCount, pmod_capacity_schedule
 
-__all__ = ["MoD", "MoDRouter", "MoDRouting", "pmod_capacity_schedule"]
+__all__ = ["MoD", "MoDRouter", "MoDRouting", "TokenCount", "pmod_capacity_schedule"]
 
 
 class MoD(MoDRouting, nn.Module):

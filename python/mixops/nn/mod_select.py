@@ -26,6 +26,7 @@ from .moa_attention import causal_allowed
 __all__ = [
     "MoDRouter",
     "parse_capacity",
+    "TokenCount",
     "pmod_capacity_schedule",
     "capacity_count",
     "routable_choice",
@@ -33,6 +34,12 @@ __all__ = [
     "skip_mask",
     "mask_kind",
 ]
+
+
+class TokenCount(int):
+    """An explicit token count as MoD's capacity: ``TokenCount(1)`` keeps one token per sequence,
+    which a bare ``capacity=1`` cannot say (it is refused as ambiguous). Checkpoints record int
+    capacities as counts, so restoring one reads them as TokenCount."""
 
 
 def parse_capacity(capacity):
@@ -45,13 +52,17 @@ def parse_capacity(capacity):
             f"MoD: capacity must be a fraction in (0, 1] (float or Fraction) or an int >= 2 "
             f"(tokens per sequence), got {capacity!r}"
         )
+    if isinstance(capacity, TokenCount):
+        if capacity < 1:
+            raise ValueError(f"MoD: TokenCount capacity must be >= 1, got {int(capacity)}")
+        return int(capacity)
     if isinstance(capacity, int):
         if capacity == 1:
             raise ValueError(
                 "MoD: capacity=1 is ambiguous: an int capacity is a token count (1 would keep "
                 "one token per sequence), while capacity 1 as a ratio processes every token. "
-                "Write capacity=1.0 (or Fraction(1)) for every token; an int capacity counts "
-                "tokens and must be >= 2"
+                "Write capacity=1.0 (or Fraction(1)) for every token, or TokenCount(1) for one "
+                "token; an int capacity counts tokens and must be >= 2"
             )
         if capacity < 1:
             raise ValueError(
