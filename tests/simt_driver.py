@@ -31,12 +31,10 @@ SIMT = ROOT / "tests" / "simt"
 CXX = shutil.which("g++")
 requires_cxx = pytest.mark.skipif(CXX is None, reason="needs g++ for the SIMT harness")
 
-FLAGS = [
+COMMON_FLAGS = [  # every harness build; FLAGS adds the shared-library ones for the drivers
     "-std=c++20",
     "-O2",
     "-ffp-contract=off",
-    "-fPIC",
-    "-shared",
     "-Wall",
     "-Wno-unknown-pragmas",
     "-include",
@@ -45,6 +43,7 @@ FLAGS = [
     f"-I{SIMT / 'shim'}",
     f"-I{ROOT / 'csrc'}",
 ]
+FLAGS = [*COMMON_FLAGS, "-fPIC", "-shared"]
 
 
 class SimtRun(ctypes.Structure):
@@ -70,14 +69,33 @@ RUNS = [
 ]
 
 
-def _sources_hash(extra):
-    h = hashlib.sha256(" ".join(FLAGS + extra).encode())
+def _sources_hash(flags):
+    h = hashlib.sha256(" ".join(flags).encode())
     for base in (SIMT, ROOT / "csrc"):
         for f in sorted(base.rglob("*")):
             if f.is_file() and f.suffix in {".h", ".cuh", ".cu", ".cpp", ".hpp"}:
                 h.update(str(f.relative_to(ROOT)).encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def build_cached(source, name, flags, suffix=""):
+    """``source`` built by g++ with ``flags``, once per hash of the flags and every harness and
+    csrc source (cached under the temp directory); returns the output's path."""
+    cache = Path(tempfile.gettempdir()) / "mixops_simt_drivers"
+    cache.mkdir(exist_ok=True)
+    out = cache / f"{name}-{_sources_hash([str(source), *flags])}{suffix}"
+    if not out.exists():
+        tmp = cache / f"{out.name}.{os.getpid()}.tmp"
+        proc = subprocess.run(
+            [CXX, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"building {name} for the SIMT harness failed:\n{proc.stderr[-4000:]}"
+            )
+        tmp.replace(out)
+    return out
 
 
 _loaded = {}
@@ -88,20 +106,7 @@ def load_driver(name, extra_flags=()):
     key = (name, tuple(extra_flags))
     if key in _loaded:
         return _loaded[key]
-    extra = list(extra_flags)
-    cache = Path(tempfile.gettempdir()) / "mixops_simt_drivers"
-    cache.mkdir(exist_ok=True)
-    so = cache / f"{name}-{_sources_hash(extra)}.so"
-    if not so.exists():
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run(
-            [CXX, *FLAGS, *extra, str(SIMT / "drivers" / f"{name}.cpp"), "-o", str(tmp)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the {name} SIMT driver failed:\n{proc.stderr[-4000:]}")
-        tmp.replace(so)
+    so = build_cached(SIMT / "drivers" / f"{name}.cpp", name, [*FLAGS, *extra_flags], ".so")
     lib = ctypes.CDLL(str(so))
     _loaded[key] = lib
     return lib

@@ -14,12 +14,8 @@ launcher used to refuse), and the 16-byte path past 2^31.
 A GPU twin (skipped without CUDA) runs the whole op on such a row in a subprocess.
 """
 
-import hashlib
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -27,26 +23,10 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+from simt_driver import COMMON_FLAGS, SIMT, build_cached
+from simt_driver import requires_cxx as needs_cxx
 
-ROOT = Path(__file__).resolve().parents[1]
-SIMT = ROOT / "tests" / "simt"
-CXX = shutil.which("g++")
-needs_cxx = pytest.mark.skipif(CXX is None, reason="needs g++ for the SIMT harness")
-
-FLAGS = [
-    "-std=c++20",
-    "-O2",
-    "-ffp-contract=off",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-Wno-unknown-pragmas",
-    "-include",
-    str(SIMT / "simt.h"),
-    f"-I{SIMT}",
-    f"-I{SIMT / 'shim'}",
-    f"-I{ROOT / 'csrc'}",
-]
+FLAGS = [*COMMON_FLAGS, "-Wextra", "-Werror"]  # an executable, not a driver library
 CASES = [
     "bf16_max_old_fwd",
     "bf16_max_old_fwd_last",
@@ -73,23 +53,7 @@ def _overcommit_refuses():
 def program():
     if _overcommit_refuses():
         pytest.skip("vm.overcommit_memory = 2 refuses MAP_NORESERVE mappings of 32 GB")
-    h = hashlib.sha256(" ".join([CXX, *FLAGS]).encode())
-    for base in (SIMT, ROOT / "csrc" / "activation", ROOT / "csrc" / "core"):
-        for f in sorted(base.rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
-    out = Path(tempfile.gettempdir()) / "mixops-simt" / f"wide_columns-{h.hexdigest()[:16]}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run(
-            [CXX, *FLAGS, str(SIMT / "wide_columns.cpp"), "-o", str(tmp)],
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 0, f"building wide_columns failed:\n{proc.stderr[-4000:]}"
-        tmp.replace(out)
-    return out
+    return build_cached(SIMT / "wide_columns.cpp", "wide_columns", FLAGS)
 
 
 @needs_cxx
