@@ -5,7 +5,13 @@ how fast the machine happened to be between two runs, only on what ran while eac
 the link.
 """
 
-__all__ = ["union", "covered_share"]
+import time
+
+import torch.distributed as dist
+
+from .._trace import slow_link
+
+__all__ = ["union", "covered_share", "step_ms"]
 
 
 def union(spans):
@@ -43,3 +49,18 @@ def covered_share(trace):
                 break
             covered += max(0.0, min(e, b) - max(s, a))
     return covered / link if link > 0 else 0.0
+
+
+def step_ms(run, speed, covered):
+    """The ms of ``run()``, started together on every rank (a barrier first). With a link
+    ``speed`` (bytes/s) it runs in a fresh ``slow_link`` and its trace's covered share is appended
+    to ``covered``; with None it runs without the harness."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    if speed is None:
+        run()
+    else:
+        with slow_link(speed) as trace:  # a fresh link and trace per step
+            run()
+        covered.append(covered_share(trace))
+    return (time.perf_counter() - t0) * 1e3

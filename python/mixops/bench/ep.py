@@ -16,12 +16,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from ._overlap import covered_share
+from ._overlap import step_ms
 from .world import spawn_world
 
 CHUNKS = (1, 4, 8)
@@ -52,16 +51,7 @@ def _worker(rank, world, args):
                 m(x)
 
     def once_ms(m, bwd, speed, covered):
-        """One step's ms (ranks started together); with the link, its trace's covered share."""
-        dist.barrier()
-        t0 = time.perf_counter()
-        if speed is None:
-            step(m, bwd)
-        else:
-            with slow_link(speed) as trace:  # a fresh link and trace per step
-                step(m, bwd)
-            covered.append(covered_share(trace))
-        return (time.perf_counter() - t0) * 1e3
+        return step_ms(lambda: step(m, bwd), speed, covered)
 
     def paired(m, bwd, speed):
         """Median ms without and with the link (interleaved, in both orders, so that the

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ._overlap import covered_share
+from ._overlap import step_ms
 from .world import spawn_world
 
 SHARES = (0.15, 0.60)  # all-to-all time / the standard layer's MoE forward time
@@ -99,15 +99,7 @@ def _worker(rank, world, args):
                 fwds[which]()
 
     def once_ms(which, bwd, speed, covered):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if speed is None:
-            step(which, bwd)
-        else:
-            with slow_link(speed) as trace:
-                step(which, bwd)
-            covered.append(covered_share(trace))
-        return (time.perf_counter() - t0) * 1e3
+        return step_ms(lambda: step(which, bwd), speed, covered)
 
     def paired_ms(which, bwd, speed):
         """Median ms without and with the link, the two interleaved in both orders (so that the
