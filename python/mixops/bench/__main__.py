@@ -40,10 +40,6 @@ SHARED_USED_BY = {
 }
 # Options a benchmark adds that others read too ({option: the other benchmarks}).
 ALSO_USED_BY = {"--world": ("scmoe",)}
-# Help for benchmark options declared without one.
-FALLBACK_HELP = {
-    "--dist": "group sizes: balanced, Zipf-skewed, or both (all)",
-}
 
 
 def _help(text, jobs, default):
@@ -65,9 +61,7 @@ class _JobOptions:
 
     def add_argument(self, *flags, **kwargs):
         opt = next((f for f in flags if f.startswith("--")), flags[0])
-        text = kwargs.get("help") or FALLBACK_HELP.get(opt, "")
-        if text.startswith(f"{self.name}: "):  # the old "<job>: ..." prefix says it less well
-            text = text[len(self.name) + 2 :]
+        text = kwargs.get("help", "")
         users = (self.name, *ALSO_USED_BY.get(opt, ()))
         kwargs["help"] = _help(text, users, kwargs.get("default"))
         return self.group.add_argument(*flags, **kwargs)

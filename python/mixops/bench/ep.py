@@ -118,7 +118,7 @@ def run(args):
 
 
 def add_args(p: argparse.ArgumentParser):
-    p.add_argument("--world", type=int, default=2, help="ep: processes (gloo on this machine)")
+    p.add_argument("--world", type=int, default=2, help="processes (gloo on this machine)")
     p.add_argument(
-        "--link-mbps", type=float, default=0.0, help="ep: link speed in MB/s (0: comm = compute)"
+        "--link-mbps", type=float, default=0.0, help="link speed in MB/s (0: comm = compute)"
     )

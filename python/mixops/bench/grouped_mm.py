@@ -160,7 +160,12 @@ def run(args):
 
 def add_args(p: argparse.ArgumentParser):
     """grouped_mm's own options (--quick, --reps, --dtype, --experts are shared)."""
-    p.add_argument("--dist", default="all", choices=["all", "balanced", "zipf"])
+    p.add_argument(
+        "--dist",
+        default="all",
+        choices=["all", "balanced", "zipf"],
+        help="group sizes: balanced, Zipf-skewed, or both (all)",
+    )
     p.add_argument(
         "--impls",
         default="",

@@ -252,10 +252,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument(
         "--png",
         default="mixops_bench_moe.png",
-        help="moe: where to write the x-floor bar chart ('' for none)",
+        help="where to write the x-floor bar chart ('' for none)",
     )
     p.add_argument(
         "--no-peak-mem",
         action="store_true",
-        help="moe: skip the peak-memory measurement of fwd+bwd",
+        help="skip the peak-memory measurement of fwd+bwd",
     )

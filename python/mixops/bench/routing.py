@@ -98,7 +98,5 @@ def run(args):
 
 def add_args(p: argparse.ArgumentParser):
     """routing's own options (--quick, --reps, --dtype, --experts are shared)."""
-    p.add_argument("--hidden", type=int, default=1024, help="routing: hidden size of x")
-    p.add_argument(
-        "--tokens", type=int, nargs="*", default=[], help="routing: only these token counts"
-    )
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size of x")
+    p.add_argument("--tokens", type=int, nargs="*", default=[], help="only these token counts")
