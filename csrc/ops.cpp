@@ -79,10 +79,14 @@ TORCH_LIBRARY(mixops, m) {
   // chunks in (b, a) order, rows past sum(counts) zero. Its backward: counts.t().
   m.def("reorder_chunks(Tensor x, Tensor counts) -> Tensor");
   m.set_python_module("mixops.ops.activation");
-  // Gated expert activation on the fused gate/up projection (csrc/activation/activation.h):
-  // gate_up [..., 2F] (gate columns first) -> act(gate) * up [..., F]; act: silu (SwiGLU), gelu
-  // (GeGLU), gelu_tanh, relu (ReGLU).
-  m.def("gated_activation(Tensor gate_up, str activation=\"silu\") -> Tensor");
-  // d gate_up [..., 2F] from d out [..., F] (recomputes act(gate) from gate_up).
-  m.def("gated_activation_backward(Tensor grad, Tensor gate_up, str activation) -> Tensor");
+  // Gated expert activation (csrc/activation/activation.h): gate_up [..., 2F] (gate columns first)
+  // -> act(gate) * up [..., F]; with up, gate_up is the gate [..., F] and up [..., F] the up
+  // projection (two GEMM outputs, no concatenation); act: silu (SwiGLU), gelu (GeGLU), gelu_tanh,
+  // relu (ReGLU).
+  m.def("gated_activation(Tensor gate_up, str activation=\"silu\", Tensor? up=None) -> Tensor");
+  // d gate_up [..., 2F] from d out [..., F] (recomputes act(gate)); with up, [..., :F] is d gate
+  // and [..., F:] d up.
+  m.def(
+      "gated_activation_backward(Tensor grad, Tensor gate_up, str activation, Tensor? up=None)"
+      " -> Tensor");
 }

@@ -175,14 +175,26 @@ def reorder(x=None, counts=None):
     return REORDER, (x, counts), {}
 
 
-def act(gate_up=None, activation="silu"):
-    return ACT, (torch.randn(6, 8) if gate_up is None else gate_up, activation), {}
+def act(gate_up=None, activation="silu", up=None):
+    gate_up = torch.randn(6, 8) if gate_up is None else gate_up
+    return ACT, (gate_up, activation) if up is None else (gate_up, activation, up), {}
 
 
-def act_bw(grad=None, gate_up=None, activation="silu"):
+def act_bw(grad=None, gate_up=None, activation="silu", up=None):
     grad = torch.randn(6, 4) if grad is None else grad
     gate_up = torch.randn(6, 8) if gate_up is None else gate_up
-    return ACT_BW, (grad, gate_up, activation), {}
+    return ACT_BW, (grad, gate_up, activation) + (() if up is None else (up,)), {}
+
+
+def act_split(gate=None, up=None, activation="silu"):  # gate_up is the gate [6, 4]
+    gate = torch.randn(6, 4) if gate is None else gate
+    return act(gate, activation, torch.randn(6, 4) if up is None else up)
+
+
+def act_bw_split(grad=None, gate=None, up=None, activation="silu"):
+    grad = torch.randn(6, 4) if grad is None else grad
+    gate = torch.randn(6, 4) if gate is None else gate
+    return act_bw(grad, gate, activation, torch.randn(6, 4) if up is None else up)
 
 
 VALID = {
@@ -244,6 +256,17 @@ VALID = {
     "reorder_chunks 2^31 - 1 empty rows": lambda: reorder(x=big(2**31 - 1, 0)),
     "gated_activation": act,
     "gated_activation_backward": act_bw,
+    "gated_activation split": act_split,
+    "gated_activation split, odd F, transposed up": lambda: act_split(
+        gate=torch.randn(6, 3), up=torch.randn(3, 6).t()
+    ),
+    "gated_activation split, 3-D, F = 0": lambda: act_split(
+        gate=torch.randn(2, 3, 0), up=torch.randn(2, 3, 0)
+    ),
+    "gated_activation_backward split": act_bw_split,
+    "gated_activation_backward split, strided gate": lambda: act_bw_split(
+        gate=torch.randn(6, 9)[:, 2:6]
+    ),
 }
 
 # ---- every metadata check of csrc/*/check.cpp, one bad input each ---------------------------
@@ -534,6 +557,26 @@ BAD = {
     "act_bw grad rank": lambda: act_bw(grad=torch.randn(6, 4, 1)),
     "act_bw grad dtype": lambda: act_bw(grad=torch.randn(6, 4, dtype=BF16)),
     "act_bw grad device": lambda: act_bw(grad=torch.randn(6, 4, device=O)),
+    # gated_activation with up (the split form)
+    "act split name": lambda: act_split(activation="swish"),
+    "act split scalar": lambda: act_split(gate=torch.tensor(1.0), up=torch.tensor(1.0)),
+    "act split int": lambda: act_split(
+        gate=torch.ones(6, 4, dtype=I32), up=torch.ones(6, 4, dtype=I32)
+    ),
+    "act up shape": lambda: act_split(up=torch.randn(6, 5)),
+    "act up fused width": lambda: act_split(up=torch.randn(6, 8)),
+    "act up rows": lambda: act_split(up=torch.randn(5, 4)),
+    "act up rank": lambda: act_split(up=torch.randn(6, 4, 1)),
+    "act up dtype": lambda: act_split(up=torch.randn(6, 4, dtype=BF16)),
+    "act up device": lambda: act_split(up=torch.randn(6, 4, device=O)),
+    "act_bw up beside a fused gate_up": lambda: act_bw(up=torch.randn(6, 4)),
+    "act_bw up shape": lambda: act_bw_split(up=torch.randn(6, 3)),
+    "act_bw up dtype": lambda: act_bw_split(up=torch.randn(6, 4, dtype=F64)),
+    "act_bw up device": lambda: act_bw_split(up=torch.randn(6, 4, device=O)),
+    "act_bw split grad fused shape": lambda: act_bw_split(grad=torch.randn(6, 2)),
+    "act_bw split grad rows": lambda: act_bw_split(grad=torch.randn(5, 4)),
+    "act_bw split grad dtype": lambda: act_bw_split(grad=torch.randn(6, 4, dtype=F16)),
+    "act_bw split grad device": lambda: act_bw_split(grad=torch.randn(6, 4, device=O)),
 }
 
 

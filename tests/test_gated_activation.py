@@ -32,7 +32,7 @@ def _grads(fn, h, go):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("shape", [(37, 2 * 24), (3, 5, 2 * 129), (1, 2), (0, 16)])
+@pytest.mark.parametrize("shape", [(37, 2 * 24), (3, 5, 2 * 129), (1, 2), (0, 16), (2, 3, 0)])
 def test_forward_backward_against_reference(device, dtype, act, shape):
     h = (torch.randn(shape, device=device) * 3).to(dtype)
     go = torch.randn(*shape[:-1], shape[-1] // 2, device=device).to(dtype)

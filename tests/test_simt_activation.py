@@ -3,7 +3,8 @@
 The driver (tests/simt/drivers/activation.cpp) runs the real launch code of
 csrc/activation/activation.cu (gated_activation_launch, gated_activation_backward_launch) on host
 buffers; every call runs under the four harness runs (schedules and poison bytes) and must give the
-same bits each time (simt_driver.run_all).
+same bits each time (simt_driver.run_all). Both input forms: fused gate_up [rows, 2f], and split,
+gate and up two [rows, f] buffers (aligned or not: the driver reports the vector width that ran).
 
 What is compared with the CPU op (torch.ops.mixops.gated_activation(_backward) on CPU tensors):
   * silu and relu, every dtype: the same bits (README: "silu and relu give the same bits on CPU
@@ -52,8 +53,12 @@ TAIL = [ctypes.POINTER(SimtRun), ctypes.c_char_p, ctypes.c_int]
 def lib():
     lib = load_driver("activation")
     i32 = ctypes.c_int
-    lib.simt_gated_activation.argtypes = [i32, i32, I64, I64, PTR, I64, PTR, *TAIL]
-    lib.simt_gated_activation_backward.argtypes = [i32, i32, I64, I64, PTR, PTR, I64, PTR, *TAIL]
+    width = ctypes.POINTER(i32)
+    # dtype, act, rows, f, [grad_out,] gate_up, up, row stride, out, width
+    lib.simt_gated_activation.argtypes = [i32, i32, I64, I64, PTR, PTR, I64, PTR, width, *TAIL]
+    lib.simt_gated_activation_backward.argtypes = [
+        *(i32, i32, I64, I64, PTR, PTR, PTR, I64, PTR, width, *TAIL)
+    ]
     return lib
 
 
@@ -64,33 +69,59 @@ def _poisoned(shape, dtype):
     return t
 
 
-def _check_rows(h):
-    assert h.dim() == 2 and h.stride(1) == 1 and h.size(1) % 2 == 0
-    return h.size(0), h.size(1) // 2
+def _check_rows(h, up):
+    """(rows, f) of gate_up h: [rows, 2f] (fused), or the gate [rows, f] beside up; unit column
+    strides and, with up, one row stride for both (what the op layer hands the launcher)."""
+    assert h.dim() == 2 and h.stride(1) == 1
+    if up is None:
+        assert h.size(1) % 2 == 0
+        return h.size(0), h.size(1) // 2
+    assert up.shape == h.shape and up.dtype == h.dtype and up.stride(1) == 1
+    assert h.size(0) <= 1 or up.stride(0) == h.stride(0)
+    return h.shape
 
 
-def simt_forward(lib, h, act):
-    """out [rows, f] of the CUDA forward launch on gate_up h (a [rows, 2f] view, unit column
-    stride, any row stride), under every harness run."""
-    rows, f = _check_rows(h)
+def _up_ptr(up):
+    return None if up is None else up.data_ptr()
+
+
+def simt_forward(lib, h, act, up=None, widths=None):
+    """out [rows, f] of the CUDA forward launch on gate_up h (a [rows, 2f] view, or with up the
+    gate [rows, f]; unit column stride, any row stride), under every harness run. widths: a list
+    that receives the vector width each run launched."""
+    rows, f = _check_rows(h, up)
 
     def launch(outs, run):
         (out,) = outs
-        args = (DTYPE[h.dtype], ACT[act], rows, f, h.data_ptr(), h.stride(0))
-        call(lib.simt_gated_activation, *args, out.data_ptr(), run=run)
+        w = ctypes.c_int(-1)
+        args = (DTYPE[h.dtype], ACT[act], rows, f, h.data_ptr(), _up_ptr(up), h.stride(0))
+        call(lib.simt_gated_activation, *args, out.data_ptr(), ctypes.byref(w), run=run)
+        if widths is not None:
+            widths.append(w.value)
 
     return run_all(lambda: [_poisoned((rows, f), h.dtype)], launch)[0]
 
 
-def simt_backward(lib, go, h, act):
-    """grad_gate_up [rows, 2f] of the CUDA backward launch, under every harness run."""
-    rows, f = _check_rows(h)
+def simt_backward(lib, go, h, act, up=None, widths=None):
+    """grad_gate_up [rows, 2f] of the CUDA backward launch (d gate, then d up, in both forms),
+    under every harness run."""
+    rows, f = _check_rows(h, up)
     assert go.shape == (rows, f) and go.is_contiguous()
 
     def launch(outs, run):
         (dh,) = outs
-        args = (DTYPE[h.dtype], ACT[act], rows, f, go.data_ptr(), h.data_ptr(), h.stride(0))
-        call(lib.simt_gated_activation_backward, *args, dh.data_ptr(), run=run)
+        w = ctypes.c_int(-1)
+        args = (DTYPE[h.dtype], ACT[act], rows, f, go.data_ptr(), h.data_ptr(), _up_ptr(up))
+        call(
+            lib.simt_gated_activation_backward,
+            *args,
+            h.stride(0),
+            dh.data_ptr(),
+            ctypes.byref(w),
+            run=run,
+        )
+        if widths is not None:
+            widths.append(w.value)
 
     return run_all(lambda: [_poisoned((rows, 2 * f), h.dtype)], launch)[0]
 
@@ -129,11 +160,11 @@ def _gate_up(rows, f, dtype, pad, scale=3.0):
     return base[:, pad // 2 : pad // 2 + 2 * f]
 
 
-def check_against_cpu(lib, h, go, act, what):
-    ours = simt_forward(lib, h, act)
-    ours_dh = simt_backward(lib, go, h, act)
-    cpu = torch.ops.mixops.gated_activation(h, act)
-    cpu_dh = torch.ops.mixops.gated_activation_backward(go, h, act)
+def check_against_cpu(lib, h, go, act, what, up=None, widths=None):
+    ours = simt_forward(lib, h, act, up, widths)
+    ours_dh = simt_backward(lib, go, h, act, up, widths)
+    cpu = torch.ops.mixops.gated_activation(h, act, up)
+    cpu_dh = torch.ops.mixops.gated_activation_backward(go, h, act, up)
     assert_same_bits(ours, cpu, f"{what} forward")
     assert_same_bits(ours_dh, cpu_dh, f"{what} backward")
     return ours, ours_dh
@@ -185,6 +216,70 @@ def test_nan_inf_and_extremes(lib, dtype, act):
     go = s[:, None].expand(n, n * n).contiguous()
     # Bits as the CPU op's (which test_gated_activation.py checks against torch's activations).
     check_against_cpu(lib, h, go, act, f"{act} {dtype} specials")
+
+
+# ---- the split form: gate and up as two [rows, f] buffers with one row stride ---------------
+
+
+def _aligned(rows, f, dtype, offset=0, pad=0, scale=3.0):
+    """[rows, f] with row stride f + pad, starting offset elements past a 16-byte aligned start
+    (torch's CPU allocations are 64-byte aligned)."""
+    base = (torch.randn(rows * (f + pad) + offset + pad) * scale).to(dtype)
+    assert base.data_ptr() % 16 == 0
+    return base[offset : offset + rows * (f + pad)].view(rows, f + pad)[:, :f]
+
+
+# (gate, up) of (rows, f, dtype); "vec": whether the 16-byte path may run (f a multiple of it).
+SPLIT_LAYOUTS = {
+    # Two separate allocations, both aligned: the 16-byte path.
+    "separate": (lambda r, f, t: (_aligned(r, f, t), _aligned(r, f, t)), True),
+    # Rows of two wider tensors with the same row stride (f + 8).
+    "strided": (lambda r, f, t: (_aligned(r, f, t, pad=8), _aligned(r, f, t, pad=8)), True),
+    # gate and up in one [rows, 2f + 8] tensor with up 8 columns past gate's end (not fused).
+    "one tensor": (
+        lambda r, f, t: (lambda b: (b[:, :f], b[:, f + 8 :]))(_aligned(r, 2 * f + 8, t)),
+        True,
+    ),
+    # One element past an aligned start: N = 1, though every other operand allows 16 bytes.
+    "up misaligned": (lambda r, f, t: (_aligned(r, f, t), _aligned(r, f, t, offset=1)), False),
+    "gate misaligned": (lambda r, f, t: (_aligned(r, f, t, offset=1), _aligned(r, f, t)), False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACT))
+@pytest.mark.parametrize("layout", list(SPLIT_LAYOUTS))
+def test_split_against_cpu_op(lib, dtype, act, layout):
+    rows, f = 9, 64  # f a multiple of every vector width
+    make, vec = SPLIT_LAYOUTS[layout]
+    gate, up = make(rows, f, dtype)
+    go = torch.randn(rows, f).to(dtype)
+    what = f"{act} {dtype} split {layout}"
+    widths = []
+    ours, ours_dh = check_against_cpu(lib, gate, go, act, what, up=up, widths=widths)
+    k_vec = 1 if dtype == torch.float64 else 16 // gate.element_size()
+    assert set(widths) == {k_vec if vec else 1}, f"{what}: vector widths {widths}"
+    # The same bits as the fused launch on torch.cat([gate, up]) (fused: the kernel's own up).
+    h = torch.cat([gate, up], dim=1)
+    assert_same_bits(ours, simt_forward(lib, h, act), f"{what} vs fused forward")
+    assert_same_bits(ours_dh, simt_backward(lib, go, h, act), f"{what} vs fused backward")
+    if act not in BIT_EQUAL_PROMISED:
+        ref = _torch_grads(h.double(), go.double(), act)
+        lowp = _torch_grads(h, go, act)
+        assert_close_to_ref(ours, ref[0], lowp[0], f"{what} forward")
+        assert_close_to_ref(ours_dh, ref[1], lowp[1], f"{what} backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (1, 7), (37, 61), (3, 129)], ids=str)
+@pytest.mark.parametrize("layout", ["strided", "up misaligned"])
+def test_split_shapes(lib, dtype, shape, layout):
+    # Empty, single and odd sizes (N = 1 whatever the alignment) and tails past a block.
+    rows, f = shape
+    gate, up = SPLIT_LAYOUTS[layout][0](rows, f, dtype)
+    go = torch.randn(rows, f).to(dtype)
+    for act in BIT_EQUAL_PROMISED:
+        check_against_cpu(lib, gate, go, act, f"{act} {dtype} {shape} {layout}", up=up)
 
 
 @pytest.mark.large

@@ -34,8 +34,15 @@ Shape2d shape_for(int64_t rows, int64_t fv) {
           dim3(bx, by)};
 }
 
-// Calls f.template operator()<N>() with N = 16 bytes of elements when every pointer, the row
-// stride and f allow 16-byte accesses, else N = 1.
+// The up rows: p.up (split form), or the second half of each gate_up row (fused form).
+template <typename T>
+const T* up_of(const GatedActParams& p) {
+  return p.up != nullptr ? static_cast<const T*>(p.up) : static_cast<const T*>(p.gate_up) + p.f;
+}
+
+// Calls f.template operator()<N>() with N = 16 bytes of elements when every pointer (gate, up and
+// the others: a separate up buffer may be misaligned on its own), the row stride and f allow
+// 16-byte accesses, else N = 1.
 template <typename T, typename F>
 void with_width(const GatedActParams& p, const std::initializer_list<const void*>& ptrs,
                 const F& f) {
@@ -74,10 +81,11 @@ void gated_activation_launch(const GatedActParams& p, cudaStream_t stream) {
   if (n == 0) return;
   with_types(p, "gated_activation", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    with_width<T>(p, {p.gate_up, p.out}, [&]<int N>() {
+    const T* up = up_of<T>(p);
+    with_width<T>(p, {p.gate_up, up, p.out}, [&]<int N>() {
       const Shape2d s = shape_for(p.rows, p.f / N);
       launch_kernel(&gated_act_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0, stream,
-                    static_cast<const T*>(p.gate_up), p.gate_up_stride, static_cast<T*>(p.out),
+                    static_cast<const T*>(p.gate_up), up, p.gate_up_stride, static_cast<T*>(p.out),
                     p.rows, p.f);
     });
   });
@@ -90,10 +98,11 @@ void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stre
   if (n == 0) return;
   with_types(p, "gated_activation_backward", [&](auto act, auto tag) {
     using T = typename decltype(tag)::type;
-    with_width<T>(p, {p.gate_up, p.grad_out, p.grad_gate_up}, [&]<int N>() {
+    const T* up = up_of<T>(p);
+    with_width<T>(p, {p.gate_up, up, p.grad_out, p.grad_gate_up}, [&]<int N>() {
       const Shape2d s = shape_for(p.rows, p.f / N);
       launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0,
-                    stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up),
+                    stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up), up,
                     p.gate_up_stride, static_cast<T*>(p.grad_gate_up), p.rows, p.f);
     });
   });

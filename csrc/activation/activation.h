@@ -1,6 +1,7 @@
 // Gated expert activations, shared by the CPU and CUDA kernels (MIXOPS_HOST_DEVICE, torch-free):
 // out[r, c] = act(gate[r, c]) * up[r, c] on the [rows, 2*F] output of the fused gate/up projection
-// (gate in columns [0, F), up in [F, 2F): HF transformers' chunk(2) layout), and its backward
+// (gate in columns [0, F), up in [F, 2F): HF transformers' chunk(2) layout) or on separate gate and
+// up [rows, F] (torchtitan's w1 and w3 GEMMs), and its backward
 //   d gate = d out * up * act'(gate),   d up = d out * act(gate).
 // Math in float for bf16/fp16/fp32 (double for double). silu uses det::sigmoid (our exp), so the
 // host loops vectorise and CPU and GPU agree to the bit for silu and relu; gelu uses erf/tanh.
@@ -63,16 +64,19 @@ MIXOPS_INLINE T value(T g) {
 
 }  // namespace act
 
-// One call of the CUDA launchers (launch.h).
+// One call of the CUDA launchers (launch.h). Two forms of the input: fused (up == nullptr), gate_up
+// [rows, 2f] with gate then up in each row; split, gate_up the gate [rows, f] and up its own
+// [rows, f] buffer (two GEMM outputs read where they are). Both rows share one stride.
 struct GatedActParams {
   Dtype dtype = Dtype::kFloat32;
   GatedAct act = GatedAct::kSilu;
-  int64_t rows = 0, f = 0;  // gate_up is [rows, 2f], out and grad_out [rows, f]
-  const void* gate_up = nullptr;
-  int64_t gate_up_stride = 0;      // elements between rows (columns are contiguous)
+  int64_t rows = 0, f = 0;         // out and grad_out [rows, f]
+  const void* gate_up = nullptr;   // fused: [rows, 2f]; split: the gate [rows, f]
+  const void* up = nullptr;        // split: [rows, f]; nullptr: fused, up = gate_up + f
+  int64_t gate_up_stride = 0;      // elements between rows of gate_up and of up (unit columns)
   void* out = nullptr;             // forward: [rows, f] contiguous
   const void* grad_out = nullptr;  // backward: [rows, f] contiguous
-  void* grad_gate_up = nullptr;    // backward: [rows, 2f] contiguous
+  void* grad_gate_up = nullptr;    // backward: [rows, 2f] contiguous, d gate then d up (both forms)
 };
 
 }  // namespace mixops

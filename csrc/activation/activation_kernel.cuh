@@ -1,7 +1,9 @@
 // gated_activation and its backward on CUDA, device code (activation.cu launches it; no launch
 // syntax, no torch, no CUTLASS): a 2-D grid of (column vector, row) with 16-byte accesses when
-// aligned (coalesced: consecutive threads read consecutive vectors of the gate and up halves), no
-// per-element division. Math in fp32 (fp64 for fp64) through activation.h, the code the CPU
+// aligned (coalesced: consecutive threads read consecutive vectors of gate and of up), no
+// per-element division. The kernels take gate and up as two row pointers with one row stride, so
+// the fused [rows, 2f] input (up = gate + f, set by the launcher) and two separate [rows, f]
+// tensors run the same code. Math in fp32 (fp64 for fp64) through activation.h, the code the CPU
 // kernel runs, element by element, so the vector width never changes a result.
 #pragma once
 
@@ -21,10 +23,11 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // Threads walk (row, column vector) pairs of a 2-D grid: x over the f / N column vectors of a
-// half row, y over rows, both grid-strided. N > 1 only when every row start of every operand and f
-// are N-element aligned (the launcher checks), so a vector never straddles the gate/up boundary
-// and the up half starts fv = f / N vectors after the gate half.
-// Indices are 64-bit: a half row may hold 2^31 columns or more, and the column stride is up to
+// row of gate (and of up), y over rows, both grid-strided. N > 1 only when every row start of
+// every operand (gate, up, out / grad, d gate_up) and f are N-element aligned (the launcher
+// checks), so a vector never straddles the gate/up boundary of a fused row; d up starts fv = f / N
+// vectors after d gate in each [2f] row of d gate_up.
+// Indices are 64-bit: a row of gate may hold 2^31 columns or more, and the column stride is up to
 // 2^16 blocks x 256 threads, so a 32-bit column index would wrap past its last column (negative,
 // out of bounds, never ending) once f / N passes 2^31 - 2^24 (tests/simt/wide_columns.cpp).
 // The column loops are not unrolled: nvcc did not unroll them before either, but with 64-bit
@@ -32,19 +35,20 @@ struct alignas(sizeof(T) * N) Pack {
 // then spilled 20 bytes on sm_90a (ptxas -v; 0 with unroll 1, and the same loads and stores).
 template <GatedAct Act, typename T, int N>
 __global__ void __launch_bounds__(kThreads)
-    gated_act_kernel(const T* __restrict__ h, int64_t ld, T* __restrict__ out, int64_t rows,
-                     int64_t f) {
+    gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, int64_t ld,
+                     T* __restrict__ out, int64_t rows, int64_t f) {
   using A = acc_t<T>;
   using P = Pack<T, N>;
   const int64_t fv = f / N;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const P* gate = reinterpret_cast<const P*>(h + r * ld);  // up vectors at + fv
+    const P* gr = reinterpret_cast<const P*>(gate + r * ld);
+    const P* ur = reinterpret_cast<const P*>(up + r * ld);
     P* o = reinterpret_cast<P*>(out + r * f);
 #pragma unroll 1
     for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < fv;
          c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const P g = gate[c], u = gate[fv + c];
+      const P g = gr[c], u = ur[c];
       P y;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -57,25 +61,27 @@ __global__ void __launch_bounds__(kThreads)
 
 template <GatedAct Act, typename T, int N>
 __global__ void __launch_bounds__(kThreads)
-    gated_act_backward_kernel(const T* __restrict__ grad, const T* __restrict__ h, int64_t ld,
-                              T* __restrict__ dh, int64_t rows, int64_t f) {
+    gated_act_backward_kernel(const T* __restrict__ grad, const T* __restrict__ gate,
+                              const T* __restrict__ up, int64_t ld, T* __restrict__ dh,
+                              int64_t rows, int64_t f) {
   using A = acc_t<T>;
   using P = Pack<T, N>;
   const int64_t fv = f / N;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const P* hr = reinterpret_cast<const P*>(h + r * ld);  // gate vectors, then up at + fv
-    P* dr = reinterpret_cast<P*>(dh + r * 2 * f);          // the same layout, contiguous
+    const P* gr = reinterpret_cast<const P*>(gate + r * ld);
+    const P* ur = reinterpret_cast<const P*>(up + r * ld);
+    P* dr = reinterpret_cast<P*>(dh + r * 2 * f);  // d gate vectors, then d up at + fv
     const P* go = reinterpret_cast<const P*>(grad + r * f);
 #pragma unroll 1
     for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < fv;
          c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const P g = hr[c], u = hr[fv + c];
-      const P gr = go[c];
+      const P g = gr[c], u = ur[c];
+      const P dy = go[c];
       P dg, du;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const A gj = to_acc(g.v[j]), uj = to_acc(u.v[j]), goj = to_acc(gr.v[j]);
+        const A gj = to_acc(g.v[j]), uj = to_acc(u.v[j]), goj = to_acc(dy.v[j]);
         A v, d;
         act::value_and_grad<Act, A>(gj, v, d);
         dg.v[j] = from_acc<T>(det::mul(det::mul(goj, uj), d));

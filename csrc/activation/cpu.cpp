@@ -1,6 +1,7 @@
-// gated_activation and its backward on CPU: one pass over the [rows, 2F] gate/up rows (the
-// per-element math is csrc/activation/activation.h, shared with CUDA). Rows in parallel;
-// the column loops are written per activation so they vectorise (silu, relu).
+// gated_activation and its backward on CPU: one pass over the gate and up rows, the two halves of
+// [rows, 2F] (fused) or two [rows, F] tensors (split) with one row stride (the per-element math is
+// csrc/activation/activation.h, shared with CUDA). Rows in parallel; the column loops are written
+// per activation so they vectorise (silu, relu).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,21 +45,30 @@ MIXOPS_CPU_CLONES void backward_row(const T* __restrict__ gate, const T* __restr
   }
 }
 
+// gate and up rows r at gate + r * ld and up + r * ld; out [rows, f] contiguous.
 template <GatedAct A, class T>
-void forward_rows(const T* h, int64_t ld, T* out, int64_t rows, int64_t f) {
+void forward_rows(const T* gate, const T* up, int64_t ld, T* out, int64_t rows, int64_t f) {
   at::parallel_for(0, rows, grain_rows(f), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) forward_row<A>(h + r * ld, h + r * ld + f, out + r * f, f);
+    for (int64_t r = r0; r < r1; ++r) forward_row<A>(gate + r * ld, up + r * ld, out + r * f, f);
   });
 }
 
+// grad [rows, f] contiguous -> dh [rows, 2f] contiguous: d gate, then d up, in each row.
 template <GatedAct A, class T>
-void backward_rows(const T* grad, const T* h, int64_t ld, T* dh, int64_t rows, int64_t f) {
+void backward_rows(const T* grad, const T* gate, const T* up, int64_t ld, T* dh, int64_t rows,
+                   int64_t f) {
   at::parallel_for(0, rows, grain_rows(f), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* dgate = dh + r * 2 * f;
-      backward_row<A>(h + r * ld, h + r * ld + f, grad + r * f, dgate, dgate + f, f);
+      backward_row<A>(gate + r * ld, up + r * ld, grad + r * f, dgate, dgate + f, f);
     }
   });
+}
+
+// The up rows: the split form's own tensor, or the second half of each fused row.
+template <class T>
+const T* up_ptr(const GatedRows& g) {
+  return g.up.defined() ? g.up.data_ptr<T>() : g.gate.data_ptr<T>() + g.f;
 }
 
 template <class F>
@@ -71,37 +81,42 @@ void with_act(GatedAct a, const F& f) {
   }
 }
 
-at::Tensor gated_activation_cpu(const at::Tensor& gate_up_in, c10::string_view act_name) {
-  const GatedAct a = gated_activation_check(gate_up_in, act_name);
-  const at::Tensor h = gated_rows(gate_up_in);
-  const int64_t rows = h.size(0), f = h.size(1) / 2;
+// gate_up [..., 2F] (fused) or the gate [..., F] with up [..., F] -> out [..., F].
+at::Tensor gated_activation_cpu(const at::Tensor& gate_up_in, c10::string_view act_name,
+                                const std::optional<at::Tensor>& up_in) {
+  const GatedAct a = gated_activation_check(gate_up_in, act_name, up_in);
+  const GatedRows g = gated_rows(gate_up_in, up_in);
   auto out_shape = gate_up_in.sizes().vec();
-  out_shape.back() = f;
+  out_shape.back() = g.f;
   at::Tensor out = empty_large(out_shape, gate_up_in.options());
-  if (rows == 0 || f == 0) return out;
+  if (g.rows == 0 || g.f == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "gated_activation", [&] {
+      at::kBFloat16, at::kHalf, g.gate.scalar_type(), "gated_activation", [&] {
         with_act(a, [&](auto A) {
-          forward_rows<decltype(A)::value>(h.data_ptr<scalar_t>(), h.stride(0),
-                                           out.data_ptr<scalar_t>(), rows, f);
+          forward_rows<decltype(A)::value>(g.gate.data_ptr<scalar_t>(), up_ptr<scalar_t>(g), g.ld,
+                                           out.data_ptr<scalar_t>(), g.rows, g.f);
         });
       });
   return out;
 }
 
+// grad [..., F] -> d gate_up [..., 2F]: d gate in [..., :F], d up in [..., F:] (both forms).
 at::Tensor gated_activation_backward_cpu(const at::Tensor& grad_in, const at::Tensor& gate_up_in,
-                                         c10::string_view act_name) {
-  const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name);
-  const at::Tensor h = gated_rows(gate_up_in);
+                                         c10::string_view act_name,
+                                         const std::optional<at::Tensor>& up_in) {
+  const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name, up_in);
+  const GatedRows g = gated_rows(gate_up_in, up_in);
   const at::Tensor grad = grad_in.contiguous();
-  const int64_t rows = h.size(0), f = h.size(1) / 2;
-  at::Tensor dh = empty_large(gate_up_in.sizes(), gate_up_in.options());
-  if (rows == 0 || f == 0) return dh;
+  auto dh_shape = grad_in.sizes().vec();
+  dh_shape.back() = 2 * g.f;
+  at::Tensor dh = empty_large(dh_shape, gate_up_in.options());
+  if (g.rows == 0 || g.f == 0) return dh;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "gated_activation_backward", [&] {
+      at::kBFloat16, at::kHalf, g.gate.scalar_type(), "gated_activation_backward", [&] {
         with_act(a, [&](auto A) {
-          backward_rows<decltype(A)::value>(grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                            h.stride(0), dh.data_ptr<scalar_t>(), rows, f);
+          backward_rows<decltype(A)::value>(grad.data_ptr<scalar_t>(), g.gate.data_ptr<scalar_t>(),
+                                            up_ptr<scalar_t>(g), g.ld, dh.data_ptr<scalar_t>(),
+                                            g.rows, g.f);
         });
       });
   return dh;

@@ -13,43 +13,50 @@
 namespace mixops {
 namespace {
 
-GatedActParams params_for(const at::Tensor& h, GatedAct a) {
+GatedActParams params_for(const GatedRows& g, GatedAct a) {
   GatedActParams p{};
-  p.dtype = to_mixops_dtype(h.scalar_type());
+  p.dtype = to_mixops_dtype(g.gate.scalar_type());
   p.act = a;
-  p.rows = h.size(0);
-  p.f = h.size(1) / 2;
-  p.gate_up = h.data_ptr();
-  p.gate_up_stride = h.stride(0);
+  p.rows = g.rows;
+  p.f = g.f;
+  p.gate_up = g.gate.data_ptr();
+  p.up = g.up.defined() ? g.up.data_ptr() : nullptr;
+  p.gate_up_stride = g.ld;
   return p;
 }
 
-at::Tensor gated_activation_cuda(const at::Tensor& gate_up_in, c10::string_view act_name) {
-  const GatedAct a = gated_activation_check(gate_up_in, act_name);
+// gate_up [..., 2F] (fused) or the gate [..., F] with up [..., F] -> out [..., F].
+at::Tensor gated_activation_cuda(const at::Tensor& gate_up_in, c10::string_view act_name,
+                                 const std::optional<at::Tensor>& up_in) {
+  const GatedAct a = gated_activation_check(gate_up_in, act_name, up_in);
   const c10::cuda::CUDAGuard guard(gate_up_in.device());
-  const at::Tensor h = gated_rows(gate_up_in);
+  const GatedRows g = gated_rows(gate_up_in, up_in);
   auto out_shape = gate_up_in.sizes().vec();
-  out_shape.back() /= 2;
+  out_shape.back() = g.f;
   at::Tensor out = at::empty(out_shape, gate_up_in.options());
-  GatedActParams p = params_for(h, a);
+  GatedActParams p = params_for(g, a);
   p.out = out.data_ptr();
   cuda::launch_checked("gated_activation",
-                       [&] { cuda::gated_activation_launch(p, cuda::stream_of(h)); });
+                       [&] { cuda::gated_activation_launch(p, cuda::stream_of(g.gate)); });
   return out;
 }
 
+// grad [..., F] -> d gate_up [..., 2F]: d gate in [..., :F], d up in [..., F:] (both forms).
 at::Tensor gated_activation_backward_cuda(const at::Tensor& grad_in, const at::Tensor& gate_up_in,
-                                          c10::string_view act_name) {
-  const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name);
+                                          c10::string_view act_name,
+                                          const std::optional<at::Tensor>& up_in) {
+  const GatedAct a = gated_activation_backward_check(grad_in, gate_up_in, act_name, up_in);
   const c10::cuda::CUDAGuard guard(gate_up_in.device());
-  const at::Tensor h = gated_rows(gate_up_in);
+  const GatedRows g = gated_rows(gate_up_in, up_in);
   const at::Tensor grad = grad_in.contiguous();
-  at::Tensor dh = at::empty(gate_up_in.sizes(), gate_up_in.options());
-  GatedActParams p = params_for(h, a);
+  auto dh_shape = grad_in.sizes().vec();
+  dh_shape.back() = 2 * g.f;
+  at::Tensor dh = at::empty(dh_shape, gate_up_in.options());
+  GatedActParams p = params_for(g, a);
   p.grad_out = grad.data_ptr();
   p.grad_gate_up = dh.data_ptr();
   cuda::launch_checked("gated_activation_backward",
-                       [&] { cuda::gated_activation_backward_launch(p, cuda::stream_of(h)); });
+                       [&] { cuda::gated_activation_backward_launch(p, cuda::stream_of(g.gate)); });
   return dh;
 }
 

@@ -10,9 +10,10 @@
 
 namespace mixops::cuda {
 
-// out[r, c] = act(gate_up[r, c]) * gate_up[r, f + c].
+// out[r, c] = act(gate[r, c]) * up[r, c]; gate = gate_up, up = p.up or gate_up + f (fused).
 void gated_activation_launch(const GatedActParams& p, cudaStream_t stream);
-// grad_gate_up[r, c] = grad_out * up * act'(gate); grad_gate_up[r, f + c] = grad_out * act(gate).
+// grad_gate_up[r, c] = grad_out * up * act'(gate); grad_gate_up[r, f + c] = grad_out * act(gate)
+// (both forms).
 void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stream);
 
 }  // namespace mixops::cuda

@@ -1,4 +1,4 @@
-"""gated_activation: the expert MLP's gated activation fused over the gate/up GEMM output."""
+"""gated_activation: the expert MLP's gated activation fused over the gate/up GEMM output(s)."""
 
 import torch
 
@@ -9,26 +9,37 @@ __all__ = ["gated_activation"]
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
-def gated_activation(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+def gated_activation(
+    gate_up: torch.Tensor, activation: str = "silu", up: torch.Tensor | None = None
+) -> torch.Tensor:
     """``act(gate) * up`` in one pass, for SwiGLU (``"silu"``), GeGLU (``"gelu"``, ``"gelu_tanh"``)
     and ReGLU (``"relu"``) experts.
 
     ::
 
+        fused (up=None):
         gate_up [..., 2F]  float32, bfloat16, float16, float64; gate in [..., :F], up in
                            [..., F:] (HF transformers' ``chunk(2)`` layout)
+        split (up given; two GEMM outputs, e.g. torchtitan's w1 and w3, read where they are):
+        gate_up [..., F]   the gate; float32, bfloat16, float16, float64
+        up      [..., F]   gate_up's shape, dtype and device
         -> out  [..., F]   gate_up's dtype; math in float32 (float64 for float64)
 
+    Any strides: rows of a wider tensor are read in place; a non-unit column stride (and, in the
+    split form, gate and up rows with different strides) costs a contiguous copy. The split form
+    gives the same bits as the fused form on ``torch.cat([gate, up], -1)``.
+
     Autograd: one op (``gated_activation_backward``) writes d gate_up from d out, recomputing
-    act(gate); nothing but gate_up is saved (PyTorch's unfused chain also keeps act(gate)).
+    act(gate); nothing but the inputs is saved (PyTorch's unfused chain also keeps act(gate)). In
+    the split form it writes one [..., 2F] buffer and d gate, d up are its two halves (views).
     """
-    return torch.ops.mixops.gated_activation.default(gate_up, activation)
+    return torch.ops.mixops.gated_activation.default(gate_up, activation, up)
 
 
 # Validation: csrc/activation/check.cpp line by line, with its messages (see _check.py).
 
 
-def _check_gate_up(gate_up, activation, op):
+def _check_gate_up(gate_up, activation, up, op):
     check(
         activation in _ACTS,
         op,
@@ -37,30 +48,58 @@ def _check_gate_up(gate_up, activation, op):
         "'",
     )
     check(gate_up.dim() >= 1, op, ": gate_up must have at least 1 dimension, got a scalar")
-    check(
-        gate_up.shape[-1] % 2 == 0,
-        op,
-        ": gate_up's last dimension must be even ([..., 2*F]: gate then up), got ",
-        gate_up.shape,
-    )
+    if up is None:
+        check(
+            gate_up.shape[-1] % 2 == 0,
+            op,
+            ": gate_up's last dimension must be even ([..., 2*F]: gate then up), got ",
+            gate_up.shape,
+        )
     check(
         gate_up.dtype in FLOATS,
         op,
         ": gate_up must be float32, bfloat16, float16 or float64, got ",
         gate_up.dtype,
     )
+    if up is not None:  # the split form: gate_up is the gate [..., F]
+        check(
+            up.shape == gate_up.shape,
+            op,
+            ": up must have gate_up's shape ",
+            gate_up.shape,
+            " (gate_up is the gate when up is given), got ",
+            up.shape,
+        )
+        check(
+            up.dtype == gate_up.dtype,
+            op,
+            ": up must have gate_up's dtype (",
+            gate_up.dtype,
+            "), got ",
+            up.dtype,
+        )
+        check(
+            up.device == gate_up.device,
+            op,
+            ": up must be on gate_up's device (",
+            gate_up.device,
+            "), got ",
+            up.device,
+        )
 
 
-def _gated_activation_backward_check(grad, gate_up, activation):
+def _gated_activation_backward_check(grad, gate_up, activation, up):
     op = "gated_activation_backward"
-    _check_gate_up(gate_up, activation, op)
-    expect = [*gate_up.shape[:-1], gate_up.shape[-1] // 2]
+    _check_gate_up(gate_up, activation, up, op)
+    expect = [*gate_up.shape[:-1], gate_up.shape[-1] // 2 if up is None else gate_up.shape[-1]]
     check(
         list(grad.shape) == expect,
         op,
         ": grad must have shape ",
         expect,
-        " (gate_up's with the last dimension halved), got ",
+        " (gate_up's with the last dimension halved), got "
+        if up is None
+        else " (gate_up's, the gate's, as up is given), got ",
         grad.shape,
     )
     check(
@@ -82,31 +121,39 @@ def _gated_activation_backward_check(grad, gate_up, activation):
 
 
 @torch.library.register_fake("mixops::gated_activation")
-def _gated_activation_fake(gate_up, activation="silu"):
-    _check_gate_up(gate_up, activation, "gated_activation")
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+def _gated_activation_fake(gate_up, activation="silu", up=None):
+    _check_gate_up(gate_up, activation, up, "gated_activation")
+    f = gate_up.shape[-1] if up is not None else gate_up.shape[-1] // 2
+    return gate_up.new_empty(*gate_up.shape[:-1], f)
 
 
 @torch.library.register_fake("mixops::gated_activation_backward")
-def _gated_activation_backward_fake(grad, gate_up, activation):
-    _gated_activation_backward_check(grad, gate_up, activation)
-    return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+def _gated_activation_backward_fake(grad, gate_up, activation, up=None):
+    _gated_activation_backward_check(grad, gate_up, activation, up)
+    return gate_up.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
 
 
 def _setup(ctx, inputs, output):
-    gate_up, activation = inputs
+    gate_up, activation, up = inputs
     ctx.set_materialize_grads(False)
     ctx.activation = activation
-    ctx.save_for_backward(gate_up)
+    ctx.save_for_backward(gate_up, up)
 
 
 def _backward(ctx, grad):
-    if not ctx.needs_input_grad[0] or grad is None:
-        return None, None
-    (gate_up,) = ctx.saved_tensors
-    return torch.ops.mixops.gated_activation_backward.default(
-        grad.contiguous(), gate_up, ctx.activation
-    ), None
+    # Inputs in schema order: gate_up, activation, up. needs_input_grad covers only the arguments
+    # the dispatcher passed: it drops trailing ones equal to their defaults (up=None, "silu").
+    need_gate_up, _, need_up = (*ctx.needs_input_grad, False, False)[:3]
+    if grad is None or not (need_gate_up or need_up):
+        return None, None, None
+    gate_up, up = ctx.saved_tensors
+    dh = torch.ops.mixops.gated_activation_backward.default(
+        grad.contiguous(), gate_up, ctx.activation, up
+    )
+    if up is None:
+        return dh, None, None
+    f = gate_up.shape[-1]  # d gate and d up: the halves of one buffer, no copy
+    return dh[..., :f] if need_gate_up else None, None, dh[..., f:] if need_up else None
 
 
 torch.library.register_autograd("mixops::gated_activation", _backward, setup_context=_setup)
