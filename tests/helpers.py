@@ -30,6 +30,32 @@ def skip_unsupported_transformers():
         )
 
 
+# torchtitan (the integration's tested range, mixops.integrations.torchtitan.TORCHTITAN_TESTED;
+# CI installs it: requirements-torchtitan*.txt). Its tests call require_torchtitan() first.
+TORCHTITAN_REASON = (
+    "torchtitan 0.3 is needed for the torchtitan integration tests "
+    "(pip install --no-deps -r requirements-torchtitan.txt)"
+)
+
+
+def require_torchtitan():
+    """Skip the calling test module unless torchtitan (and what its model code imports) is
+    installed in the tested range."""
+    pytest.importorskip("torchtitan.models.common.moe", reason=TORCHTITAN_REASON)
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    from mixops.integrations.torchtitan import TORCHTITAN_TESTED
+
+    v = Version(version("torchtitan"))
+    lo, below = TORCHTITAN_TESTED
+    if not Version(lo) <= v < Version(below):
+        pytest.skip(
+            f"torchtitan {v} is outside the tested range >={lo},<{below}", allow_module_level=True
+        )
+
+
 # atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 

@@ -236,3 +236,39 @@ def test_covered_share_against_hand_computed_intervals():
     assert covered_share(_trace([(1, 2), (3, 4)], [(0, 5)])) == 1.0
     assert covered_share(_trace([(0, 10)], [(10, 11), (-1, 0)])) == 0.0
     assert covered_share(_trace([], [(0, 1)])) == 0.0
+
+
+def test_titan_bench_quick_runs_and_prints_table():
+    """bfloat16 only and no peak-memory processes (a few seconds); one peak-memory measurement
+    runs here, in this process."""
+    import math
+
+    import pytest
+
+    pytest.importorskip("torchtitan.models.common.moe", reason="torchtitan is not installed")
+    out = _quick("titan", "--device", "cpu", "--dtype", "bfloat16", "--no-peak-mem")
+    for needle in (
+        "CPU capability",
+        "torchtitan 0.",
+        "checked: mixops output and input gradient match torchtitan's",
+        "torchtitan ms",
+        "mixops ms",
+        "speedup",
+        "torchtitan MiB",
+        "mixops MiB",
+        "target fine-64x6",
+        "target coarse-8x2",
+    ):
+        assert needle in out, needle
+    rows = _table_rows(out, 2)
+    assert sorted((r[0], r[2]) for r in rows) == sorted(
+        (c, p) for c in ("fine-64x6", "coarse-8x2") for p in ("fwd", "fwd+bwd")
+    ), out
+    for r in rows:
+        assert r[1] == "bfloat16" and r[5].endswith("x"), r
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5][:-1]) > 0, r
+
+    from mixops.bench import titan
+
+    mib = titan.peak_mem_mib(titan.QUICK[1], "bfloat16", "mixops", "fwd+bwd", "cpu")
+    assert math.isfinite(mib) and mib >= 0.0

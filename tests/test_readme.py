@@ -3,7 +3,8 @@ interpreter (a subprocess in an empty folder, with a timeout), so a failing bloc
 (its README line and section) and no block leans on another's state. Shell blocks are not run.
 
 A block that mentions ``transformers`` is skipped, saying why, when HF transformers is missing (it
-is in requirements-test.txt, so CI runs them). A block preceded by the comment
+is in requirements-test.txt, so CI runs them); one that mentions ``torchtitan`` likewise when
+torchtitan is missing (CI installs requirements-torchtitan.txt). A block preceded by the comment
 ``<!-- readme-test: ranks=N -->`` is run as torchrun would run it: N processes with RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free port) set."""
 
@@ -80,10 +81,15 @@ def python_blocks():
 
 
 def skip_reason(block):
-    """Why the block cannot run here (HF transformers missing), or None."""
+    """Why the block cannot run here (HF transformers or torchtitan missing), or None."""
     needs_hf = re.search(r"\btransformers\b", block.code)
     if needs_hf and importlib.util.find_spec("transformers") is None:
         return f"{block.name} needs HF transformers (pip install -r requirements-test.txt)"
+    needs_titan = re.search(r"\btorchtitan\b", block.code)
+    if needs_titan and importlib.util.find_spec("torchtitan") is None:
+        return (
+            f"{block.name} needs torchtitan (pip install --no-deps -r requirements-torchtitan.txt)"
+        )
     return None
 
 
@@ -186,3 +192,14 @@ def test_readme_block_runs(block, tmp_path):
             for rank, rc, out in bad
         )
         pytest.fail(f"{block.name} failed:\n{block.code}\n{report}", pytrace=False)
+
+
+def test_blocks_needing_torchtitan_skip_with_the_reason_when_it_is_missing(monkeypatch):
+    (titan,) = blocks("```python\nfrom torchtitan.config import OverrideConfig\n```\n")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "torchtitan" else find_spec(n, *a)
+    )
+    assert "needs torchtitan" in skip_reason(titan)
+    monkeypatch.undo()
+    assert (skip_reason(titan) is not None) == (find_spec("torchtitan") is None)

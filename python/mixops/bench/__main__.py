@@ -1,5 +1,5 @@
-"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing]: benchmarks that
-time mixops beside its peers in one run and print medians and ratios.
+"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan]: benchmarks
+that time mixops beside its peers in one run and print medians and ratios.
 
   moe         (the default) the whole MoE layer against HF transformers' Mixtral block
   moa         the MoA (mixture of attention heads) layer against HF's JetMoE attention
@@ -10,6 +10,7 @@ time mixops beside its peers in one run and print medians and ratios.
   scmoe       the shortcut-connected layer's schedule against the standard one under that link
   grouped_mm  grouped GEMM, the op underneath the expert layers
   routing     router_topk + permute + unpermute against plain PyTorch
+  titan       torchtitan's MoE layer against the same layer through the mixops override
 
 Each option's help ends with the benchmarks that use it; the others ignore it."""
 
@@ -17,7 +18,7 @@ import argparse
 
 import torch
 
-from . import ep, grouped_mm, moa, mod, moe, routing, scmoe
+from . import ep, grouped_mm, moa, mod, moe, routing, scmoe, titan
 
 JOBS = {
     "moe": moe,
@@ -27,19 +28,20 @@ JOBS = {
     "scmoe": scmoe,
     "grouped_mm": grouped_mm,
     "routing": routing,
+    "titan": titan,
 }
 
 # The benchmarks that read each shared option (tests/test_bench_help.py checks these lists
 # against each benchmark module's source). ep and scmoe run fp32 on the CPU (gloo processes).
 SHARED_USED_BY = {
-    "--device": ("moe", "moa", "mod", "grouped_mm", "routing"),
+    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan"),
     "--quick": tuple(JOBS),
     "--reps": tuple(JOBS),
-    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing"),
-    "--experts": ("moe", "moa", "grouped_mm", "routing"),
+    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan"),
+    "--experts": ("moe", "moa", "grouped_mm", "routing", "titan"),
 }
 # Options a benchmark adds that others read too ({option: the other benchmarks}).
-ALSO_USED_BY = {"--world": ("scmoe",)}
+ALSO_USED_BY = {"--world": ("scmoe",), "--no-peak-mem": ("titan",)}
 
 
 def _help(text, jobs, default):
