@@ -14,7 +14,6 @@ import argparse
 import gc
 import math
 import multiprocessing
-import resource
 import sys
 from dataclasses import replace
 
@@ -39,7 +38,13 @@ from .moe_cases import (
     inputs,
     peer,
 )
-from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
+from .timing import (
+    interleaved_median_ms,
+    nvtx_range,
+    one_call_peak_mib,
+    selected_dtypes,
+    where,
+)
 
 _HF_MODULE = "transformers.models.mixtral.modeling_mixtral"
 
@@ -61,16 +66,7 @@ def peak_mem_mib(cfg, dtype_name, impl, device):
         ready(replace(cfg, tokens=16, hidden=32, ffn=16))()
         step = ready(cfg)
         gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+        return one_call_peak_mib(step, device)
     except RuntimeError as e:
         if impl == "mixops":
             raise

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: medians over repeats, CUDA events on GPU, NVTX ranges,
 and the CUDA profiler range (cudaProfilerStart/Stop) around each timed region."""
 
+import resource
 import statistics
 import time
 from contextlib import contextmanager
@@ -13,6 +14,22 @@ from .._nvtx import nvtx_range as _nvtx_range
 def nvtx_range(name):
     """An NVTX range (visible in `nsys profile`) around a benchmark stage; no-op off GPU."""
     return _nvtx_range(name, enabled=torch.cuda.is_available())
+
+
+def one_call_peak_mib(step, device):
+    """Peak memory of one ``step()`` above the memory before it, in MiB: the CUDA allocator's
+    peak, or the ru_maxrss increase on the CPU (meaningful in a fresh process only: ru_maxrss never
+    goes down)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
 
 
 @contextmanager

@@ -22,7 +22,6 @@ increase in a fresh process per measurement (as moe.py), on CUDA the allocator's
 import argparse
 import gc
 import multiprocessing
-import resource
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -32,7 +31,13 @@ import torch
 
 from .grouped_mm import native_lowp_matmul
 from .moe_cases import fwd_bwd_step, fwd_step, inputs, peer
-from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
+from .timing import (
+    interleaved_median_ms,
+    nvtx_range,
+    one_call_peak_mib,
+    selected_dtypes,
+    where,
+)
 
 _TT_MOE = "torchtitan.models.common.moe"
 
@@ -200,16 +205,7 @@ def peak_mem_mib(c, dtype_name, impl, pas, device):
         with torch.set_grad_enabled(pas != "fwd"):
             ready(replace(c, tokens=16, hidden=32, ffn=16, shared=32 if c.shared else 0))()
             step = ready(c)  # no gc.collect(): a full one takes ~0.5 s with torchtitan imported
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                return (torch.cuda.max_memory_allocated() - before) / 2**20
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            step()
-            return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+            return one_call_peak_mib(step, device)
     except RuntimeError as e:
         if impl == "mixops":
             raise
