@@ -89,6 +89,38 @@ def test_expert_dtype_none_follows_the_input():
     assert err > 2 * (y32.double() - y_ref).abs().max() + ATOL[torch.float32]
 
 
+@pytest.mark.parametrize("name", ["float32", "float16"])
+def test_expert_dtype_named(name):
+    """expert_dtype="float32" / "float16" on a float64 model: the output stays float64, the
+    experts' error is that of the named dtype (the reference's experts in that dtype bound it),
+    and it is not float64-exact (the cast happened)."""
+    dt = getattr(torch, name)
+    cfg = tc.moe_config(**DSV3)
+    _, ours = tc.build_pair(
+        cfg, expert_dtype=name, expert_bias=tc.expert_bias(), dtype=torch.float64
+    )
+    x = tc.comfortable_input(cfg, ours, (2, 16, tc.D), torch.float64)
+    with torch.no_grad():
+        y = ours(x)
+        exact = to_mixops(cfg, expert_dtype=None).build().double()
+        exact.load_state_dict(ours.state_dict())
+        y_ref = exact(x)
+        # The same layer with its expert weights and input rounded to the dtype and back (the
+        # router sees the rounded input too): the error of the GEMMs' rounded operands, within
+        # which ours (rounded operands, fp32 accumulation) must be.
+        rounded = to_mixops(cfg, expert_dtype=None).build().double()
+        rounded.load_state_dict(
+            {
+                k: v.to(dt).double() if k.startswith("routed_experts.") else v
+                for k, v in ours.state_dict().items()
+            }
+        )
+        y_round = rounded(x.to(dt).double())
+    assert y.dtype == torch.float64
+    err = (y - y_ref).abs().max().item()
+    assert 0 < err <= 4 * (y_round - y_ref).abs().max().item() + ATOL[dt]
+
+
 # 4: loads. bias: (expert, value) pairs added to the expert bias.
 
 LOADS = {
