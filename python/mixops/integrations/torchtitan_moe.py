@@ -152,7 +152,10 @@ class MixopsMoE(MoE):
         if router.route_norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * router.route_scale
-        counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int32)
+        # scatter, not bincount: bincount sizes its output from max(ids), a host sync on CUDA.
+        flat = ids.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.int32, device=ids.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         return _Routed(w, ids.to(torch.int32), counts)
 
     # The experts.
