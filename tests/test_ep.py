@@ -27,7 +27,14 @@ def _tokens(world, T, seed=1):
     )
 
 
-def _pair(cap=None, shared=0, num_chunks=1, reduce_stats=False, **kw):
+def _local(t):
+    """A DTensor's local shard (the expert shards), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _pair(cap=None, shared=0, num_chunks=1, reduce_stats=False, dtensor=True, **kw):
     from mixops.nn import MoE
     from mixops.parallel import ExpertParallelMoE
 
@@ -35,7 +42,7 @@ def _pair(cap=None, shared=0, num_chunks=1, reduce_stats=False, **kw):
     ref = MoE(H, F, E, K, capacity_factor=cap, shared_ffn_size=shared, **kw, **F64)
     ep = ExpertParallelMoE(
         H, F, E, K, capacity_factor=cap, shared_ffn_size=shared, num_chunks=num_chunks,
-        reduce_stats=reduce_stats, **kw, **F64,
+        reduce_stats=reduce_stats, dtensor=dtensor, **kw, **F64,
     )  # fmt: skip
     ep.load_full_state_dict(ref.state_dict())
     return ref, ep
@@ -48,6 +55,8 @@ def _check_grads(rank, world, ref, ep):
         want = dict(ref.named_parameters())[name].grad
         got = p.grad
         if name.startswith("experts."):
+            assert isinstance(got, torch.distributed.tensor.DTensor) == (ep.ep_mesh is not None)
+            got = _local(got)
             torch.testing.assert_close(got, want[sl], **TOL, msg=f"rank {rank} {name}")
         else:
             got = got.clone()
@@ -55,8 +64,8 @@ def _check_grads(rank, world, ref, ep):
             torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} {name}")
 
 
-def _equals_single_process(rank, world, cap, num_chunks, T, route):
-    ref, ep = _pair(cap, shared=12, num_chunks=num_chunks)
+def _equals_single_process(rank, world, cap, num_chunks, T, route, dtensor=True):
+    ref, ep = _pair(cap, shared=12, num_chunks=num_chunks, dtensor=dtensor)
     if route == "one_expert":  # every token to experts 0 and 1 (both on rank 0)
         with torch.no_grad():
             ref.gate.weight.zero_()
@@ -90,6 +99,12 @@ def _equals_single_process(rank, world, cap, num_chunks, T, route):
 @pytest.mark.parametrize("cap", [None, 1.0, 0.5], ids=["dropless", "cap1", "cap0.5"])
 def test_equals_single_process(world, cap):
     run_world(_equals_single_process, world, cap, 1, 10, "random")
+
+
+@pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])
+def test_plain_local_expert_slices_equal_single_process(cap):
+    """dtensor=False: the experts as plain local slices (the DDP-era layout)."""
+    run_world(_equals_single_process, 2, cap, 2, 10, "random", False)
 
 
 @pytest.mark.parametrize("cap", [None, 1.25], ids=["dropless", "cap1.25"])
@@ -190,7 +205,8 @@ def _ddp(rank, world):
     sl = slice(rank * E // world, (rank + 1) * E // world)
     # DDP averages the router gradient; the expert gradients are left alone (the rank's slice).
     torch.testing.assert_close(ep.gate.weight.grad * world, ref.gate.weight.grad, **TOL)
-    torch.testing.assert_close(ep.experts.down_proj.grad, ref.experts.down_proj.grad[sl], **TOL)
+    got = _local(ep.experts.down_proj.grad)
+    torch.testing.assert_close(got, ref.experts.down_proj.grad[sl], **TOL)
 
 
 def test_ddp_leaves_expert_gradients_alone():
@@ -303,7 +319,10 @@ def _mesh_step(rank, world):
     sl = slice(ep.expert_range.start, ep.expert_range.stop)
     for name, p in ep.named_parameters():
         want = dict(ref.named_parameters())[name]
-        torch.testing.assert_close(p, want[sl] if name.startswith("experts.") else want, **TOL)
+        if name.startswith("experts."):
+            torch.testing.assert_close(_local(p), want[sl], **TOL)
+        else:
+            torch.testing.assert_close(p, want, **TOL)
 
 
 def test_2x2_mesh_trains_one_step_like_the_single_process():
@@ -319,7 +338,7 @@ def _compiled(rank, world):
     got = cm(x)
     (gc,) = torch.autograd.grad(got.square().sum(), [ep.experts.down_proj])
     torch.testing.assert_close(got, want, **TOL)
-    torch.testing.assert_close(gc, gw, **TOL)
+    torch.testing.assert_close(_local(gc), _local(gw), **TOL)
 
 
 def test_capacity_mode_compiles_fullgraph():
@@ -365,7 +384,8 @@ def _zero_experts(rank, world, cap):
     y = ep(xs[rank])
     want = ref(torch.cat(xs))[rank * 10 : (rank + 1) * 10] if cap is None else ref(xs[rank])
     torch.testing.assert_close(y, want, **TOL)
-    assert ep.gate.weight.shape[0] == E + 2 and ep.experts.down_proj.shape[0] == E // world
+    assert ep.gate.weight.shape[0] == E + 2 and ep.experts.down_proj.shape[0] == E
+    assert _local(ep.experts.down_proj).shape[0] == E // world
 
 
 @pytest.mark.parametrize("cap", [None, 1.0], ids=["dropless", "cap1"])

@@ -5,6 +5,7 @@ every call), and its aux loss and every gradient are bit for bit those of that d
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_harness import run_world
 
@@ -22,7 +23,10 @@ def _step(rank, token_mask=None):
     x = torch.randn(6 + 3 * rank, H, generator=g, dtype=torch.float64, requires_grad=True)
     y = ep(x, token_mask=token_mask(x.shape[0]) if token_mask else None)
     (y.square().sum() + 100 * ep.aux_loss).backward()
-    return [ep.aux_loss.detach(), x.grad] + [p.grad for p in ep.parameters()]
+    local = [
+        g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in ep.parameters())
+    ]
+    return [ep.aux_loss.detach(), x.grad] + local
 
 
 def _deprecated_all_reduce_sum():

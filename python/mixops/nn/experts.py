@@ -4,6 +4,7 @@ shared experts that every token goes through)."""
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .activations import GATED, act_fn, check_activation
 
@@ -26,6 +27,21 @@ class Experts(nn.Module):
             torch.empty(num_experts, hidden_size, ffn_size, device=device, dtype=dtype)
         )
         self.reset_parameters()
+
+    def weights(self):
+        """``(w1, w2)``: the first projection (``gate_up_proj`` or ``up_proj``) and ``down_proj``
+        as plain tensors: a DTensor parameter (expert parallelism: this rank's experts, sharded
+        ``Shard(0)``) gives its local shard, differentiably and without a copy."""
+        w1 = self.gate_up_proj if hasattr(self, "gate_up_proj") else self.up_proj
+        return local_tensor(w1), local_tensor(self.down_proj)
+
+    def forward(self, fn, *args):
+        """``fn(w1, w2, *args)`` on ``weights()``, as this module's call: wrappers that hook a
+        module's forward see the weights used inside it (FSDP2's ``fully_shard`` on the experts
+        gathers their shards before and frees them after; tensors in ``args`` and in the result
+        carry its backward hooks)."""
+        w1, w2 = self.weights()
+        return fn(w1, w2, *args)
 
     def reset_parameters(self):
         """Each projection ~ N(0, 1/fan_in)."""
@@ -52,3 +68,8 @@ class MLP(nn.Module):
         if self.activation in GATED:
             return self.down_proj(fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(fn(self.up_proj(x)))
+
+
+def local_tensor(w):
+    """A DTensor's local shard (differentiable, no copy); any other tensor as it is."""
+    return w.to_local() if isinstance(w, DTensor) else w

@@ -20,7 +20,7 @@ from .._nvtx import nvtx_range
 from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation
 from .expert_choice import expert_choice_config, expert_choice_routed
-from .experts import MLP, Experts
+from .experts import MLP, Experts, local_tensor
 from .moe_config import (
     MoEParts,
     _capacity_fraction,
@@ -243,7 +243,11 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
                 f"dimension, got shape {tuple(x.shape)}"
             )
         w = self.experts.down_proj
-        if x.dtype != w.dtype and autocast_dtype(x) is None:
+        # The gate's dtype too: under FSDP2 mixed precision the gate is gathered in param_dtype
+        # (the input's) before this call, the separately sharded experts only inside theirs.
+        gate_w = getattr(self.gate, "weight", None) if _fsdp_sharded(self.experts) else None
+        ok = (w.dtype,) if gate_w is None else (w.dtype, gate_w.dtype)
+        if x.dtype not in ok and autocast_dtype(x) is None:
             raise ValueError(
                 f"MoE: x is {x.dtype} but the layer's weights are {w.dtype}: convert the layer "
                 f"(moe.to({x.dtype})) or the input (x.to({w.dtype})), or run under torch.autocast"
@@ -350,10 +354,7 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
         (differentiable casts: fp32 master weights get fp32 gradients)."""
         gated = self.activation in GATED
         w1 = self.experts.gate_up_proj if gated else self.experts.up_proj
-        w2 = self.experts.down_proj
-        if w1.shape[0] != w2.shape[0]:  # slices for the zero experts too (LongCat-Flash): a view
-            w1 = w1[: w2.shape[0]]
-        return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
+        return _cast_weights(w1, self.experts.down_proj, cast)
 
     def _expert_choice_routed(self, x2, token_mask, cast):
         w1, w2 = self._expert_weights(cast)
@@ -383,3 +384,20 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
             f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
             f"capacity_factor={self.capacity_factor},\n{self.router_config}"
         )
+
+
+def _cast_weights(w1, w2, cast):
+    """The experts' (w1, w2) for the GEMMs: DTensors as their local shards, w1 cut to w2's
+    experts (the zero experts' gate_up rows of LongCat-Flash: a view), both cast to ``cast``
+    when given."""
+    w1, w2 = local_tensor(w1), local_tensor(w2)
+    if w1.shape[0] != w2.shape[0]:
+        w1 = w1[: w2.shape[0]]
+    return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
+
+
+def _fsdp_sharded(module):
+    """``module`` is under its own FSDP2 ``fully_shard`` (parameters gathered in its call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)

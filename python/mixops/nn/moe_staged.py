@@ -53,7 +53,7 @@ class StagedMoE:
         shared_x2 = h.shared_x2(self, shared_input)
         h.advance("combining", "finished", "MoE.combine_finish")
         y, h.y = h.y, None
-        return self._add_shared(shared_x2, y).reshape(h.x_shape)
+        return shaped_output(self._add_shared(shared_x2, y), h.x_shape)
 
 
 @dataclass
@@ -89,6 +89,15 @@ class StagedCall:
                 f"got {tuple(shared_input.shape)}"
             )
         return shared_input.reshape(-1, moe.hidden_size)
+
+
+def shaped_output(y, shape):
+    """The layer's output ``y`` [T, H] (a fresh tensor) in the input's shape, not as a view: FSDP2
+    warns about a wrapped module returning a view (an in-place op on it would drop its backward
+    hook), and a 3-D output of ``reshape`` is a view of the 2-D one."""
+    if tuple(y.shape) == tuple(shape):
+        return y
+    return torch.ops.aten._unsafe_view(y, shape)
 
 
 def autocast_dtype(x):

@@ -17,13 +17,14 @@ split into n chunks whose all-to-alls are started so that chunk c+1's exchange r
 c's experts compute.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..ops import reorder_chunks, rows_to_slots, slots_to_rows
+from ..ops import permute, reorder_chunks, rows_to_slots, slots_to_rows, unpermute
 from .comm import start_exchange
 from .overlap import ChunkedExperts, GradBox, StartGrad, WaitGrad
 
@@ -31,7 +32,10 @@ __all__ = [
     "DispatchPlan",
     "plan_dropless",
     "plan_capacity",
+    "permute_and_plan",
+    "unpermute_all",
     "start_stage",
+    "take_sends",
     "experts_all",
     "finish_all",
 ]
@@ -68,6 +72,8 @@ class DispatchPlan:
     mode: str  # "dropless" | "capacity"
     chunks: List[_Chunk] = field(default_factory=list)
     unpad: Optional[Callable] = None  # capacity: padded [E*cap, H] -> permute's rows
+    row_maps: list = field(default_factory=list)  # permute's row map of each permuted part
+    num_rows: list = field(default_factory=list)  # permute's row count of each permuted part
     compiled: bool = False  # under torch.compile: functional collectives, no overlap
 
     def local_rows(self, ch, recv):
@@ -137,6 +143,45 @@ def plan_capacity(x_sorted, offsets, num_experts, capacity, group, num_chunks=1)
     return plan
 
 
+def permute_and_plan(x, ids, num_experts, group, num_chunks=1, capacity=None, stage=None):
+    """Permute ``x`` [T, H] by ``ids`` [T, K] (global expert ids over ``group``'s ranks; -1: no
+    expert) and plan its exchange: dropless (``capacity`` None), one permute per chunk of the
+    tokens (one count all-to-all and one host sync for all); with a capacity, one permute whose
+    padded slots are cut into the chunks. ``stage(name, x)``: an optional context manager
+    naming the parts (NVTX ranges). Start it with ``start_stage``; ``unpermute_all`` undoes it."""
+    stage = stage or (lambda name, x: contextlib.nullcontext())
+    E, n = num_experts, num_chunks
+    with stage("permute", x):
+        if capacity is None:
+            bounds = [x.shape[0] * c // n for c in range(n + 1)]
+            ps = [
+                permute(x[bounds[c] : bounds[c + 1]], ids[bounds[c] : bounds[c + 1]], E)
+                for c in range(n)
+            ]
+            with stage("dispatch_counts", x):
+                plan = plan_dropless([p.x_sorted for p in ps], [p.offsets for p in ps], E, group)
+        else:
+            ps = [permute(x, ids, E, capacity=capacity)]
+            plan = plan_capacity(ps[0].x_sorted, ps[0].offsets, E, capacity, group, n)
+    plan.row_maps = [p.row_map for p in ps]
+    plan.num_rows = [p.x_sorted.shape[0] for p in ps]
+    return plan
+
+
+def unpermute_all(plan, outs, weights):
+    """The combined rows ``outs`` (``finish_all``) back in token order, each token's rows
+    summed with its routing ``weights`` [T, K] (unpermute): [T, H]."""
+    if plan.mode == "capacity":
+        return unpermute(plan.unpad(outs), plan.row_maps[0], weights)
+    n, T = len(outs), weights.shape[0]
+    bounds = [T * c // n for c in range(n + 1)]
+    ys = []
+    for c, o in enumerate(outs):  # rows this rank kept (dropped: none in dropless) + zeros
+        o = torch.cat((o, o.new_zeros(plan.num_rows[c] - o.shape[0], o.shape[1])))
+        ys.append(unpermute(o, plan.row_maps[c], weights[bounds[c] : bounds[c + 1]]))
+    return torch.cat(ys) if n > 1 else ys[0]
+
+
 def start_stage(plan):
     """Start the first chunk's dispatch (the staged API's first stage; no autograd: the
     ChunkedExperts Function carries the gradient of every exchange) and put every chunk's rows
@@ -150,26 +195,38 @@ def start_stage(plan):
         ch.handle = start_exchange(ch.send, plan.group, ch.recv_splits, ch.send_splits, "dispatch")
 
 
-def experts_all(plan, fn, w1, w2):
-    """Every chunk's experts ``fn(rows, offsets, w1, w2)``, overlapped with the exchanges
-    (overlap.ChunkedExperts, forward and backward); each chunk's combine is started."""
+def take_sends(plan):
+    """The chunks' rows to send (through WaitGrad), handed over by the plan: pass them to
+    ``experts_all`` as ``sends`` (as arguments of a module's forward, so that the hooks of a
+    wrapper such as FSDP2 see the tensors its gradients flow through)."""
     sends = [ch.send_in for ch in plan.chunks]
     for ch in plan.chunks:
         ch.send_in = None
-    outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)
+    return sends
+
+
+def experts_all(plan, fn, *weights, sends=None):
+    """Every chunk's experts ``fn(rows, offsets, *weights)``, overlapped with the exchanges
+    (overlap.ChunkedExperts, forward and backward); each chunk's combine is started. Returns the
+    chunks' outputs (still arriving; ``finish_all`` waits for them)."""
+    if sends is None:
+        sends = take_sends(plan)
+    outs = ChunkedExperts.apply(plan, fn, len(weights), *weights, *sends)
     for ch, o in zip(plan.chunks, outs):
         ch.out = o
+    return outs
 
 
-def compiled_experts_all(plan, fn, w1, w2):
+def compiled_experts_all(plan, fn, *weights):
     """Capacity mode under torch.compile: each chunk's exchanges as functional collectives
     (traceable, with autograd); the compiler schedules them (no explicit overlap)."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     for ch in plan.chunks:
         recv = all_to_all_single_autograd(ch.send, None, None, plan.group)
-        out = fn(plan.local_rows(ch, recv), ch.offsets, w1, w2)
+        out = fn(plan.local_rows(ch, recv), ch.offsets, *weights)
         ch.out = all_to_all_single_autograd(plan.back_rows(ch, out), None, None, plan.group)
+    return tuple(ch.out for ch in plan.chunks)
 
 
 def finish_all(plan):

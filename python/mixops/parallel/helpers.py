@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..nn.experts import local_tensor
 from .moe import EXPERT_PARALLEL_ATTR, ExpertParallelMoE
+from .shards import from_full, to_full
 
 __all__ = [
     "expert_parameter_names",
@@ -38,38 +40,47 @@ def allreduce_expert_grads(model: nn.Module, group, average: bool = True) -> Non
     world = dist.get_world_size(group)
     for _, p in model.named_parameters():
         if getattr(p, EXPERT_PARALLEL_ATTR, False) and p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            g = local_tensor(p.grad)  # a DTensor's shard: summed over the replicas holding it
+            dist.all_reduce(g, group=group)
             if average:
-                p.grad.div_(world)
+                g.div_(world)
 
 
 def _moe_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
 
 
+def _local_expert_layers(model):
+    """{state-dict prefix of its experts: layer} for the layers holding plain local slices."""
+    return {
+        (f"{name}.experts." if name else "experts."): m
+        for name, m in _moe_layers(model)
+        if m.ep_mesh is None
+    }
+
+
 def load_full_state_dict(model: nn.Module, state_dict, strict: bool = True):
-    """Load a single-process (or HF) state dict into a model whose MoE layers are
-    ``ExpertParallelMoE``: each layer's expert tensors are sliced to this rank's experts."""
-    sd = dict(state_dict)
-    for name, m in _moe_layers(model):
-        prefix = f"{name}.experts." if name else "experts."
-        sl = slice(m.expert_range.start, m.expert_range.stop)
-        for k in list(sd):
-            if k.startswith(prefix):
-                sd[k] = sd[k][sl]
+    """Load a single-process (or HF) state dict into a model with ``ExpertParallelMoE`` layers,
+    whether or not it is also under FSDP2: each DTensor parameter (expert shards, FSDP2 shards)
+    takes its part of the full tensor, cut locally (no communication); ``dtensor=False`` layers'
+    expert tensors are sliced to this rank's experts."""
+    current = model.state_dict()
+    local = _local_expert_layers(model)
+    sd = {}
+    for k, v in state_dict.items():
+        m = next((m for p, m in local.items() if k.startswith(p)), None)
+        sl = None if m is None else slice(m.expert_range.start, m.expert_range.stop)
+        sd[k] = from_full(v, current[k], sl) if k in current else v
     return model.load_state_dict(sd, strict=strict)
 
 
 def full_state_dict(model: nn.Module):
-    """The single-process state dict of the model (every rank gets it): expert tensors gathered
-    from the ranks of each layer's group."""
+    """The single-process state dict of the model (every rank gets it): DTensors (expert shards,
+    FSDP2 shards) gathered over their meshes, ``dtensor=False`` layers' expert slices over their
+    groups."""
     sd = model.state_dict()
-    for name, m in _moe_layers(model):
-        prefix = f"{name}.experts." if name else "experts."
-        for k in list(sd):
-            if k.startswith(prefix):
-                v = sd[k].contiguous()
-                parts = [torch.empty_like(v) for _ in range(m.world_size)]
-                dist.all_gather(parts, v, group=m.group)
-                sd[k] = torch.cat(parts)
+    local = _local_expert_layers(model)
+    for k in list(sd):
+        m = next((m for p, m in local.items() if k.startswith(p)), None)
+        sd[k] = to_full(sd[k], None if m is None else m.group, 1 if m is None else m.world_size)
     return sd

@@ -36,23 +36,27 @@ from ..nn.moe import (
     MoE,
     MoEParts,
     StagedCall,
+    _cast_weights,
     _router_config,
     _stage,
     _zero_kinds,
     autocast_dtype,
     no_autocast,
 )
+from ..nn.moe_staged import shaped_output
 from ..nn.router import TopKRouter
-from ..ops import grouped_mm, permute, unpermute
+from ..ops import grouped_mm
 from .comm import _AllReduceSum, resolve_group, start_config_check, traced_call
 from .dispatch import (
     compiled_experts_all,
     experts_all,
     finish_all,
-    plan_capacity,
-    plan_dropless,
+    permute_and_plan,
     start_stage,
+    take_sends,
+    unpermute_all,
 )
+from .shards import ep_mesh_of, shard_experts
 
 __all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
 
@@ -97,6 +101,7 @@ class ExpertParallelMoE(MoE):
         reduce_stats: bool = False,
         router_group=None,
         check_each_call: bool = True,
+        dtensor: bool = True,
         activation: str = "swiglu",
         shared_ffn_size: int = 0,
         shared_expert_gate: bool = False,
@@ -141,6 +146,9 @@ class ExpertParallelMoE(MoE):
         self.local_experts, self.num_chunks = El, num_chunks
         self.reduce_stats = bool(reduce_stats)
         self.router_group, self.check_each_call = router_group, bool(check_each_call)
+        self.ep_mesh = ep_mesh_of(group, pg, device) if dtensor else None
+        if dtensor:
+            shard_experts(self.experts, self.ep_mesh)
         for p in self.experts.parameters():
             setattr(p, EXPERT_PARALLEL_ATTR, True)
             p.allreduce = False  # the DeepSpeed / Megatron convention for expert parameters
@@ -205,45 +213,35 @@ class ExpertParallelMoE(MoE):
                 self.aux_loss = self._group_losses(r, xr.shape[0], token_mask)
             E, n = self.num_computing_experts, self.num_chunks
             ids = self._computing_ids(r.ids)  # zero experts stay on this rank
-            with _stage("permute", xr):
-                if capacity is None:
-                    bounds = [xr.shape[0] * c // n for c in range(n + 1)]
-                    ps = [
-                        permute(xr[bounds[c] : bounds[c + 1]], ids[bounds[c] : bounds[c + 1]], E)
-                        for c in range(n)
-                    ]
-                    with _stage("dispatch_counts", xr):
-                        plan = plan_dropless([p.x_sorted for p in ps], [p.offsets for p in ps],
-                                             E, self.group)  # fmt: skip
-                    row_maps = [p.row_map for p in ps]
-                    num_rows = [p.x_sorted.shape[0] for p in ps]
-                else:
-                    p = permute(xr, ids, E, capacity=capacity)
-                    plan = plan_capacity(p.x_sorted, p.offsets, E, capacity, self.group, n)
-                    row_maps, num_rows = [p.row_map], [p.x_sorted.shape[0]]
+            plan = permute_and_plan(xr, ids, E, self.group, n, capacity, stage=_stage)
             plan.compiled = compiling
             if not compiling:  # compiled: run_experts exchanges with functional collectives
                 with _stage("dispatch", xr):
                     start_stage(plan)
-        h.r, h.row_maps, h.num_rows, h.plan = r, row_maps, num_rows, plan
+        h.r, h.plan = r, plan
         return h
 
     def run_experts(self, h: StagedCall) -> StagedCall:
         """Waits for each chunk's dispatch, runs the local experts, starts its combine."""
         h.advance("dispatching", "combining", "ExpertParallelMoE.run_experts")
-        w1, w2 = self._expert_weights(h.cast)
-        act = self.activation
+        act, plan, cast = self.activation, h.plan, h.cast
 
         def experts(rows, offsets, w1, w2):
             with _stage("experts", rows):
                 a = apply_activation(act, grouped_mm(rows, w1.transpose(1, 2), offsets))
                 return grouped_mm(a, w2.transpose(1, 2), offsets)
 
-        with no_autocast(h.x2, h.cast):
-            if h.plan.compiled:
-                compiled_experts_all(h.plan, experts, w1, w2)
-            else:
-                experts_all(h.plan, experts, w1, w2)
+        def run(w1, w2, *sends):
+            w1, w2 = _cast_weights(w1, w2, cast)
+            with no_autocast(h.x2, cast):
+                if plan.compiled:
+                    return compiled_experts_all(plan, experts, w1, w2)
+                return experts_all(plan, experts, w1, w2, sends=sends)
+
+        # Through the experts module's call (Experts.forward), so that FSDP2 on the experts
+        # gathers their shards around it; the rows to send as its arguments, so that its
+        # backward hooks see their gradients.
+        self.experts(run, *(() if plan.compiled else take_sends(plan)))
         return h
 
     def combine_finish(self, h: StagedCall, shared_input=None) -> torch.Tensor:
@@ -256,21 +254,10 @@ class ExpertParallelMoE(MoE):
             with _stage("combine_wait", h.x2):
                 outs = finish_all(h.plan)
             with _stage("unpermute", h.x2):
-                if h.plan.mode == "capacity":
-                    y = unpermute(h.plan.unpad(outs), h.row_maps[0], h.r.weights)
-                else:
-                    n = len(outs)
-                    T = h.x2.shape[0]
-                    bounds = [T * c // n for c in range(n + 1)]
-                    ys = []
-                    for c, o in enumerate(outs):
-                        o = torch.cat((o, o.new_zeros(h.num_rows[c] - o.shape[0], o.shape[1])))
-                        w = h.r.weights[bounds[c] : bounds[c + 1]]
-                        ys.append(unpermute(o, h.row_maps[c], w))
-                    y = torch.cat(ys) if n > 1 else ys[0]
+                y = unpermute_all(h.plan, outs, h.r.weights)
             y = self._add_zero_experts(h.routed_input(), y, h.r)
         h.plan = None
-        return (y if s is None else y + s).reshape(h.x_shape)
+        return shaped_output(y if s is None else y + s, h.x_shape)
 
     def _group_losses(self, r, num_tokens, token_mask):
         """The aux / z losses over the group's tokens, 1/R of them on each rank."""
@@ -333,22 +320,17 @@ class ExpertParallelMoE(MoE):
 
     # -- state dicts ------------------------------------------------------------------------------
     def load_full_state_dict(self, state_dict, strict: bool = True):
-        """Load a single-process (or HF v5) MoE state dict: expert tensors are sliced to this
-        rank's experts, the rest loaded as is."""
-        sl = slice(self.expert_range.start, self.expert_range.stop)
-        sd = {k: (v[sl] if k.startswith("experts.") else v) for k, v in state_dict.items()}
-        return self.load_state_dict(sd, strict=strict)
+        """Load a single-process (or HF v5) MoE state dict: each expert tensor becomes this
+        rank's shard (no communication), the rest loads as is."""
+        from .helpers import load_full_state_dict
+
+        return load_full_state_dict(self, state_dict, strict=strict)
 
     def full_state_dict(self):
         """The single-process state dict (every rank gets it): expert tensors gathered."""
-        out = {}
-        for k, v in self.state_dict().items():
-            if k.startswith("experts."):
-                parts = [torch.empty_like(v) for _ in range(self.world_size)]
-                dist.all_gather(parts, v.contiguous(), group=self.group)
-                v = torch.cat(parts)
-            out[k] = v
-        return out
+        from .helpers import full_state_dict
+
+        return full_state_dict(self)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

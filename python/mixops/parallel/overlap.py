@@ -34,13 +34,15 @@ __all__ = ["ChunkedExperts", "GradBox", "WaitGrad", "StartGrad"]
 
 
 class ChunkedExperts(Function):
-    """``outs = ChunkedExperts.apply(plan, fn, w1, w2, *sends)``: every chunk's combined rows
-    (still arriving: read them after ``plan``'s combine handles are waited). The first chunk's
+    """``outs = ChunkedExperts.apply(plan, fn, num_weights, *weights, *sends)``: every chunk's
+    combined rows ``fn(rows, offsets, *weights)`` (still arriving: read them after ``plan``'s
+    combine handles are waited). The first chunk's
     dispatch may already be started (``plan.chunks[0].handle``). ``sends`` are the chunks' rows
     through WaitGrad (``dispatch.start_stage``), which waits for their gradients."""
 
     @staticmethod
-    def forward(ctx, plan, fn, w1, w2, *sends):
+    def forward(ctx, plan, fn, num_weights, *weights_and_sends):
+        weights = weights_and_sends[:num_weights]
         ctx.plan = plan
         chunks = plan.chunks
         outs = []
@@ -52,19 +54,19 @@ class ChunkedExperts(Function):
             recv = ch.handle.wait()
             with torch.enable_grad(), traced("experts"):
                 ch.leaf = recv.detach().requires_grad_(True)
-                ch.back = plan.back_rows(ch, fn(plan.local_rows(ch, ch.leaf), ch.offsets, w1, w2))
+                ch.back = plan.back_rows(ch, fn(plan.local_rows(ch, ch.leaf), ch.offsets, *weights))
             ch.handle = start_exchange(
                 ch.back.detach(), plan.group, ch.send_splits, ch.recv_splits, "combine"
             )
             ch.out_shape = ch.handle.out.shape
             outs.append(ch.handle.out)
-        ctx.save_for_backward(w1, w2)
+        ctx.save_for_backward(*weights)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         plan = ctx.plan
-        w1, w2 = ctx.saved_tensors
+        weights = ctx.saved_tensors
         chunks = plan.chunks
 
         def start_back(c):  # a chunk whose StartGrad did not run: an output the loss ignores
@@ -75,16 +77,15 @@ class ChunkedExperts(Function):
         # StartGrad's backward started each chunk's combine gradient exchange (in chunk order).
         pending = [ch.back_box.take() if ch.back_box is not None else None for ch in chunks]
         pending = [h if h is not None else start_back(c) for c, h in enumerate(pending)]
-        gw1 = gw2 = None
+        gws = [None] * len(weights)
         placeholders = []
         for ch, h in zip(chunks, pending):
             g_back = h.wait()
             with traced("experts.backward"):
-                g_leaf, g1, g2 = torch.autograd.grad(
-                    ch.back, (ch.leaf, w1, w2), g_back, allow_unused=True
+                g_leaf, *gs = torch.autograd.grad(
+                    ch.back, (ch.leaf, *weights), g_back, allow_unused=True
                 )
-            gw1 = g1 if gw1 is None else (gw1 if g1 is None else gw1 + g1)
-            gw2 = g2 if gw2 is None else (gw2 if g2 is None else gw2 + g2)
+            gws = [g if a is None else (a if g is None else a + g) for a, g in zip(gws, gs)]
             if g_leaf is None:
                 g_leaf = torch.zeros_like(ch.leaf)
             # WaitGrad (on this chunk's rows to send) waits for it; it gets the placeholder.
@@ -93,7 +94,7 @@ class ChunkedExperts(Function):
             )
             placeholders.append(ch.grad_box.handle.out)
             ch.leaf = ch.back = None  # free the chunk's graph
-        return (None, None, gw1, gw2, *placeholders)
+        return (None, None, None, *gws, *placeholders)
 
 
 class GradBox:
