@@ -171,9 +171,28 @@ def test_mismatched_configurations_are_errors(what):
 
 
 def _state_dicts(rank, world):
-    from mixops.parallel import full_state_dict, load_full_state_dict
+    import copy
+
+    from torch.distributed.tensor import DTensor, Shard
+
+    from mixops.parallel import ExpertParallelMoE, full_state_dict, load_full_state_dict
 
     ref, ep = _pair(None)
+    sl = slice(rank * E // world, (rank + 1) * E // world)
+    for name, p in ep.experts.named_parameters():  # global DTensors, this rank's experts local
+        assert isinstance(p, DTensor) and p.placements == (Shard(0),), name
+        assert p.shape == ref.experts.get_parameter(name).shape, name
+        torch.testing.assert_close(p.to_local(), ref.experts.get_parameter(name)[sl], **TOL)
+    twin = copy.deepcopy(ep)  # own parameters, the same group and mesh
+    assert twin.group is ep.group and twin.ep_mesh is ep.ep_mesh
+    x = _tokens(world, 4)[rank]
+    torch.testing.assert_close(twin(x), ep(x), **TOL)
+    with torch.no_grad():
+        twin.experts.down_proj.mul_(2)
+    assert not torch.equal(twin.experts.down_proj.to_local(), ep.experts.down_proj.to_local())
+    lazy = ExpertParallelMoE(H, F, E, K, device="meta", **F64)  # meta, then materialised
+    lazy.to_empty(device="cpu").load_full_state_dict(ref.state_dict())
+    torch.testing.assert_close(lazy(x), ep(x), **TOL)
     full = ep.full_state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(full[k], v, rtol=0, atol=0)

@@ -25,6 +25,7 @@ Staged API (for work to overlap with the exchanges)::
     y = moe.combine_finish(h)   # waits for the combine, unpermute, shared experts
 """
 
+import copy
 from typing import Optional
 
 import torch
@@ -153,6 +154,18 @@ class ExpertParallelMoE(MoE):
             setattr(p, EXPERT_PARALLEL_ATTR, True)
             p.allreduce = False  # the DeepSpeed / Megatron convention for expert parameters
         self._checked = False  # a call has been checked (the same on every rank: one per call)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own parameters and buffers on the same process groups and meshes
+        (shared: a communicator is not copied), e.g. for an EMA model."""
+        for shared in (self.group, self.ep_mesh, self.router_group):
+            if shared is not None:
+                memo[id(shared)] = shared
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     @property
     def expert_range(self):
