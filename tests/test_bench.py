@@ -200,6 +200,26 @@ def test_multi_process_benches_quick_run_and_print_tables():
         assert 0.0 <= _percent(r[-1]) <= 100.0, r
 
 
+def test_ep_bench_fsdp_quick_runs_and_prints_table():
+    """The FSDP2 mode (2 x 2 mesh, 4 processes: about 25 s on 2 cores) prints the same table:
+    every pass and n, traced shares in [0, 100]%, the other columns finite."""
+    import math
+
+    out = _quick("ep", "--fsdp", "--world", "4", "--ep", "2")
+    for needle in ("world 4, FSDP2 on a dp 2 x ep 2 mesh", " cores, CPU capability ", "FSDP2: "):
+        assert needle in out, needle
+    head = next(line for line in out.splitlines() if line.startswith("pass"))
+    assert head.split()[:4] == ["pass", "n", "traced", "hidden"], head
+    rows = _table_rows(out, 0)
+    assert sorted((r[0], int(r[1])) for r in rows) == sorted(
+        (p, n) for p in ("fwd", "fwd+bwd") for n in (1, 4, 8)
+    ), out
+    for r in rows:
+        assert 0.0 <= _percent(r[2]) <= 100.0, r
+        assert math.isfinite(_percent(r[3])), r
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in r[4:7]), r
+
+
 def _trace(comms, computes):
     return [["comm", "a2a", a, b, 1] for a, b in comms] + [
         ["compute", "experts", a, b] for a, b in computes

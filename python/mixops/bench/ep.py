@@ -10,6 +10,15 @@ subtract two step times taken apart and so depends far less on how busy the mach
 fraction of the communication hidden by step times,
 (step without link + comm - step with link) / comm, the step times and the communication time.
 Medians over ``--reps`` repeats, the steps without and with the link interleaved in both orders.
+
+``--fsdp`` (``--world 4 --ep 2``) times the same layer the way a training job holds it: under FSDP2
+on a (dp x ep) DeviceMesh of world / ep x ep, by mixops.parallel.fsdp's recipe (the experts sharded
+over dp by ``fully_shard_experts``, the rest over the flattened mesh), so each step also carries
+FSDP2's parameter all-gathers (and, with the backward, its gradient reduce-scatters). Those run over
+gloo at loopback speed, outside the delay harness, which models only the expert-parallel
+all-to-alls; they count in both step times alike, so the traced share and the comm ms keep their
+meaning, while the step times show what FSDP2 adds. The default link speed is set as without
+``--fsdp``, from the plain forward's step time, which here includes FSDP2's all-gathers.
 """
 
 import argparse
@@ -31,14 +40,41 @@ def _shape(quick):
     return (256, 64, 128, 8, 2) if quick else (2048, 512, 1024, 8, 2)
 
 
+def _fsdp_layers(world, ep, shape):
+    """{n: Sequential(ExpertParallelMoE) under FSDP2} on a (world / ep) x ep mesh, every n's layer
+    holding the same weights (one seeded single-process MoE's state dict, identical on every rank,
+    cut to each rank's shards before wrapping) so that the chunk counts differ in schedule only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mixops.nn import MoE
+    from mixops.parallel import ExpertParallelMoE, fully_shard_experts, load_full_state_dict
+
+    H, F, E, k = shape
+    mesh = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    dense = mesh._flatten("dp_ep")  # once: every net shares the flattened mesh
+    torch.manual_seed(0)
+    full = {f"0.{key}": v for key, v in MoE(H, F, E, k).state_dict().items()}
+    nets = {}
+    for n in CHUNKS:
+        net = torch.nn.Sequential(ExpertParallelMoE(H, F, E, k, group=mesh["ep"], num_chunks=n))
+        load_full_state_dict(net, full)
+        fully_shard_experts(net, mesh["dp"])
+        nets[n] = fully_shard(net, mesh=dense)
+    return nets
+
+
 def _worker(rank, world, args):
     from mixops.parallel import ExpertParallelMoE, slow_link
 
     T, H, F, E, k = _shape(args.quick)
     torch.manual_seed(0)
-    layers = {n: ExpertParallelMoE(H, F, E, k, num_chunks=n) for n in CHUNKS}
-    for m in layers.values():
-        m.load_state_dict(layers[1].state_dict())
+    if args.fsdp:
+        layers = _fsdp_layers(world, args.ep, (H, F, E, k))
+    else:
+        layers = {n: ExpertParallelMoE(H, F, E, k, num_chunks=n) for n in CHUNKS}
+        for m in layers.values():
+            m.load_state_dict(layers[1].state_dict())
     x = torch.randn(T, H).requires_grad_(True)
     gy = torch.randn(T, H)
 
@@ -90,9 +126,15 @@ def _worker(rank, world, args):
 
 def run(args):
     world = args.world
+    if args.fsdp and (args.ep < 1 or world % args.ep or _shape(args.quick)[3] % args.ep):
+        raise SystemExit(
+            f"ep --fsdp: --ep ({args.ep}) must divide --world ({world}) and the number of "
+            f"experts ({_shape(args.quick)[3]})"
+        )
     rows, speed, (T, H, F, E, k) = spawn_world(_worker, world, args)
+    mode = f", FSDP2 on a dp {world // args.ep} x ep {args.ep} mesh" if args.fsdp else ""
     print(
-        f"mixops expert-parallel benchmark: world {world} (gloo, one machine, "
+        f"mixops expert-parallel benchmark: world {world}{mode} (gloo, one machine, "
         f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}), "
         f"torch {torch.__version__}; per rank {T} tokens, hidden {H}, ffn {F}, E {E}, k {k}, "
         f"fp32; link {speed / 1e6:.1f} MB/s (delay harness); median of {args.reps} reps"
@@ -102,6 +144,11 @@ def run(args):
         "in rank 0's trace (target >= 70% for n = 8); hidden = (step without link + comm - step "
         "with link) / comm, from step times (secondary: noisy on a shared machine)"
     )
+    if args.fsdp:
+        print(
+            "FSDP2: the link delays only the expert-parallel all-to-alls (comm ms); FSDP2's "
+            "all-gathers and reduce-scatters run over gloo at loopback speed in both step times"
+        )
     head = (
         f"{'pass':<8} {'n':>3} {'traced':>8} {'hidden':>8} {'no-link ms':>11} {'link ms':>9} "
         f"{'comm ms':>9}"
@@ -121,4 +168,12 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--world", type=int, default=2, help="processes (gloo on this machine)")
     p.add_argument(
         "--link-mbps", type=float, default=0.0, help="link speed in MB/s (0: comm = compute)"
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="the layer under FSDP2 on a (world/ep x ep) DeviceMesh (mixops.parallel.fsdp)",
+    )
+    p.add_argument(
+        "--ep", type=int, default=2, help="with --fsdp: the expert-parallel size (divides --world)"
     )
