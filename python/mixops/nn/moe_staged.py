@@ -67,9 +67,7 @@ class StagedCall:
     r: object = None  # the router's result (expert choice: the token mask)
     capacity: object = None
     y: object = None
-    plan: object = None  # expert parallelism: the exchange plan
-    row_maps: object = None
-    num_rows: object = None
+    plan: object = None  # expert parallelism: the exchange plan (with permute's row maps)
     stage: str = "dispatching"
 
     def routed_input(self):

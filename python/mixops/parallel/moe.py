@@ -1,8 +1,9 @@
 """``ExpertParallelMoE``: mixops.nn.MoE with its routed experts sharded over a process group.
 
-Rank r of the group holds experts ``r*E/R .. (r+1)*E/R - 1`` under the single-process names
-(``experts.gate_up_proj`` [E/R, 2F, H], ...: its slice); the router and shared experts are
-replicated. Every rank routes its own tokens over all E experts, and the rows travel to the
+Rank r of the group holds experts ``r*E/R .. (r+1)*E/R - 1`` under the single-process names:
+``experts.gate_up_proj`` is a DTensor of global shape [E, 2F, H] sharded ``Shard(0)`` over the
+group's mesh, whose local shard [E/R, 2F, H] the kernels read (shards.py; ``dtensor=False``: the
+plain slice); the router and shared experts are replicated. Every rank routes its own tokens over all E experts, and the rows travel to the
 experts' ranks and back (dispatch.py). Autograd convention: the total loss is the sum of the
 ranks' losses; each rank's expert gradients then equal its slice of the single-process gradients,
 and router / shared-expert gradients equal them after an all-reduce (sum) over the group (the data
@@ -83,6 +84,9 @@ class ExpertParallelMoE(MoE):
         1024-token H=1024 one (~0.4 s), +40-90% on a 10-token toy layer (~2 ms).
         False: only the first eager call checks (on every rank); a later mismatch of the token
         count is then undetected (gloo aborts the process, NCCL may hang or corrupt).
+    dtensor: the expert parameters as DTensors (``Shard(0)`` over ``group``'s mesh: global
+        shapes in state dicts and DCP checkpoints, which reshard on load; FSDP2 composes, see
+        fsdp.py); False keeps plain local slices under the global names (DDP-era code).
     router_group: the ranks holding a replica of the router (its weight and selection bias):
         a ProcessGroup, or a DeviceMesh of any dimensions (e.g. the dp x ep mesh), which must
         contain every rank of ``group``. ``update_bias`` sums the load over it. Default: the EP
