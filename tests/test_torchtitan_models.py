@@ -6,7 +6,7 @@ rule against torchtitan's bf16 layer; the layer compiles; Qwen3.5's configs and 
 
 The float64 reference is torchtitan with its casts taken out here (the experts' bf16 ones, by a
 per-expert loop from their definitions, and combine's float32 one). torchtitan's attention runs
-flex (no CPU backward) or varlen (CUDA) only, so both models get ``_MathAttention``. Qwen3.5 runs
+flex (no CPU backward) or varlen (CUDA) only, so both models get ``torchtitan_cases.MathAttention``. Qwen3.5 runs
 fla's Triton GatedDeltaNet kernels in 3 of 4 layers (fla is stubbed for the import if missing).
 """
 
@@ -17,7 +17,7 @@ require_torchtitan()
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
-from dataclasses import dataclass, fields  # noqa: E402
+from dataclasses import fields  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,8 +28,8 @@ from torchtitan.components.optimizer import register_moe_load_balancing_hook  # 
 from torchtitan.models.common.moe import GroupedExperts, MoE  # noqa: E402
 from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher  # noqa: E402
 from torchtitan.models.gpt_oss.moe import GptOssGroupedExperts, swiglu  # noqa: E402
-from torchtitan.protocols.module import Module  # noqa: E402
 
+import torchtitan_cases as tc  # noqa: E402
 from helpers import assert_close_to_ref  # noqa: E402
 from mixops.integrations import torchtitan_moe  # noqa: E402
 from mixops.integrations.torchtitan import MixopsMoE, to_mixops, use_mixops  # noqa: E402
@@ -38,27 +38,6 @@ B, L = 2, 16  # tokens per forward: B * L
 pytestmark = pytest.mark.filterwarnings(
     "ignore:In CPU autocast:UserWarning", "ignore:torch.distributed is disabled:UserWarning"
 )
-
-
-class _MathAttention(Module):
-    """Causal softmax attention in plain torch, with the log-sum-exp GPT-OSS's sinks take."""
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(Module.Config):
-        pass
-
-    def __init__(self, config):
-        super().__init__()
-
-    def forward(self, q, k, v, *, scale=None, out_transform=None, **kwargs):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim]
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-        s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-        lse = s.logsumexp(-1)
-        out = ((s - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2)
-        return out if out_transform is None else out_transform(out, lse.transpose(1, 2))
 
 
 # ---- the models, from torchtitan's registries ---------------------------------------------------
@@ -132,7 +111,7 @@ def _build(name, *, mixops, seed=0):
     """Model ``name`` in float64 after torchtitan's init_states from ``seed``."""
     cfg = _config(name)
     for layer in cfg.layers:
-        layer.attention.inner_attention = _MathAttention.Config()
+        layer.attention.inner_attention = tc.MathAttention.Config()
     if mixops:
         _apply_override(cfg, expert_dtype=None)
     torch.manual_seed(seed)

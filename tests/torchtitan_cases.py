@@ -10,6 +10,7 @@ cannot flip a choice, so low-precision comparisons see the same routing.
 Import it only after ``helpers.require_torchtitan()``.
 """
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +26,7 @@ from torchtitan.models.common.config_utils import (
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import RoutedExperts, TokenChoiceTopKRouter
 from torchtitan.models.gpt_oss.moe import GptOssGroupedExperts, GptOssMoE
+from torchtitan.protocols.module import Module
 
 from helpers import assert_close_to_ref
 from mixops.integrations.torchtitan import to_mixops
@@ -334,3 +336,57 @@ def check_vs_torchtitan(cfg, tt, ours, xs, what):
     for n, t in stacked["ours"].items():
         assert t.dtype == stacked["tt"][n].dtype, f"{what}: {n} dtype"
         assert_close_to_ref(t, stacked["ref"][n], stacked["tt"][n], f"{what}: {n}")
+
+
+# A small torchtitan model for the expert-parallel tests (test_torchtitan_ep.py).
+
+
+class MathAttention(Module):
+    """Causal softmax attention in plain torch (torchtitan's attention backends are flex, with no
+    CPU backward, or varlen, CUDA only), with grouped-query heads and the log-sum-exp that
+    GPT-OSS's sinks take (``out_transform``)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config):
+        super().__init__()
+
+    def forward(self, q, k, v, *, scale=None, out_transform=None, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim]
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        lse = s.logsumexp(-1)
+        out = ((s - lse.unsqueeze(-1)).exp() @ v).transpose(1, 2)
+        return out if out_transform is None else out_transform(out, lse.transpose(1, 2))
+
+
+def ep_model_config(*, num_layers=3, num_experts=8, top_k=3, heads=2):
+    """deepseek_v3's debug model (softmax top-3 of 8 experts, two shared experts, MLA), cut to
+    ``num_layers`` (one dense, the rest MoE) and ``heads`` MLA heads, with torchtitan's sharding
+    configs for expert parallelism (as its trainer sets them before applying overrides) and
+    plain-torch attention."""
+    from torchtitan.models.deepseek_v3 import model_registry
+    from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
+
+    cfg = model_registry("debugmodel", moe_comm_backend="standard").model
+    cfg.layers = cfg.layers[:num_layers]
+    for layer in cfg.layers:
+        a = layer.attention  # MLA without q LoRA: wq, wkv_b, wo
+        a.n_heads, a.wq.out_features = heads, heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        a.wkv_b.out_features = heads * (a.qk_nope_head_dim + a.v_head_dim)
+        a.wo.in_features = heads * a.v_head_dim
+        if layer.moe is not None:
+            moe = layer.moe
+            moe.num_experts = moe.router.num_experts = num_experts
+            moe.router.gate.out_features = num_experts
+            moe.routed_experts.inner_experts.num_experts = num_experts
+            moe.routed_experts.token_dispatcher.num_experts = num_experts
+            moe.router.top_k = moe.routed_experts.token_dispatcher.top_k = top_k
+    set_deepseek_v3_sharding_config(cfg, enable_sp=False, enable_ep=True)
+    for layer in cfg.layers:  # after the sharding configs: no local_map on it
+        layer.attention.inner_attention = MathAttention.Config()
+    return cfg
