@@ -5,7 +5,8 @@ Turn it on with one line of torchtitan configuration::
     --override.imports mixops.integrations.torchtitan.mixops_moe
 
 (or ``config.override = OverrideConfig(imports=["mixops.integrations.torchtitan.mixops_moe"])``
-in a config function; with options: ``(target, {"expert_dtype": None})``). Every
+in a config function; with options: ``(target, {"expert_dtype": None, "ep_num_chunks": 3})``).
+Every
 ``MoE.Config`` of the model (``fqns`` narrow it in your own ``@override``, see ``to_mixops``) is
 replaced by ``MixopsMoE.Config``: the same module tree, parameter and buffer names, init,
 ``sharding_config`` and checkpoints, with the forward on mixops' router_topk, permute, grouped
@@ -15,7 +16,12 @@ Tested with torchtitan 0.3.0 (``TORCHTITAN_TESTED``). Models: deepseek_v3, kimi_
 qwen3_5 (torchtitan's ``GroupedExperts``) and gpt_oss (its biased, clamped-SwiGLU experts). What
 the layer cannot express is refused when the override is applied, with the option named: other
 token dispatchers than the standard one (DeepEP, HybridEP, MinimalAsyncEP), other experts or
-router classes, and (at ``parallelize``) tensor or expert parallelism of the MoE layers.
+router classes, and (at ``parallelize``) tensor parallelism of the MoE layers.
+
+Expert parallelism (``parallelism.expert_parallel_degree > 1``) runs on mixops' own chunked,
+overlapped all-to-all schedule over torchtitan's ``ep`` mesh axis, with the expert weights
+distributed by torchtitan as for its own layer (integrations/torchtitan_ep.py); the number of
+chunks is the ``ep_num_chunks`` option (default 2).
 """
 
 from torchtitan.config import derive, override
@@ -30,6 +36,7 @@ from torchtitan.models.common.token_dispatcher import (
     LocalTokenDispatcher,
 )
 
+from .torchtitan_ep import check_num_chunks
 from .torchtitan_moe import MixopsMoE, expert_dtype_of
 
 __all__ = ["MixopsMoE", "TORCHTITAN_TESTED", "mixops_moe", "to_mixops", "use_mixops"]
@@ -113,25 +120,27 @@ def check_supported(cfg, fqn=""):
             )
 
 
-def to_mixops(cfg, *, expert_dtype="bfloat16", fqn=""):
+def to_mixops(cfg, *, expert_dtype="bfloat16", ep_num_chunks=2, fqn=""):
     """``MixopsMoE.Config`` for torchtitan's ``MoE.Config`` ``cfg`` (every field carried over
     by name, so later torchtitan fields follow). ``expert_dtype``: the experts' GEMM dtype,
-    "bfloat16" as torchtitan's own experts, or None for the input's dtype. Raises naming the
-    option the layer cannot express."""
+    "bfloat16" as torchtitan's own experts, or None for the input's dtype. ``ep_num_chunks``:
+    under expert parallelism, the chunks whose all-to-alls overlap the experts (1: none). Raises
+    naming the option the layer cannot express."""
     expert_dtype_of(expert_dtype)
+    check_num_chunks(ep_num_chunks)
     check_supported(cfg, fqn)
-    return derive(cfg, MixopsMoE.Config, expert_dtype=expert_dtype)
+    return derive(cfg, MixopsMoE.Config, expert_dtype=expert_dtype, ep_num_chunks=ep_num_chunks)
 
 
 @override(
     target=MoE.Config,
     description="mixops: MoE layers on mixops' fused routing, permutation and grouped GEMMs",
 )
-def mixops_moe(cfg, *, expert_dtype="bfloat16"):
+def mixops_moe(cfg, *, expert_dtype="bfloat16", ep_num_chunks=2):
     """The override factory (``--override.imports mixops.integrations.torchtitan.mixops_moe``)."""
     if isinstance(cfg, MixopsMoE.Config):
         return cfg
-    return to_mixops(cfg, expert_dtype=expert_dtype)
+    return to_mixops(cfg, expert_dtype=expert_dtype, ep_num_chunks=ep_num_chunks)
 
 
 def use_mixops(config_root, **kwargs):

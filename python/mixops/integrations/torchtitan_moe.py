@@ -13,8 +13,9 @@ load-balancing update are unchanged. Only ``forward`` differs:
 
 The experts compute in ``expert_dtype`` (bfloat16 by default, as torchtitan's own
 ``GroupedExperts`` does, whatever the model dtype) or, with ``expert_dtype=None``, in the input's
-dtype with no casts (exact to the definition in float64). See integrations/torchtitan.py for the
-override that installs it.
+dtype with no casts (exact to the definition in float64). With torchtitan's expert parallelism
+(ep > 1) the routed experts run on mixops' chunked all-to-all schedule over the ep mesh
+(integrations/torchtitan_ep.py). See integrations/torchtitan.py for the override that installs it.
 """
 
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.models.common.moe import MoE
 
 from ..ops import gated_activation, grouped_mm, permute, router_topk, unpermute
+from .torchtitan_ep import check_num_chunks, ep_group_for, expert_parallel_experts
 
 __all__ = ["MixopsMoE"]
 
@@ -45,8 +47,9 @@ def expert_dtype_of(name):
 def _refuse_parallel(what):
     raise NotImplementedError(
         f"mixops torchtitan override: {what}. The override supports data parallelism (FSDP2, "
-        "HSDP, DDP), context and pipeline parallelism; for tensor or expert parallelism of the "
-        "MoE layers leave the override out of --override.imports."
+        "HSDP, DDP), context and pipeline parallelism, and expert parallelism (ep) with data "
+        "and pipeline parallelism; for tensor parallelism of the MoE layers leave the override "
+        "out of --override.imports."
     )
 
 
@@ -84,18 +87,29 @@ class MixopsMoE(MoE):
         # Dtype of the expert GEMMs: "bfloat16" (torchtitan's own choice), "float16", "float32",
         # or None for the input's dtype (no casts).
         expert_dtype: str | None = "bfloat16"
+        # Expert parallelism (torchtitan's ep > 1): the tokens are cut into this many chunks,
+        # whose all-to-alls travel while the previous chunk's experts compute (1: no overlap).
+        ep_num_chunks: int = 2
 
     def __init__(self, config: Config):
         super().__init__(config)
         self.expert_dtype = expert_dtype_of(config.expert_dtype)
+        self.ep_num_chunks = check_num_chunks(config.ep_num_chunks)
         inner = self.routed_experts.inner_experts
         self._gpt_oss = hasattr(inner, "mlp1_weight_EGD")
+        self._ep_group = None  # the ep mesh's process group once parallelized with ep > 1
 
     def parallelize(self, parallel_dims) -> None:
-        for axis in ("tp", "ep"):
-            if getattr(parallel_dims, f"{axis}_enabled", False):
-                _refuse_parallel(f"{axis} degree {getattr(parallel_dims, axis)} > 1")
+        """torchtitan's parallelize (parameters and buffers distributed as for its own layer);
+        with ep > 1 the forward then runs mixops' expert-parallel schedule over the ep mesh
+        (integrations/torchtitan_ep.py). Tensor parallelism is refused."""
+        if getattr(parallel_dims, "tp_enabled", False):
+            _refuse_parallel(f"tp degree {parallel_dims.tp} > 1 (tensor parallelism)")
+        group = None
+        if getattr(parallel_dims, "ep_enabled", False):
+            group = ep_group_for(self, parallel_dims)
         super().parallelize(parallel_dims)
+        self._ep_group = group
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         _plain(x_BLD, "the MoE input")
@@ -105,7 +119,9 @@ class MixopsMoE(MoE):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert_E.add_(r.counts)
-        if self._gpt_oss:
+        if self._ep_group is not None:
+            y_TD = expert_parallel_experts(self, x_TD, r, _swiglu_oai if self._gpt_oss else None)
+        elif self._gpt_oss:
             y_TD = self._gpt_oss_experts(x_TD, r)
         else:
             y_TD = self._swiglu_experts(x_TD, r)
