@@ -21,6 +21,7 @@ from ..ops import grouped_mm, permute, router_topk, unpermute
 from .activations import GATED, apply_activation
 from .expert_choice import expert_choice_config, expert_choice_routed
 from .experts import MLP, Experts, local_tensor
+from .lora import lora_delta
 from .moe_config import (
     MoEParts,
     _capacity_fraction,
@@ -316,15 +317,27 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
         w1, w2 = self._expert_weights(cast)
         with _stage("permute", x2):
             p = permute(x2, self._computing_ids(r.ids), E, capacity=capacity)
+        ad = self.lora_adapters()
         with _stage("gate_up_gemm", x2):
             h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
+            if ad.get("gate_up") is not None:
+                h = h + lora_delta(p.x_sorted, p.offsets, ad["gate_up"])
         with _stage("activation", x2):
             a = apply_activation(self.activation, h)
         with _stage("down_gemm", x2):
             o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
+            if ad.get("down") is not None:
+                o = o + lora_delta(a, p.offsets, ad["down"])
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
         return self._add_zero_experts(x2, y, r)
+
+    def lora_adapters(self) -> dict:
+        """The low-rank adapters of the routed experts' projections for this call:
+        ``{"gate_up": ProjectionAdapter or None, "down": ...}`` (nn/lora.py), added to the
+        grouped GEMMs' outputs on the permuted rows; ``{}`` without adapters."""
+        provider = getattr(self, "lora_provider", None)
+        return {} if provider is None else provider()
 
     def _computing_ids(self, ids):
         """ids with the zero-computation experts' choices as -1 (permute leaves them out)."""
