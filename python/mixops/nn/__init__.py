@@ -4,6 +4,7 @@ wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and it
 
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
+from .lora_moe import LoRAMoE
 from .moa import MoA, MoAExperts, MoAParts
 from .mod import MoD, MoDRouter, MoDRouting, TokenCount, pmod_capacity_schedule
 from .moe import MoE, MoEParts
@@ -11,6 +12,7 @@ from .router import RouterConfig, TopKRouter
 from .shortcut import ScMoEBlock, ShortcutDecoderLayer
 
 __all__ = [
+    "LoRAMoE",
     "MoA",
     "MoAParts",
     "MoAExperts",
