@@ -215,7 +215,27 @@ class RefOut(NamedTuple):
     aux_loss: Optional[torch.Tensor]  # coef-weighted sum as the layer defines it, or None
 
 
-def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
+def lora_mlp(x, w1, w2, activation, ffn_size, lora, e):
+    """One expert with low-rank adapters, from the LoRA definition: each adapted projection
+    ``W x`` becomes ``W x + scale * B_e (A_e x)``; ``lora``: ``{"gate_up": (A [E, r, in], B [E,
+    out, r], scale), "down": ...}`` (either may be missing; ``gate_up`` adapts ``w1``, which is
+    ``gate_up_proj`` (gate rows first) or ``up_proj``)."""
+    h = x @ w1.T
+    if "gate_up" in lora:
+        A, B, s = lora["gate_up"]
+        h = h + s * ((x @ A[e].T) @ B[e].T)
+    if activation in GATED_ACTS:
+        a = GATED_ACTS[activation](h[:, :ffn_size]) * h[:, ffn_size:]
+    else:
+        a = PLAIN_ACTS[activation](h)
+    o = a @ w2.T
+    if "down" in lora:
+        A, B, s = lora["down"]
+        o = o + s * ((a @ A[e].T) @ B[e].T)
+    return o
+
+
+def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None, lora=None):
     """The MoE layer's output for ``x`` [..., H] with the parameters ``params`` computed in
     ``dtype`` (float64 for the reference, the layer's dtype for PyTorch's own low-precision
     result). Routing math (scores, weights, losses) runs in float64 for float64 and float32
@@ -225,7 +245,8 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
     expert returns its input times the weight, a null expert nothing; they take no capacity slot
     (never dropped) but count in the capacity's E, the load counts and the losses.
 
-    sel_logits: [T, E + Z] the logits the layer under test chooses from (see module docstring)."""
+    sel_logits: [T, E + Z] the logits the layer under test chooses from (see module docstring).
+    lora: the experts' low-rank adapters (``lora_mlp``), computed in ``dtype``."""
     cfg = full_config(**cfg)
     H, E = cfg["hidden_size"], cfg["num_experts"]
     kinds = zero_kinds(cfg)
@@ -246,7 +267,11 @@ def moe_forward(params, x, cfg, dtype, sel_logits, bias=None, token_mask=None):
         tok, j = ((ids == e) & keep).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        if gated:
+        if lora:
+            w1 = P["experts.gate_up_proj" if gated else "experts.up_proj"][e]
+            lw = {k: (A.to(dtype), B.to(dtype), sc) for k, (A, B, sc) in lora.items()}
+            o = lora_mlp(x2[tok], w1, P["experts.down_proj"][e], cfg["activation"], F_, lw, e)
+        elif gated:
             w1 = P["experts.gate_up_proj"][e]
             o = mlp(x2[tok], w1[:F_], w1[F_:], P["experts.down_proj"][e], cfg["activation"])
         else:

@@ -5,6 +5,7 @@ GPU; the MoE layer's CUDA-only branch is forced on."""
 import pytest
 import torch
 
+import mixops.nn.experts as experts_mod
 import mixops.nn.moe as moe_mod
 from mixops._nvtx import nvtx_range
 from mixops.bench import timing
@@ -81,7 +82,10 @@ def test_moe_ranges_close_when_a_stage_raises(calls, monkeypatch, failing):
     def fail(*args, **kwargs):
         raise RuntimeError(f"{failing} failed")
 
-    monkeypatch.setattr(moe_mod, failing, fail)
+    # The GEMMs run in experts.expert_mlp (every routed path shares it), the rest in moe.py.
+    for mod in (moe_mod, experts_mod):
+        if hasattr(mod, failing):
+            monkeypatch.setattr(mod, failing, fail)
     with pytest.raises(RuntimeError, match=f"{failing} failed"):
         _moe()(torch.randn(5, 16))
     assert calls and balanced(calls), calls

@@ -19,8 +19,8 @@ import warnings
 import torch
 
 from .._compat import sym_min
-from ..ops import grouped_mm, select_topc, unpermute
-from .activations import apply_activation
+from ..ops import select_topc, unpermute
+from .experts import expert_mlp
 from .router import RouterConfig
 
 __all__ = [
@@ -101,10 +101,11 @@ def expert_capacity(capacity, num_tokens, num_experts):
     return sym_min(c, num_tokens)
 
 
-def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask):
+def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask, adapters=None):
     """The routed output ``[T, H]`` of expert-choice routing. logits ``[T, E]``; x2 ``[T, H]``;
-    w1/w2 the experts' weights in grouped_mm's ``[E, K, N]`` orientation; token_mask ``[T]`` bool
-    or None (False: padding, never chosen)."""
+    w1/w2 the experts' weights in HF's ``[E, N, K]`` layout (``experts.expert_mlp``); token_mask
+    ``[T]`` bool or None (False: padding, never chosen); adapters: the layer's LoRA adapters
+    (``MoE.lora_adapters()``), on the chosen rows as on token choice's."""
     T, E = logits.shape
     scores = torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     C = expert_capacity(capacity, T, E)
@@ -114,8 +115,7 @@ def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask):
     tok = sel.indices.clamp(min=0)
     rows = x2[tok.reshape(-1)] * chosen.reshape(-1, 1).to(x2.dtype)  # [E * C, H]
     offsets = torch.arange(1, E + 1, device=x2.device, dtype=torch.int32) * C
-    h = grouped_mm(rows, w1, offsets)
-    o = grouped_mm(apply_activation(activation, h), w2, offsets)  # [E * C, H]
+    o = expert_mlp(rows, offsets, w1, w2, activation, adapters)  # [E * C, H]
     # row_map [T, E] and weights [T, E] from the choices; unchosen slots (-1) write to a spare
     # token row T that is dropped.
     expert = torch.arange(E, device=x2.device).unsqueeze(1).expand(E, C)

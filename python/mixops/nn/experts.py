@@ -1,14 +1,20 @@
 """The expert weights of the mixture layers: ``Experts`` (the routed experts, all E of them in 3-D
 tensors for the grouped GEMMs, in HF transformers' v5 layout) and ``MLP`` (one dense expert: the
-shared experts that every token goes through)."""
+shared experts that every token goes through); ``expert_mlp``, the routed experts' computation on
+rows grouped by expert, which every routed path (token choice, expert choice, expert
+parallelism) shares, low-rank adapters included."""
+
+import contextlib
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .activations import GATED, act_fn, check_activation
+from ..ops import grouped_mm
+from .activations import GATED, act_fn, apply_activation, check_activation
+from .lora import lora_delta
 
-__all__ = ["Experts", "MLP"]
+__all__ = ["Experts", "MLP", "expert_mlp"]
 
 
 class Experts(nn.Module):
@@ -73,3 +79,29 @@ class MLP(nn.Module):
 def local_tensor(w):
     """A DTensor's local shard (differentiable, no copy); any other tensor as it is."""
     return w.to_local() if isinstance(w, DTensor) else w
+
+
+def _no_stage(name, x):
+    return contextlib.nullcontext()
+
+
+def expert_mlp(rows, offsets, w1, w2, activation, adapters=None, stage=None):
+    """The experts on ``rows`` [N, hidden] grouped by expert (``offsets`` [E] int32 ends): [N,
+    hidden]. ``w1`` [E, 2*ffn or ffn, hidden] and ``w2`` [E, hidden, ffn] in the HF layout (used
+    through transposed views); ``adapters``: ``{"gate_up": ProjectionAdapter or None, "down":
+    ...}`` (nn/lora.py), whose low-rank terms are added to the first and the down projection's
+    GEMM outputs (``gate_up`` stands for ``w1`` whatever the activation); ``stage(name, x)``: a
+    context manager around each stage (MoE's NVTX ranges)."""
+    stage = stage or _no_stage
+    adapters = adapters or {}
+    with stage("gate_up_gemm", rows):
+        h = grouped_mm(rows, w1.transpose(1, 2), offsets)
+        if adapters.get("gate_up") is not None:
+            h = h + lora_delta(rows, offsets, adapters["gate_up"])
+    with stage("activation", rows):
+        a = apply_activation(activation, h)
+    with stage("down_gemm", rows):
+        o = grouped_mm(a, w2.transpose(1, 2), offsets)
+        if adapters.get("down") is not None:
+            o = o + lora_delta(a, offsets, adapters["down"])
+    return o

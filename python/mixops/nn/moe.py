@@ -6,7 +6,8 @@ router logits -> router_topk -> permute -> grouped_mm (gate+up) -> activation ->
 (``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
 ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj``), so state dicts move between the two.
 The options' parsing is in moe_config.py, the staged API (dispatch_start, run_experts,
-combine_finish) in moe_staged.py, reset_parameters and update_bias in moe_training.py.
+combine_finish) in moe_staged.py, reset_parameters and update_bias in moe_training.py, LoRA on the
+experts (add_lora, merge_lora, ...) in moe_lora.py.
 """
 
 from types import SimpleNamespace
@@ -17,11 +18,10 @@ from torch import nn
 
 from .._compat import sym_min
 from .._nvtx import nvtx_range
-from ..ops import grouped_mm, permute, router_topk, unpermute
-from .activations import GATED, apply_activation
+from ..ops import permute, router_topk, unpermute
+from .activations import GATED
 from .expert_choice import expert_choice_config, expert_choice_routed
-from .experts import MLP, Experts, local_tensor
-from .lora import lora_delta
+from .experts import MLP, Experts, expert_mlp, local_tensor
 from .moe_config import (
     MoEParts,
     _capacity_fraction,
@@ -30,6 +30,7 @@ from .moe_config import (
     _zero_kinds,
     per_token,
 )
+from .moe_lora import MoELoRA
 
 # StagedCall, autocast_dtype and no_autocast: parallel/moe.py and integrations/jetmoe.py import
 # them from here.
@@ -55,7 +56,7 @@ def _stage(name, x):
     return nvtx_range(f"mixops.moe.{name}", enabled=_nvtx_enabled(x))
 
 
-class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
+class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
     """A Mixture-of-Experts layer: input ``[..., hidden]``, output the same shape.
 
     Args:
@@ -106,7 +107,8 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
     routed); ``modality`` int (same shapes) picks each token's expert group when
     ``num_modalities > 1``.
 
-    Built on the meta device: ``to_empty(device=...)`` then ``reset_parameters()``.
+    Built on the meta device: ``to_empty(device=...)`` then ``reset_parameters()``. LoRA on the
+    routed experts: ``add_lora`` (moe_lora.py).
     """
 
     def __init__(
@@ -311,33 +313,17 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
         return r, capacity
 
     def _experts_routed(self, x2, r, capacity, cast):
-        """permute -> the experts' grouped GEMMs -> unpermute (expert parallelism replaces it),
-        plus the zero-computation experts' share."""
+        """permute -> the experts' grouped GEMMs (+ their LoRA adapters) -> unpermute (expert
+        parallelism replaces it), plus the zero-computation experts' share."""
         E = self.num_computing_experts
         w1, w2 = self._expert_weights(cast)
         with _stage("permute", x2):
             p = permute(x2, self._computing_ids(r.ids), E, capacity=capacity)
         ad = self.lora_adapters()
-        with _stage("gate_up_gemm", x2):
-            h = grouped_mm(p.x_sorted, w1.transpose(1, 2), p.offsets)
-            if ad.get("gate_up") is not None:
-                h = h + lora_delta(p.x_sorted, p.offsets, ad["gate_up"])
-        with _stage("activation", x2):
-            a = apply_activation(self.activation, h)
-        with _stage("down_gemm", x2):
-            o = grouped_mm(a, w2.transpose(1, 2), p.offsets)
-            if ad.get("down") is not None:
-                o = o + lora_delta(a, p.offsets, ad["down"])
+        o = expert_mlp(p.x_sorted, p.offsets, w1, w2, self.activation, ad, _stage)
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
         return self._add_zero_experts(x2, y, r)
-
-    def lora_adapters(self) -> dict:
-        """The low-rank adapters of the routed experts' projections for this call:
-        ``{"gate_up": ProjectionAdapter or None, "down": ...}`` (nn/lora.py), added to the
-        grouped GEMMs' outputs on the permuted rows; ``{}`` without adapters."""
-        provider = getattr(self, "lora_provider", None)
-        return {} if provider is None else provider()
 
     def _computing_ids(self, ids):
         """ids with the zero-computation experts' choices as -1 (permute leaves them out)."""
@@ -383,14 +369,9 @@ class MoE(StagedMoE, TrainingLoopAPI, nn.Module):
             )
         with _stage("expert_choice", x2):
             return expert_choice_routed(
-                logits,
-                x2,
-                w1.transpose(1, 2),
-                w2.transpose(1, 2),
-                self.activation,
-                self._capacity,
-                token_mask,
-            )
+                logits, x2, w1, w2, self.activation, self._capacity, token_mask,
+                self.lora_adapters(),
+            )  # fmt: skip
 
     def extra_repr(self):
         return (

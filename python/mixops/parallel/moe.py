@@ -3,11 +3,12 @@
 Rank r of the group holds experts ``r*E/R .. (r+1)*E/R - 1`` under the single-process names:
 ``experts.gate_up_proj`` is a DTensor of global shape [E, 2F, H] sharded ``Shard(0)`` over the
 group's mesh, whose local shard [E/R, 2F, H] the kernels read (shards.py; ``dtensor=False``: the
-plain slice); the router and shared experts are replicated. Every rank routes its own tokens over all E experts, and the rows travel to the
-experts' ranks and back (dispatch.py). Autograd convention: the total loss is the sum of the
-ranks' losses; each rank's expert gradients then equal its slice of the single-process gradients,
-and router / shared-expert gradients equal them after an all-reduce (sum) over the group (the data
-parallel reduction does that). Load counts and aux losses are per rank unless
+plain slice); the router and shared experts are replicated. Every rank routes its own tokens over
+all E experts, and the rows travel to the experts' ranks and back (dispatch.py); ``add_lora``'s
+adapters are sharded with their experts (moe_lora.py). Autograd convention: the total loss is the
+sum of the ranks' losses; each rank's expert gradients then equal its slice of the single-process
+gradients, and router / shared-expert gradients equal them after an all-reduce (sum) over the group
+(the data parallel reduction does that). Load counts and aux losses are per rank unless
 ``reduce_stats=True``: then they cover the group's tokens, each rank's ``aux_loss`` being 1/R of
 the group's (so the ranks' sum is the single-process loss).
 
@@ -32,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..nn.activations import GATED, apply_activation
+from ..nn.activations import GATED
 from ..nn.experts import MLP, Experts
 from ..nn.moe import (
     MoE,
@@ -47,7 +48,6 @@ from ..nn.moe import (
 )
 from ..nn.moe_staged import shaped_output
 from ..nn.router import TopKRouter
-from ..ops import grouped_mm
 from .comm import _AllReduceSum, resolve_group, start_config_check, traced_call
 from .dispatch import (
     compiled_experts_all,
@@ -58,6 +58,7 @@ from .dispatch import (
     take_sends,
     unpermute_all,
 )
+from .moe_lora import ExpertParallelLoRA, trainable_only
 from .shards import ep_mesh_of, shard_experts
 
 __all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
@@ -65,7 +66,7 @@ __all__ = ["ExpertParallelMoE", "EXPERT_PARALLEL_ATTR"]
 EXPERT_PARALLEL_ATTR = "_mixops_expert_parallel"  # set True on sharded expert parameters
 
 
-class ExpertParallelMoE(MoE):
+class ExpertParallelMoE(ExpertParallelLoRA, MoE):
     """MoE with expert parallelism over ``group`` (a ProcessGroup or a 1-D DeviceMesh; default
     the world). Same arguments as ``mixops.nn.MoE`` (token choice) plus ``group``, ``num_chunks``
     (n chunks whose exchanges overlap the experts; 1: the plain schedule), ``reduce_stats``,
@@ -155,8 +156,7 @@ class ExpertParallelMoE(MoE):
         if dtensor:
             shard_experts(self.experts, self.ep_mesh)
         for p in self.experts.parameters():
-            setattr(p, EXPERT_PARALLEL_ATTR, True)
-            p.allreduce = False  # the DeepSpeed / Megatron convention for expert parameters
+            self._mark_expert_parameter(p)
         self._checked = False  # a call has been checked (the same on every rank: one per call)
 
     def __deepcopy__(self, memo):
@@ -170,6 +170,11 @@ class ExpertParallelMoE(MoE):
         for k, v in self.__dict__.items():
             new.__dict__[k] = copy.deepcopy(v, memo)
         return new
+
+    @staticmethod
+    def _mark_expert_parameter(p):
+        setattr(p, EXPERT_PARALLEL_ATTR, True)
+        p.allreduce = False  # the DeepSpeed / Megatron convention for expert parameters
 
     @property
     def expert_range(self):
@@ -198,6 +203,9 @@ class ExpertParallelMoE(MoE):
             "capacity_denominator": -1 if cap is None else cap.denominator,
             "num_chunks": self.num_chunks,
             "num_computing_experts": self.num_computing_experts,
+            "LoRA rank (add_lora; 0: none)": getattr(
+                getattr(self, "experts_lora", None), "rank", 0
+            ),
             # The collectives of _group_losses (reduce_stats) depend on these.
             "reduce_stats": int(self.reduce_stats),
             "aux_loss all-reduced": int(self.reduce_stats and bool(self.aux_loss_coef)),
@@ -242,18 +250,19 @@ class ExpertParallelMoE(MoE):
         """Waits for each chunk's dispatch, runs the local experts, starts its combine."""
         h.advance("dispatching", "combining", "ExpertParallelMoE.run_experts")
         act, plan, cast = self.activation, h.plan, h.cast
-
-        def experts(rows, offsets, w1, w2):
-            with _stage("experts", rows):
-                a = apply_activation(act, grouped_mm(rows, w1.transpose(1, 2), offsets))
-                return grouped_mm(a, w2.transpose(1, 2), offsets)
+        # The local experts' LoRA adapters (local shards of Shard(0) DTensors, like the experts):
+        # their A and B travel as extra weights of the chunked schedule, so their gradients come
+        # back through ChunkedExperts' backward like the experts'.
+        experts, lora_weights = self._lora_experts(act, _stage)  # moe_lora.py
 
         def run(w1, w2, *sends):
             w1, w2 = _cast_weights(w1, w2, cast)
+            weights = (w1, w2, *lora_weights)
             with no_autocast(h.x2, cast):
                 if plan.compiled:
-                    return compiled_experts_all(plan, experts, w1, w2)
-                return experts_all(plan, experts, w1, w2, sends=sends)
+                    return compiled_experts_all(plan, experts, *weights)
+                fn, trainable = trainable_only(experts, weights)  # a frozen base: closed over
+                return experts_all(plan, fn, *trainable, sends=sends)
 
         # Through the experts module's call (Experts.forward), so that FSDP2 on the experts
         # gathers their shards around it; the rows to send as its arguments, so that its
