@@ -56,6 +56,28 @@ def require_torchtitan():
         )
 
 
+# PEFT (the integration's tested range, mixops.integrations.peft.PEFT_TESTED; CI installs it:
+# requirements-peft.txt). Its tests call require_peft() after checking transformers.
+PEFT_REASON = "peft 0.21 is needed for the PEFT integration tests (requirements-peft.txt)"
+
+
+def require_peft():
+    """Skip the calling test module unless PEFT is installed in the tested range."""
+    pytest.importorskip("peft", reason=PEFT_REASON)
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    from mixops.integrations.peft import PEFT_TESTED
+
+    v = Version(version("peft"))
+    lo, below = PEFT_TESTED
+    if not Version(lo) <= v < Version(below):
+        pytest.skip(
+            f"peft {v} is outside the tested range >={lo},<{below}", allow_module_level=True
+        )
+
+
 # atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 

@@ -3,6 +3,7 @@ classes (by class name), what each router computes as a RouterConfig, the expert
 the checks that say what mixops cannot express about a block, and the names of routers that
 patch_model has patched (their classes are recorded here)."""
 
+import sys
 from dataclasses import dataclass
 
 from ..nn import RouterConfig
@@ -76,7 +77,7 @@ def _check_block(block):
             f"{name} is not a supported MoE block (supported: {', '.join(FROM_HF_BLOCKS)}; "
             "JetMoeAttention gives a mixops.nn.MoA)"
         )
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    gate, experts = getattr(block, "gate", None), _base_experts(getattr(block, "experts", None))
     if gate is None or _router_name(gate) not in _ROUTERS:
         raise _Unsupported(f"{name}: router {type(gate).__name__} has no mixops equivalent")
     if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
@@ -97,6 +98,15 @@ def _check_block(block):
         raise _Unsupported(
             f"{name}: router_jitter_noise={block.jitter_noise} has no mixops equivalent"
         )
+
+
+def _base_experts(experts):
+    """``experts``, or the experts module inside PEFT's ``lora.ParamWrapper``s (LoRA on
+    ``target_parameters``, one wrapper per targeted weight, nested; integrations/peft.py)."""
+    peft_lora = sys.modules.get("peft.tuners.lora.layer")  # no wrapper without PEFT imported
+    while peft_lora is not None and isinstance(experts, peft_lora.ParamWrapper):
+        experts = experts.base_layer
+    return experts
 
 
 def _router_config(gate) -> RouterConfig:

@@ -30,11 +30,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..nn import MoE, MoEParts
+from ..nn.lora import lora_delta
 from ..nn.mod import MoDRouter
 from ..ops import grouped_mm, permute, unpermute
 from .hf_blocks import (
     _PATCHED_ROUTER_CLASSES,
     SUPPORTED_BLOCKS,
+    _base_experts,
     _check_block,
     _hidden_act,
     _router_config,
@@ -49,8 +51,14 @@ def _build(block, gate, moe_kwargs, cls=MoE) -> MoE:
     """A mixops.nn.MoE around ``block``'s modules (routing through ``gate``). Raises _Unsupported
     for what mixops cannot express, and MoE's own errors for bad ``moe_kwargs``. Changes nothing."""
     _check_block(block)
+    experts = _base_experts(block.experts)
+    if experts is not block.experts and _PEFT is None:
+        raise _Unsupported(
+            "its experts are wrapped by PEFT, and mixops runs PEFT's LoRA on experts only with "
+            "peft in mixops.integrations.peft.PEFT_TESTED (pip install -r requirements-peft.txt)"
+        )
     router = _router_config(block.gate)
-    activation = _hidden_act(block.experts)
+    activation = _hidden_act(experts)
     E, H = block.gate.weight.shape
     shared, shared_gate, shared_name = _shared(block)
     parts = MoEParts(
@@ -62,13 +70,15 @@ def _build(block, gate, moe_kwargs, cls=MoE) -> MoE:
     )
     moe = cls(
         H,
-        block.experts.down_proj.shape[-1],
+        experts.down_proj.shape[-1],
         router=router,
         activation=activation,
         parts=parts,
         **moe_kwargs,
     )
     _keep_hf_order(moe, block)
+    if _PEFT is not None:
+        _PEFT.adopt(moe)  # PEFT's LoRA on the experts -> the layer's adapter path
     return moe
 
 
@@ -143,6 +153,11 @@ class PatchedMoE(MoE):
 
     hf_experts_implementation = None  # set by the model's set_experts_implementation
 
+    def dispatch_start(self, *args, **kwargs):
+        if _PEFT is not None:  # get_peft_model after patch_model wraps the experts
+            _PEFT.adopt(self)
+        return super().dispatch_start(*args, **kwargs)
+
     def follows_experts_implementation(self) -> bool:
         """HF's experts module computes what this layer's routed experts compute: no capacity
         (HF's blocks drop nothing) and no zero-computation experts."""
@@ -153,10 +168,11 @@ class PatchedMoE(MoE):
         if impl in (None, "mixops") or capacity is not None:
             return super()._experts_routed(x2, r, capacity, cast)
         weights = r.weights.to(x2.dtype)
+        experts = self._modules["experts"]  # with PEFT's wrapper, if any (HF computes it)
         if cast is None:
-            return self.experts(x2, r.ids.long(), weights)
+            return experts(x2, r.ids.long(), weights)
         with torch.autocast(x2.device.type, dtype=cast):  # as HF's block runs under autocast
-            return self.experts(x2, r.ids.long(), weights).to(x2.dtype)
+            return experts(x2, r.ids.long(), weights).to(x2.dtype)
 
 
 class _SetExpertsImplementation:
@@ -325,7 +341,8 @@ def mixops_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The ``"mixops"`` experts implementation: permute -> grouped_mm -> HF's own gating ->
-    grouped_mm -> unpermute, on any HF experts module made with ``use_experts_implementation``."""
+    grouped_mm -> unpermute, on any HF experts module made with ``use_experts_implementation``;
+    inside PEFT's LoRA wrappers, plus their adapters' terms (integrations/peft.py)."""
     if getattr(self, "has_post_expert_norm", False):
         raise NotImplementedError("mixops experts: post-expert norms are not supported")
     E = self.num_experts
@@ -336,11 +353,14 @@ def mixops_experts_forward(
     b1 = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     w2 = self.down_proj
     b2 = self.down_proj_bias if self.has_bias else None
+    ad = {} if _PEFT is None else _PEFT.call_adapters(self)
     x = hidden_states.to(w1.dtype)
     p = permute(x, ids, E)
     if not self.is_transposed:
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
     h = grouped_mm(p.x_sorted, w1, p.offsets)
+    if ad.get("gate_up") is not None:
+        h = h + lora_delta(p.x_sorted, p.offsets, ad["gate_up"])
     row_expert = None
     if b1 is not None:
         rows = torch.arange(h.shape[0], device=h.device, dtype=torch.int32)
@@ -348,6 +368,8 @@ def mixops_experts_forward(
         h = h + b1[row_expert]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     o = grouped_mm(h, w2, p.offsets)
+    if ad.get("down") is not None:
+        o = o + lora_delta(h, p.offsets, ad["down"])
     if b2 is not None:
         o = o + b2[row_expert]
     weights = top_k_weights
@@ -363,4 +385,15 @@ def register() -> None:
     ExpertsInterface.register("mixops", mixops_experts_forward)
 
 
+def _load_peft():
+    """integrations/peft.py, PEFT's expert LoRA routed through mixops before any forward of a model
+    get_peft_model wraps later; None without PEFT (or outside its tested range)."""
+    try:
+        from . import peft
+    except ImportError:  # no PEFT, or one that does not import: PEFT stays PEFT's own
+        return None
+    return peft if peft.install() else None
+
+
 register()
+_PEFT = _load_peft()
