@@ -471,3 +471,17 @@ def test_block_mask_equals_the_dense_mask():
     md = make(attention_dropout=0.1).train()
     with pytest.raises(ValueError, match="dropout"):
         md(x, attention_mask=bm)
+
+
+def test_a_trained_layer_deep_copies_and_pickles():
+    """After a training forward ``aux_loss`` and ``router_logits`` hold a graph: copies leave
+    them out."""
+    import pickle
+
+    m = make(aux_loss_coef=0.01)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    m(x).sum().backward()
+    assert m.aux_loss is not None and m.aux_loss.grad_fn is not None
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.aux_loss is None and twin.router_logits is None
+        torch.testing.assert_close(twin(x), m(x), rtol=0, atol=0)

@@ -352,3 +352,22 @@ def test_empty_batches_and_sequences(shape):
     assert x.grad.shape == x.shape
     if x.numel():
         assert m.chosen.all()  # one token, C = ceil(0.25) = 1
+
+
+def test_a_trained_layer_deep_copies_and_pickles():
+    """After a training forward the router's logits, choices and aux loss are the last call's
+    results, not state: copy.deepcopy and pickle leave them out."""
+    import copy
+    import pickle
+
+    m = make()
+    x = inputs()
+    x = x[0] if isinstance(x, tuple) else x
+    out = m(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert m.router_logits is not None
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.router_logits is None and twin.aux_loss is None
+        a, b = twin(x), m(x)
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -773,3 +773,21 @@ def test_no_host_sync_cuda():
         (y.sum() + m.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_trained_layer_deep_copies_and_pickles():
+    """After a training forward ``aux_loss`` holds a graph (not state): copy.deepcopy (an EMA
+    model, a teacher) and pickle leave it out and copy the parameters."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    moe = MoE(16, 24, 8, 2, aux_loss_coef=0.01, z_loss_coef=0.001, dtype=torch.float64)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    moe(x).sum().backward()
+    assert moe.aux_loss is not None and moe.aux_loss.grad_fn is not None
+    for twin in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
+        assert twin.aux_loss is None
+        assert twin.experts.down_proj is not moe.experts.down_proj
+        torch.testing.assert_close(twin(x), moe(x), rtol=0, atol=0)
+    assert moe.aux_loss is not None  # the original keeps its own

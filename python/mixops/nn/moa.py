@@ -143,6 +143,16 @@ class MoA(nn.Module):
     ``self.router_logits`` holds the last forward's logits ``[tokens, E]`` (fp32).
     """
 
+    def __getstate__(self):
+        # aux_loss and router_logits are the last call's results, with their autograd graph,
+        # not state: copies and pickles leave them out (copy.deepcopy of a graph's non-leaf
+        # tensor raises).
+        state = dict(super().__getstate__())
+        for k in ("aux_loss", "router_logits"):
+            if k in state:
+                state[k] = None
+        return state
+
     def __init__(
         self,
         hidden_size: int,

@@ -38,6 +38,16 @@ class MoDRouting:
     nn.Module that provides ``_run_block(x, **kwargs)`` and ``_block_root()`` (the module whose
     submodules hold the attention) and calls ``_mod_init`` in its constructor."""
 
+    def __getstate__(self):
+        # router_logits, chosen and aux_loss are the last call's results (with their autograd
+        # graph), not state: copies and pickles leave them out (copy.deepcopy of a graph's
+        # non-leaf tensor raises).
+        state = dict(super().__getstate__())
+        for k in ("router_logits", "chosen", "aux_loss"):
+            if k in state:
+                state[k] = None
+        return state
+
     def _mod_init(
         self,
         root,

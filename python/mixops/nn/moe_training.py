@@ -11,6 +11,14 @@ class TrainingLoopAPI:
     ``tokens_per_expert`` and ``selection_bias``, and its router ``gate`` the bias
     ``e_score_correction_bias``."""
 
+    def __getstate__(self):
+        # aux_loss is the last call's result, with its autograd graph, not state: copies and
+        # pickles leave it out (copy.deepcopy of a graph's non-leaf tensor raises).
+        state = dict(super().__getstate__())
+        if "aux_loss" in state:
+            state["aux_loss"] = None
+        return state
+
     def reset_parameters(self):
         """Initialise the layer again, as its constructor does: every submodule's own
         ``reset_parameters()`` (router, experts, shared experts; the selection bias to zero), and

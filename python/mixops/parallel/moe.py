@@ -167,7 +167,7 @@ class ExpertParallelMoE(ExpertParallelLoRA, MoE):
                 memo[id(shared)] = shared
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        for k, v in self.__dict__.items():
+        for k, v in self.__getstate__().items():
             new.__dict__[k] = copy.deepcopy(v, memo)
         return new
 
