@@ -292,3 +292,41 @@ def test_titan_bench_quick_runs_and_prints_table():
 
     mib = titan.peak_mem_mib(titan.QUICK[1], "bfloat16", "mixops", "fwd+bwd", "cpu")
     assert math.isfinite(mib) and mib >= 0.0
+
+
+def test_lora_bench_quick_runs_and_prints_tables():
+    """bfloat16 only and no peak-memory processes; one peak-memory measurement runs here, in
+    this process."""
+    import math
+
+    out = _quick("lora", "--device", "cpu", "--dtype", "bfloat16", "--no-peak-mem")
+    for needle in (
+        "CPU capability",
+        "peft 0.",
+        "checked: mixops output and input gradient == PEFT's in float32",
+        "checked: mixops adapter path and layer == the per-expert loop's in float32",
+        "Section 1: MoE LoRA fine-tuning step",
+        "PEFT/mixops",
+        "no-LoRA ms",
+        "Section 2: LoRAMoE adapter path",
+        "loop/mixops",
+        "target",
+    ):
+        assert needle in out, needle
+    rows = _table_rows(out, 3)  # section 1: config dtype rank pass ...
+    assert sorted((r[0], r[3]) for r in rows) == sorted(
+        (c, p) for c in ("fine-64x8", "coarse-8x2") for p in ("fwd", "fwd+bwd")
+    ), out
+    for r in rows:
+        assert r[1] == "bfloat16" and r[2] == "8" and r[7].endswith("x"), r
+        assert min(float(v) for v in r[4:7]) > 0, r
+    rows = _table_rows(out, 2)  # section 2: config dtype pass ...
+    assert sorted(r[2] for r in rows) == ["fwd", "fwd+bwd"], out
+    for r in rows:
+        assert r[1] == "bfloat16" and float(r[3]) > 0 and r[5].endswith("x"), r
+
+    from mixops.bench import lora, moe_cases
+
+    for impl in lora.IMPLS:
+        mib = lora.peak_mem_mib(moe_cases.QUICK[0], "bfloat16", impl, 8, "cpu")
+        assert math.isfinite(mib) and mib >= 0.0, impl

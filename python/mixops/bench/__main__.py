@@ -1,5 +1,5 @@
-"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan]: benchmarks
-that time mixops beside its peers in one run and print medians and ratios.
+"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan | lora]:
+benchmarks that time mixops beside its peers in one run and print medians and ratios.
 
   moe         (the default) the whole MoE layer against HF transformers' Mixtral block
   moa         the MoA (mixture of attention heads) layer against HF's JetMoE attention
@@ -11,6 +11,8 @@ that time mixops beside its peers in one run and print medians and ratios.
   grouped_mm  grouped GEMM, the op underneath the expert layers
   routing     router_topk + permute + unpermute against plain PyTorch
   titan       torchtitan's MoE layer against the same layer through the mixops override
+  lora        LoRA fine-tuning of an MoE layer's experts against PEFT, and LoRAMoE's adapter path
+              against a per-expert loop
 
 Each option's help ends with the benchmarks that use it; the others ignore it."""
 
@@ -18,7 +20,7 @@ import argparse
 
 import torch
 
-from . import ep, grouped_mm, moa, mod, moe, routing, scmoe, titan
+from . import ep, grouped_mm, lora, moa, mod, moe, routing, scmoe, titan
 
 JOBS = {
     "moe": moe,
@@ -29,19 +31,20 @@ JOBS = {
     "grouped_mm": grouped_mm,
     "routing": routing,
     "titan": titan,
+    "lora": lora,
 }
 
 # The benchmarks that read each shared option (tests/test_bench_help.py checks these lists
 # against each benchmark module's source). ep and scmoe run fp32 on the CPU (gloo processes).
 SHARED_USED_BY = {
-    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan"),
+    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora"),
     "--quick": tuple(JOBS),
     "--reps": tuple(JOBS),
-    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan"),
-    "--experts": ("moe", "moa", "grouped_mm", "routing", "titan"),
+    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora"),
+    "--experts": ("moe", "moa", "grouped_mm", "routing", "titan", "lora"),
 }
 # Options a benchmark adds that others read too ({option: the other benchmarks}).
-ALSO_USED_BY = {"--world": ("scmoe",), "--no-peak-mem": ("titan",)}
+ALSO_USED_BY = {"--world": ("scmoe",), "--no-peak-mem": ("titan", "lora")}
 
 
 def _help(text, jobs, default):

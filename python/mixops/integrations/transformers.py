@@ -160,12 +160,13 @@ class PatchedMoE(MoE):
 
     def follows_experts_implementation(self) -> bool:
         """HF's experts module computes what this layer's routed experts compute: no capacity
-        (HF's blocks drop nothing) and no zero-computation experts."""
-        return self.capacity_factor is None and not self.zero_experts and not self.expert_choice
+        (HF's blocks drop nothing), no zero-computation experts, no add_lora adapters."""
+        plain = self.capacity_factor is None and not self.zero_experts and not self.expert_choice
+        return plain and "experts_lora" not in self._modules
 
     def _experts_routed(self, x2, r, capacity, cast):
         impl = self.hf_experts_implementation
-        if impl in (None, "mixops") or capacity is not None:
+        if impl in (None, "mixops") or not self.follows_experts_implementation():
             return super()._experts_routed(x2, r, capacity, cast)
         weights = r.weights.to(x2.dtype)
         experts = self._modules["experts"]  # with PEFT's wrapper, if any (HF computes it)
@@ -360,7 +361,7 @@ def mixops_experts_forward(
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
     h = grouped_mm(p.x_sorted, w1, p.offsets)
     if ad.get("gate_up") is not None:
-        h = h + lora_delta(p.x_sorted, p.offsets, ad["gate_up"])
+        h = h.add_(lora_delta(p.x_sorted, p.offsets, ad["gate_up"]))
     row_expert = None
     if b1 is not None:
         rows = torch.arange(h.shape[0], device=h.device, dtype=torch.int32)
@@ -369,7 +370,7 @@ def mixops_experts_forward(
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     o = grouped_mm(h, w2, p.offsets)
     if ad.get("down") is not None:
-        o = o + lora_delta(h, p.offsets, ad["down"])
+        o = o.add_(lora_delta(h, p.offsets, ad["down"]))
     if b2 is not None:
         o = o + b2[row_expert]
     weights = top_k_weights

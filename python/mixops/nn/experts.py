@@ -97,11 +97,11 @@ def expert_mlp(rows, offsets, w1, w2, activation, adapters=None, stage=None):
     with stage("gate_up_gemm", rows):
         h = grouped_mm(rows, w1.transpose(1, 2), offsets)
         if adapters.get("gate_up") is not None:
-            h = h + lora_delta(rows, offsets, adapters["gate_up"])
+            h = h.add_(lora_delta(rows, offsets, adapters["gate_up"]))  # h: fresh, unsaved
     with stage("activation", rows):
         a = apply_activation(activation, h)
     with stage("down_gemm", rows):
         o = grouped_mm(a, w2.transpose(1, 2), offsets)
         if adapters.get("down") is not None:
-            o = o + lora_delta(a, offsets, adapters["down"])
+            o = o.add_(lora_delta(a, offsets, adapters["down"]))
     return o

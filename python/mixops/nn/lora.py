@@ -36,5 +36,7 @@ def lora_delta(x_sorted: torch.Tensor, offsets: torch.Tensor, ad: ProjectionAdap
     [E] int32 ends as for ``grouped_mm``): [N, out] in ``x_sorted``'s dtype."""
     x = x_sorted if ad.dropout is None else ad.dropout(x_sorted)
     A, B = ad.A.to(x.dtype), ad.B.to(x.dtype)
+    if ad.scale != 1:  # on the thin factor [E, r, in], not on the [N, out] product
+        A = A * ad.scale
     t = grouped_mm(x, A.transpose(1, 2), offsets)  # [N, r]
-    return grouped_mm(t, B.transpose(1, 2), offsets) * ad.scale  # [N, out]
+    return grouped_mm(t, B.transpose(1, 2), offsets)  # [N, out]
