@@ -246,6 +246,11 @@ def test_merge_unmerge_fp64():
     torch.testing.assert_close(m.experts.gate_up_proj, w1, rtol=0, atol=1e-15)
     torch.testing.assert_close(m.experts.down_proj, w2, rtol=0, atol=1e-15)
     assert_close_to_ref(m(x), y, y, "unmerged output")
+    m.merge()  # PEFT's names too
+    assert m.lora_adapters() == {}
+    m.unmerge()
+    assert len(m.lora_adapters()) == 2
+    torch.testing.assert_close(m.experts.down_proj, w2, rtol=0, atol=1e-15)
     m.merge_lora()
     m.remove_lora()  # unmerges: the base as it was
     torch.testing.assert_close(m.experts.down_proj, w2, rtol=0, atol=1e-15)

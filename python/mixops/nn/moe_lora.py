@@ -213,6 +213,14 @@ class MoELoRA:
                 w.sub_(module.delta_weights(key, w))
             module.merged = False
 
+    def merge(self):
+        """``merge_lora`` under PEFT's name."""
+        self.merge_lora()
+
+    def unmerge(self):
+        """``unmerge_lora`` under PEFT's name."""
+        self.unmerge_lora()
+
     def remove_lora(self, merge: bool = False) -> ExpertLoRA:
         """Remove the adapters and return their module. ``merge=True`` folds them into the base
         weights first (PEFT's ``merge_and_unload``); otherwise a merged layer is unmerged, so the
