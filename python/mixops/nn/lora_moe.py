@@ -19,35 +19,13 @@ from torch import nn
 
 from ..ops import permute, router_topk, unpermute
 from .lora import ProjectionAdapter, lora_delta
-from .moe_config import per_token
+from .moe_config import _router_config, per_token
 from .moe_staged import autocast_dtype, no_autocast
 from .moe_training import TrainingLoopAPI
 from .router import RouterConfig, TopKRouter
 from .router_losses import router_losses
 
 __all__ = ["LoRAMoE", "lora_moe_aux_loss"]
-
-
-def _router_config(num_experts, top_k, router, options):
-    """The RouterConfig from ``router=`` or from the keyword options (not both)."""
-    unknown = set(options) - RouterConfig.option_names()
-    if unknown:
-        raise TypeError(f"LoRAMoE got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    if router is None:
-        return RouterConfig(num_experts=num_experts, top_k=top_k, **options)
-    if not isinstance(router, RouterConfig):
-        raise TypeError(f"LoRAMoE: router must be a RouterConfig, got {type(router).__name__}")
-    if options:
-        raise ValueError(
-            "LoRAMoE: give the routing options either as router=RouterConfig(...) or as "
-            f"keywords, not both (got router= and {', '.join(sorted(options))})"
-        )
-    for name, v in (("num_experts", num_experts), ("top_k", top_k)):
-        if v is not None and v != getattr(router, name):
-            raise ValueError(
-                f"LoRAMoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
-            )
-    return router
 
 
 def _positive_int(name, v):
@@ -132,7 +110,7 @@ class LoRAMoE(TrainingLoopAPI, nn.Module):
                 "LoRAMoE: base must be an nn.Linear (whose forward is nn.Linear.forward), "
                 f"got {type(base).__name__}"
             )
-        cfg = _router_config(num_experts, top_k, router, router_options)
+        cfg = _router_config(num_experts, top_k, router, router_options, who="LoRAMoE")
         rank = _positive_int("rank", rank)
         if isinstance(shared_adapter, bool):
             shared_rank = rank if shared_adapter else 0

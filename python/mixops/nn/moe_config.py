@@ -34,28 +34,29 @@ class MoEParts:
     gate_name: str = "gate"
 
 
-def _router_config(num_experts, top_k, router, options):
-    """The layer's RouterConfig: ``router`` itself, or one made from the keyword options."""
+def _router_config(num_experts, top_k, router, options, who="MoE"):
+    """The layer's RouterConfig: ``router`` itself, or one made from the keyword options
+    (errors name the layer ``who``)."""
     unknown = set(options) - RouterConfig.option_names()
     if unknown:
-        raise TypeError(f"MoE got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        raise TypeError(f"{who} got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if router is None:
         return RouterConfig(num_experts=num_experts, top_k=top_k, **options)
     if not isinstance(router, RouterConfig):
         raise TypeError(
-            f"MoE: router must be a RouterConfig or 'expert_choice', got {router!r}"
-            if isinstance(router, str)
-            else f"MoE: router must be a RouterConfig, got {type(router).__name__}"
+            f"{who}: router must be a RouterConfig or 'expert_choice', got {router!r}"
+            if isinstance(router, str) and who == "MoE"
+            else f"{who}: router must be a RouterConfig, got {type(router).__name__}"
         )
     if options:
         raise ValueError(
-            f"MoE: give the routing options either as router=RouterConfig(...) or as "
+            f"{who}: give the routing options either as router=RouterConfig(...) or as "
             f"keywords, not both (got router= and {', '.join(sorted(options))})"
         )
     for name, v in (("num_experts", num_experts), ("top_k", top_k)):
         if v is not None and v != getattr(router, name):
             raise ValueError(
-                f"MoE: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
+                f"{who}: {name}={v!r} disagrees with router.{name}={getattr(router, name)!r}"
             )
     return router
 
