@@ -42,17 +42,22 @@ def require_torchtitan():
     """Skip the calling test module unless torchtitan (and what its model code imports) is
     installed in the tested range."""
     pytest.importorskip("torchtitan.models.common.moe", reason=TORCHTITAN_REASON)
+    from mixops.integrations.torchtitan import TORCHTITAN_TESTED
+
+    _skip_outside("torchtitan", TORCHTITAN_TESTED)
+
+
+def _skip_outside(dist, tested):
+    """Skip the calling test module unless the installed ``dist`` is in ``tested`` [lo, below)."""
     from importlib.metadata import version
 
     from packaging.version import Version
 
-    from mixops.integrations.torchtitan import TORCHTITAN_TESTED
-
-    v = Version(version("torchtitan"))
-    lo, below = TORCHTITAN_TESTED
+    v = Version(version(dist))
+    lo, below = tested
     if not Version(lo) <= v < Version(below):
         pytest.skip(
-            f"torchtitan {v} is outside the tested range >={lo},<{below}", allow_module_level=True
+            f"{dist} {v} is outside the tested range >={lo},<{below}", allow_module_level=True
         )
 
 
@@ -64,18 +69,9 @@ PEFT_REASON = "peft 0.21 is needed for the PEFT integration tests (requirements-
 def require_peft():
     """Skip the calling test module unless PEFT is installed in the tested range."""
     pytest.importorskip("peft", reason=PEFT_REASON)
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
     from mixops.integrations.peft import PEFT_TESTED
 
-    v = Version(version("peft"))
-    lo, below = PEFT_TESTED
-    if not Version(lo) <= v < Version(below):
-        pytest.skip(
-            f"peft {v} is outside the tested range >={lo},<{below}", allow_module_level=True
-        )
+    _skip_outside("peft", PEFT_TESTED)
 
 
 # atol of the rule below, per dtype: a floor for outputs whose reference error is ~0.
