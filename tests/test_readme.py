@@ -93,6 +93,17 @@ def skip_reason(block):
     return None
 
 
+# A rank runs its block as a script and, once it ended without an exception, leaves without
+# finalizing the interpreter: torch 2.14's gloo worker threads free a finished collective's Python
+# tensors after the call returned (taking the GIL), and one doing so while the interpreter
+# finalizes aborts the process ("terminate called without an active exception"), about one run in
+# five on 2 cores, after the block's own code all ran (see tests/dist_harness.exit_now).
+RANK_RUNNER = (
+    "import os, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+    "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)"
+)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,13 +124,12 @@ def _run(block, folder):
         if rank is not None:
             e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks))
             e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, str(script)]
+        if rank is not None:
+            cmd[1:1] = ["-c", RANK_RUNNER]
         logs.append(folder / f"output_rank{rank or 0}.txt")
         with open(logs[-1], "w") as log:  # a file, not a pipe: no rank blocks on a full pipe
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script)], cwd=folder, env=e, stdout=log, stderr=log
-                )
-            )
+            procs.append(subprocess.Popen(cmd, cwd=folder, env=e, stdout=log, stderr=log))
     end = time.monotonic() + TIMEOUT_S
     results = []
     for rank, p, log in zip(worlds, procs, logs):
