@@ -154,6 +154,17 @@ def test_loss_and_adapter_grads_equal_peft(family, mode, watch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_autocast_by_the_tolerance_rule(mode, watch):
+    """An fp32 model under CPU autocast to bf16: mixops' adapter path is held to twice PEFT
+    alone's error under the same autocast, against PEFT alone in fp64."""
+    base, state, ref, _ = _peft_alone("qwen3_moe")
+    low, ours = (_peft(base, m, torch.float32, {"default": _config()}, state) for m in (None, mode))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_run, ours_run = _run(low), _run(ours, watch)
+    _assert_same(ours_run, ref, low_run, f"{mode} autocast")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_disable_adapters_set_adapter_and_several_active(mode, watch):
     adapters = {"default": _config(), "other": _config(r=3, alpha=6)}
     models = _three("qwen3_moe", mode, adapters)
