@@ -17,6 +17,17 @@ TORCH_LIBRARY(mixops, m) {
   // block). offsets: int32 [E] cumulative group ends.
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
 
+  m.set_python_module("mixops.ops.grouped_mm_packed");
+  // Grouped matrix product whose groups also differ in N or K (experts of different widths): group
+  // g owns rows offsets[g-1]:offsets[g] of the ragged dimension and columns/rows ends[g-1]:ends[g]
+  // (width w_g <= width) of a packed dimension of size total. mode "mn": a [m, k] x b [k, total]
+  // -> [m, width]; "mk": a [m, width] x b [total, n] -> [m, n]; "km": a [width, r] x b [r, n]
+  // -> [total, n]; "kn": a [m, r] x b [r, width] -> [m, total] (the table in
+  // python/mixops/ops/grouped_mm_packed.py); what no group writes is zero.
+  m.def(
+      "grouped_mm_packed(Tensor a, Tensor b, Tensor offsets, Tensor ends, str mode, SymInt width, "
+      "SymInt total) -> Tensor");
+
   m.set_python_module("mixops.ops.routing");
   // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h).
   // logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,

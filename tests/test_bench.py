@@ -330,3 +330,21 @@ def test_lora_bench_quick_runs_and_prints_tables():
     for impl in lora.IMPLS:
         mib = lora.peak_mem_mib(moe_cases.QUICK[0], "bfloat16", impl, 8, "cpu")
         assert math.isfinite(mib) and mib >= 0.0, impl
+
+
+def test_hetero_bench_quick_runs_and_prints_tables():
+    out = _quick("hetero", "--device", "cpu")
+    for needle in (
+        "CPU capability",
+        "checked: padded layer and per-expert loop == packed layer in float32",
+        "packed/padded",
+        "FLOP ratio",
+        "packed weights MiB",
+    ):
+        assert needle in out, needle
+    rows = _table_rows(out, 1)  # dtype pass packed padded loop ...
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (d, p) for d in ("float32", "bfloat16") for p in ("fwd", "fwd+bwd")
+    ), out
+    for r in rows:
+        assert min(float(v) for v in r[2:5]) > 0 and 0 < float(r[6]) <= 1, r

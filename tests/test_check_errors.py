@@ -28,6 +28,7 @@ def test_every_op_with_device_values_has_a_slot():
         "scatter_rows",
         "scatter_rows_backward",
         "reorder_chunks",
+        "grouped_mm_packed",
     ]
 
 

@@ -20,6 +20,7 @@ import mixops  # noqa: F401  (registers torch.ops.mixops.*)
 
 O = "meta"  # the "other device" of the device-mismatch cases
 GMM = torch.ops.mixops.grouped_mm.default
+GMP = torch.ops.mixops.grouped_mm_packed.default
 ROUTER = torch.ops.mixops.router_topk.default
 ROUTER_BW = torch.ops.mixops.router_topk_backward.default
 TOPC = torch.ops.mixops.select_topc.default
@@ -57,6 +58,25 @@ def gmm2(a=None, b=None, off=None):  # 2-D x 2-D mode
     b = torch.randn(5, 2) if b is None else b
     off = torch.tensor([2, 5], dtype=I32) if off is None else off
     return GMM, (a, b, off), {}
+
+
+# grouped_mm_packed: offsets [2, 4, 6] over the ragged size 6, ends [3, 3, 5] over total = 7,
+# width = 4; the fixed dimension is 5.
+GMP_SHAPES = {
+    "mn": ((6, 5), (5, 7)),
+    "mk": ((6, 4), (7, 5)),
+    "km": ((4, 6), (6, 5)),
+    "kn": ((5, 6), (6, 4)),
+}
+
+
+def gmp(mode="mn", a=None, b=None, off=None, ends=None, width=4, total=7):
+    sa, sb = GMP_SHAPES.get(mode, GMP_SHAPES["mn"])
+    a = torch.randn(sa) if a is None else a
+    b = torch.randn(sb) if b is None else b
+    off = torch.tensor([2, 4, 6], dtype=I32) if off is None else off
+    ends = torch.tensor([3, 3, 5], dtype=I32) if ends is None else ends
+    return GMP, (a, b, off, ends, mode, width, total), {}
 
 
 def router(logits=None, k=2, **kw):
@@ -200,6 +220,16 @@ def act_bw_split(grad=None, gate=None, up=None, activation="silu"):
 VALID = {
     "grouped_mm": gmm,
     "grouped_mm 2-D x 2-D": gmm2,
+    "grouped_mm_packed mn": gmp,
+    "grouped_mm_packed mk": lambda: gmp("mk"),
+    "grouped_mm_packed km, transposed a": lambda: gmp("km", a=torch.randn(6, 4).t()),
+    "grouped_mm_packed kn, strided b": lambda: gmp("kn", b=torch.randn(6, 9)[:, 2:6]),
+    "grouped_mm_packed no experts": lambda: gmp(
+        off=torch.zeros(0, dtype=I32), ends=torch.zeros(0, dtype=I32)
+    ),
+    "grouped_mm_packed width 0": lambda: gmp(
+        "mk", a=torch.randn(6, 0), ends=torch.zeros(3, dtype=I32), width=0
+    ),
     "router_topk": router,
     "router_topk groups": lambda: router(
         num_groups=4, groups_kept=2, k=3, bias=torch.zeros(8, dtype=F64)
@@ -293,6 +323,32 @@ BAD = {
     "gmm 2-D K mismatch": lambda: gmm2(b=torch.randn(4, 2)),
     "gmm 2-D no groups": lambda: gmm2(off=torch.zeros(0, dtype=I32)),
     "gmm 2-D offsets device": lambda: gmm2(off=torch.tensor([2, 5], dtype=I32, device=O)),
+    # grouped_mm_packed (csrc/grouped_mm/check.cpp), in its order
+    "gmp mode": lambda: gmp("nm"),
+    "gmp a 1-D": lambda: gmp(a=torch.randn(5)),
+    "gmp a 3-D": lambda: gmp("km", a=torch.randn(1, 4, 6)),
+    "gmp b 1-D": lambda: gmp("mk", b=torch.randn(7)),
+    "gmp b 3-D": lambda: gmp("kn", b=torch.randn(1, 6, 4)),
+    "gmp dtypes differ": lambda: gmp(b=torch.randn(5, 7, dtype=BF16)),
+    "gmp int": lambda: gmp(a=torch.ones(6, 5, dtype=I32), b=torch.ones(5, 7, dtype=I32)),
+    "gmp b device": lambda: gmp(b=torch.randn(5, 7, device=O)),
+    "gmp offsets int64": lambda: gmp(off=torch.tensor([2, 4, 6])),
+    "gmp offsets 2-D": lambda: gmp(off=torch.tensor([[2, 4, 6]], dtype=I32)),
+    "gmp offsets device": lambda: gmp(off=torch.tensor([2, 4, 6], dtype=I32, device=O)),
+    "gmp ends float": lambda: gmp(ends=torch.tensor([3.0, 3, 5])),
+    "gmp ends 0-D": lambda: gmp(ends=torch.tensor(5, dtype=I32)),
+    "gmp ends device": lambda: gmp(ends=torch.tensor([3, 3, 5], dtype=I32, device=O)),
+    "gmp ends length": lambda: gmp(ends=torch.tensor([3, 5], dtype=I32)),
+    "gmp width < 0": lambda: gmp(width=-1),
+    "gmp total < 0": lambda: gmp(total=-1),
+    "gmp mn K mismatch": lambda: gmp(b=torch.randn(4, 7)),
+    "gmp mn total": lambda: gmp(total=8),
+    "gmp mk width": lambda: gmp("mk", width=5),
+    "gmp mk total": lambda: gmp("mk", b=torch.randn(8, 5)),
+    "gmp km width": lambda: gmp("km", width=3),
+    "gmp km r mismatch": lambda: gmp("km", b=torch.randn(5, 5)),
+    "gmp kn r mismatch": lambda: gmp("kn", a=torch.randn(5, 7)),
+    "gmp kn width": lambda: gmp("kn", b=torch.randn(6, 3)),
     # router_topk (csrc/routing/check.cpp)
     "router logits 1-D": lambda: router(torch.randn(8)),
     "router logits 3-D": lambda: router(torch.randn(1, 4, 8)),

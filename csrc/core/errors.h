@@ -23,6 +23,7 @@ enum class ErrorSlot : int32_t {
   kScatterRows,
   kScatterRowsBackward,
   kReorderChunks,
+  kGroupedMmPacked,
   kCount,
 };
 constexpr int kNumErrorSlots = static_cast<int>(ErrorSlot::kCount);
@@ -30,9 +31,10 @@ constexpr int kNumErrorSlots = static_cast<int>(ErrorSlot::kCount);
 // The op name of a slot ("grouped_mm", ...), nullptr for an invalid slot.
 inline const char* error_slot_name(ErrorSlot s) {
   constexpr const char* kNames[kNumErrorSlots] = {
-      "grouped_mm",    "router_topk",        "router_topk_backward",       "permute",
-      "unpermute",     "unpermute_backward", "unpermute_weights_backward", "rows_to_slots",
-      "slots_to_rows", "scatter_rows",       "scatter_rows_backward",      "reorder_chunks"};
+      "grouped_mm",       "router_topk",        "router_topk_backward",       "permute",
+      "unpermute",        "unpermute_backward", "unpermute_weights_backward", "rows_to_slots",
+      "slots_to_rows",    "scatter_rows",       "scatter_rows_backward",      "reorder_chunks",
+      "grouped_mm_packed"};
   const int i = static_cast<int>(s);
   return i >= 0 && i < kNumErrorSlots ? kNames[i] : nullptr;
 }

@@ -49,6 +49,7 @@ struct GroupWork {
   int64_t begin, end;  // the group's range along the ragged dimension
   double flops;
   bool big;
+  int64_t pbegin = 0, w = 0;  // grouped_mm_packed: the group's packed range start and width
 };
 
 bool cpu_has(const char* feature) {
@@ -102,43 +103,19 @@ void run_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool r
   }
 }
 
-// out (allocated, a's dtype) = grouped a @ b; offsets already validated on the host.
-void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
-                     int32_t num_groups, bool ragged_k, at::Tensor& out) {
-  const int64_t m = a.size(0);
-  const int64_t n = out.size(-1);
-  const int64_t total = ragged_k ? a.size(1) : a.size(0);
-
-  std::vector<GroupWork> work;
-  int64_t last_end = 0;
+// Runs every group of work: big ones one after another (BLAS threads inside each), the small
+// rest a group per thread, longest first.
+template <typename Run>
+void run_groups(std::vector<GroupWork>& work, const Run& run) {
   const int nthreads = std::max(1, at::get_num_threads());
-  for (int32_t g = 0; g < num_groups; ++g) {
-    int64_t begin, end;
-    int32_t err;
-    grouped_mm_group_bounds(offsets, g, total, &begin, &end, &err);
-    last_end = end;
-    const int64_t gm = ragged_k ? m : end - begin;
-    const int64_t gk = ragged_k ? end - begin : a.size(1);
-    const double flops = 2.0 * double(gm) * double(gk) * double(n);
-    const bool big =
-        gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
-    if (gm == 0 || n == 0 || (gk == 0 && !ragged_k)) continue;  // nothing to write (or tail zero)
-    work.push_back({g, begin, end, flops, big});
-  }
   const int64_t medium = std::count_if(
       work.begin(), work.end(), [](const GroupWork& w) { return w.big && w.flops < kHugeFlops; });
   if (medium >= kMediumPerThread * nthreads) {
     for (GroupWork& w : work) w.big = w.big && w.flops >= kHugeFlops;
   }
-  if (!ragged_k && last_end < m) out.narrow(0, last_end, m - last_end).zero_();
-  if (out.numel() == 0) return;
-  if (!ragged_k && a.size(1) == 0) {  // k == 0: every product is an empty sum
-    out.zero_();
-    return;
-  }
   // Big groups: one after another, BLAS threads inside each.
   for (const GroupWork& w : work) {
-    if (w.big || nthreads == 1) run_piece(a, b, out, ragged_k, w);
+    if (w.big || nthreads == 1) run(w);
   }
   if (nthreads == 1) return;
   std::vector<GroupWork> small;
@@ -146,7 +123,7 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
                [](const GroupWork& w) { return !w.big; });
   if (small.empty()) return;
   if (small.size() == 1) {
-    run_piece(a, b, out, ragged_k, small[0]);
+    run(small[0]);
     return;
   }
   // Small groups: longest first from a shared counter, one single-threaded BLAS call each.
@@ -162,10 +139,41 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
-        run_piece(a, b, out, ragged_k, small[i]);
+        run(small[i]);
       }
     }
   });
+}
+
+// out (allocated, a's dtype) = grouped a @ b; offsets already validated on the host.
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
+                     int32_t num_groups, bool ragged_k, at::Tensor& out) {
+  const int64_t m = a.size(0);
+  const int64_t n = out.size(-1);
+  const int64_t total = ragged_k ? a.size(1) : a.size(0);
+
+  std::vector<GroupWork> work;
+  int64_t last_end = 0;
+  for (int32_t g = 0; g < num_groups; ++g) {
+    int64_t begin, end;
+    int32_t err;
+    grouped_mm_group_bounds(offsets, g, total, &begin, &end, &err);
+    last_end = end;
+    const int64_t gm = ragged_k ? m : end - begin;
+    const int64_t gk = ragged_k ? end - begin : a.size(1);
+    const double flops = 2.0 * double(gm) * double(gk) * double(n);
+    const bool big =
+        gm >= kBigMinDim && gk >= kBigMinDim && n >= kBigMinDim && flops >= kBigMinFlops;
+    if (gm == 0 || n == 0 || (gk == 0 && !ragged_k)) continue;  // nothing to write (or tail zero)
+    work.push_back({g, begin, end, flops, big});
+  }
+  if (!ragged_k && last_end < m) out.narrow(0, last_end, m - last_end).zero_();
+  if (out.numel() == 0) return;
+  if (!ragged_k && a.size(1) == 0) {  // k == 0: every product is an empty sum
+    out.zero_();
+    return;
+  }
+  run_groups(work, [&](const GroupWork& w) { run_piece(a, b, out, ragged_k, w); });
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
@@ -181,8 +189,79 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   return out;
 }
 
+// grouped_mm_packed: group g's GEMM on views of a, b and out (the table of csrc/ops.cpp).
+void run_packed_piece(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                      const GroupedMmParams& p, const GroupWork& w) {
+  const int64_t len = w.end - w.begin;
+  at::Tensor dst;
+  if (!p.ragged_k && p.packed == PackedDim::kN) {  // mn
+    dst = out.narrow(0, w.begin, len).narrow(1, 0, w.w);
+    mm_into(dst, a.narrow(0, w.begin, len), b.narrow(1, w.pbegin, w.w));
+  } else if (!p.ragged_k) {  // mk
+    dst = out.narrow(0, w.begin, len);
+    mm_into(dst, a.narrow(0, w.begin, len).narrow(1, 0, w.w), b.narrow(0, w.pbegin, w.w));
+  } else if (p.packed == PackedDim::kM) {  // km
+    dst = out.narrow(0, w.pbegin, w.w);
+    mm_into(dst, a.narrow(0, 0, w.w).narrow(1, w.begin, len), b.narrow(0, w.begin, len));
+  } else {  // kn
+    dst = out.narrow(1, w.pbegin, w.w);
+    mm_into(dst, a.narrow(1, w.begin, len), b.narrow(0, w.begin, len).narrow(1, 0, w.w));
+  }
+}
+
+void zero_rect(at::Tensor& out, const OutRect& r) {
+  if (r.rows > 0 && r.cols > 0) out.narrow(0, r.row0, r.rows).narrow(1, r.col0, r.cols).zero_();
+}
+
+at::Tensor grouped_mm_packed_cpu(const at::Tensor& a, const at::Tensor& b,
+                                 const at::Tensor& offsets, const at::Tensor& ends,
+                                 c10::string_view mode, int64_t width, int64_t total) {
+  const PackedModeShape ms = grouped_mm_packed_check(a, b, offsets, ends, mode, width, total);
+  grouped_mm_check_offsets_values(offsets, ms.ragged_k ? a.size(1) : a.size(0),
+                                  ms.ragged_k ? "a.size(1)" : "a.size(0)", "grouped_mm_packed");
+  grouped_mm_packed_check_ends_values(ends, total, width);
+  const at::Tensor off = offsets.contiguous();
+  const at::Tensor en = ends.contiguous();
+
+  // The shared per-group problem (grouped_mm.h) on sizes only: views replace the pointers.
+  GroupedMmParams p{};
+  p.ragged_k = ms.ragged_k;
+  p.packed = ms.packed;
+  p.num_groups = static_cast<int32_t>(off.numel());
+  p.m = ms.packed == PackedDim::kM ? width : a.size(0);
+  p.k = ms.packed == PackedDim::kK ? width : a.size(1);
+  p.n = ms.packed == PackedDim::kN ? width : b.size(1);
+  p.offsets = off.data_ptr<int32_t>();
+  p.ends = en.data_ptr<int32_t>();
+  p.width = width;
+  p.total = total;
+
+  at::Tensor out = empty_large(ms.out_shape, a.options());  // huge pages: see cpu_alloc.h
+  std::vector<GroupWork> work;
+  int64_t last_end = 0, last_pend = 0;
+  for (int32_t g = 0; g < p.num_groups; ++g) {
+    int32_t err;
+    const GroupProblem q = grouped_mm_group_problem(p, g, &err);
+    last_end = q.end;
+    last_pend = q.pend;
+    zero_rect(out, grouped_mm_packed_zero_rect(p, q));  // padding and empty sums: zeros
+    if (q.gm == 0 || q.gn == 0 || q.gk == 0) continue;
+    const double flops = 2.0 * double(q.gm) * double(q.gk) * double(q.gn);
+    const bool big =
+        q.gm >= kBigMinDim && q.gk >= kBigMinDim && q.gn >= kBigMinDim && flops >= kBigMinFlops;
+    const int64_t w = p.packed == PackedDim::kN ? q.gn : p.packed == PackedDim::kK ? q.gk : q.gm;
+    work.push_back({g, q.begin, q.end, flops, big, q.pbegin, w});
+  }
+  zero_rect(out, grouped_mm_packed_tail_rect(p, last_end, last_pend));
+  run_groups(work, [&](const GroupWork& w) { run_packed_piece(a, b, out, p, w); });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mixops, CPU, m) { m.impl("grouped_mm", &grouped_mm_cpu); }
+TORCH_LIBRARY_IMPL(mixops, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm_cpu);
+  m.impl("grouped_mm_packed", &grouped_mm_packed_cpu);
+}
 
 }  // namespace mixops

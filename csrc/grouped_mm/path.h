@@ -50,6 +50,7 @@ inline Combo combo_of(const GroupedMmParams& p) {
 inline bool fits_int32(const GroupedMmParams& p) {
   constexpr int64_t kMax = 0x7fffffff;
   if (p.m > kMax || p.n > kMax || p.k > kMax || p.num_groups < 0) return false;
+  if (p.width > kMax || p.total > kMax) return false;  // grouped_mm_packed (0 for grouped_mm)
   const int64_t tm = (p.m + 127) / 128, tn = (p.n + 127) / 128, e = p.num_groups;
   const int64_t tiles_m = p.ragged_k ? tm * e : tm + e;  // <= 2^24 * 2^31: no int64 overflow
   return tiles_m <= kMax && tiles_m * tn <= kMax;
@@ -98,7 +99,8 @@ inline bool grouped_mm_sm90_supported(const GroupedMmParams& p) {
   if (group_stride < 0 || group_stride % 8 != 0) return false;
   // CUTLASS problem shapes are int32 (the scheduler's tile counts are 64-bit).
   const int64_t kMax = 0x7fffffff;
-  return p.m <= kMax && p.n <= kMax && p.k <= kMax && p.num_groups >= 0;
+  return p.m <= kMax && p.n <= kMax && p.k <= kMax && p.num_groups >= 0 && p.width <= kMax &&
+         p.total <= kMax;
 }
 
 inline GroupedMmPath select_path(const GroupedMmParams& p, const DeviceFacts& cfg) {

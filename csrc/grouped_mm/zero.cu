@@ -36,10 +36,34 @@ void launch(const GroupedMmParams& p, const LaunchConfig& cfg, size_t es) {
                 stride_m_v, stride_e_v);
 }
 
+// grouped_mm_packed: one element per store (rectangles start at any column); a few x-blocks per
+// rectangle, grid.y over the E + 1 rectangles (the kernel grid-strides past 65535).
+template <typename V>
+void launch_packed(const GroupedMmParams& p, const LaunchConfig& cfg) {
+  const int64_t numel = grouped_mm_packed_out_rows(p) * grouped_mm_packed_out_cols(p);
+  const unsigned gx =
+      static_cast<unsigned>(std::clamp<int64_t>((numel + kThreads - 1) / kThreads, 1, 32));
+  const unsigned gy = static_cast<unsigned>(std::clamp<int64_t>(p.num_groups + 1, 1, 65535));
+  launch_kernel(&zero_fill::zero_fill_packed_kernel<V>, dim3(gx, gy, 1), kThreads, 0, cfg.stream,
+                p);
+}
+
 }  // namespace
 
 // Enqueues the zero fill (and offset error reporting) for params on cfg.stream.
 void launch_grouped_mm_zero(const GroupedMmParams& p, const LaunchConfig& cfg) {
+  if (p.packed != PackedDim::kNone) {
+    const size_t es = dtype_size(p.dtype);
+    if (es == 2) {
+      launch_packed<uint16_t>(p, cfg);
+    } else if (es == 4) {
+      launch_packed<uint32_t>(p, cfg);
+    } else {
+      launch_packed<uint64_t>(p, cfg);
+    }
+    check_launch("grouped_mm_packed", "zero-fill launch");
+    return;
+  }
   if (p.num_groups <= 0 && p.ragged_k) return;  // out is [0, m, n]: nothing to write or check
   const size_t es = dtype_size(p.dtype);
   const bool vec16 = is_aligned(p.out, 16) && (p.n * static_cast<int64_t>(es)) % 16 == 0 &&

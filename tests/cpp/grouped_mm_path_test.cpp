@@ -49,6 +49,41 @@ DeviceFacts gpu(int major, int minor, bool sm90_built = true, bool tf32 = false)
   return f;
 }
 
+// grouped_mm_packed's modes (grouped_mm.h, PackedDim), aligned and row-major x row-major: ragged
+// size 4096, fixed dimension 512, width 1024 (the padded operand's), total 8192 (the packed one's).
+//   mn: a [m, k], b [k, total], out [m, width]     mk: a [m, width], b [total, n], out [m, n]
+//   km: a [width, r], b [r, n], out [total, n]     kn: a [m, r], b [r, width], out [m, total]
+enum class Mode { kMn, kMk, kKm, kKn };
+constexpr Mode kModes[] = {Mode::kMn, Mode::kMk, Mode::kKm, Mode::kKn};
+const char* const kModeNames[] = {"mn", "mk", "km", "kn"};
+
+GroupedMmParams packed(Dtype d, Mode mode, int64_t width = 1024, int64_t total = 8192) {
+  GroupedMmParams p = aligned(d);
+  const int64_t ragged = 4096, fixed = 512;
+  p.b_stride_e = 0;
+  p.width = width, p.total = total;
+  switch (mode) {
+    case Mode::kMn:
+      p.packed = mixops::PackedDim::kN, p.m = ragged, p.k = fixed, p.n = width;
+      p.b_stride_k = total, p.out_stride_m = width;
+      break;
+    case Mode::kMk:
+      p.packed = mixops::PackedDim::kK, p.m = ragged, p.k = width, p.n = fixed;
+      p.b_stride_k = fixed, p.out_stride_m = fixed;
+      break;
+    case Mode::kKm:
+      p.ragged_k = true, p.packed = mixops::PackedDim::kM, p.m = width, p.k = ragged, p.n = fixed;
+      p.b_stride_k = fixed, p.out_stride_m = fixed;
+      break;
+    case Mode::kKn:
+      p.ragged_k = true, p.packed = mixops::PackedDim::kN, p.m = fixed, p.k = ragged, p.n = width;
+      p.b_stride_k = width, p.out_stride_m = total;
+      break;
+  }
+  p.a_stride_m = p.k;  // row-major a [m, k]
+  return p;
+}
+
 }  // namespace
 
 int main() {
@@ -96,6 +131,57 @@ int main() {
   GroupedMmParams huge = f32;
   huge.m = int64_t{1} << 32;  // past CUTLASS's int32 problem sizes
   expect(select_path(huge, gpu(8, 0)), P::kFallback, "m >= 2^31");
+  // grouped_mm_packed: the same rules on each mode's operands. Widths and packed starts vary
+  // per group (checked on the device: the vector paths skip the groups that break them), so only
+  // the extents and leading dimensions every group shares decide here.
+  char what[128];
+  auto name = [&what](const char* text, int mode) {
+    std::snprintf(what, sizeof what, "packed %s: %s", kModeNames[mode], text);
+    return what;
+  };
+  for (int i = 0; i < 4; ++i) {
+    const Mode mode = kModes[i];
+    for (Dtype d : {Dtype::kBFloat16, Dtype::kFloat16}) {
+      const GroupedMmParams p = packed(d, mode);
+      expect(select_path(p, gpu(9, 0)), P::kSm90TmaWarpSpecialized, name("aligned, H100", i));
+      expect(select_path(p, gpu(9, 0, false)), P::kSm80TensorOp, name("no sm_90a built", i));
+      expect(select_path(p, gpu(8, 0)), P::kSm80TensorOp, name("aligned, A100", i));
+      expect(select_path(p, gpu(7, 5)), P::kFallback, name("T4 (7.5)", i));
+      // width 1020: a leading dimension or out's unit-stride extent except in km, where the width
+      // is a strided extent of a and out only (its groups' widths are checked per group).
+      const GroupedMmParams odd_w = packed(d, mode, 1020);
+      const bool odd_w_vector = mode == Mode::kKm;
+      expect(select_path(odd_w, gpu(9, 0)),
+             odd_w_vector ? P::kSm90TmaWarpSpecialized : P::kFallback, name("width 1020, H100", i));
+      expect(select_path(odd_w, gpu(8, 0)), odd_w_vector ? P::kSm80TensorOp : P::kFallback,
+             name("width 1020, A100", i));
+      // total 8191: b's leading dimension (mn) or out's (kn); a row count elsewhere.
+      const GroupedMmParams odd_t = packed(d, mode, 1024, 8191);
+      const bool odd_t_vector = mode == Mode::kMk || mode == Mode::kKm;
+      expect(select_path(odd_t, gpu(9, 0)),
+             odd_t_vector ? P::kSm90TmaWarpSpecialized : P::kFallback, name("total 8191, H100", i));
+      expect(select_path(odd_t, gpu(8, 0)), odd_t_vector ? P::kSm80TensorOp : P::kFallback,
+             name("total 8191, A100", i));
+      GroupedMmParams huge = p;  // packed size past int32 (nothing else changed)
+      huge.total = int64_t{1} << 31;
+      expect(select_path(huge, gpu(9, 0)), P::kFallback, name("total 2^31, H100", i));
+      expect(select_path(huge, gpu(8, 0)), P::kFallback, name("total 2^31, A100", i));
+      huge = p;
+      huge.width = int64_t{1} << 31;
+      expect(select_path(huge, gpu(8, 0)), P::kFallback, name("width 2^31, A100", i));
+      GroupedMmParams shifted = p;
+      shifted.b = storage[1] + 2;
+      expect(select_path(shifted, gpu(9, 0)), P::kFallback, name("b off 16 bytes", i));
+    }
+    const GroupedMmParams f32 = packed(Dtype::kFloat32, mode);
+    expect(select_path(f32, gpu(8, 0)), P::kFp32Simt, name("fp32 exact", i));
+    expect(select_path(f32, gpu(9, 0, true, true)), P::kFp32Tf32, name("fp32 TF32", i));
+    // Odd width and total: TF32's 4-element vectors only where they are strided (km), else
+    // SIMT (alignment 1 takes any sizes).
+    expect(select_path(packed(Dtype::kFloat32, mode, 1021, 8191), gpu(8, 0, false, true)),
+           mode == Mode::kKm ? P::kFp32Tf32 : P::kFp32Simt, name("fp32 odd sizes, allow_tf32", i));
+    expect(select_path(packed(Dtype::kFloat64, mode), gpu(9, 0)), P::kFallback, name("fp64", i));
+  }
   if (failures == 0) std::printf("OK\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -1,4 +1,4 @@
-"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan | lora]:
+"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan | lora | hetero]:
 benchmarks that time mixops beside its peers in one run and print medians and ratios.
 
   moe         (the default) the whole MoE layer against HF transformers' Mixtral block
@@ -13,6 +13,8 @@ benchmarks that time mixops beside its peers in one run and print medians and ra
   titan       torchtitan's MoE layer against the same layer through the mixops override
   lora        LoRA fine-tuning of an MoE layer's experts against PEFT, and LoRAMoE's adapter path
               against a per-expert loop
+  hetero      experts of different widths (packed) against the layer padded to its widest expert
+              and a per-expert loop
 
 Each option's help ends with the benchmarks that use it; the others ignore it."""
 
@@ -20,7 +22,7 @@ import argparse
 
 import torch
 
-from . import ep, grouped_mm, lora, moa, mod, moe, routing, scmoe, titan
+from . import ep, grouped_mm, hetero, lora, moa, mod, moe, routing, scmoe, titan
 
 JOBS = {
     "moe": moe,
@@ -32,15 +34,16 @@ JOBS = {
     "routing": routing,
     "titan": titan,
     "lora": lora,
+    "hetero": hetero,
 }
 
 # The benchmarks that read each shared option (tests/test_bench_help.py checks these lists
 # against each benchmark module's source). ep and scmoe run fp32 on the CPU (gloo processes).
 SHARED_USED_BY = {
-    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora"),
+    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
     "--quick": tuple(JOBS),
     "--reps": tuple(JOBS),
-    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora"),
+    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
     "--experts": ("moe", "moa", "grouped_mm", "routing", "titan", "lora"),
 }
 # Options a benchmark adds that others read too ({option: the other benchmarks}).

@@ -1,6 +1,7 @@
 """nn.Modules built from the mixops ops: the MoE layer (moe.py), the MoA layer (moa.py), the MoD
 wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and its configuration
-(router.py), the experts (experts.py) and the activations by name."""
+(router.py), the experts (experts.py; of different widths: packed_experts.py) and the
+activations by name."""
 
 from .activations import ACTIVATIONS
 from .experts import MLP, Experts
@@ -8,6 +9,7 @@ from .lora_moe import LoRAMoE
 from .moa import MoA, MoAExperts, MoAParts
 from .mod import MoD, MoDRouter, MoDRouting, TokenCount, pmod_capacity_schedule
 from .moe import MoE, MoEParts
+from .packed_experts import PackedExperts
 from .router import RouterConfig, TopKRouter
 from .shortcut import ScMoEBlock, ShortcutDecoderLayer
 
@@ -28,6 +30,7 @@ __all__ = [
     "RouterConfig",
     "TopKRouter",
     "Experts",
+    "PackedExperts",
     "MLP",
     "ACTIVATIONS",
 ]

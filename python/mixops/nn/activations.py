@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from ..ops import gated_activation
 
-__all__ = ["ACTIVATIONS", "GATED", "act_fn", "apply_activation", "check_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "GATED",
+    "act_fn",
+    "apply_activation",
+    "check_activation",
+    "fused_activation_name",
+]
 
 _FNS = {
     "swiglu": F.silu,
@@ -27,6 +34,11 @@ ACTIVATIONS = tuple(_FNS)
 def act_fn(name: str):
     """The elementwise function of an activation (applied to the gate for gated ones)."""
     return _FNS[name]
+
+
+def fused_activation_name(name: str) -> str:
+    """A gated activation's name for ``mixops.ops.gated_activation`` ("swiglu" -> "silu")."""
+    return _FUSED[name]
 
 
 def check_activation(name: str) -> None:

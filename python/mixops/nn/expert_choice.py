@@ -101,11 +101,14 @@ def expert_capacity(capacity, num_tokens, num_experts):
     return sym_min(c, num_tokens)
 
 
-def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask, adapters=None):
+def expert_choice_routed(
+    logits, x2, w1, w2, activation, capacity, token_mask, adapters=None, packed=None
+):
     """The routed output ``[T, H]`` of expert-choice routing. logits ``[T, E]``; x2 ``[T, H]``;
     w1/w2 the experts' weights in HF's ``[E, N, K]`` layout (``experts.expert_mlp``); token_mask
     ``[T]`` bool or None (False: padding, never chosen); adapters: the layer's LoRA adapters
-    (``MoE.lora_adapters()``), on the chosen rows as on token choice's."""
+    (``MoE.lora_adapters()``), on the chosen rows as on token choice's; packed: experts of
+    different widths (``PackedExperts.spec()``, w1/w2 then 2-D packed)."""
     T, E = logits.shape
     scores = torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     C = expert_capacity(capacity, T, E)
@@ -115,7 +118,7 @@ def expert_choice_routed(logits, x2, w1, w2, activation, capacity, token_mask, a
     tok = sel.indices.clamp(min=0)
     rows = x2[tok.reshape(-1)] * chosen.reshape(-1, 1).to(x2.dtype)  # [E * C, H]
     offsets = torch.arange(1, E + 1, device=x2.device, dtype=torch.int32) * C
-    o = expert_mlp(rows, offsets, w1, w2, activation, adapters)  # [E * C, H]
+    o = expert_mlp(rows, offsets, w1, w2, activation, adapters, packed=packed)  # [E * C, H]
     # row_map [T, E] and weights [T, E] from the choices; unchosen slots (-1) write to a spare
     # token row T that is dropped.
     expert = torch.arange(E, device=x2.device).unsqueeze(1).expand(E, C)

@@ -85,15 +85,22 @@ def _no_stage(name, x):
     return contextlib.nullcontext()
 
 
-def expert_mlp(rows, offsets, w1, w2, activation, adapters=None, stage=None):
+def expert_mlp(rows, offsets, w1, w2, activation, adapters=None, stage=None, packed=None):
     """The experts on ``rows`` [N, hidden] grouped by expert (``offsets`` [E] int32 ends): [N,
     hidden]. ``w1`` [E, 2*ffn or ffn, hidden] and ``w2`` [E, hidden, ffn] in the HF layout (used
     through transposed views); ``adapters``: ``{"gate_up": ProjectionAdapter or None, "down":
     ...}`` (nn/lora.py), whose low-rank terms are added to the first and the down projection's
     GEMM outputs (``gate_up`` stands for ``w1`` whatever the activation); ``stage(name, x)``: a
-    context manager around each stage (MoE's NVTX ranges)."""
+    context manager around each stage (MoE's NVTX ranges). ``packed``: experts of different
+    widths (``PackedExperts.spec()``; w1/w2 then 2-D packed, see nn/packed_experts.py)."""
     stage = stage or _no_stage
     adapters = adapters or {}
+    if packed is not None:
+        from .packed_experts import packed_expert_mlp  # (packed_experts imports this module)
+
+        if any(a is not None for a in adapters.values()):
+            raise ValueError("MoE: LoRA adapters on experts of different widths (ffn_sizes)")
+        return packed_expert_mlp(rows, offsets, packed, w1, w2, activation, stage)
     with stage("gate_up_gemm", rows):
         h = grouped_mm(rows, w1.transpose(1, 2), offsets)
         if adapters.get("gate_up") is not None:
@@ -105,3 +112,20 @@ def expert_mlp(rows, offsets, w1, w2, activation, adapters=None, stage=None):
         if adapters.get("down") is not None:
             o = o.add_(lora_delta(a, offsets, adapters["down"]))
     return o
+
+
+def _cast_weights(w1, w2, cast):
+    """The experts' (w1, w2) for the GEMMs: DTensors as their local shards, a 3-D w1 cut to w2's
+    experts (the zero experts' gate_up rows of LongCat-Flash: a view; the 2-D packed weights of
+    experts of different widths are used whole), both cast to ``cast`` when given."""
+    w1, w2 = local_tensor(w1), local_tensor(w2)
+    if w1.dim() == 3 and w1.shape[0] != w2.shape[0]:
+        w1 = w1[: w2.shape[0]]
+    return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
+
+
+def _fsdp_sharded(module):
+    """``module`` is under its own FSDP2 ``fully_shard`` (parameters gathered in its call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)

@@ -21,13 +21,17 @@ from .._nvtx import nvtx_range
 from ..ops import permute, router_topk, unpermute
 from .activations import GATED
 from .expert_choice import expert_choice_config, expert_choice_routed
-from .experts import MLP, Experts, expert_mlp, local_tensor
+from .experts import MLP, _cast_weights, _fsdp_sharded, expert_mlp
 from .moe_config import (
     MoEParts,
     _capacity_fraction,
     _check_layer,
+    _check_packed_parts,
+    _check_size_losses,
+    _experts_widths,
     _router_config,
     _zero_kinds,
+    add_zero_experts,
     per_token,
 )
 from .moe_lora import MoELoRA
@@ -39,6 +43,7 @@ from .moe_staged import StagedMoE
 from .moe_staged import autocast_dtype as autocast_dtype
 from .moe_staged import no_autocast as no_autocast
 from .moe_training import TrainingLoopAPI
+from .packed_experts import PackedExperts, check_ffn_sizes, make_experts, size_weights
 from .router import RouterConfig, TopKRouter
 from .router_losses import router_losses
 
@@ -62,6 +67,11 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
     Args:
         hidden_size, ffn_size, num_experts, top_k: the layer's shape (ffn_size per expert);
             ``num_experts`` and ``top_k`` may be left out when ``router`` is given.
+        ffn_sizes: instead of ffn_size, one width per computing expert (HMoE, AutoMoE;
+            ``num_experts`` may be left out): ``experts`` is a ``PackedExperts``, packed weights
+            without padding (nn/packed_experts.py, with ``to_padded``/``from_padded``); token
+            and expert choice, capacity, shared and zero experts work; expert parallelism and
+            ``add_lora`` refuse it. Widths that are multiples of 8 keep the GPU fast paths.
         router: a ``RouterConfig`` (how tokens choose experts), or ``"expert_choice"``: each
             expert picks its ``min(T, ceil(capacity_factor * T / E))`` best tokens by their softmax
             scores over the experts (Zhou et al. 2022; ``top_k`` must not be given; a token may get
@@ -88,6 +98,9 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss (HF transformers'
             ``load_balancing_loss_func`` for one layer) and the ST-MoE router z-loss; after each
             forward ``self.aux_loss`` holds their weighted sum (a 0-dim fp32 tensor with autograd).
+        aux_loss_weighting, param_loss_coef (with ffn_sizes): ``"size"`` makes the balancing loss
+            HMoE's size-aware one (charging large experts more); ``param_loss_coef`` weighs HMoE's
+            parameter penalty (the formulas: nn/router_losses.py). Default ``"tokens"``, 0.
         zero_experts: zero-computation experts the router may choose besides the computing ones
             (LongCat-Flash, AdaMoE): an int Z (Z identity experts) or a sequence of "identity"
             (returns its input times the routing weight) / "null" (returns zero). With
@@ -114,7 +127,7 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
     def __init__(
         self,
         hidden_size: int,
-        ffn_size: int,
+        ffn_size: Optional[int] = None,
         num_experts: Optional[int] = None,
         top_k: Optional[int] = None,
         *,
@@ -128,11 +141,18 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         zero_experts=None,
         parts: Optional[MoEParts] = None,
         causal: Optional[bool] = None,
+        ffn_sizes=None,
+        aux_loss_weighting: str = "tokens",
+        param_loss_coef: float = 0.0,
         device=None,
         dtype=None,
         **router_options,
     ):
         super().__init__()
+        if ffn_sizes is not None:  # one width per computing expert: num_experts may be left out
+            ffn_sizes = check_ffn_sizes(ffn_sizes)
+            if num_experts is None and not isinstance(router, RouterConfig):
+                num_experts = len(ffn_sizes)
         self.expert_choice = isinstance(router, str) and router == "expert_choice"
         self.zero_experts = _zero_kinds(zero_experts)
         if self.zero_experts and self.expert_choice:
@@ -155,26 +175,27 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         if parts is not None:
             shared_ffn_size = 1 if parts.shared is not None else 0
             shared_expert_gate = parts.shared_gate is not None
+        E = router.num_experts
+        Ec = E - len(self.zero_experts)  # the computing experts
+        ffn_size, ffn_sizes = _experts_widths(ffn_size, ffn_sizes, Ec)
         _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expert_gate)
-        self.hidden_size, self.ffn_size = hidden_size, ffn_size
+        _check_size_losses(aux_loss_weighting, param_loss_coef, ffn_sizes, self.expert_choice)
+        self.hidden_size, self.ffn_size, self.ffn_sizes = hidden_size, ffn_size, ffn_sizes
+        self.aux_loss_weighting, self.param_loss_coef = aux_loss_weighting, float(param_loss_coef)
         self.router_config = router
         self._router_kwargs = router.op_kwargs()
         self.activation = activation
         self.capacity_factor = capacity_factor
         self._capacity = _capacity_fraction(capacity_factor)
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
-        E = router.num_experts
         if parts is None:
+            # Built in the order reset_parameters() initialises them (draw for draw).
+            gate = TopKRouter(hidden_size, E, router.selection_bias, device=device, dtype=dtype)
+            gated = activation in GATED
+            experts = make_experts(hidden_size, ffn_size, ffn_sizes, Ec, gated, device, dtype)
             parts = MoEParts(
-                gate=TopKRouter(hidden_size, E, router.selection_bias, device=device, dtype=dtype),
-                experts=Experts(
-                    hidden_size,
-                    ffn_size,
-                    E - len(self.zero_experts),
-                    activation in GATED,
-                    device=device,
-                    dtype=dtype,
-                ),  # fmt: skip
+                gate=gate,
+                experts=experts,
                 shared=(
                     MLP(hidden_size, shared_ffn_size, activation, device=device, dtype=dtype)
                     if shared_ffn_size
@@ -188,6 +209,8 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
             )
         elif router.selection_bias and not hasattr(parts.gate, "e_score_correction_bias"):
             raise ValueError("MoE: selection_bias=True needs parts.gate.e_score_correction_bias")
+        else:
+            _check_packed_parts(parts.experts, ffn_sizes, activation in GATED)
         self.gate_name = parts.gate_name
         self.add_module(parts.gate_name, parts.gate)
         self.experts = parts.experts
@@ -300,9 +323,13 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         if self.selection_bias and self.training:
             with torch.no_grad():
                 self.tokens_per_expert.add_(r.counts)
-        self.aux_loss = router_losses(
-            r, num_tokens, token_mask, E, self.aux_loss_coef, self.z_loss_coef
-        )
+        by_size = self.aux_loss_weighting == "size"  # HMoE's options: router_losses.py
+        w = None
+        if by_size or self.param_loss_coef:
+            w = size_weights(self.experts.ffn_ends[1], len(self.zero_experts))
+        coefs = (self.aux_loss_coef, self.z_loss_coef)
+        self.aux_loss = router_losses(r, num_tokens, token_mask, E, *coefs, w, by_size,
+                                      self.param_loss_coef)  # fmt: skip
 
         capacity = None
         if self._capacity is not None:  # ceil(cf * T * k / E) in integers (T may be symbolic)
@@ -320,7 +347,7 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         with _stage("permute", x2):
             p = permute(x2, self._computing_ids(r.ids), E, capacity=capacity)
         ad = self.lora_adapters()
-        o = expert_mlp(p.x_sorted, p.offsets, w1, w2, self.activation, ad, _stage)
+        o = expert_mlp(p.x_sorted, p.offsets, w1, w2, self.activation, ad, _stage, self._packed())
         with _stage("unpermute", x2):
             y = unpermute(o, p.row_map, r.weights)
         return self._add_zero_experts(x2, y, r)
@@ -332,21 +359,8 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         return torch.where(ids < self.num_computing_experts, ids, -1)
 
     def _add_zero_experts(self, x2, y, r):
-        """``y + (sum of the routing weights on identity experts) * x``: identity experts return
-        their input times the weight, null experts nothing; no GEMM rows, no atomics."""
-        kinds = self.zero_experts
-        if "identity" not in kinds:
-            return y
-        E = self.num_computing_experts
-        # Choices of an identity expert: the zero experts' ids less the null ones (comparisons
-        # only: no per-call lookup table copied to the device, which would also break capture).
-        on = r.ids >= E
-        for j, kind in enumerate(kinds):
-            if kind == "null":
-                on = on & (r.ids != E + j)
-        w = torch.where(on, r.weights, 0).sum(-1, keepdim=True)
-        dt = torch.promote_types(w.dtype, x2.dtype)  # fp32 weights, fp64 inputs: in fp64
-        return y + (w.to(dt) * x2.to(dt)).to(y.dtype)
+        """``y`` plus the zero-computation experts' share (moe_config.add_zero_experts)."""
+        return add_zero_experts(x2, y, r, self.zero_experts, self.num_computing_experts)
 
     def _expert_weights(self, cast):
         """The experts' first (gate_up or up) and down projections, cast to ``cast`` when given
@@ -354,6 +368,10 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         gated = self.activation in GATED
         w1 = self.experts.gate_up_proj if gated else self.experts.up_proj
         return _cast_weights(w1, self.experts.down_proj, cast)
+
+    def _packed(self):
+        """The packed experts' spec (experts of different widths, ffn_sizes), else None."""
+        return self.experts.spec() if isinstance(self.experts, PackedExperts) else None
 
     def _expert_choice_routed(self, x2, token_mask, cast):
         w1, w2 = self._expert_weights(cast)
@@ -370,28 +388,12 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         with _stage("expert_choice", x2):
             return expert_choice_routed(
                 logits, x2, w1, w2, self.activation, self._capacity, token_mask,
-                self.lora_adapters(),
+                self.lora_adapters(), self._packed(),
             )  # fmt: skip
 
     def extra_repr(self):
+        ffn = self.ffn_size if self.ffn_sizes is None else list(self.ffn_sizes)
         return (
-            f"hidden={self.hidden_size}, ffn={self.ffn_size}, activation={self.activation}, "
+            f"hidden={self.hidden_size}, ffn={ffn}, activation={self.activation}, "
             f"capacity_factor={self.capacity_factor},\n{self.router_config}"
         )
-
-
-def _cast_weights(w1, w2, cast):
-    """The experts' (w1, w2) for the GEMMs: DTensors as their local shards, w1 cut to w2's
-    experts (the zero experts' gate_up rows of LongCat-Flash: a view), both cast to ``cast``
-    when given."""
-    w1, w2 = local_tensor(w1), local_tensor(w2)
-    if w1.shape[0] != w2.shape[0]:
-        w1 = w1[: w2.shape[0]]
-    return (w1, w2) if cast is None else (w1.to(cast), w2.to(cast))
-
-
-def _fsdp_sharded(module):
-    """``module`` is under its own FSDP2 ``fully_shard`` (parameters gathered in its call)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)

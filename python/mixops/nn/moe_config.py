@@ -1,7 +1,8 @@
 """MoE's configuration: ``MoEParts`` (existing modules to build a layer around), the parsing and
 checks of the constructor's options (the RouterConfig from ``router=`` or keywords, the capacity
 factor as an exact fraction, the zero-computation experts' kinds, the layer's own sizes and
-activation), and ``per_token``, the shape check of the per-token forward arguments. MoA and
+activation, the experts' widths, the HMoE loss options), ``per_token``, the shape check of the
+per-token forward arguments, and ``add_zero_experts``, the zero-computation experts' share. MoA and
 ExpertParallelMoE use them too (imported from moe.py)."""
 
 import math
@@ -9,9 +10,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .activations import check_activation
+from .packed_experts import PackedExperts, check_ffn_sizes
 from .router import RouterConfig
 
 
@@ -120,3 +123,66 @@ def _check_layer(hidden_size, ffn_size, activation, shared_ffn_size, shared_expe
         raise ValueError(f"MoE: shared_ffn_size must be an int >= 0, got {shared_ffn_size!r}")
     if shared_expert_gate and not shared_ffn_size:
         raise ValueError("MoE: shared_expert_gate needs shared experts (shared_ffn_size > 0)")
+
+
+def _experts_widths(ffn_size, ffn_sizes, num_computing):
+    """(ffn_size, ffn_sizes): exactly one of them given; ``ffn_sizes`` (experts of different
+    widths) one int >= 1 per computing expert, and then ffn_size = max(ffn_sizes)."""
+    if (ffn_size is None) == (ffn_sizes is None):
+        raise ValueError(
+            "MoE: give exactly one of ffn_size (every expert's width) and ffn_sizes (one width "
+            f"per expert), got ffn_size={ffn_size!r}, ffn_sizes={ffn_sizes!r}"
+        )
+    if ffn_sizes is None:
+        return ffn_size, None
+    sizes = check_ffn_sizes(ffn_sizes)
+    if len(sizes) != num_computing:
+        raise ValueError(
+            f"MoE: ffn_sizes must give one width per computing expert ({num_computing}), got "
+            f"{len(sizes)}"
+        )
+    return max(sizes), sizes
+
+
+def _check_packed_parts(experts, ffn_sizes, gated):
+    """``parts.experts`` against the layer's widths: PackedExperts exactly with ffn_sizes."""
+    packed = isinstance(experts, PackedExperts)
+    if packed != (ffn_sizes is not None) or (packed and experts.ffn_sizes != ffn_sizes):
+        got = experts.ffn_sizes if packed else type(experts).__name__
+        raise ValueError(f"MoE: ffn_sizes={ffn_sizes!r} but parts.experts has widths {got!r}")
+    if packed and experts.gated != gated:
+        raise ValueError(f"MoE: parts.experts.gated={experts.gated} disagrees with the activation")
+
+
+def _check_size_losses(aux_loss_weighting, param_loss_coef, ffn_sizes, expert_choice):
+    """The HMoE loss options (router_losses.py): they need experts of different widths."""
+    if aux_loss_weighting not in ("tokens", "size"):
+        raise ValueError(
+            f"MoE: aux_loss_weighting must be 'tokens' or 'size', got {aux_loss_weighting!r}"
+        )
+    if not isinstance(param_loss_coef, (int, float)) or not param_loss_coef >= 0:
+        raise ValueError(f"MoE: param_loss_coef must be a number >= 0, got {param_loss_coef!r}")
+    sized = aux_loss_weighting == "size" or param_loss_coef
+    if sized and ffn_sizes is None:
+        raise ValueError(
+            "MoE: aux_loss_weighting='size' and param_loss_coef weigh experts by their widths: "
+            "they need ffn_sizes"
+        )
+    if sized and expert_choice:
+        raise ValueError("MoE: router='expert_choice' has no load-balancing or parameter loss")
+
+
+def add_zero_experts(x2, y, r, kinds, num_computing):
+    """``y + (sum of the routing weights on identity experts) * x``: identity experts return
+    their input times the weight, null experts nothing; no GEMM rows, no atomics."""
+    if "identity" not in kinds:
+        return y
+    # Choices of an identity expert: the zero experts' ids less the null ones (comparisons
+    # only: no per-call lookup table copied to the device, which would also break capture).
+    on = r.ids >= num_computing
+    for j, kind in enumerate(kinds):
+        if kind == "null":
+            on = on & (r.ids != num_computing + j)
+    w = torch.where(on, r.weights, 0).sum(-1, keepdim=True)
+    dt = torch.promote_types(w.dtype, x2.dtype)  # fp32 weights, fp64 inputs: in fp64
+    return y + (w.to(dt) * x2.to(dt)).to(y.dtype)

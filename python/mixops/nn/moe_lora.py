@@ -136,6 +136,9 @@ class MoELoRA:
                 rows (the layer's, or the autocast dtype), through differentiable casts.
         """
         where = f"{type(self).__name__}.add_lora"
+        if getattr(self, "ffn_sizes", None) is not None:
+            raise ValueError(f"{where}: LoRA on experts of different widths (ffn_sizes) is not "
+                             "supported yet")  # fmt: skip
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"{where}: rank must be an int >= 1, got {rank!r}")
         alpha = float(rank) if alpha is None else alpha

@@ -6,6 +6,7 @@ Each op family has its own module; importing this package registers them all. Th
 
 from .activation import gated_activation
 from .grouped_mm import grouped_mm
+from .grouped_mm_packed import grouped_mm_packed
 from .permute import PermuteOutput, permute, rows_to_slots, slots_to_rows, unpermute
 from .permute_chunks import reorder_chunks
 from .permute_rows import scatter_rows
@@ -14,6 +15,7 @@ from .routing import RouterOutput, TopcOutput, router_topk, select_topc
 __all__ = [
     "gated_activation",
     "grouped_mm",
+    "grouped_mm_packed",
     "router_topk",
     "RouterOutput",
     "select_topc",

@@ -115,6 +115,9 @@ class ExpertParallelMoE(ExpertParallelLoRA, MoE):
         dtype=None,
         **options,
     ):
+        if options.get("ffn_sizes") is not None:  # Shard(0) [E, ...] weights: uniform experts
+            raise ValueError("ExpertParallelMoE: ffn_sizes (experts of different widths) is not "
+                             "expert-parallel yet; use MoE, or one ffn_size")  # fmt: skip
         pg = resolve_group(group)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         if router_group is not None:

@@ -29,5 +29,8 @@ void instantiate_grouped_mm() {
   simt_compile::each_dtype<Fallback>();
   simt_compile::use(
       &mc::zero_fill::zero_fill_kernel<uint4>, &mc::zero_fill::zero_fill_kernel<uint16_t>,
-      &mc::zero_fill::zero_fill_kernel<uint32_t>, &mc::zero_fill::zero_fill_kernel<uint64_t>);
+      &mc::zero_fill::zero_fill_kernel<uint32_t>, &mc::zero_fill::zero_fill_kernel<uint64_t>,
+      &mc::zero_fill::zero_fill_packed_kernel<uint16_t>,
+      &mc::zero_fill::zero_fill_packed_kernel<uint32_t>,
+      &mc::zero_fill::zero_fill_packed_kernel<uint64_t>);
 }

@@ -3,7 +3,8 @@
 // here, so this launches it the way they do (ceil(E / kBuildArgsThreads) blocks of
 // kBuildArgsThreads) under simt::launch_checked, which runs it under the four harness runs itself.
 // Instantiated as the launchers do (GroupAlignRule): kAny (fp32 SIMT) for fp32; kCutlass2 (SM80
-// tensor ops, TF32) for bf16, fp16 and fp32; kTma (SM90) for bf16 and fp16.
+// tensor ops, TF32) for bf16, fp16 and fp32; kTma (SM90) for bf16 and fp16. On grouped_mm's params
+// and on grouped_mm_packed's (simt_build_group_args_packed).
 #include "simt_run.h"
 // clang-format off: the kernel header after the bridge
 #include "grouped_mm/args_kernel.cuh"
@@ -15,7 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "drivers/grouped_mm_params.h"
+#include "drivers/grouped_mm_packed_params.h"
 
 namespace {
 
@@ -47,6 +48,35 @@ void build(const mixops::GroupedMmParams& p, int32_t* shapes, void** ptr_a, void
                        kBuildArgsThreads, 0, p, args);
 }
 
+// The builder instantiation the launcher of `rule` uses for p's dtype (a run_with body).
+void build_for_rule(const mixops::GroupedMmParams& p, int rule, int32_t* shapes, void** ptr_a,
+                    void** ptr_b, void** ptr_d, int64_t* ld_a, int64_t* ld_b, int64_t* ld_d) {
+  if (p.num_groups <= 0) return;  // as the launchers: no groups, no launch
+  using mixops::Dtype;
+  auto go = [&]<class E, GroupAlignRule kRule>() {
+    build<E, kRule>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+  };
+  const auto r = static_cast<GroupAlignRule>(rule);
+  if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kAny) {
+    return go.template operator()<float, GroupAlignRule::kAny>();  // sm80.cuh, SIMT
+  }
+  if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kCutlass2) {
+    return go.template operator()<float, GroupAlignRule::kCutlass2>();  // sm80.cuh, TF32
+  }
+  if (p.dtype == Dtype::kBFloat16 || p.dtype == Dtype::kFloat16) {
+    const bool bf16 = p.dtype == Dtype::kBFloat16;
+    if (r == GroupAlignRule::kCutlass2) {  // sm80.cuh, tensor ops
+      return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kCutlass2>()
+                  : go.template operator()<__half, GroupAlignRule::kCutlass2>();
+    }
+    if (r == GroupAlignRule::kTma) {  // sm90.cuh
+      return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kTma>()
+                  : go.template operator()<__half, GroupAlignRule::kTma>();
+    }
+  }
+  throw std::runtime_error("no CUTLASS path launches the argument builder for this dtype/rule");
+}
+
 }  // namespace
 
 extern "C" {
@@ -56,31 +86,17 @@ int simt_build_group_args(const SimtGroupedMm* s, int rule, int32_t* shapes, voi
                           void** ptr_b, void** ptr_d, int64_t* ld_a, int64_t* ld_b, int64_t* ld_d,
                           const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
-    const mixops::GroupedMmParams p = to_params(*s);
-    if (p.num_groups <= 0) return;  // as the launchers: no groups, no launch
-    using mixops::Dtype;
-    auto go = [&]<class E, GroupAlignRule kRule>() {
-      build<E, kRule>(p, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
-    };
-    const auto r = static_cast<GroupAlignRule>(rule);
-    if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kAny) {
-      return go.template operator()<float, GroupAlignRule::kAny>();  // sm80.cuh, SIMT
-    }
-    if (p.dtype == Dtype::kFloat32 && r == GroupAlignRule::kCutlass2) {
-      return go.template operator()<float, GroupAlignRule::kCutlass2>();  // sm80.cuh, TF32
-    }
-    if (p.dtype == Dtype::kBFloat16 || p.dtype == Dtype::kFloat16) {
-      const bool bf16 = p.dtype == Dtype::kBFloat16;
-      if (r == GroupAlignRule::kCutlass2) {  // sm80.cuh, tensor ops
-        return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kCutlass2>()
-                    : go.template operator()<__half, GroupAlignRule::kCutlass2>();
-      }
-      if (r == GroupAlignRule::kTma) {  // sm90.cuh
-        return bf16 ? go.template operator()<__nv_bfloat16, GroupAlignRule::kTma>()
-                    : go.template operator()<__half, GroupAlignRule::kTma>();
-      }
-    }
-    throw std::runtime_error("no CUTLASS path launches the argument builder for this dtype/rule");
+    build_for_rule(to_params(*s), rule, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
+  });
+}
+
+// The same on grouped_mm_packed's params (the builder is shared: the mode is a runtime field).
+int simt_build_group_args_packed(const SimtGroupedMmPacked* s, int rule, int32_t* shapes,
+                                 void** ptr_a, void** ptr_b, void** ptr_d, int64_t* ld_a,
+                                 int64_t* ld_b, int64_t* ld_d, const SimtRun* run, char* err,
+                                 int err_len) {
+  return simt::run_with(run, err, err_len, [&] {
+    build_for_rule(to_packed_params(*s), rule, shapes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
   });
 }
 
