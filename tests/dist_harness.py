@@ -11,6 +11,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -96,3 +97,23 @@ def run_world(fn, world, *args, deadline=DEADLINE_S, backend="gloo"):
         for p in procs.processes:
             if p.is_alive():
                 p.kill()
+
+
+def single_process_reference(ref, xs, rank, dropless):
+    """What the single-process layer ``ref`` gives rank ``rank``'s tokens ``xs[rank]`` under the
+    loss sum(y^2): (output, gradient of those tokens). Dropless: one call over every rank's tokens
+    (expert parallelism must not change the result). With a capacity: each rank's tokens alone
+    (capacity is per rank). ``ref``'s parameter gradients accumulate the same loss."""
+    if dropless:
+        xa = torch.cat(xs).requires_grad_(True)
+        ya = ref(xa)
+        ya.square().sum().backward()
+        start, n = sum(t.shape[0] for t in xs[:rank]), xs[rank].shape[0]
+        return ya[start : start + n], xa.grad[start : start + n]
+    outs = []
+    for xr in xs:
+        xr = xr.clone().requires_grad_(True)
+        yr = ref(xr)
+        yr.square().sum().backward()
+        outs.append((yr, xr.grad))
+    return outs[rank]

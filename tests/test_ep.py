@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_world
+from dist_harness import run_world, single_process_reference
 from helpers import TRANSFORMERS_MIN, skip_unsupported_transformers
 from moe_reference import moe_forward
 
@@ -76,20 +76,7 @@ def _equals_single_process(rank, world, cap, num_chunks, T, route, dtensor=True)
     x = xs[rank].clone().requires_grad_(True)
     y = ep(x)
     (y * y).sum().backward()
-    if cap is None:  # dropless: the single process sees every rank's tokens at once
-        xa = torch.cat(xs).requires_grad_(True)
-        ya = ref(xa)
-        (ya * ya).sum().backward()
-        start = sum(t.shape[0] for t in xs[:rank])
-        want, gx = ya[start : start + xs[rank].shape[0]], xa.grad[start : start + x.shape[0]]
-    else:  # capacity: each rank's tokens through the single-process layer with that capacity
-        outs = []
-        for xr in xs:
-            xr = xr.clone().requires_grad_(True)
-            yr = ref(xr)
-            (yr * yr).sum().backward()
-            outs.append((yr, xr.grad))
-        want, gx = outs[rank]
+    want, gx = single_process_reference(ref, xs, rank, dropless=cap is None)
     torch.testing.assert_close(y, want, **TOL)
     torch.testing.assert_close(x.grad, gx, **TOL)
     _check_grads(rank, world, ref, ep)

@@ -7,7 +7,7 @@ unmerge on the local shards; dtensor=False refused. One world for all (each spaw
 
 import torch
 
-from dist_harness import run_world
+from dist_harness import run_world, single_process_reference
 
 H, F, E, K, R = 16, 12, 4, 2, 3
 F64 = dict(dtype=torch.float64)
@@ -45,20 +45,7 @@ def _run(rank, world, ref, ep, cap, xs, model=None):
     x = xs[rank].clone().requires_grad_(True)
     y = (ep if model is None else model)(x)
     y.square().sum().backward()
-    if cap is None:  # dropless: the single process sees every rank's tokens
-        xa = torch.cat(xs).requires_grad_(True)
-        ya = ref(xa)
-        ya.square().sum().backward()
-        n = xs[rank].shape[0]
-        want, gx = ya[rank * n : (rank + 1) * n], xa.grad[rank * n : (rank + 1) * n]
-    else:  # capacity: each rank's tokens through the single-process layer
-        outs = []
-        for xr in xs:
-            xr = xr.clone().requires_grad_(True)
-            yr = ref(xr)
-            yr.square().sum().backward()
-            outs.append((yr, xr.grad))
-        want, gx = outs[rank]
+    want, gx = single_process_reference(ref, xs, rank, dropless=cap is None)
     torch.testing.assert_close(y, want, **TOL)
     torch.testing.assert_close(x.grad, gx, **TOL)
     sl = slice(rank * E // world, (rank + 1) * E // world)

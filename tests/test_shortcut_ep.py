@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_world
+from dist_harness import run_world, single_process_reference
 from test_shortcut import PreNormAttention, _dual_layer
 
 H, FF, E, K = 16, 24, 8, 2
@@ -54,19 +54,7 @@ def _equals_single_process(rank, world, kind, cap):
     x = xs[rank].clone().requires_grad_(True)
     y = ours(x)
     y.square().sum().backward()
-    if cap is None:  # dropless: one process over every rank's batch
-        xa = torch.cat(xs).requires_grad_(True)
-        ya = ref(xa)
-        ya.square().sum().backward()
-        want, gx = ya[2 * rank : 2 * rank + 2], xa.grad[2 * rank : 2 * rank + 2]
-    else:  # capacity: each rank's batch through the single process with that capacity
-        outs = []
-        for xr in xs:
-            xr = xr.clone().requires_grad_(True)
-            yr = ref(xr)
-            yr.square().sum().backward()
-            outs.append((yr, xr.grad))
-        want, gx = outs[rank]
+    want, gx = single_process_reference(ref, xs, rank, dropless=cap is None)
     torch.testing.assert_close(y, want, **TOL)
     torch.testing.assert_close(x.grad, gx, **TOL)
     sl = slice(rank * E // world, (rank + 1) * E // world)

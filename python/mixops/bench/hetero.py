@@ -48,11 +48,16 @@ def build(cfg, device, dtype, seed=0):
     return packed, padded
 
 
+def route(packed, x2):
+    """The packed layer's routing of the tokens x2 [T, hidden] (router_topk's result)."""
+    logits = packed.gate(x2.float() if packed.router_fp32 else x2)
+    return router_topk(logits, **packed.router_config.op_kwargs())
+
+
 def loop(packed, x):
     """The per-expert loop over the packed layer's weights (its router, the same routing)."""
     x2 = x.reshape(-1, x.shape[-1])
-    logits = packed.gate(x2.float() if packed.router_fp32 else x2)
-    r = router_topk(logits, **packed.router_config.op_kwargs())
+    r = route(packed, x2)
     out = torch.zeros_like(x2)
     for e in range(packed.experts.num_experts):
         tok, slot = torch.where(r.ids == e)
@@ -67,9 +72,7 @@ def loop(packed, x):
 def flop_ratio(packed, x):
     """sum_e rows_e * F_e / (sum_e rows_e * Fm) for the rows the router sends to each expert."""
     with torch.no_grad():
-        x2 = x.reshape(-1, x.shape[-1])
-        logits = packed.gate(x2.float() if packed.router_fp32 else x2)
-        ids = router_topk(logits, **packed.router_config.op_kwargs()).ids
+        ids = route(packed, x.reshape(-1, x.shape[-1])).ids
         rows = torch.bincount(ids[ids >= 0].long(), minlength=packed.experts.num_experts)
         widths = torch.tensor(packed.experts.ffn_sizes, device=rows.device)
         return float((rows * widths).sum()) / float(rows.sum() * widths.max())
