@@ -92,12 +92,15 @@ TORCH_LIBRARY(mixops, m) {
   m.set_python_module("mixops.ops.activation");
   // Gated expert activation (csrc/activation/activation.h): gate_up [..., 2F] (gate columns first)
   // -> act(gate) * up [..., F]; with up, gate_up is the gate [..., F] and up [..., F] the up
-  // projection (two GEMM outputs, no concatenation); act: silu (SwiGLU), gelu (GeGLU), gelu_tanh,
-  // relu (ReGLU).
-  m.def("gated_activation(Tensor gate_up, str activation=\"silu\", Tensor? up=None) -> Tensor");
-  // d gate_up [..., 2F] from d out [..., F] (recomputes act(gate)); with up, [..., :F] is d gate
-  // and [..., F:] d up.
+  // projection (two GEMM outputs, no concatenation); interleaved: gate_up [..., 2F] holds g_0, u_0,
+  // g_1, u_1, ... (GPT-OSS's layout; mixops' packed experts), up must be None; act: silu (SwiGLU),
+  // gelu (GeGLU), gelu_tanh, relu (ReGLU).
   m.def(
-      "gated_activation_backward(Tensor grad, Tensor gate_up, str activation, Tensor? up=None)"
-      " -> Tensor");
+      "gated_activation(Tensor gate_up, str activation=\"silu\", Tensor? up=None, "
+      "bool interleaved=False) -> Tensor");
+  // d gate_up [..., 2F] from d out [..., F] (recomputes act(gate)); with up, [..., :F] is d gate
+  // and [..., F:] d up; interleaved: d gate at the even columns, d up at the odd ones.
+  m.def(
+      "gated_activation_backward(Tensor grad, Tensor gate_up, str activation, Tensor? up=None, "
+      "bool interleaved=False) -> Tensor");
 }

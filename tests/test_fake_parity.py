@@ -217,6 +217,14 @@ def act_bw_split(grad=None, gate=None, up=None, activation="silu"):
     return act_bw(grad, gate, activation, torch.randn(6, 4) if up is None else up)
 
 
+def act_il(gate_up=None, activation="silu", up=None):  # interleaved=True
+    return (*act(gate_up, activation, up)[:2], {"interleaved": True})
+
+
+def act_bw_il(grad=None, gate_up=None, activation="silu", up=None):  # interleaved=True
+    return (*act_bw(grad, gate_up, activation, up)[:2], {"interleaved": True})
+
+
 VALID = {
     "grouped_mm": gmm,
     "grouped_mm 2-D x 2-D": gmm2,
@@ -296,6 +304,15 @@ VALID = {
     "gated_activation_backward split": act_bw_split,
     "gated_activation_backward split, strided gate": lambda: act_bw_split(
         gate=torch.randn(6, 9)[:, 2:6]
+    ),
+    "gated_activation interleaved": act_il,
+    "gated_activation interleaved, odd F, strided rows": lambda: act_il(
+        gate_up=torch.randn(6, 9)[:, 1:7]
+    ),
+    "gated_activation interleaved, 3-D, F = 0": lambda: act_il(gate_up=torch.randn(2, 3, 0)),
+    "gated_activation_backward interleaved": act_bw_il,
+    "gated_activation_backward interleaved, transposed": lambda: act_bw_il(
+        grad=torch.randn(3, 6).t(), gate_up=torch.randn(6, 6).t()
     ),
 }
 
@@ -633,6 +650,20 @@ BAD = {
     "act_bw split grad rows": lambda: act_bw_split(grad=torch.randn(5, 4)),
     "act_bw split grad dtype": lambda: act_bw_split(grad=torch.randn(6, 4, dtype=F16)),
     "act_bw split grad device": lambda: act_bw_split(grad=torch.randn(6, 4, device=O)),
+    # gated_activation interleaved (interleaved=True: gate and up alternate in gate_up)
+    "act il up given": lambda: act_il(up=torch.randn(6, 8)),
+    "act il up given, split shapes": lambda: act_il(
+        gate_up=torch.randn(6, 4), up=torch.randn(6, 4)
+    ),
+    "act il odd": lambda: act_il(gate_up=torch.randn(6, 7)),
+    "act il 1-D odd": lambda: act_il(gate_up=torch.randn(7)),
+    "act il name": lambda: act_il(activation="swish"),
+    "act il int": lambda: act_il(gate_up=torch.ones(6, 8, dtype=I32)),
+    "act_bw il up given": lambda: act_bw_il(up=torch.randn(6, 8)),
+    "act_bw il odd": lambda: act_bw_il(gate_up=torch.randn(6, 9)),
+    "act_bw il grad shape": lambda: act_bw_il(grad=torch.randn(6, 8)),
+    "act_bw il grad dtype": lambda: act_bw_il(grad=torch.randn(6, 4, dtype=F16)),
+    "act_bw il grad device": lambda: act_bw_il(grad=torch.randn(6, 4, device=O)),
 }
 
 

@@ -6,10 +6,13 @@ their formulas, bad ffn_sizes and the refusals. Every test runs on the op
 ``mixops.ops.grouped_mm_packed`` and on the plain-PyTorch ``gmp_reference`` patched in its place
 (packed_reference.py)."""
 
+import copy
+
 import pytest
 import torch
 
 import moe_reference as ref
+from helpers import assert_close_to_ref
 from mixops.nn import MoE
 from mixops.nn.packed_experts import PackedExperts
 from packed_reference import (  # noqa: F401  (impl_fixture: autouse)
@@ -20,6 +23,7 @@ from packed_reference import (  # noqa: F401  (impl_fixture: autouse)
     check_against_loop,
     experts_of,
     impl_fixture,
+    loop_forward,
     make,
 )
 
@@ -115,6 +119,32 @@ def test_equal_widths_bit_equal_uniform(dtype, impl):
     # The input gradient sums d h @ W1 over the 2F gate/up columns in another order (interleaved
     # g0, u0, g1, u1, ... instead of gate then up): equal up to that rounding only.
     torch.testing.assert_close(xp.grad, xu.grad)
+
+
+def test_bf16_within_twice_torch_bf16_error():
+    """bf16 weights and input: the output, the input gradient and every weight gradient within
+    twice the error of the per-expert loop run in bf16 PyTorch, both against that loop in float64
+    on the same bf16 values (the tolerance rule). top_k = E: every expert is chosen, so no near
+    tie can flip a choice between the precisions."""
+    moe64, cfg = make(dict(ffn_sizes=SIZES, top_k=len(SIZES)))
+    moe = copy.deepcopy(moe64).to(torch.bfloat16)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    g = torch.randn(T, H).to(torch.bfloat16)
+    runs = {}
+    for name, dtype in [("ref", torch.float64), ("torch bf16", torch.bfloat16)]:
+        params = {n: p.detach().to(dtype).requires_grad_() for n, p in moe.named_parameters()}
+        xr = x.detach().to(dtype, copy=True).requires_grad_()
+        y, _ = loop_forward(params, xr, cfg, moe)
+        y.backward(g.to(dtype))
+        runs[name] = (y, xr.grad, {n: p.grad for n, p in params.items()})
+    xm = x.detach().clone().requires_grad_()
+    y = moe(xm)
+    y.backward(g)
+    ours = (y, xm.grad, {n: p.grad for n, p in moe.named_parameters()})
+    for i, what in enumerate(["output", "d x"]):
+        assert_close_to_ref(ours[i], runs["ref"][i], runs["torch bf16"][i], what)
+    for n, grad in ours[2].items():
+        assert_close_to_ref(grad, runs["ref"][2][n], runs["torch bf16"][2][n], f"d {n}")
 
 
 def _close(a, b):

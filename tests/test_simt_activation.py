@@ -54,10 +54,10 @@ def lib():
     lib = load_driver("activation")
     i32 = ctypes.c_int
     width = ctypes.POINTER(i32)
-    # dtype, act, rows, f, [grad_out,] gate_up, up, row stride, out, width
-    lib.simt_gated_activation.argtypes = [i32, i32, I64, I64, PTR, PTR, I64, PTR, width, *TAIL]
+    # dtype, act, rows, f, [grad_out,] gate_up, up, row stride, interleaved, out, width
+    lib.simt_gated_activation.argtypes = [i32, i32, I64, I64, PTR, PTR, I64, i32, PTR, width, *TAIL]
     lib.simt_gated_activation_backward.argtypes = [
-        *(i32, i32, I64, I64, PTR, PTR, PTR, I64, PTR, width, *TAIL)
+        *(i32, i32, I64, I64, PTR, PTR, PTR, I64, i32, PTR, width, *TAIL)
     ]
     return lib
 
@@ -85,26 +85,27 @@ def _up_ptr(up):
     return None if up is None else up.data_ptr()
 
 
-def simt_forward(lib, h, act, up=None, widths=None):
-    """out [rows, f] of the CUDA forward launch on gate_up h (a [rows, 2f] view, or with up the
-    gate [rows, f]; unit column stride, any row stride), under every harness run. widths: a list
-    that receives the vector width each run launched."""
+def simt_forward(lib, h, act, up=None, widths=None, interleaved=False):
+    """out [rows, f] of the CUDA forward launch on gate_up h (a [rows, 2f] view, gate then up or
+    interleaved, or with up the gate [rows, f]; unit column stride, any row stride), under every
+    harness run. widths: a list that receives the vector width each run launched."""
     rows, f = _check_rows(h, up)
 
     def launch(outs, run):
         (out,) = outs
         w = ctypes.c_int(-1)
         args = (DTYPE[h.dtype], ACT[act], rows, f, h.data_ptr(), _up_ptr(up), h.stride(0))
-        call(lib.simt_gated_activation, *args, out.data_ptr(), ctypes.byref(w), run=run)
+        args = (*args, int(interleaved), out.data_ptr(), ctypes.byref(w))
+        call(lib.simt_gated_activation, *args, run=run)
         if widths is not None:
             widths.append(w.value)
 
     return run_all(lambda: [_poisoned((rows, f), h.dtype)], launch)[0]
 
 
-def simt_backward(lib, go, h, act, up=None, widths=None):
-    """grad_gate_up [rows, 2f] of the CUDA backward launch (d gate, then d up, in both forms),
-    under every harness run."""
+def simt_backward(lib, go, h, act, up=None, widths=None, interleaved=False):
+    """grad_gate_up [rows, 2f] of the CUDA backward launch (d gate, then d up, in the fused and
+    split forms; interleaved in the interleaved form), under every harness run."""
     rows, f = _check_rows(h, up)
     assert go.shape == (rows, f) and go.is_contiguous()
 
@@ -116,6 +117,7 @@ def simt_backward(lib, go, h, act, up=None, widths=None):
             lib.simt_gated_activation_backward,
             *args,
             h.stride(0),
+            int(interleaved),
             dh.data_ptr(),
             ctypes.byref(w),
             run=run,
@@ -280,6 +282,80 @@ def test_split_shapes(lib, dtype, shape, layout):
     go = torch.randn(rows, f).to(dtype)
     for act in BIT_EQUAL_PROMISED:
         check_against_cpu(lib, gate, go, act, f"{act} {dtype} {shape} {layout}", up=up)
+
+
+# ---- the interleaved form: gate_up [rows, 2f], gate at even columns, up at odd ones ---------
+
+
+def check_interleaved(lib, h, go, act, what, widths=None):
+    """The launches with interleaved=True, bit-equal to the CPU op's (which
+    test_gated_activation_interleaved.py holds to the fused form's bits)."""
+    ours = simt_forward(lib, h, act, widths=widths, interleaved=True)
+    ours_dh = simt_backward(lib, go, h, act, widths=widths, interleaved=True)
+    cpu = torch.ops.mixops.gated_activation(h, act, None, True)
+    cpu_dh = torch.ops.mixops.gated_activation_backward(go, h, act, None, True)
+    assert_same_bits(ours, cpu, f"{what} forward")
+    assert_same_bits(ours_dh, cpu_dh, f"{what} backward")
+    return ours, ours_dh
+
+
+# (offset, pad, vec): gate_up [rows, 2f] = _aligned(rows, 2f, dtype, offset, pad), row stride
+# 2f + pad; vec: whether the 16-byte path may run (f a multiple of every vector width).
+IL_LAYOUTS = {
+    "contiguous": (0, 0, True),
+    "rows of a wider tensor": (0, 16, True),  # row stride 2f + 16: a multiple of every width
+    "row stride odd": (0, 3, False),  # every row but the first starts misaligned: N = 1
+    "misaligned start": (1, 0, False),  # one element past an aligned start: N = 1
+    "misaligned, rows of a wider tensor": (1, 8, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACT))
+@pytest.mark.parametrize("layout", list(IL_LAYOUTS))
+def test_interleaved_against_cpu_op(lib, dtype, act, layout):
+    rows, f = 9, 64
+    offset, pad, vec = IL_LAYOUTS[layout]
+    h = _aligned(rows, 2 * f, dtype, offset, pad)
+    go = torch.randn(rows, f).to(dtype)
+    what = f"{act} {dtype} interleaved {layout}"
+    widths = []
+    ours, ours_dh = check_interleaved(lib, h, go, act, what, widths)
+    k_vec = 1 if dtype == torch.float64 else 16 // h.element_size()
+    assert set(widths) == {k_vec if vec else 1}, f"{what}: vector widths {widths}"
+    if act not in BIT_EQUAL_PROMISED:  # the bound a GPU is held to, on the de-interleaved input
+        hf = torch.cat([h[:, 0::2], h[:, 1::2]], dim=1)
+        ref = _torch_grads(hf.double(), go.double(), act)
+        lowp = _torch_grads(hf, go, act)
+        dh = torch.cat([ours_dh[:, 0::2], ours_dh[:, 1::2]], dim=1)
+        assert_close_to_ref(ours, ref[0], lowp[0], f"{what} forward")
+        assert_close_to_ref(dh, ref[1], lowp[1], f"{what} backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (1, 7), (37, 61), (5, 520)], ids=str)
+@pytest.mark.parametrize("layout", ["rows of a wider tensor", "misaligned start"])
+def test_interleaved_shapes(lib, dtype, shape, layout):
+    # Empty, single and odd sizes (N = 1 whatever the alignment) and tails past a block.
+    rows, f = shape
+    offset, pad, _ = IL_LAYOUTS[layout]
+    h = _aligned(rows, 2 * f, dtype, offset, pad)
+    go = torch.randn(rows, f).to(dtype)
+    for act in BIT_EQUAL_PROMISED:
+        check_interleaved(lib, h, go, act, f"{act} {dtype} {shape} interleaved {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACT))
+def test_interleaved_nan_inf_and_extremes(lib, dtype, act):
+    # test_nan_inf_and_extremes's (gate, up) pairs, interleaved: g, u, g, u, ... in each row.
+    s = _specials(dtype)
+    n = s.numel()
+    pairs = torch.stack([s.repeat_interleave(n), s.repeat(n)], dim=1).flatten()  # [2 n^2]
+    base = torch.zeros(n, 2 * n * n + 3, dtype=dtype)
+    base[:, 1 : 1 + 2 * n * n] = pairs
+    go = s[:, None].expand(n, n * n).contiguous()
+    check_interleaved(lib, base[:, 1 : 1 + 2 * n * n], go, act, f"{act} {dtype} interleaved")
 
 
 @pytest.mark.large

@@ -34,10 +34,19 @@ Shape2d shape_for(int64_t rows, int64_t fv) {
           dim3(bx, by)};
 }
 
-// The up rows: p.up (split form), or the second half of each gate_up row (fused form).
+// The up rows: p.up (split form), the second half of each gate_up row (fused form), or gate_up
+// itself (interleaved form: the kernel reads up from the gate rows and ignores this pointer).
 template <typename T>
 const T* up_of(const GatedActParams& p) {
-  return p.up != nullptr ? static_cast<const T*>(p.up) : static_cast<const T*>(p.gate_up) + p.f;
+  if (p.up != nullptr) return static_cast<const T*>(p.up);
+  return static_cast<const T*>(p.gate_up) + (p.interleaved ? 0 : p.f);
+}
+
+// f(std::bool_constant<interleaved>).
+template <typename F>
+void with_form(const GatedActParams& p, const F& f) {
+  if (p.interleaved) return f(std::true_type{});
+  return f(std::false_type{});
 }
 
 // Calls f.template operator()<N>() with N = 16 bytes of elements when every pointer (gate, up and
@@ -84,9 +93,11 @@ void gated_activation_launch(const GatedActParams& p, cudaStream_t stream) {
     const T* up = up_of<T>(p);
     with_width<T>(p, {p.gate_up, up, p.out}, [&]<int N>() {
       const Shape2d s = shape_for(p.rows, p.f / N);
-      launch_kernel(&gated_act_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0, stream,
-                    static_cast<const T*>(p.gate_up), up, p.gate_up_stride, static_cast<T*>(p.out),
-                    p.rows, p.f);
+      with_form(p, [&](auto il) {
+        launch_kernel(&gated_act_kernel<decltype(act)::value, T, N, decltype(il)::value>, s.grid,
+                      s.block, 0, stream, static_cast<const T*>(p.gate_up), up, p.gate_up_stride,
+                      static_cast<T*>(p.out), p.rows, p.f);
+      });
     });
   });
   check_launch("gated_activation", "launch");
@@ -101,9 +112,12 @@ void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stre
     const T* up = up_of<T>(p);
     with_width<T>(p, {p.gate_up, up, p.grad_out, p.grad_gate_up}, [&]<int N>() {
       const Shape2d s = shape_for(p.rows, p.f / N);
-      launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T, N>, s.grid, s.block, 0,
-                    stream, static_cast<const T*>(p.grad_out), static_cast<const T*>(p.gate_up), up,
-                    p.gate_up_stride, static_cast<T*>(p.grad_gate_up), p.rows, p.f);
+      with_form(p, [&](auto il) {
+        launch_kernel(&gated_act_backward_kernel<decltype(act)::value, T, N, decltype(il)::value>,
+                      s.grid, s.block, 0, stream, static_cast<const T*>(p.grad_out),
+                      static_cast<const T*>(p.gate_up), up, p.gate_up_stride,
+                      static_cast<T*>(p.grad_gate_up), p.rows, p.f);
+      });
     });
   });
   check_launch("gated_activation_backward", "launch");

@@ -1,7 +1,8 @@
 // Gated expert activations, shared by the CPU and CUDA kernels (MIXOPS_HOST_DEVICE, torch-free):
 // out[r, c] = act(gate[r, c]) * up[r, c] on the [rows, 2*F] output of the fused gate/up projection
-// (gate in columns [0, F), up in [F, 2F): HF transformers' chunk(2) layout) or on separate gate and
-// up [rows, F] (torchtitan's w1 and w3 GEMMs), and its backward
+// (gate in columns [0, F), up in [F, 2F): HF transformers' chunk(2) layout), on an interleaved
+// [rows, 2*F] (g_0, u_0, g_1, u_1, ...: GPT-OSS's layout, mixops' packed experts) or on separate gate
+// and up [rows, F] (torchtitan's w1 and w3 GEMMs), and its backward
 //   d gate = d out * up * act'(gate),   d up = d out * act(gate).
 // Math in float for bf16/fp16/fp32 (double for double). silu uses det::sigmoid (our exp), so the
 // host loops vectorise and CPU and GPU agree to the bit for silu and relu; gelu uses erf/tanh.
@@ -64,8 +65,9 @@ MIXOPS_INLINE T value(T g) {
 
 }  // namespace act
 
-// One call of the CUDA launchers (launch.h). Two forms of the input: fused (up == nullptr), gate_up
-// [rows, 2f] with gate then up in each row; split, gate_up the gate [rows, f] and up its own
+// One call of the CUDA launchers (launch.h). Three forms of the input: fused (up == nullptr), gate_up
+// [rows, 2f] with gate then up in each row; interleaved (up == nullptr), gate_up [rows, 2f] with
+// gate at the even columns and up at the odd ones; split, gate_up the gate [rows, f] and up its own
 // [rows, f] buffer (two GEMM outputs read where they are). Both rows share one stride.
 struct GatedActParams {
   Dtype dtype = Dtype::kFloat32;
@@ -74,9 +76,11 @@ struct GatedActParams {
   const void* gate_up = nullptr;   // fused: [rows, 2f]; split: the gate [rows, f]
   const void* up = nullptr;        // split: [rows, f]; nullptr: fused, up = gate_up + f
   int64_t gate_up_stride = 0;      // elements between rows of gate_up and of up (unit columns)
+  bool interleaved = false;        // gate_up [rows, 2f] interleaved (up must be nullptr)
   void* out = nullptr;             // forward: [rows, f] contiguous
   const void* grad_out = nullptr;  // backward: [rows, f] contiguous
-  void* grad_gate_up = nullptr;    // backward: [rows, 2f] contiguous, d gate then d up (both forms)
+  void* grad_gate_up = nullptr;    // backward: [rows, 2f] contiguous: d gate then d up (fused,
+                                   // split), or interleaved like gate_up (interleaved)
 };
 
 }  // namespace mixops

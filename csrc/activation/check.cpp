@@ -17,10 +17,18 @@ GatedAct parse_gated_act(c10::string_view name, const char* op) {
 namespace {
 
 GatedAct check_gate_up(const at::Tensor& gate_up, c10::string_view act,
-                       const std::optional<at::Tensor>& up, const char* op) {
+                       const std::optional<at::Tensor>& up, bool interleaved, const char* op) {
   const GatedAct a = parse_gated_act(act, op);
   TORCH_CHECK(gate_up.dim() >= 1, op, ": gate_up must have at least 1 dimension, got a scalar");
-  if (!up.has_value()) {
+  TORCH_CHECK(!(interleaved && up.has_value()), op,
+              ": interleaved=True reads gate and up from one gate_up [..., 2*F] (g_0, u_0, g_1, "
+              "u_1, ...); up must be None");
+  if (interleaved) {
+    TORCH_CHECK(gate_up.size(-1) % 2 == 0, op,
+                ": gate_up's last dimension must be even ([..., 2*F]: gate and up interleaved), "
+                "got ",
+                gate_up.sizes());
+  } else if (!up.has_value()) {
     TORCH_CHECK(gate_up.size(-1) % 2 == 0, op,
                 ": gate_up's last dimension must be even ([..., 2*F]:"
                 " gate then up), got ",
@@ -53,15 +61,15 @@ at::Tensor rows_of(const at::Tensor& t) {
 }  // namespace
 
 GatedAct gated_activation_check(const at::Tensor& gate_up, c10::string_view act,
-                                const std::optional<at::Tensor>& up) {
-  return check_gate_up(gate_up, act, up, "gated_activation");
+                                const std::optional<at::Tensor>& up, bool interleaved) {
+  return check_gate_up(gate_up, act, up, interleaved, "gated_activation");
 }
 
 GatedAct gated_activation_backward_check(const at::Tensor& grad, const at::Tensor& gate_up,
-                                         c10::string_view act,
-                                         const std::optional<at::Tensor>& up) {
+                                         c10::string_view act, const std::optional<at::Tensor>& up,
+                                         bool interleaved) {
   const char* op = "gated_activation_backward";
-  const GatedAct a = check_gate_up(gate_up, act, up, op);
+  const GatedAct a = check_gate_up(gate_up, act, up, interleaved, op);
   auto expect = gate_up.sizes().vec();
   if (!up.has_value()) expect.back() /= 2;
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(expect), op, ": grad must have shape ",

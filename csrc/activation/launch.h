@@ -10,10 +10,11 @@
 
 namespace mixops::cuda {
 
-// out[r, c] = act(gate[r, c]) * up[r, c]; gate = gate_up, up = p.up or gate_up + f (fused).
+// out[r, c] = act(gate[r, c]) * up[r, c]; gate = gate_up, up = p.up or gate_up + f (fused); with
+// p.interleaved gate[r, c] = gate_up[r, 2c] and up[r, c] = gate_up[r, 2c + 1].
 void gated_activation_launch(const GatedActParams& p, cudaStream_t stream);
 // grad_gate_up[r, c] = grad_out * up * act'(gate); grad_gate_up[r, f + c] = grad_out * act(gate)
-// (both forms).
+// (fused and split forms); with p.interleaved at [r, 2c] and [r, 2c + 1].
 void gated_activation_backward_launch(const GatedActParams& p, cudaStream_t stream);
 
 }  // namespace mixops::cuda

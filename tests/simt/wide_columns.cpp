@@ -180,8 +180,8 @@ std::string run_case(const Case& k) {
   simt::launch_options.block_begin = simt::launch_options.block_end = 0;
   launch();
   constexpr int kVec = std::is_same_v<T, double> ? 1 : static_cast<int>(16 / sizeof(T));
-  const bool scalar = k.backward ? simt::ran(&ak::gated_act_backward_kernel<kAct, T, 1>)
-                                 : simt::ran(&ak::gated_act_kernel<kAct, T, 1>);
+  const bool scalar = k.backward ? simt::ran(&ak::gated_act_backward_kernel<kAct, T, 1, false>)
+                                 : simt::ran(&ak::gated_act_kernel<kAct, T, 1, false>);
   const int n = scalar ? 1 : kVec;
   const dim3 grid = simt::last_grid, block = simt::last_block;
   if (grid.y != 1 || block.y != 1) return "expected one row of threads for one row";

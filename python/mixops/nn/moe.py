@@ -99,8 +99,9 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
             ``load_balancing_loss_func`` for one layer) and the ST-MoE router z-loss; after each
             forward ``self.aux_loss`` holds their weighted sum (a 0-dim fp32 tensor with autograd).
         aux_loss_weighting, param_loss_coef (with ffn_sizes): ``"size"`` makes the balancing loss
-            HMoE's size-aware one (charging large experts more); ``param_loss_coef`` weighs HMoE's
-            parameter penalty (the formulas: nn/router_losses.py). Default ``"tokens"``, 0.
+            HMoE's P-Penalty loss (size-aware, charging large experts more); ``param_loss_coef``
+            weighs a size penalty of mixops' own, not HMoE's (formulas: nn/router_losses.py).
+            Default ``"tokens"``, 0.
         zero_experts: zero-computation experts the router may choose besides the computing ones
             (LongCat-Flash, AdaMoE): an int Z (Z identity experts) or a sequence of "identity"
             (returns its input times the routing weight) / "null" (returns zero). With

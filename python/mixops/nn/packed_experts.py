@@ -245,7 +245,7 @@ def packed_expert_mlp(rows, offsets, spec, w1, w2, activation, stage=None):
     in the parameters' own layout); ``stage(name, x)``: a context manager around each stage.
 
     gate_up: ``grouped_mm_packed(rows, w1.t(), offsets, ends_first, "mn", 2*Fm, 2S)`` -> h [N,
-    2Fm], row of expert e = g_0, u_0, ..., zeros after 2F_e; activation on h's interleaved halves;
+    2Fm], row of expert e = g_0, u_0, ..., zeros after 2F_e; the interleaved gated activation;
     down: ``grouped_mm_packed(a, w2.t(), offsets, ends_down, "mk", Fm, S)`` reads each row's first
     F_e columns only."""
     Fm, S = spec.ffn_max, spec.ffn_total
@@ -261,12 +261,9 @@ def packed_expert_mlp(rows, offsets, spec, w1, w2, activation, stage=None):
         h = ops.grouped_mm_packed(rows, w1.t(), offsets, spec.ends_first, "mn", n * Fm, n * S)
     with stage("activation", rows):
         if gated:
-            # The split form of gated_activation on the strided views of gate (even columns) and
-            # up (odd ones): correct today, at the cost of copies (the op makes the non-unit
-            # column stride contiguous, and the backward scatters d gate / d up back into h's
-            # layout). An ``interleaved`` flag in the activation kernel (pairs at distance 1)
-            # would save those copies.
-            a = ops.gated_activation(h[:, 0::2], fused_activation_name(activation), h[:, 1::2])
+            # The interleaved form reads h's pairs in place and writes d h in h's layout (no
+            # copies); a row's padding (zeros) gives act(0) * 0 = 0 and zero gradients.
+            a = ops.gated_activation(h, fused_activation_name(activation), interleaved=True)
         else:
             a = act_fn(activation)(h)  # act(0) = 0: the padding stays zero (and is never read)
     with stage("down_gemm", rows):

@@ -17,8 +17,8 @@ def router_losses(
     param_loss_coef=0.0,
 ):
     """``aux_loss_coef`` x the load-balancing loss (HF transformers' ``load_balancing_loss_func``
-    for one layer: ``E * sum_e f_e p_e``, f_e the share of the (token, expert) choices that went
-    to e, p_e the mean balancing probability of e) + ``z_loss_coef`` x the ST-MoE router z-loss,
+    for one layer: ``E * sum_e f_e p_e``, f_e the fraction of the tokens that chose e (summing
+    to k over the experts), p_e the mean balancing probability of e) + ``z_loss_coef`` x the ST-MoE router z-loss,
     over the tokens of ``token_mask`` (all when None): a 0-dim fp32 tensor with autograd, or None
     when every coefficient is 0. Shared by MoE and MoA.
 

@@ -9,11 +9,15 @@ template <GatedAct kAct>
 struct Activation {
   template <class T>
   static void run() {
-    // Scalar and 16-byte widths (fp64 runs scalar only).
+    // fp64 runs scalar only.
     constexpr int kVec = static_cast<int>(16 / sizeof(T));
-    simt_compile::use(&a::gated_act_kernel<kAct, T, 1>, &a::gated_act_backward_kernel<kAct, T, 1>,
-                      &a::gated_act_kernel<kAct, T, kVec>,
-                      &a::gated_act_backward_kernel<kAct, T, kVec>);
+    // Scalar and 16-byte widths, fused/split (false) and interleaved (true) forms.
+    simt_compile::use(
+        &a::gated_act_kernel<kAct, T, 1, false>, &a::gated_act_backward_kernel<kAct, T, 1, false>,
+        &a::gated_act_kernel<kAct, T, kVec, false>,
+        &a::gated_act_backward_kernel<kAct, T, kVec, false>, &a::gated_act_kernel<kAct, T, 1, true>,
+        &a::gated_act_backward_kernel<kAct, T, 1, true>, &a::gated_act_kernel<kAct, T, kVec, true>,
+        &a::gated_act_backward_kernel<kAct, T, kVec, true>);
   }
 };
 

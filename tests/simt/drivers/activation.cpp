@@ -18,8 +18,12 @@ int width_ran(const mixops::GatedActParams& p) {
     constexpr mixops::GatedAct kAct = decltype(act)::value;
     constexpr int kVec = static_cast<int>(16 / sizeof(T));
     auto ran = [&]<int N>() {
-      if constexpr (kBackward) return simt::ran(&ak::gated_act_backward_kernel<kAct, T, N>);
-      return simt::ran(&ak::gated_act_kernel<kAct, T, N>);
+      if (p.interleaved) {
+        if constexpr (kBackward) return simt::ran(&ak::gated_act_backward_kernel<kAct, T, N, true>);
+        return simt::ran(&ak::gated_act_kernel<kAct, T, N, true>);
+      }
+      if constexpr (kBackward) return simt::ran(&ak::gated_act_backward_kernel<kAct, T, N, false>);
+      return simt::ran(&ak::gated_act_kernel<kAct, T, N, false>);
     };
     width = ran.template operator()<1>() ? 1 : ran.template operator()<kVec>() ? kVec : 0;
   });
@@ -30,17 +34,19 @@ int width_ran(const mixops::GatedActParams& p) {
 
 extern "C" {
 
-// dtype: mixops::Dtype; act: mixops::GatedAct. Fused (up null): gate_up [rows, 2f]; split: gate_up
-// the gate [rows, f] and up [rows, f]; both row stride gate_up_stride. out [rows, f] contiguous;
-// width (may be null): the vector width that ran.
+// dtype: mixops::Dtype; act: mixops::GatedAct. Fused (up null): gate_up [rows, 2f]; interleaved
+// (up null, interleaved 1): gate_up [rows, 2f], gate at even columns, up at odd ones; split:
+// gate_up the gate [rows, f] and up [rows, f]; both row stride gate_up_stride. out [rows, f]
+// contiguous; width (may be null): the vector width that ran.
 int simt_gated_activation(int dtype, int act, int64_t rows, int64_t f, const void* gate_up,
-                          const void* up, int64_t gate_up_stride, void* out, int* width,
-                          const SimtRun* run, char* err, int err_len) {
+                          const void* up, int64_t gate_up_stride, int interleaved, void* out,
+                          int* width, const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     mixops::GatedActParams p;
     p.dtype = static_cast<mixops::Dtype>(dtype);
     p.act = static_cast<mixops::GatedAct>(act);
     p.rows = rows, p.f = f, p.gate_up = gate_up, p.up = up, p.gate_up_stride = gate_up_stride;
+    p.interleaved = interleaved != 0;
     p.out = out;
     simt::launched.clear();
     mixops::cuda::gated_activation_launch(p, nullptr);
@@ -48,17 +54,18 @@ int simt_gated_activation(int dtype, int act, int64_t rows, int64_t f, const voi
   });
 }
 
-// grad_out [rows, f] contiguous -> grad_gate_up [rows, 2f] contiguous (d gate, then d up), gate
-// and up as in the forward.
+// grad_out [rows, f] contiguous -> grad_gate_up [rows, 2f] contiguous (d gate, then d up; or
+// interleaved like gate_up), gate and up as in the forward.
 int simt_gated_activation_backward(int dtype, int act, int64_t rows, int64_t f,
                                    const void* grad_out, const void* gate_up, const void* up,
-                                   int64_t gate_up_stride, void* grad_gate_up, int* width,
-                                   const SimtRun* run, char* err, int err_len) {
+                                   int64_t gate_up_stride, int interleaved, void* grad_gate_up,
+                                   int* width, const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     mixops::GatedActParams p;
     p.dtype = static_cast<mixops::Dtype>(dtype);
     p.act = static_cast<mixops::GatedAct>(act);
     p.rows = rows, p.f = f, p.gate_up = gate_up, p.up = up, p.gate_up_stride = gate_up_stride;
+    p.interleaved = interleaved != 0;
     p.grad_out = grad_out, p.grad_gate_up = grad_gate_up;
     simt::launched.clear();
     mixops::cuda::gated_activation_backward_launch(p, nullptr);
