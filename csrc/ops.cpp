@@ -29,15 +29,18 @@ TORCH_LIBRARY(mixops, m) {
       "SymInt total) -> Tensor");
 
   m.set_python_module("mixops.ops.routing");
-  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h).
+  // Fused scoring + top-k + renormalisation + per-expert statistics (csrc/routing/routing.h);
+  // rule top_p / cum_threshold (threshold = p) or score_fn relu keep a prefix of the k best (a
+  // variable number of experts per token; the other slots id -1, weight 0).
   // logits [T, E] -> weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32,
   // counts [E] int32, score_sum [E] (sum over tokens of the balancing-loss probability), lse [T].
   m.def(
       "router_topk(Tensor logits, int k, str score_fn=\"softmax\", bool topk_then_score=False, "
       "bool renormalize=True, float renorm_eps=0., float scaling=1., Tensor? bias=None, "
       "int num_groups=1, int groups_kept=1, str group_score=\"top2_sum\", "
-      "Tensor? modality=None, int num_modalities=1, Tensor? token_mask=None) "
-      "-> (Tensor weights, Tensor ids, Tensor counts, Tensor score_sum, Tensor lse)");
+      "Tensor? modality=None, int num_modalities=1, Tensor? token_mask=None, str rule=\"topk\", "
+      "float threshold=0.) -> (Tensor weights, Tensor ids, Tensor counts, Tensor score_sum, "
+      "Tensor lse)");
   // d logits [T, E] from d weights [T, k], d score_sum [E], d lse [T] (each optional); the ids
   // of the forward fix the selection.
   m.def(

@@ -44,14 +44,17 @@ def attention_ref(q, key, value, allowed, scale):
 
 
 def dense_moa(x, wq, wo, bias, wkv, w_router, k, num_kv_heads, *, mode="jetmoe", allowed=None,
-              cos=None, sin=None, scale=None):  # fmt: skip
+              cos=None, sin=None, scale=None, gates=None):  # fmt: skip
     """x [B, S, H]; wq [E, Hkv*d, H]; wo [E, H, Hkv*d]; wkv [2*Hkv*d, H]; w_router [E, H];
-    allowed [B, S, S] (True = attend) or None (no mask) -> [B, S, H]."""
+    allowed [B, S, S] (True = attend) or None (no mask) -> [B, S, H]. gates: a function of the
+    router logits [T, E] giving the [T, E] gates (zero where not chosen) instead of ``mode``."""
     B, S, H = x.shape
     E = wq.shape[0]
     d = wq.shape[1] // num_kv_heads
     scale = d**-0.5 if scale is None else scale
-    gates = gates_ref(x.reshape(-1, H) @ w_router.T, k, mode).to(x.dtype).view(B, S, E)
+    logits = x.reshape(-1, H) @ w_router.T
+    gates = (gates_ref(logits, k, mode) if gates is None else gates(logits)).to(x.dtype)
+    gates = gates.view(B, S, E)
     kv = (x @ wkv.T).view(B, S, 2, num_kv_heads, d)
     key, value = kv[:, :, 0], kv[:, :, 1]
     if cos is not None:

@@ -47,7 +47,9 @@ def test_routing_bench_quick_runs_and_prints_table():
         timeout=600,
     )
     assert p.returncode == 0, p.stderr
-    for needle in ("mixops ms", "torch ms", "speedup", "float32", "bfloat16"):
+    for needle in ("mixops ms", "torch ms", "speedup", "float32", "bfloat16", "routing rules"):
+        assert needle in p.stdout
+    for needle in ("top_p", "cum_threshold", "relu", "torch/mixops", "top-k ms"):
         assert needle in p.stdout
 
 

@@ -248,6 +248,19 @@ VALID = {
         token_mask=torch.ones(4, dtype=torch.bool),
         k=4,
     ),
+    "router_topk top_p": lambda: router(rule="top_p", threshold=0.5),
+    "router_topk cum_threshold, p < 0": lambda: router(
+        rule="cum_threshold", threshold=-1.0, renormalize=False
+    ),
+    "router_topk relu, modality, token_mask": lambda: router(
+        score_fn="relu",
+        num_modalities=2,
+        modality=torch.zeros(4, dtype=I32),
+        token_mask=torch.ones(4, dtype=torch.bool),
+    ),
+    "router_topk_backward relu, -1 ids": lambda: router_bw(
+        score_fn="relu", ids=torch.tensor([[0, 1], [2, -1], [-1, -1], [6, 7]], dtype=I32)
+    ),
     "router_topk_backward": lambda: router_bw(gss=torch.ones(8), glse=torch.ones(4)),
     "select_topc": topc,
     "select_topc mask, c = n": lambda: topc(c=8, mask=torch.ones(4, 8, dtype=torch.bool)),
@@ -389,7 +402,7 @@ BAD = {
     "router token_mask device": lambda: router(
         token_mask=torch.ones(4, dtype=torch.bool, device=O)
     ),
-    "router score_fn": lambda: router(score_fn="relu"),
+    "router score_fn": lambda: router(score_fn="tanh"),
     "router renorm_eps < 0": lambda: router(renorm_eps=-1.0),
     "router renorm_eps nan": lambda: router(renorm_eps=float("nan")),
     "router renorm_eps inf": lambda: router(renorm_eps=float("inf")),
@@ -415,6 +428,23 @@ BAD = {
     "router group_score": lambda: router(num_groups=2, group_score="mean"),
     "router group_score, no groups": lambda: router(group_score="mean"),
     "router k > kept experts": lambda: router(num_groups=4, groups_kept=1, k=3),
+    # router_topk rules (check_rule; python/mixops/ops/routing_rule_checks.py)
+    "router rule name": lambda: router(rule="top-p"),
+    "router relu with a rule": lambda: router(score_fn="relu", rule="top_p", threshold=0.5),
+    "router top_p sigmoid": lambda: router(score_fn="sigmoid", rule="top_p", threshold=0.5),
+    "router cum_threshold none": lambda: router(score_fn="none", rule="cum_threshold"),
+    "router threshold nan": lambda: router(rule="top_p", threshold=float("nan")),
+    "router threshold -inf": lambda: router(rule="cum_threshold", threshold=float("-inf")),
+    "router threshold with topk": lambda: router(threshold=0.5),
+    "router threshold with relu": lambda: router(score_fn="relu", threshold=-0.5),
+    "router top_p bias": lambda: router(rule="top_p", bias=torch.zeros(8)),
+    "router relu bias": lambda: router(score_fn="relu", bias=torch.zeros(8, dtype=F64)),
+    "router top_p groups": lambda: router(rule="top_p", num_groups=2),
+    "router relu groups": lambda: router(score_fn="relu", num_groups=4, groups_kept=2),
+    "router cum_threshold topk_then_score": lambda: router(
+        rule="cum_threshold", topk_then_score=True
+    ),
+    "router relu topk_then_score": lambda: router(score_fn="relu", topk_then_score=True),
     # router_topk_backward (csrc/routing/check.cpp)
     "router_bw logits 1-D": lambda: router_bw(logits=torch.randn(8)),
     "router_bw logits int": lambda: router_bw(logits=torch.ones(4, 8, dtype=I32)),

@@ -306,7 +306,7 @@ def test_nan_and_inf_logits(device):
 BAD = [
     (dict(k=0), "k must be in"),
     (dict(k=9), "k must be in"),
-    (dict(score_fn="relu"), "score_fn must be"),
+    (dict(score_fn="tanh"), "score_fn must be"),
     (dict(group_score="mean", num_groups=2), "group_score must be"),
     (dict(num_groups=3), "num_groups .* must divide num_experts"),
     (dict(num_groups=2, groups_kept=3), "groups_kept must be in"),

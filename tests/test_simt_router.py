@@ -29,7 +29,9 @@ from simt_driver import call, load_driver, requires_cxx, run_all, runs_with
 pytestmark = requires_cxx
 
 DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}  # mixops::Dtype
-SCORE_FN = {"none": 0, "softmax": 1, "sigmoid": 2}  # mixops::ScoreFn
+SCORE_FN = {"none": 0, "softmax": 1, "sigmoid": 2, "relu": 3}  # mixops::ScoreFn
+RULE = {"topk": 0, "top_p": 1, "cum_threshold": 2}  # mixops::Rule; relu: kPositive (below)
+RULE_POSITIVE = 3  # what router_check sets with score_fn relu
 GROUP_SCORE = {"top2_sum": 0, "max": 1}  # mixops::GroupScore
 MODALITY_OUT_OF_RANGE, IDS_NOT_ELIGIBLE = 1, 2  # mixops::RouterError
 SMEM_DEFAULT = 48 * 1024
@@ -37,7 +39,7 @@ SMEM_DEFAULT = 48 * 1024
 _i, _i64, _d, _p = ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 _RUN_ARGS = [_p, ctypes.c_char_p, _i]  # const SimtRun*, err, err_len
 _SIGNATURES = {
-    "simt_router_topk": [_i, _i64, _i, _i, _i, _i, _i, _d, _d, _i, _i, _i, _i]
+    "simt_router_topk": [_i, _i64, _i, _i, _i, _i, _i, _d, _d, _i, _i, _i, _i, _i, _d]
     + [_p, _i64, _p, _p, _i, _p]
     + [_p] * 6
     + _RUN_ARGS,
@@ -109,9 +111,12 @@ def simt_router_topk(
     modality=None,
     num_modalities=1,
     token_mask=None,
+    rule="topk",
+    threshold=0.0,
 ):
     """The CUDA forward under the four harness runs (same bits required); returns
-    (weights, ids, counts, score_sum, lse, error_flag) with the op layer's (cuda.cpp) inputs."""
+    (weights, ids, counts, score_sum, lse, error_flag) with the op layer's (cuda.cpp) inputs (the
+    options as router_check builds them: score_fn relu takes rule kPositive)."""
     num_tokens, num_experts = logits.shape
     acc = _acc(logits.dtype)
     if logits.stride(1) != 1:
@@ -147,6 +152,8 @@ def simt_router_topk(
             groups_kept,
             GROUP_SCORE[group_score],
             num_modalities,
+            RULE_POSITIVE if score_fn == "relu" else RULE[rule],
+            threshold,
             _ptr(logits),
             logits.stride(0),
             _ptr(bias),
@@ -773,6 +780,119 @@ def test_backward_ids_not_eligible(bad, score_fn, tts, renorm):
             *[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
         )
         assert_close_special(grad, ref, cpu, "grad_logits with the bad slots ignored")
+
+
+# ---- rules: a variable number of experts per token (routing::kept_slots) ----------------------
+
+# (rule, p): rule top_p / cum_threshold with threshold p, or score_fn relu (rule kPositive)
+RULES = [(r, p) for r in ("top_p", "cum_threshold") for p in (0.0, 0.3, 0.5, 1.0, 2.0)]
+RULES += [("relu", 0.0)]
+RULE_SHAPES = [(e, k) for e in (8, 64, 300) for k in (1, 4, e)]  # (E, k)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def rule_kwargs(rule, p):
+    return dict(score_fn="relu") if rule == "relu" else dict(rule=rule, threshold=p)
+
+
+def rule_logits(num_tokens, num_experts, dtype, seed):
+    """randn rows at temperatures from flat to peaked (top_p keeps 1 to all k), shifted so that
+    some rows have no positive logit and some only positive ones (relu keeps 0 to all k)."""
+    g = gen(seed)
+    x = torch.randn(num_tokens, num_experts, generator=g)
+    scale = torch.linspace(0.2, 8.0, num_tokens)[torch.randperm(num_tokens, generator=g)]
+    shift = torch.linspace(-4.0, 2.5, num_tokens)[torch.randperm(num_tokens, generator=g)]
+    return ((x + shift[:, None]) * scale[:, None]).to(dtype)
+
+
+def check_rule_backward(x, ids, kw, seed, **token_kw):
+    """The backward with the forward's ids (-1 in the slots a rule cleared: no gradient, no error
+    flag), all three incoming gradients and then grad_weights alone (the kept slots' path)."""
+    num_tokens, num_experts = x.shape
+    k = ids.shape[1]
+    options = (
+        kw.get("score_fn", "softmax"),
+        False,
+        kw.get("renormalize", True),
+        kw.get("renorm_eps", 0.0),
+        kw.get("scaling", 1.0),
+    )
+    grads = _grads((True, True, True), num_tokens, num_experts, k, _acc(x.dtype), seed)
+    check_backward(backward_args(x, ids, grads, options, **token_kw))
+    check_backward(backward_args(x, ids, (grads[0], None, None), options, **token_kw))
+
+
+@pytest.mark.parametrize("shape", RULE_SHAPES, ids=lambda s: "E{}-k{}".format(*s))
+@pytest.mark.parametrize("rule, p", RULES, ids=lambda v: str(v))
+def test_rules(rule, p, shape):
+    """Forward bit-equal to the CPU op (kept prefix, cleared slots, weights finished over the kept
+    ones, counts of the kept ones) and the backward by the tolerance rule, with the options rotated
+    over the grid: dtype, renormalize (with / without renorm_eps), scaling, modality, token_mask."""
+    num_experts, k = shape
+    index = RULES.index((rule, p)) * len(RULE_SHAPES) + RULE_SHAPES.index(shape)
+    num_tokens = 24 if k < 300 else 6  # k = 300: 300 warp rounds per row on the harness
+    dtype = DTYPES[index % 4]
+    kw = rule_kwargs(rule, p)
+    kw.update(renormalize=index % 3 != 0, scaling=2.5 if index % 7 in (0, 2, 4) else 1.0)
+    if kw["renormalize"] and index % 5 == 1:
+        kw["renorm_eps"] = 1e-3
+    token_kw = {}
+    if index % 2 == 1 and 2 * k <= num_experts:
+        m = torch.randint(0, 2, (num_tokens,), generator=gen(index), dtype=torch.int32)
+        token_kw.update(modality=m, num_modalities=2)
+    if (index // 2) % 2 == 1:
+        token_kw["token_mask"] = torch.rand(num_tokens, generator=gen(index + 1)) < 0.6
+    x = rule_logits(num_tokens, num_experts, dtype, seed=index)
+    (weights, ids, counts, _, _), _ = check_forward(x, k, **kw, **token_kw)
+    kept = (ids >= 0).sum(1)
+    assert torch.equal(ids >= 0, torch.arange(k) < kept[:, None]), "kept slots not a prefix"
+    assert not weights[ids < 0].any()
+    mask = token_kw.get("token_mask")
+    assert counts.sum().item() == (kept if mask is None else kept[mask]).sum().item()
+    check_rule_backward(x, ids, kw, index, **token_kw)
+
+
+def test_rules_keep_a_variable_number():
+    """rule_logits gives the rule tests rows that keep 1, some and all k (relu: 0 too)."""
+    x = rule_logits(24, 64, torch.float32, seed=0)
+    for kw, least in ((dict(rule="top_p", threshold=0.5), 1), (dict(score_fn="relu"), 0)):
+        (_, ids, _, _, _), _ = check_forward(x, 8, **kw)
+        kept = set((ids >= 0).sum(1).tolist())
+        assert {least, 8} <= kept and len(kept) >= 4, kept
+
+
+@pytest.mark.parametrize("kind", ["mixed", "ties", "equal"])
+@pytest.mark.parametrize("rule, p", RULES, ids=lambda v: str(v))
+def test_rules_special_values(kind, rule, p):
+    """NaN, +-inf and all-special rows (NaN prefix sums keep one slot, NaN is never > 0), ties at
+    the threshold and between kept and cleared slots. E = 40, k = 5 or 40."""
+    index = RULES.index((rule, p))
+    k = 5 if index % 2 == 0 else 40
+    dtype = (torch.float32, torch.bfloat16)[(index // 2) % 2]
+    x = special_logits(kind, 16, 40, dtype, seed=index)
+    kw = rule_kwargs(rule, p)
+    kw.update(renormalize=kind != "ties", scaling=1.5)
+    (_, ids, _, _, _), _ = check_forward(x, k, **kw)
+    check_rule_backward(x, ids, kw, index)
+
+
+def test_backward_cleared_slots_and_bad_ids():
+    """A trailing -1 is a cleared slot (no error); a -1 before an id, or an id outside the row's
+    experts before the trailing -1s, is not from this forward: error bit 2, that slot ignored."""
+    x = rule_logits(12, 32, torch.float32, seed=40)
+    ids = mixops.ops.router_topk(x, 6, score_fn="relu").ids
+    assert (ids[:, 0] < 0).any() and (ids[:, -1] < 0).any() and (ids[:, -1] >= 0).any()
+    gw, _, glse = _grads((True, False, True), 12, 32, 6, torch.float32, 41)
+    options = ("relu", False, True, 0.0, 1.0)
+    check_backward((gw, None, glse, x, ids, *options, None, 1, None))
+    row = int((ids >= 0).sum(1).argmax())  # a row keeping the most slots
+    for j, value in ((0, -1), (1, 32), (1, -2)):
+        bad = ids.clone()
+        bad[row, j] = value
+        _, flag = simt_router_topk_backward(gw, None, glse, x, bad, *options, None, 1, None)
+        assert flag == IDS_NOT_ELIGIBLE, (j, value)
+        with pytest.raises(RuntimeError, match="or -1 in the slots after them"):
+            torch.ops.mixops.router_topk_backward(gw, None, glse, x, bad, *options, None, 1, None)
 
 
 # ---- bigger grids (pytest -m large) ------------------------------------------------------------

@@ -16,8 +16,49 @@ ScoreFn parse_score_fn(c10::string_view s, const char* op) {
   if (s == "softmax") return ScoreFn::kSoftmax;
   if (s == "sigmoid") return ScoreFn::kSigmoid;
   if (s == "none") return ScoreFn::kNone;
-  TORCH_CHECK(false, op, ": score_fn must be 'softmax', 'sigmoid' or 'none', got '", std::string(s),
-              "'");
+  if (s == "relu") return ScoreFn::kRelu;
+  TORCH_CHECK(false, op, ": score_fn must be 'softmax', 'sigmoid', 'none' or 'relu', got '",
+              std::string(s), "'");
+}
+
+Rule parse_rule(c10::string_view s) {
+  if (s == "topk") return Rule::kTopK;
+  if (s == "top_p") return Rule::kTopP;
+  if (s == "cum_threshold") return Rule::kCumThreshold;
+  TORCH_CHECK(false, "router_topk: rule must be 'topk', 'top_p' or 'cum_threshold', got '",
+              std::string(s), "'");
+}
+
+// The rule's options and what it combines with: renormalize, renorm_eps, scaling, modality and
+// token_mask do; top-k-then-score, a selection bias and group-limited selection do not (the
+// authors' rules compare the scores in score order, unbiased, over all experts).
+void check_rule(RouterOptions& o, c10::string_view rule, double threshold) {
+  o.rule = parse_rule(rule);
+  if (o.score_fn == ScoreFn::kRelu) {
+    TORCH_CHECK(o.rule == Rule::kTopK, "router_topk: score_fn 'relu' chooses the experts whose ",
+                "logit is > 0 (ReMoE; at most k); it takes no rule, got rule '", std::string(rule),
+                "'");
+    o.rule = Rule::kPositive;
+  }
+  if (o.rule == Rule::kTopP || o.rule == Rule::kCumThreshold) {
+    TORCH_CHECK(o.score_fn == ScoreFn::kSoftmax, "router_topk: rule '", std::string(rule),
+                "' compares cumulative softmax probabilities; score_fn must be 'softmax', got ",
+                o.score_fn == ScoreFn::kSigmoid ? "'sigmoid'" : "'none'");
+    TORCH_CHECK(std::isfinite(threshold), "router_topk: threshold (the p of rule '",
+                std::string(rule), "') must be finite, got ", threshold);
+    o.threshold = threshold;
+  } else {
+    TORCH_CHECK(threshold == 0.0, "router_topk: threshold is the p of rules 'top_p' and ",
+                "'cum_threshold'; it must be 0 with rule '", std::string(rule), "', got ",
+                threshold);
+  }
+  if (o.rule == Rule::kTopK) return;
+  const char* name = o.rule == Rule::kPositive ? "score_fn 'relu'" : "a top-p rule";
+  TORCH_CHECK(!o.topk_then_score, "router_topk: ", name, " cannot be combined with ",
+              "topk_then_score=True (the rule reads the scores of the whole row)");
+  TORCH_CHECK(!o.has_bias, "router_topk: ", name, " cannot be combined with a selection bias");
+  TORCH_CHECK(o.num_groups == 1, "router_topk: ", name,
+              " cannot be combined with group-limited selection (num_groups = ", o.num_groups, ")");
 }
 
 GroupScore parse_group_score(c10::string_view s) {
@@ -87,6 +128,9 @@ RouterOptions common_options(const at::Tensor& logits, int64_t k, c10::string_vi
   RouterOptions o;
   o.num_experts = static_cast<int32_t>(logits.size(1));
   o.score_fn = parse_score_fn(score_fn, op);
+  TORCH_CHECK(!(o.score_fn == ScoreFn::kRelu && topk_then_score), op,
+              ": score_fn 'relu' cannot be combined with topk_then_score=True (the kept experts ",
+              "are those whose logit is > 0)");
   o.topk_then_score = topk_then_score;
   o.renormalize = renormalize;
   TORCH_CHECK(std::isfinite(renorm_eps) && renorm_eps >= 0, op,
@@ -116,7 +160,8 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                            double scaling, const std::optional<at::Tensor>& bias,
                            int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
                            const std::optional<at::Tensor>& modality, int64_t num_modalities,
-                           const std::optional<at::Tensor>& token_mask) {
+                           const std::optional<at::Tensor>& token_mask, c10::string_view rule,
+                           double threshold) {
   const char* op = "router_topk";
   check_logits(logits, op);
   check_token_args(logits, modality, num_modalities, token_mask, op);
@@ -164,6 +209,7 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                 "group = ",
                 groups_kept, " * ", e / num_groups, " = ", eligible);
   }
+  check_rule(o, rule, threshold);
   return o;
 }
 

@@ -19,7 +19,8 @@ RouterOptions router_check(const at::Tensor& logits, int64_t k, c10::string_view
                            double scaling, const std::optional<at::Tensor>& bias,
                            int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
                            const std::optional<at::Tensor>& modality, int64_t num_modalities,
-                           const std::optional<at::Tensor>& token_mask);
+                           const std::optional<at::Tensor>& token_mask, c10::string_view rule,
+                           double threshold);
 
 // Validates the backward arguments (ids [T, k] from the forward); returns the options.
 RouterOptions router_backward_check(

@@ -69,12 +69,18 @@ struct Row {
 
   // The balancing-loss probability of eligible expert i (routing::prob, from the cached terms).
   acc_t prob(const RouterOptions& o, const RowScratch<acc_t>& s, int32_t i) const {
+    if (o.score_fn == ScoreFn::kRelu) return routing::relu(s.x[i]);
     return o.score_fn == ScoreFn::kSigmoid ? det::div(s.sig[i], sig_den) : det::div(s.num[i], den);
   }
 
-  // The chosen weights before finish_weights (scores of the chosen experts).
+  // The chosen weights before finish_weights (scores of the chosen experts); 0 for a slot with
+  // no expert (id -1: past the kept prefix of a rule).
   void raw_weights(const RouterOptions& o, const int32_t* ids, RowScratch<acc_t>& s) const {
     for (int32_t j = 0; j < o.k; ++j) {
+      if (ids[j] < 0) {
+        s.raw[j] = acc_t(0);
+        continue;
+      }
       const acc_t xj = s.x[ids[j] - lo];
       s.raw[j] = o.topk_then_score ? xj : routing::score(o.score_fn, xj, max, den);
     }
@@ -150,13 +156,15 @@ void forward_rows(const RouterOptions& o, const at::Tensor& logits, const acc_t*
                            &count);
         }
         row.raw_weights(o, s.top_ids.data(), s);
-        routing::finish_weights(o, s.raw.data(), o.k);
+        const int32_t kept = routing::kept_slots(o, s.raw.data(), o.k);
+        routing::clear_slots(s.raw.data(), s.top_ids.data(), kept, o.k);
+        routing::finish_weights(o, s.raw.data(), kept);
         for (int64_t j = 0; j < k; ++j) {
           weights[t * k + j] = s.raw[j];
           ids[t * k + j] = s.top_ids[j];
         }
         if (mask && !mask[t]) continue;
-        for (int64_t j = 0; j < k; ++j) ++counts[s.top_ids[j]];
+        for (int64_t j = 0; j < kept; ++j) ++counts[s.top_ids[j]];
         for (int32_t i = 0; i < n; ++i) sums[lo + i] += row.prob(o, s, i);
       }
     }
@@ -179,41 +187,47 @@ void backward_rows(const RouterOptions& o, const at::Tensor& logits, const int64
       acc_t* gx = s.grad.data();
       for (int32_t i = 0; i < n; ++i) gx[i] = 0;
       const int32_t* tid = ids + t * k;
+      // The slots with an expert: a prefix (a rule clears the slots after the kept ones, id -1).
+      int32_t kept = 0;
+      while (kept < k && tid[kept] >= 0) ++kept;
       for (int64_t j = 0; j < k; ++j)
-        TORCH_CHECK(tid[j] >= lo && tid[j] < lo + n,
+        TORCH_CHECK(j >= kept ? tid[j] == -1 : tid[j] < lo + n && tid[j] >= lo,
                     "router_topk_backward: ids values must be "
                     "in the token's eligible experts [",
-                    lo, ", ", lo + n, "), got ids[", t, ", ", j, "] = ", tid[j],
-                    " (not an eligible expert of token ", t,
+                    lo, ", ", lo + n, "), or -1 in the slots after them, got ids[", t, ", ", j,
+                    "] = ", tid[j], " (not an eligible expert of token ", t,
                     "); ids must "
                     "come from router_topk with the same options");
       if (gw) {
         acc_t* gj = s.grad_k.data();
         for (int64_t j = 0; j < k; ++j) gj[j] = gw[t * k + j];
         row.raw_weights(o, tid, s);
-        routing::finish_weights_backward(o, s.raw.data(), gj, o.k);
+        routing::finish_weights_backward(o, s.raw.data(), gj, kept);
         if (o.topk_then_score) {
-          routing::score_chosen_backward(o.score_fn, s.raw.data(), gj, o.k);
-          for (int64_t j = 0; j < k; ++j) gx[tid[j] - lo] += gj[j];
+          routing::score_chosen_backward(o.score_fn, s.raw.data(), gj, kept);
+          for (int64_t j = 0; j < kept; ++j) gx[tid[j] - lo] += gj[j];
         } else if (o.score_fn == ScoreFn::kSoftmax) {
           acc_t dot = 0;
-          for (int64_t j = 0; j < k; ++j) dot += gj[j] * (s.num[tid[j] - lo] / row.den);
+          for (int64_t j = 0; j < kept; ++j) dot += gj[j] * (s.num[tid[j] - lo] / row.den);
           for (int32_t i = 0; i < n; ++i) gx[i] -= (s.num[i] / row.den) * dot;
-          for (int64_t j = 0; j < k; ++j) gx[tid[j] - lo] += (s.num[tid[j] - lo] / row.den) * gj[j];
+          for (int64_t j = 0; j < kept; ++j)
+            gx[tid[j] - lo] += (s.num[tid[j] - lo] / row.den) * gj[j];
         } else if (o.score_fn == ScoreFn::kSigmoid) {
-          for (int64_t j = 0; j < k; ++j) {
+          for (int64_t j = 0; j < kept; ++j) {
             const acc_t sj = det::sigmoid(s.x[tid[j] - lo]);
             gx[tid[j] - lo] += gj[j] * sj * (acc_t(1) - sj);
           }
-        } else {
-          for (int64_t j = 0; j < k; ++j) gx[tid[j] - lo] += gj[j];
+        } else {  // none, and relu (a kept slot's logit is > 0: relu' = 1)
+          for (int64_t j = 0; j < kept; ++j) gx[tid[j] - lo] += gj[j];
         }
       }
       if (gss && (!mask || mask[t])) {
         const acc_t* gp = gss + lo;
         acc_t dot = 0;
         for (int32_t i = 0; i < n; ++i) dot += gp[i] * row.prob(o, s, i);
-        if (o.score_fn == ScoreFn::kSigmoid) {
+        if (o.score_fn == ScoreFn::kRelu) {  // score_sum sums relu(x): d = [x > 0]
+          for (int32_t i = 0; i < n; ++i) gx[i] += s.x[i] > acc_t(0) ? gp[i] : acc_t(0);
+        } else if (o.score_fn == ScoreFn::kSigmoid) {
           for (int32_t i = 0; i < n; ++i)
             gx[i] += (gp[i] - dot) / row.sig_den * s.sig[i] * (acc_t(1) - s.sig[i]);
         } else {
@@ -241,10 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     bool renormalize, double renorm_eps, double scaling, const std::optional<at::Tensor>& bias,
     int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
     const std::optional<at::Tensor>& modality, int64_t num_modalities,
-    const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o =
-      router_check(logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias,
-                   num_groups, groups_kept, group_score, modality, num_modalities, token_mask);
+    const std::optional<at::Tensor>& token_mask, c10::string_view rule, double threshold) {
+  const RouterOptions o = router_check(
+      logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias, num_groups,
+      groups_kept, group_score, modality, num_modalities, token_mask, rule, threshold);
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t t = logits.size(0), e = o.num_experts;
   const auto acc = router_acc_dtype(logits);

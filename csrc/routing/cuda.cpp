@@ -23,10 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     bool renormalize, double renorm_eps, double scaling, const std::optional<at::Tensor>& bias,
     int64_t num_groups, int64_t groups_kept, c10::string_view group_score,
     const std::optional<at::Tensor>& modality, int64_t num_modalities,
-    const std::optional<at::Tensor>& token_mask) {
-  const RouterOptions o =
-      router_check(logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias,
-                   num_groups, groups_kept, group_score, modality, num_modalities, token_mask);
+    const std::optional<at::Tensor>& token_mask, c10::string_view rule, double threshold) {
+  const RouterOptions o = router_check(
+      logits_in, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling, bias, num_groups,
+      groups_kept, group_score, modality, num_modalities, token_mask, rule, threshold);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t t = logits.size(0), e = o.num_experts;

@@ -9,7 +9,9 @@
 // that (VPT = 0) logits are re-read from global memory (L1) and keys staged in shared memory.
 // Every selection decision calls routing:: (key, group_score, choose_groups, better), so ids
 // equal the CPU kernel's. Top-k: each lane tracks its best not-yet-chosen candidate; k rounds of
-// a warp argmax under routing::better pick the winner, and only the winning lane rescans.
+// a warp argmax under routing::better pick the winner, and only the winning lane rescans. A rule
+// (top_p, cum_threshold, relu's positive logits) then keeps a prefix of the k (routing::kept_slots)
+// and clears the rest (id -1, weight 0); the backward takes the slots before the trailing -1s.
 //
 // Determinism: rows map to (block, warp) from the params alone (never the device); each warp
 // adds its rows' probabilities into its own shared array, the block sums its warps in order into
@@ -300,13 +302,15 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
       }
     }
     __syncwarp();
-    if (lane == 0) {
+    if (lane == 0) {  // the CPU twin's steps: the rule keeps a prefix, the rest is no expert
       if (opt.topk_then_score) routing::score_chosen(opt.score_fn, sw, k);
-      routing::finish_weights(opt, sw, k);
+      const int32_t kept = routing::kept_slots(opt, sw, k);
+      routing::clear_slots(sw, sids, kept, k);
+      routing::finish_weights(opt, sw, kept);
       static_cast<Acc*>(p.lse)[t] = det::add(m, det::log(den));
     }
     __syncwarp();
-    for (int j = lane; j < k; j += kWarp) {
+    for (int j = lane; j < k; j += kWarp) {  // counts: the kept slots (cleared ones are id -1)
       static_cast<Acc*>(p.weights)[t * k + j] = sw[j];
       p.ids[t * k + j] = sids[j];
       if (counted && sids[j] >= 0) atomicAdd(&scount[sids[j]], 1);
@@ -379,7 +383,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
   const ScoreFn f = opt.score_fn;
   const bool tts = opt.topk_then_score;
   // cw holds dL/ds pushed through the row softmax (soft_w: score-then-top-k softmax), dL/ds of
-  // an elementwise score (sigmoid, none), or dL/dx itself (top-k then score).
+  // an elementwise score (sigmoid, none, relu), or dL/dx itself (top-k then score).
   const bool soft_w = gw != nullptr && !tts && f == ScoreFn::kSoftmax;
 
   const int64_t first = static_cast<int64_t>(blockIdx.x) * pl.rows_per_block;
@@ -390,7 +394,9 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
     const int n = hi - lo;
     const RowVals<T, VPT> rv(static_cast<const T*>(p.logits) + t * p.logits_stride + lo, n, lane);
     const bool use_g = gss != nullptr && (p.token_mask == nullptr || p.token_mask[t] != 0);
-    const bool sig_g = use_g && f == ScoreFn::kSigmoid, soft_g = use_g && !sig_g;
+    // score_sum's probabilities: sigmoid over the row's sigmoid sum, relu(x), or softmax.
+    const bool sig_g = use_g && f == ScoreFn::kSigmoid, relu_g = use_g && f == ScoreFn::kRelu;
+    const bool soft_g = use_g && !sig_g && !relu_g;
     Acc m, den, sig_den;
     row_sums(rv, sig_g, &m, &den, &sig_den);
     auto softmax = [&](Acc x) { return det::div(routing::softmax_num(x, m), den); };
@@ -398,19 +404,28 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
     for (int i = lane; i < n; i += kWarp) cw[i] = Acc(0);
     if (gw != nullptr) {  // dL/draw through finish_weights (and score_chosen for top-k then score)
       const int32_t* ids = p.ids + t * k;
+      // kept: the slots before the trailing -1s (a rule's cleared slots: no expert, no gradient,
+      // no error). The forward's kept prefix; the CPU twin raises where the two differ.
+      int kept = 0;
+      for (int j = lane; j < k; j += kWarp)
+        if (ids[j] != -1) kept = j + 1;
+#pragma unroll
+      for (int h = kWarp / 2; h; h /= 2) kept = max(kept, __shfl_xor_sync(kFull, kept, h));
       for (int j = lane; j < k; j += kWarp) {
-        const bool ok = ids[j] >= lo && ids[j] < hi;  // else: not from this forward; ignored
-        if (!ok && p.error_flag != nullptr) atomicOr(p.error_flag, kIdsNotEligible);
+        // A kept slot that is not an eligible expert (a -1 included) is not from this forward:
+        // flagged and ignored. A cleared slot's raw weight is 0, as on the CPU.
+        const bool ok = j < kept && ids[j] >= lo && ids[j] < hi;
+        if (j < kept && !ok && p.error_flag != nullptr) atomicOr(p.error_flag, kIdsNotEligible);
         const Acc x = ok ? to_acc(rv.row[ids[j] - lo]) : Acc(0);
-        sraw[j] = tts ? x : routing::score(f, x, m, den);
+        sraw[j] = tts || j >= kept ? x : routing::score(f, x, m, den);
         sg[j] = gw[t * k + j];
       }
       __syncwarp();
-      if (lane == 0) {
+      if (lane == 0) {  // the CPU twin's steps, over the kept slots
         if (tts) routing::score_chosen(f, sraw, k);
-        routing::finish_weights_backward(opt, sraw, sg, k);
-        if (tts) routing::score_chosen_backward(f, sraw, sg, k);
-        for (int j = 0; j < k; ++j)  // one lane: safe even for repeated ids
+        routing::finish_weights_backward(opt, sraw, sg, kept);
+        if (tts) routing::score_chosen_backward(f, sraw, sg, kept);
+        for (int j = 0; j < kept; ++j)  // one lane: safe even for repeated ids
           if (ids[j] >= lo && ids[j] < hi) cw[ids[j] - lo] += sg[j];
       }
       __syncwarp();
@@ -442,7 +457,9 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, min_blocks<T, VPT>())
         const Acc sig = det::sigmoid(x);
         dx += (gss[lo + i] - dotp) / sig_den * sig * (Acc(1) - sig);
       }
-      if (gw != nullptr && !soft_w && cw[i] != Acc(0)) {  // chosen experts only
+      if (relu_g && x > Acc(0)) dx += gss[lo + i];  // relu' = [x > 0] (NaN: 0, as on the CPU)
+      // Chosen experts only; none and relu: identity (a kept relu slot has x > 0: relu' = 1).
+      if (gw != nullptr && !soft_w && cw[i] != Acc(0)) {
         Acc c = cw[i];
         if (!tts && f == ScoreFn::kSigmoid) {
           const Acc sig = det::sigmoid(x);

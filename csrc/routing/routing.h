@@ -26,7 +26,14 @@
 
 namespace mixops {
 
-enum class ScoreFn : int32_t { kNone = 0, kSoftmax = 1, kSigmoid = 2 };
+enum class ScoreFn : int32_t { kNone = 0, kSoftmax = 1, kSigmoid = 2, kRelu = 3 };
+// How many of the k best a row keeps (a variable number of experts per token, static shapes: the
+// slots past the kept prefix get id -1 and weight 0). kTopK: all k. kTopP ("Harder Tasks Need More
+// Experts", ZhenweiAn/Dynamic_MoE): slot j if j == 0 or c_{j-1} <= p, c the inclusive prefix sums
+// of the sorted softmax scores (the shortest prefix whose sum exceeds p). kCumThreshold (XMoE,
+// ysngki/XMoE): slot j if j == 0 or fl(c_j - s_j) < p (the shortest prefix whose sum reaches p).
+// kPositive (ReMoE, thu-ml/ReMoE; score_fn relu): the slots whose logit is > 0 (possibly none).
+enum class Rule : int32_t { kTopK = 0, kTopP = 1, kCumThreshold = 2, kPositive = 3 };
 enum class GroupScore : int32_t { kTop2Sum = 0, kMax = 1 };
 
 // Bits of the CUDA error flag (value checks the host cannot make without a sync).
@@ -48,6 +55,8 @@ struct RouterOptions {
   GroupScore group_score = GroupScore::kTop2Sum;
   int32_t num_modalities = 1;  // experts split per modality; 1 = off
   bool has_bias = false;
+  Rule rule = Rule::kTopK;  // kPositive exactly when score_fn is kRelu
+  double threshold = 0.0;   // p of kTopP and kCumThreshold
 };
 
 namespace routing {
@@ -55,7 +64,10 @@ namespace routing {
 // Whether ranking raw logits (plus bias) orders experts exactly as the scores would.
 // score then top-k with a bias, or with group scores that add two scores, needs the scores.
 MIXOPS_INLINE bool keys_are_logits(const RouterOptions& o) {
-  if (o.topk_then_score || o.score_fn == ScoreFn::kNone) return true;
+  // relu keeps the logits' order among the positive ones, and only those are kept.
+  if (o.topk_then_score || o.score_fn == ScoreFn::kNone || o.score_fn == ScoreFn::kRelu) {
+    return true;
+  }
   if (o.has_bias) return false;
   return o.num_groups == 1 || o.group_score == GroupScore::kMax;
 }
@@ -83,10 +95,17 @@ MIXOPS_INLINE T softmax_num(T x, T row_max) {
 }
 
 // The score s_e of one logit. softmax needs the row's max and denominator.
+// relu as torch.relu: NaN stays NaN.
+template <class T>
+MIXOPS_INLINE T relu(T x) {
+  return x > T(0) ? x : (x != x ? x : T(0));
+}
+
 template <class T>
 MIXOPS_INLINE T score(ScoreFn f, T x, T row_max, T softmax_den) {
   if (f == ScoreFn::kSoftmax) return det::div(softmax_num(x, row_max), softmax_den);
   if (f == ScoreFn::kSigmoid) return det::sigmoid(x);
+  if (f == ScoreFn::kRelu) return relu(x);
   return x;
 }
 
@@ -97,12 +116,51 @@ MIXOPS_INLINE T key(const RouterOptions& o, T x, T bias, T row_max, T softmax_de
   return o.has_bias ? det::add(base, bias) : base;
 }
 
-// The balancing-loss probability of one expert: softmax (score_fn softmax or none) or the
-// sigmoid score over the row's sigmoid sum.
+// The balancing-loss probability of one expert: softmax (score_fn softmax or none), the sigmoid
+// score over the row's sigmoid sum, or relu(x) itself (relu: score_sum is then ReMoE's per-expert
+// L1 mass sum_t relu(x_te)).
 template <class T>
 MIXOPS_INLINE T prob(ScoreFn f, T x, T row_max, T softmax_den, T sigmoid_den) {
   if (f == ScoreFn::kSigmoid) return det::div(det::sigmoid(x), sigmoid_den);
+  if (f == ScoreFn::kRelu) return relu(x);
   return det::div(softmax_num(x, row_max), softmax_den);
+}
+
+// How many of the k best-first scores w[0..k) (before finish_weights) the row keeps, by o.rule;
+// the kept slots are a prefix. Prefix sums run j = 0, 1, ... with det::add (the same bits on CPU
+// and CUDA). kPositive keeps the scores > 0 (NaN is not > 0), so a row may keep none.
+template <class T>
+MIXOPS_INLINE int32_t kept_slots(const RouterOptions& o, const T* w, int32_t k) {
+  const T p = static_cast<T>(o.threshold);
+  T c = T(0);
+  switch (o.rule) {
+    case Rule::kTopP:
+      for (int32_t j = 0; j < k; ++j) {
+        if (j > 0 && !(c <= p)) return j;
+        c = det::add(c, w[j]);
+      }
+      return k;
+    case Rule::kCumThreshold:
+      for (int32_t j = 0; j < k; ++j) {
+        c = det::add(c, w[j]);
+        if (j > 0 && !(det::sub(c, w[j]) < p)) return j;
+      }
+      return k;
+    case Rule::kPositive:
+      for (int32_t j = 0; j < k; ++j)
+        if (!(w[j] > T(0))) return j;
+      return k;
+    default: return k;
+  }
+}
+
+// Clears the slots [kept, k): id -1, weight 0 (no expert: no GEMM rows, no count).
+template <class T>
+MIXOPS_INLINE void clear_slots(T* w, int32_t* ids, int32_t kept, int32_t k) {
+  for (int32_t j = kept; j < k; ++j) {
+    w[j] = T(0);
+    ids[j] = -1;
+  }
 }
 
 // Inserts (key, id) into best-first lists keys/ids of length *count <= k (top-k by insertion).

@@ -4,7 +4,8 @@ index, index_add), with identity experts in between so only routing is timed.
 
 Grid: num_tokens in {1, 128, 4096, 32768} x E in {8, 64, 256} x k in {1, 2, 8},
 float32 and bfloat16, hidden 1024 (--hidden). Target on CPU: >= 3x at T=4096, E=64, k=8 and
-never slower at T=1.
+never slower at T=1. Then the variable-count rules (top-p, XMoE's threshold, ReMoE's relu):
+routing_rules.py; ``--rules`` runs that part alone.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import itertools
 
 import torch
 
+from .routing_rules import run_rules
 from .timing import interleaved_median_ms, nvtx_range, selected_dtypes, where
 
 TOKENS = (1, 128, 4096, 32768)
@@ -49,8 +51,14 @@ def torch_chain(logits, x, k, num_experts):
 
 
 def run(args):
-    device = args.device
     dtypes = selected_dtypes(args)
+    rows = [] if args.rules else run_chain(args, dtypes)
+    run_rules(args, dtypes)
+    return rows
+
+
+def run_chain(args, dtypes):
+    device = args.device
     grid = QUICK if args.quick else tuple(itertools.product(TOKENS, EXPERTS, TOPK))
     grid = [
         (t, e, k)
@@ -100,3 +108,8 @@ def add_args(p: argparse.ArgumentParser):
     """routing's own options (--quick, --reps, --dtype, --experts are shared)."""
     p.add_argument("--hidden", type=int, default=1024, help="hidden size of x")
     p.add_argument("--tokens", type=int, nargs="*", default=[], help="only these token counts")
+    p.add_argument(
+        "--rules",
+        action="store_true",
+        help="only the variable-count routing rules (top-p, cum_threshold, relu)",
+    )

@@ -1,9 +1,10 @@
 """nn.Modules built from the mixops ops: the MoE layer (moe.py), the MoA layer (moa.py), the MoD
 wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and its configuration
-(router.py), the experts (experts.py; of different widths: packed_experts.py) and the
-activations by name."""
+(router.py; the variable-count rules' losses and counters: dynamic_routing.py), the experts
+(experts.py; of different widths: packed_experts.py) and the activations by name."""
 
 from .activations import ACTIVATIONS
+from .dynamic_routing import BoundHitCounter, ReMoEController, TopPEntropyLoss, bound_hits
 from .experts import MLP, Experts
 from .lora_moe import LoRAMoE
 from .moa import MoA, MoAExperts, MoAParts
@@ -33,4 +34,8 @@ __all__ = [
     "PackedExperts",
     "MLP",
     "ACTIVATIONS",
+    "BoundHitCounter",
+    "ReMoEController",
+    "TopPEntropyLoss",
+    "bound_hits",
 ]

@@ -12,7 +12,8 @@ from torch import nn
 
 __all__ = ["RouterConfig", "TopKRouter"]
 
-_SCORE_FNS = ("softmax", "sigmoid", "none")
+_SCORE_FNS = ("softmax", "sigmoid", "none", "relu")
+_RULES = ("topk", "top_p", "cum_threshold")
 _GROUP_SCORES = ("top2_sum", "max")
 _POSITIVE_INTS = ("num_experts", "top_k", "num_groups", "groups_kept", "num_modalities")
 _FLAGS = ("topk_then_score", "renormalize", "selection_bias", "router_fp32")
@@ -31,6 +32,11 @@ class RouterConfig:
         selection_bias: the router holds a bias ``e_score_correction_bias`` [num_experts] added
             to the scores for choosing only (auxiliary-loss-free balancing, DeepSeek-V3).
         router_fp32: compute the logits in fp32 (DeepSeek-V3); otherwise in the input's dtype.
+        rule, threshold: a variable number of experts per token, at most ``top_k`` (the bound,
+            which fixes every shape): ``"top_p"`` (Huang et al. 2024) or ``"cum_threshold"``
+            (XMoE) with ``threshold`` = p; ``score_fn="relu"`` (ReMoE) keeps the experts whose
+            logit is > 0. Unchosen slots get id -1 and weight 0 (router_topk's docstring;
+            mixops.nn.dynamic_routing has the rules' losses and counters).
 
     ``op_kwargs()`` gives the keyword arguments of ``router_topk`` (``k`` included).
     """
@@ -48,6 +54,8 @@ class RouterConfig:
     num_modalities: int = 1
     selection_bias: bool = False
     router_fp32: bool = False
+    rule: str = "topk"
+    threshold: float = 0.0
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
@@ -74,9 +82,10 @@ class RouterConfig:
             object.__setattr__(self, name, float(v))  # the op takes doubles
         if self.score_fn not in _SCORE_FNS:
             raise ValueError(
-                f"RouterConfig: score_fn must be 'softmax', 'sigmoid' or 'none', "
+                f"RouterConfig: score_fn must be 'softmax', 'sigmoid', 'none' or 'relu', "
                 f"got {self.score_fn!r}"
             )
+        self._check_rule()
         if self.group_score not in _GROUP_SCORES:
             raise ValueError(
                 f"RouterConfig: group_score must be 'top2_sum' or 'max', got {self.group_score!r}"
@@ -112,6 +121,37 @@ class RouterConfig:
                 f"num_modalities={self.num_modalities})"
             )
 
+    def _check_rule(self):
+        """rule and threshold, and the options they combine with (router_topk's rules)."""
+        if self.rule not in _RULES:
+            raise ValueError(
+                f"RouterConfig: rule must be 'topk', 'top_p' or 'cum_threshold', got {self.rule!r}"
+            )
+        t = self.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+            raise ValueError(f"RouterConfig: threshold must be a finite number, got {t!r}")
+        object.__setattr__(self, "threshold", float(t))
+        if self.rule == "topk" and t != 0:
+            raise ValueError(
+                f"RouterConfig: threshold ({t}) is the p of rule 'top_p' or 'cum_threshold'; "
+                "rule is 'topk'"
+            )
+        if self.rule != "topk" and self.score_fn != "softmax":
+            raise ValueError(
+                f"RouterConfig: rule {self.rule!r} compares cumulative softmax probabilities; "
+                f"score_fn must be 'softmax', got {self.score_fn!r}"
+            )
+        if self.rule == "topk" and self.score_fn != "relu":
+            return
+        what = f"rule {self.rule!r}" if self.rule != "topk" else "score_fn 'relu'"
+        for name, bad in (
+            ("topk_then_score", self.topk_then_score),
+            ("selection_bias", self.selection_bias),
+            ("num_groups > 1", self.num_groups > 1),
+        ):
+            if bad:
+                raise ValueError(f"RouterConfig: {what} cannot be combined with {name}")
+
     @property
     def eligible(self) -> int:
         """How many experts one token can choose from (its modality's, or its kept groups')."""
@@ -133,6 +173,8 @@ class RouterConfig:
             groups_kept=self.groups_kept,
             group_score=self.group_score,
             num_modalities=self.num_modalities,
+            rule=self.rule,
+            threshold=self.threshold,
         )
 
     @classmethod

@@ -39,6 +39,8 @@ def router_topk(
     modality: Optional[torch.Tensor] = None,
     num_modalities: int = 1,
     token_mask: Optional[torch.Tensor] = None,
+    rule: str = "topk",
+    threshold: float = 0.0,
 ) -> RouterOutput:
     """Score experts, pick the top k per token, finish the weights, and count.
 
@@ -64,6 +66,20 @@ def router_topk(
     scored by the sum of its two best (biased) scores (``group_score="top2_sum"``) or its best
     (``"max"``), and only the ``groups_kept`` best groups' experts can be chosen. Then, if
     ``renormalize``, ``w /= w.sum() + renorm_eps``; finally ``w *= scaling``.
+
+    A variable number of experts per token (static shapes: ``k`` is the bound, the slots after a
+    token's kept ones get id -1 and weight 0, no GEMM rows): ``rule="top_p"`` (Huang et al. 2024,
+    ZhenweiAn/Dynamic_MoE) keeps the shortest prefix of the k best softmax scores whose sum exceeds
+    ``threshold`` (slot j is kept if j == 0 or the sum of slots 0..j-1 is <= p);
+    ``rule="cum_threshold"`` (XMoE, ysngki/XMoE) the shortest prefix whose sum reaches it (slot j
+    if j == 0 or ``(c_j - s_j) < p``, c_j the inclusive sum); ``score_fn="relu"`` (ReMoE,
+    thu-ml/ReMoE) weights ``relu(logit)`` and keeps the experts whose logit is > 0 (possibly
+    none; ``score_sum`` then sums ``relu(logit)``, ReMoE's L1 mass). Sums run in slot order in
+    float32 (float64). The authors use no renormalisation: pass ``renormalize=False`` to match
+    them (True renormalises over the kept slots). These rules take softmax scores (relu: its own),
+    no bias, no groups and not ``topk_then_score``. A token that would take more than k keeps
+    the k best. A row whose softmax is NaN keeps one expert under both top-p rules (as XMoE's code;
+    Huang's keeps all E there).
 
     Ties: the lower expert id wins; a NaN score ranks below every number. NaN or +inf logits, or a
     row of -inf logits, make that row's softmax (weights, score_sum contributions, lse) NaN as in
@@ -95,6 +111,8 @@ def router_topk(
             modality,
             num_modalities,
             token_mask,
+            rule,
+            threshold,
         )
     )
 
@@ -119,11 +137,14 @@ def _router_topk_fake(
     modality=None,
     num_modalities=1,
     token_mask=None,
+    rule="topk",
+    threshold=0.0,
 ):
     _router_topk_check(
         logits,
         k,
         score_fn,
+        topk_then_score,
         renorm_eps,
         scaling,
         bias,
@@ -133,6 +154,8 @@ def _router_topk_fake(
         modality,
         num_modalities,
         token_mask,
+        rule,
+        threshold,
     )
     num_tokens, num_experts = logits.shape
     acc = _acc_dtype(logits)
@@ -168,6 +191,7 @@ def _router_topk_backward_fake(
         logits,
         ids,
         score_fn,
+        topk_then_score,
         renorm_eps,
         scaling,
         modality,
@@ -193,6 +217,8 @@ def _setup_context(ctx, inputs, output):
         modality,
         num_modalities,
         token_mask,
+        _rule,
+        _threshold,
     ) = inputs
     ctx.set_materialize_grads(False)  # unused outputs give None, not zeros
     ctx.save_for_backward(logits, output[1], modality, token_mask)

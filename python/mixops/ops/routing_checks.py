@@ -7,8 +7,9 @@ import math
 import torch
 
 from ._check import FLOATS, INT32_MAX, check
+from .routing_rule_checks import _check_rule
 
-_SCORE_FNS = ("softmax", "sigmoid", "none")
+_SCORE_FNS = ("softmax", "sigmoid", "none", "relu")
 _GROUP_SCORES = ("top2_sum", "max")
 
 
@@ -105,14 +106,22 @@ def _check_token_args(logits, modality, num_modalities, token_mask, op):
         )
 
 
-def _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, k_name):
+def _check_options(
+    logits, k, score_fn, topk_then_score, renorm_eps, scaling, num_modalities, op, k_name
+):
     """common_options: score_fn, renorm_eps, scaling, k (k_name: "k" or "k = ids.size(1)")."""
     check(
         score_fn in _SCORE_FNS,
         op,
-        ": score_fn must be 'softmax', 'sigmoid' or 'none', got '",
+        ": score_fn must be 'softmax', 'sigmoid', 'none' or 'relu', got '",
         score_fn,
         "'",
+    )
+    check(
+        not (score_fn == "relu" and topk_then_score),
+        op,
+        ": score_fn 'relu' cannot be combined with topk_then_score=True (the kept experts are "
+        "those whose logit is > 0)",
     )
     renorm_eps, scaling = float(renorm_eps), float(scaling)  # the schema's double
     check(
@@ -143,6 +152,7 @@ def _router_topk_check(
     logits,
     k,
     score_fn,
+    topk_then_score,
     renorm_eps,
     scaling,
     bias,
@@ -152,11 +162,15 @@ def _router_topk_check(
     modality,
     num_modalities,
     token_mask,
+    rule="topk",
+    threshold=0.0,
 ):
     op = "router_topk"
     _check_logits(logits, op)
     _check_token_args(logits, modality, num_modalities, token_mask, op)
-    _check_options(logits, k, score_fn, renorm_eps, scaling, num_modalities, op, "k")
+    _check_options(
+        logits, k, score_fn, topk_then_score, renorm_eps, scaling, num_modalities, op, "k"
+    )
     e = logits.shape[1]
     if bias is not None:
         check(
@@ -221,6 +235,7 @@ def _router_topk_check(
             " = ",
             eligible,
         )
+    _check_rule(score_fn, topk_then_score, bias, num_groups, rule, threshold)
 
 
 def _router_topk_backward_check(
@@ -230,6 +245,7 @@ def _router_topk_backward_check(
     logits,
     ids,
     score_fn,
+    topk_then_score,
     renorm_eps,
     scaling,
     modality,
@@ -257,7 +273,15 @@ def _router_topk_backward_check(
         ids.device,
     )
     _check_options(
-        logits, ids.shape[1], score_fn, renorm_eps, scaling, num_modalities, op, "k = ids.size(1)"
+        logits,
+        ids.shape[1],
+        score_fn,
+        topk_then_score,
+        renorm_eps,
+        scaling,
+        num_modalities,
+        op,
+        "k = ids.size(1)",
     )
     acc = _acc_dtype(logits)
     for g, name, shape in (

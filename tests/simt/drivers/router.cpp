@@ -19,7 +19,8 @@
 namespace {
 
 // The options router_check / router_backward_check build (the values were validated by the
-// caller). score_fn: mixops::ScoreFn; group_score: mixops::GroupScore.
+// caller). score_fn: mixops::ScoreFn; group_score: mixops::GroupScore; rule: mixops::Rule (the
+// forward's; kPositive with score_fn relu, as router_check sets it).
 mixops::RouterOptions options(int32_t num_experts, int32_t k, int score_fn, int topk_then_score,
                               int renormalize, double renorm_eps, double scaling,
                               int32_t num_modalities) {
@@ -46,11 +47,11 @@ extern "C" {
 int simt_router_topk(int dtype, int64_t num_tokens, int32_t num_experts, int32_t k, int score_fn,
                      int topk_then_score, int renormalize, double renorm_eps, double scaling,
                      int32_t num_groups, int32_t groups_kept, int group_score,
-                     int32_t num_modalities, const void* logits, int64_t logits_stride,
-                     const void* bias, const void* modality, int modality_int64,
-                     const uint8_t* token_mask, void* weights, int32_t* ids, int32_t* counts,
-                     void* score_sum, void* lse, int32_t* error_flag, const SimtRun* run, char* err,
-                     int err_len) {
+                     int32_t num_modalities, int rule, double threshold, const void* logits,
+                     int64_t logits_stride, const void* bias, const void* modality,
+                     int modality_int64, const uint8_t* token_mask, void* weights, int32_t* ids,
+                     int32_t* counts, void* score_sum, void* lse, int32_t* error_flag,
+                     const SimtRun* run, char* err, int err_len) {
   return simt::run_with(run, err, err_len, [&] {
     mixops::RouterParams p{};
     p.opt = options(num_experts, k, score_fn, topk_then_score, renormalize, renorm_eps, scaling,
@@ -59,6 +60,8 @@ int simt_router_topk(int dtype, int64_t num_tokens, int32_t num_experts, int32_t
     p.opt.num_groups = num_groups;
     p.opt.groups_kept = num_groups == 1 ? 1 : groups_kept;
     p.opt.group_score = static_cast<mixops::GroupScore>(group_score);
+    p.opt.rule = static_cast<mixops::Rule>(rule);
+    p.opt.threshold = threshold;
     p.dtype = static_cast<mixops::Dtype>(dtype);
     p.num_tokens = num_tokens;
     p.logits = logits;
