@@ -272,7 +272,7 @@ BAD = [
     (dict(shared_adapter=0), ValueError, "shared_adapter"),
     (dict(top_k=5), ValueError, r"top_k \(5\) must be <="),
     (dict(num_experts=0), ValueError, "num_experts must be a positive int"),
-    (dict(score_fn="relu"), ValueError, "score_fn"),
+    (dict(score_fn="tanh"), ValueError, "score_fn"),
     (dict(capacity_factor=1.0), TypeError, "unexpected keyword arguments: capacity_factor"),
     (dict(router=RouterConfig(4, 2), renormalize=False), ValueError, "either as router="),
     (dict(router=RouterConfig(3, 2)), ValueError, r"num_experts=4 disagrees"),

@@ -5,6 +5,7 @@ wrapper (mod.py), the shortcut-connected blocks (shortcut.py), the router and it
 
 from .activations import ACTIVATIONS
 from .dynamic_routing import BoundHitCounter, ReMoEController, TopPEntropyLoss, bound_hits
+from .dynmoe import DynMoE, DynMoEGate
 from .experts import MLP, Experts
 from .lora_moe import LoRAMoE
 from .moa import MoA, MoAExperts, MoAParts
@@ -35,6 +36,8 @@ __all__ = [
     "MLP",
     "ACTIVATIONS",
     "BoundHitCounter",
+    "DynMoE",
+    "DynMoEGate",
     "ReMoEController",
     "TopPEntropyLoss",
     "bound_hits",
