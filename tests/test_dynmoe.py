@@ -184,3 +184,20 @@ def test_capacity_factor():
     assert torch.isfinite(y).all() and not torch.allclose(y, y_full)
     (y.square().sum() + small.aux_loss).backward()
     assert all(torch.isfinite(p.grad).all() for p in small.parameters())
+
+
+def test_bf16_layer_keeps_the_gate_fp32():
+    """Their gate runs in fp32 (fp32_gate=True): a bf16 layer keeps the gate's parameters and
+    buffers fp32 and unrounded, and routes bf16 tokens through it."""
+    torch.manual_seed(0)
+    m = DynMoE(16, 24, 8, aux_loss_coef=0.01)
+    gate = {n: t.clone() for n, t in m.gate.state_dict().items()}
+    m = m.to(torch.bfloat16)
+    for n, t in m.gate.state_dict().items():
+        assert t.dtype == torch.float32 and torch.equal(t, gate[n]), n
+    assert m.experts.gate_up_proj.dtype == torch.bfloat16
+    x = torch.randn(20, 16, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    (y.float().square().sum() + m.aux_loss).backward()
+    assert m.gate.gates.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16

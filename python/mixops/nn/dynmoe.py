@@ -6,7 +6,7 @@ L434-552 and ``loss.py``): top-any gating with per-expert trainable thresholds, 
   init; ``scale = exp(min(temperature, ln 100))``, 1 with their ``init_t = 1``), scores
   ``s_te = sigmoid(z_te)`` (``experts_mask`` m_e zeroes inactive experts), thresholds
   ``G_e = sigmoid(gates_e * scale)`` (``gates`` start at 0: G = 0.5). Math in fp32 (fp64 for an
-  fp64 layer), as their ``fp32_gate=True``.
+  fp64 layer), as their ``fp32_gate=True``; ``layer.to(torch.bfloat16)`` leaves the gate fp32.
 * ``DynMoE(MoE)``: expert e is chosen for token t iff ``s_te - G_e > 0`` (strict). The selection
   is ``router_topk(z, k, score_fn="sigmoid", bias=-G)`` (keys ``s + (-G)``, best first; inactive
   experts bias -inf), then the slots whose key is > 0 (the same addition the kernel makes, so the
@@ -63,6 +63,25 @@ class DynMoEGate(nn.Module):
             self.gates.zero_()
             self.experts_mask.fill_(1.0)
             self.temperature.fill_(math.log(1.0 / self.init_t))
+
+    def _apply(self, fn, recurse=True):
+        # Their gate is fp32 (fp32_gate=True): module.to(bf16) moves it but keeps it fp32, and
+        # unrounded (its fp32 originals are moved, not the rounded copies).
+        # (Copies: module.to() may swap a parameter's contents in place.)
+        before = {
+            n: t.detach().clone() for n, t in [*self.named_parameters(), *self.named_buffers()]
+        }
+        out = super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = getattr(self, n)
+            if new.dtype in (torch.float32, torch.float64) or old.dtype == new.dtype:
+                continue
+            kept = old.to(new.device)
+            if isinstance(new, nn.Parameter):
+                new.data = kept
+            else:
+                setattr(self, n, kept)
+        return out
 
     def scale(self):
         return torch.clamp(self.temperature, max=self.clamp_max).exp()
