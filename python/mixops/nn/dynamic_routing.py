@@ -36,15 +36,13 @@ def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _slot_sums(values):
-    """The inclusive prefix sums of values [T, k] over the slots in slot order, as the kernel adds
-    them (one rounding per addition, in values' dtype)."""
+def _slot_sum(values):
+    """The sum of values [T, k] over the slots in slot order, as the kernel adds them (one
+    rounding per addition, in values' dtype)."""
     c = torch.zeros_like(values[:, 0])
-    sums = []
     for j in range(values.shape[1]):
         c = c + values[:, j]
-        sums.append(c)
-    return sums
+    return c
 
 
 def bound_hits(logits, config):
@@ -65,7 +63,7 @@ def bound_hits(logits, config):
         return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     top = torch.softmax(x.to(acc), -1).topk(k, -1).values
-    c = _slot_sums(top)[-1]
+    c = _slot_sum(top)
     p = config.threshold
     return c <= p if config.rule == "top_p" else c < p
 

@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._compat import sym_min
 from ..ops import router_topk
 from .activations import GATED
 from .experts import Experts
 from .moe import MoE
-from .moe_config import MoEParts
+from .moe_config import MoEParts, slot_capacity
 
 __all__ = ["DynMoE", "DynMoEGate"]
 
@@ -76,11 +75,11 @@ class DynMoEGate(nn.Module):
             new = getattr(self, n)
             if new.dtype in (torch.float32, torch.float64) or old.dtype == new.dtype:
                 continue
-            kept = old.to(new.device)
+            restored = old.to(new.device)
             if isinstance(new, nn.Parameter):
-                new.data = kept
+                new.data = restored
             else:
-                setattr(self, n, kept)
+                setattr(self, n, restored)
         return out
 
     def scale(self):
@@ -134,7 +133,6 @@ class DynMoE(MoE):
             best = (s * gate.experts_mask).argmax(-1, keepdim=True)
             out_ids = torch.where(first, best, out_ids)
             sign = torch.where(first, torch.ones_like(sign), sign)
-            kept = kept | first
             K = K.clamp(min=1)
         w = sign / K.clamp(min=1)
         E = self.num_experts
@@ -146,18 +144,14 @@ class DynMoE(MoE):
         self.aux_loss = None
         if self.dynmoe_aux_loss_coef:
             self.aux_loss = self.dynmoe_aux_loss_coef * dynmoe_losses(
-                gate, sign, out_ids.clamp(min=0), kept, K, token_mask
+                gate, sign, out_ids.clamp(min=0), K, token_mask
             )
-        capacity = None
-        if self._capacity is not None:
-            num, den = self._capacity.numerator, self._capacity.denominator
-            T, k = x2.shape[0], self.top_k
-            capacity = sym_min((num * T * k + den * E - 1) // (den * E), T * k)
+        capacity = slot_capacity(self._capacity, x2.shape[0], self.top_k, E)
         result = r._replace(weights=w.to(r.weights.dtype), ids=out_ids.int(), counts=counts)
         return result, capacity
 
 
-def dynmoe_losses(gate, sign, ids, kept, K, token_mask=None):
+def dynmoe_losses(gate, sign, ids, K, token_mask=None):
     """diverse + simple + load-balance + efficiency, as LINs-lab/DynMoE computes them
     (``loss.py`` L4-15; ``sharded_moe.py`` L454-466) from the straight-through signs of the chosen
     pairs (``sign`` [T, k], 0 elsewhere), their expert ids and K [T, 1]. Tokens outside
@@ -165,7 +159,6 @@ def dynmoe_losses(gate, sign, ids, kept, K, token_mask=None):
     E = gate.sim_matrix.shape[1]
     if token_mask is not None:
         sign = sign * token_mask[:, None]
-        kept = kept & token_mask[:, None]
         K = torch.where(token_mask[:, None], K, 0)
     T = sign.shape[0] if token_mask is None else token_mask.sum().clamp(min=1)
     dense = torch.zeros(sign.shape[0], E, dtype=sign.dtype, device=sign.device)

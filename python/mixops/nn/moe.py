@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._compat import sym_min
 from .._nvtx import nvtx_range
 from ..ops import permute, router_topk, unpermute
 from .activations import GATED
@@ -33,6 +32,7 @@ from .moe_config import (
     _zero_kinds,
     add_zero_experts,
     per_token,
+    slot_capacity,
 )
 from .moe_lora import MoELoRA
 
@@ -331,14 +331,7 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         coefs = (self.aux_loss_coef, self.z_loss_coef)
         self.aux_loss = router_losses(r, num_tokens, token_mask, E, *coefs, w, by_size,
                                       self.param_loss_coef)  # fmt: skip
-
-        capacity = None
-        if self._capacity is not None:  # ceil(cf * T * k / E) in integers (T may be symbolic)
-            num, den = self._capacity.numerator, self._capacity.denominator
-            capacity = (num * num_tokens * k + den * E - 1) // (den * E)
-            # More slots than T * k drop nothing; capping keeps any capacity_factor within int64.
-            capacity = sym_min(capacity, num_tokens * k)
-        return r, capacity
+        return r, slot_capacity(self._capacity, num_tokens, k, E)
 
     def _experts_routed(self, x2, r, capacity, cast):
         """permute -> the experts' grouped GEMMs (+ their LoRA adapters) -> unpermute (expert

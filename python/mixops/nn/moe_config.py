@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._compat import sym_min
 from .activations import check_activation
 from .packed_experts import PackedExperts, check_ffn_sizes
 from .router import RouterConfig
@@ -77,6 +78,17 @@ def _capacity_fraction(capacity_factor):
             f"got {capacity_factor!r}"
         )
     return Fraction(capacity_factor).limit_denominator(1 << 20)
+
+
+def slot_capacity(fraction, num_tokens, k, num_experts):
+    """Slots per expert for ``capacity_factor`` (as ``_capacity_fraction`` gives it; None: dropless,
+    returns None): ``ceil(cf * T * k / E)`` in integers (T may be symbolic), capped at ``T * k``
+    (more slots drop nothing, and the cap keeps any capacity_factor within int64)."""
+    if fraction is None:
+        return None
+    num, den = fraction.numerator, fraction.denominator
+    capacity = (num * num_tokens * k + den * num_experts - 1) // (den * num_experts)
+    return sym_min(capacity, num_tokens * k)
 
 
 def _zero_kinds(zero_experts):
