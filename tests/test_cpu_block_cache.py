@@ -1,9 +1,10 @@
 """The CPU block cache behind large op outputs (csrc/core/cpu_alloc.h): a freed output of >= 4 MiB
-keeps its pages mapped and is handed to the next output of the same rounded size; a request that
-misses after a hit keeps the cache, two misses in a row release it (a cold step peaks no higher
-than without the cache); idle blocks past MIXOPS_CPU_CACHE_MB are released, oldest first; live
-tensors (and their views) never share a block; MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block still
-holds the previous tensor's values."""
+keeps its pages mapped and is handed to the next output of the same rounded size; a miss keeps the
+cache and releases only blocks idle for more than MIXOPS_CPU_CACHE_STALE takes; a steady loop hits
+from its second step on, whatever its first step freed and missed; idle blocks past
+MIXOPS_CPU_CACHE_MB are released, oldest first; live tensors (and their views) never share a
+block; MIXOPS_CPU_CACHE=0 turns it off; results never depend on it, even though a reused block
+still holds the previous tensor's values."""
 
 import json
 import os
@@ -73,30 +74,71 @@ def test_a_miss_keeps_the_cache(cache):
     assert r["miss"] > r["freed_again"] + 4, r
 
 
-_COLD_PROBE = """
+_STALE_PROBE = """
 import json, os, torch, mixops
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 big = torch.randn(8192, 4096)
-small = torch.randn(2048, 2048)
-a = mixops.ops.gated_activation(big, "relu")  # miss (a cold cache)
+a = mixops.ops.gated_activation(big, "relu")  # take 1: 64 MiB, freed at take 1
 del a
 out = {"freed": rss()}
-b = mixops.ops.gated_activation(small, "relu")  # miss again, no hit between: release first
-out["second_miss"] = rss()
+keep = []
+for rows in (1024, 1280, 1536):  # takes 2, 3, 4: 8, 10, 12 MiB, three misses
+    keep.append(mixops.ops.gated_activation(torch.randn(rows, 4096), "relu"))
+    out[f"miss{len(keep)}"] = rss()
 print(json.dumps(out))
 """
 
 
-def test_two_misses_in_a_row_release_the_cache():
+def _run(code, **env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXOPS_CPU_CACHE")}
+    env.update(env_extra)
     p = subprocess.run(
-        [sys.executable, "-c", _COLD_PROBE], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout)
-    assert r["second_miss"] < r["freed"] - 32, f"the idle 64 MiB block survived a cold miss: {r}"
+    return json.loads(p.stdout)
+
+
+def test_a_miss_releases_only_stale_blocks():
+    # stale after 2 takes: the 64 MiB block freed at take 1 survives the misses of takes 2 and 3
+    # (ages 1, 2) and is released by the miss of take 4 (age 3)
+    r = _run(_STALE_PROBE, MIXOPS_CPU_CACHE_STALE="2")
+    assert r["miss2"] > r["freed"] + 8, f"the idle block was released before it was stale: {r}"
+    assert r["miss3"] < r["miss2"] - 32, f"the stale 64 MiB block survived a miss: {r}"
+    r = _run(_STALE_PROBE)  # the default (4096 takes): it stays
+    assert r["miss3"] > r["freed"] + 20, r
+
+
+# A step whose frees interleave with misses (as a layer's backward frees its forward's outputs):
+# the old policy (two misses in a row release the cache) released in the cold first step the
+# blocks the second needed, and the second step's misses released them again, in every step.
+_LOOP_PROBE = """
+import json, resource, torch, mixops
+xs = {r: torch.randn(r, 4096) for r in (2048, 4096, 1024, 1536)}
+def step():
+    a = mixops.ops.gated_activation(xs[2048], "relu")  # 16 MiB
+    b = mixops.ops.gated_activation(xs[4096], "relu")  # 32 MiB
+    del a
+    c = mixops.ops.gated_activation(xs[1024], "relu")  # 8 MiB
+    d = mixops.ops.gated_activation(xs[1536], "relu")  # 12 MiB
+    del b, c, d
+faults = []
+for _ in range(5):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"faults": faults}))
+"""
+
+
+def test_a_steady_loop_hits_after_its_first_step():
+    # a miss maps a new block: at least 34 faults of 2 MiB pages (68 MiB), thousands of 4 KiB
+    # pages without huge pages; a step of hits touches mapped memory only
+    faults = _run(_LOOP_PROBE)["faults"]
+    assert faults[0] >= 30, faults
+    assert max(faults[2:]) < 16, f"steps after the first still fault in new memory: {faults}"
 
 
 def test_idle_blocks_past_the_limit_are_released():

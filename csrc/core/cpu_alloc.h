@@ -10,16 +10,20 @@
 //
 // So blocks of >= 4 MiB come from a small cache: a freed block is kept (its pages stay mapped) and
 // handed to the next output of the same rounded size. Training loops repeat the same shapes every
-// step, so after the first step every large output is a hit. On a miss:
-//  * after a hit (a steady loop meeting one extra live tensor, e.g. the previous step's output)
-//    the cached blocks stay. An earlier policy released the whole cache on every miss; then such
-//    a lone miss per step emptied it for the rest of the step, and the MoA layer's backward paid
-//    ~20 ms of page faults per 32 MiB gradient (27 ms for an unpermute_backward that takes 6.7 ms
-//    on mapped memory);
-//  * after another miss (a cold step, or shapes that changed) the cache is released before
-//    mapping, so a first step peaks no higher than without the cache.
-// Idle blocks are also bounded: past MIXOPS_CPU_CACHE_MB (default 1/8 of physical memory) the ones
-// freed longest ago are released. MIXOPS_CPU_CACHE=0 turns the cache off.
+// step, so after the first step every large output is a hit. A miss maps a new block and releases
+// only the idle blocks that are stale: idle while more than MIXOPS_CPU_CACHE_STALE (default 4096)
+// blocks were taken since they were freed -- sizes the program no longer asks for (shapes that
+// changed). Two earlier policies thrashed:
+//  * releasing the whole cache on every miss: a lone miss per step (a tensor outliving its step)
+//    emptied it for the rest of the step; the MoA layer's backward paid ~20 ms of page faults per
+//    32 MiB gradient (27 ms for an unpermute_backward that takes 6.7 ms on mapped memory);
+//  * releasing it on two misses in a row: the cold first step released, in its backward, the
+//    blocks the second step needed, whose misses in a row released them again, forever. The MoE
+//    layer's fwd+bwd (2048 tokens, hidden 1024, ffn 2048, E 8, k 2, fp32) missed 10 of its 12
+//    large outputs in every step and took 870-1350 ms instead of a steady 870.
+// The reuse distance of a steady loop is under one step's takes (~12 per MoE layer), far below the
+// stale age. Idle blocks are also bounded: past MIXOPS_CPU_CACHE_MB (default 1/8 of physical
+// memory) the ones freed longest ago are released. MIXOPS_CPU_CACHE=0 turns the cache off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,19 +61,18 @@ class LargeBlockCache {
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      ++takes_;
       for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {
-        if (it->first != bytes) continue;
-        void* p = it->second;
+        if (it->bytes != bytes) continue;
+        void* p = it->block;
         idle_.erase(std::next(it).base());
         idle_bytes_ -= bytes;
-        ++hits_since_miss_;
         return p;
       }
-      // Two misses in a row: the shapes are not repeating (yet), so the idle blocks are likely
-      // dead weight; release them before mapping, so a cold step peaks no higher than without
-      // the cache. A lone miss among hits (a steady loop with one extra live tensor) keeps them.
-      if (hits_since_miss_ == 0) release_all_locked();
-      hits_since_miss_ = 0;
+      // A miss: release the stale blocks (idle_ is ordered by the time they were freed).
+      while (!idle_.empty() && takes_ - idle_.front().freed_at > stale_takes_) {
+        release_front_locked();
+      }
     }
     void* p = nullptr;
     if (posix_memalign(&p, kHugePage, bytes) != 0) return nullptr;
@@ -82,13 +85,9 @@ class LargeBlockCache {
   // Keeps a freed block; past the limit, releases the blocks freed longest ago.
   void give_back(void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    idle_.emplace_back(bytes, p);
+    idle_.push_back({bytes, p, takes_});
     idle_bytes_ += bytes;
-    while (idle_bytes_ > limit_ && !idle_.empty()) {
-      std::free(idle_.front().second);
-      idle_bytes_ -= idle_.front().first;
-      idle_.pop_front();
-    }
+    while (idle_bytes_ > limit_ && !idle_.empty()) release_front_locked();
   }
 
  private:
@@ -102,18 +101,27 @@ class LargeBlockCache {
       const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
       limit_ = pages > 0 && page > 0 ? static_cast<size_t>(pages) * page / 8 : size_t(1) << 30;
     }
+    const char* stale = std::getenv("MIXOPS_CPU_CACHE_STALE");
+    if (stale != nullptr && stale[0] != '\0') stale_takes_ = std::strtoull(stale, nullptr, 10);
   }
 
-  void release_all_locked() {
-    for (auto& [bytes, block] : idle_) std::free(block);
-    idle_.clear();
-    idle_bytes_ = 0;
+  struct Idle {
+    size_t bytes;
+    void* block;
+    uint64_t freed_at;  // takes_ when it was freed
+  };
+
+  void release_front_locked() {
+    std::free(idle_.front().block);
+    idle_bytes_ -= idle_.front().bytes;
+    idle_.pop_front();
   }
 
   std::mutex mu_;
-  std::deque<std::pair<size_t, void*>> idle_;  // (bytes, block), oldest first
+  std::deque<Idle> idle_;  // freed longest ago first
   size_t idle_bytes_ = 0;
-  int64_t hits_since_miss_ = 0;
+  uint64_t takes_ = 0;  // blocks asked for so far (hits and misses)
+  uint64_t stale_takes_ = 4096;
   size_t limit_ = 0;
   bool enabled_ = true;
 };
