@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error_record.h"
+#include "grouped_mm/cpu_thin.h"
 
 namespace py = pybind11;
 
@@ -25,6 +26,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Versions and CUDA archs this extension was compiled with.");
+  m.def(
+      "_cpu_thin_kernel", []() { return std::string(mixops::grouped_mm_thin_isa()); },
+      "The SIMD kernel grouped_mm uses for thin groups on this CPU: avx512, avx2 or none.");
   // Test hooks for the host side of device error reporting (core/error_record.h), which CPU-only
   // machines can run: what mixops.check_errors() would raise for these bits on `device`.
   m.def("_record_error_context", [](int device, const std::string& op, int64_t a, int64_t b) {

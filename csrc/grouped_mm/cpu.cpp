@@ -34,6 +34,7 @@
 
 #include "core/cpu_alloc.h"
 #include "grouped_mm/check.h"
+#include "grouped_mm/cpu_thin.h"
 #include "grouped_mm/grouped_mm.h"
 
 namespace mixops {
@@ -173,6 +174,8 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     out.zero_();
     return;
   }
+  // A few rows per group (decoding): stream the weights instead of a BLAS call per group.
+  if (!ragged_k && grouped_mm_thin(a, b, offsets, num_groups, out)) return;
   run_groups(work, [&](const GroupWork& w) { run_piece(a, b, out, ragged_k, w); });
 }
 
