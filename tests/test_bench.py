@@ -1,6 +1,6 @@
 """The benchmarks run: a quick pass of each job prints its table (timings are not judged; the
 multi-process jobs' traced shares must lie in [0, 100]%); the README's main job (moe, the default)
-also writes its chart. The traced share's interval arithmetic (bench/_overlap.py) is checked
+also writes its chart and ends with the decode table. The traced share's interval arithmetic (bench/_overlap.py) is checked
 against hand-computed intervals."""
 
 import subprocess
@@ -87,6 +87,8 @@ def test_moe_bench_quick_runs_prints_tables_and_writes_png(tmp_path):
         "HF grouped_mm",
         "floor",
         "fwd+bwd",
+        "fwd+bwd+accum",
+        "CPU capability",
         "coarse-8x2",
         "fine-64x8",
         "float32",
@@ -95,9 +97,60 @@ def test_moe_bench_quick_runs_prints_tables_and_writes_png(tmp_path):
         "peak memory",
         "mixops/HF grouped_mm",
         str(png),
+        "mixops MoE decode benchmark",
     ):
         assert needle in p.stdout, needle
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the accumulating pass: config dtype pass impl median-ms x-floor [speedup, peers only]
+    rows = [line.split() for line in p.stdout.splitlines()]
+    rows = [(r[:2], *_split_impl(r[3:])) for r in rows if r[2:3] == ["fwd+bwd+accum"]]
+    got = sorted((*case, impl) for case, impl, _ in rows)
+    want = [
+        (c, d, impl)
+        for c in ("coarse-8x2", "fine-64x8")
+        for d in ("bfloat16", "float32")
+        for impl in ("HF eager", "HF grouped_mm", "floor", "mixops")
+    ]
+    assert got == want, p.stdout
+    for _, impl, nums in rows:
+        ms, x_floor = (float(v) for v in nums[:2])  # a peer's may be nan (it failed)
+        assert impl.startswith("HF") or (ms > 0 and x_floor > 0), (impl, nums)
+    _check_decode_rows(p.stdout)
+
+
+def _split_impl(fields):
+    """(impl, the fields after it) from a table row's fields that start with the impl (the HF
+    ones are two words)."""
+    n = 2 if fields[:1] == ["HF"] else 1
+    return " ".join(fields[:n]), fields[n:]
+
+
+def _check_decode_rows(out, dtypes=("float32", "bfloat16")):
+    """The decode table of ``out``: one row per (dtype, tokens, impl), each of whose numbers
+    parses (ms/call, experts, MiB read, GB/s, read GB/s, % read), and the target line."""
+    import math
+
+    rows = [line.split() for line in out.splitlines()]
+    rows = [(r[:2], *_split_impl(r[2:])) for r in rows if r[:1] in [[d] for d in dtypes]]
+    rows = [(d, int(t), impl, nums) for (d, t), impl, nums in rows if t.isdigit()]
+    got = sorted(r[:3] for r in rows)
+    impls = ("HF eager", "HF grouped_mm", "mixops")
+    assert got == sorted((d, t, i) for d in dtypes for t in (1, 4, 16) for i in impls), out
+    for *_, impl, nums in rows:
+        assert len(nums) == 6 and nums[-1].endswith("%"), nums
+        ms, experts, mib, gbs, read, pct = (float(v.rstrip("%")) for v in nums)
+        assert math.isfinite(read) and read > 0 and 1 <= experts <= 8 and mib > 0, nums
+        if impl == "mixops":  # a peer's may be nan (it failed)
+            assert ms > 0 and gbs > 0 and pct > 0, nums
+    assert "read GB/s = the machine's read bandwidth" in out
+    assert "target (issue 29): mixops bfloat16 at 1 token >= 60%" in out or "bfloat16" not in dtypes
+
+
+def test_decode_bench_quick_runs_and_prints_table():
+    out = _quick("decode", "--device", "cpu", "--dtype", "bfloat16", "--decode-layers", "2")
+    for needle in ("CPU capability", "avx512_bf16", "threads", "experts", "% read"):
+        assert needle in out, needle
+    _check_decode_rows(out, ("bfloat16",))
 
 
 def quick_run(job):

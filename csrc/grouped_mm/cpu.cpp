@@ -38,6 +38,22 @@
 #include "grouped_mm/grouped_mm.h"
 
 namespace mixops {
+
+static bool cpu_has(const char* feature) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(feature);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether BLAS has a native kernel for this dtype on this CPU (else we compute in fp32).
+bool grouped_mm_native_gemm(at::ScalarType t) {
+  static const bool bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
+  static const bool fp16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
+  if (t == at::kBFloat16) return bf16;
+  if (t == at::kHalf) return fp16;
+  return true;
+}
+
 namespace {
 
 constexpr int64_t kBigMinDim = 64;       // every GEMM dimension at least this, and
@@ -53,21 +69,6 @@ struct GroupWork {
   int64_t pbegin = 0, w = 0;  // grouped_mm_packed: the group's packed range start and width
 };
 
-bool cpu_has(const char* feature) {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  const auto it = caps.find(feature);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
-}
-
-// Whether BLAS has a native kernel for this dtype on this CPU (else we compute in fp32).
-bool native_gemm(at::ScalarType t) {
-  static const bool bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
-  static const bool fp16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
-  if (t == at::kBFloat16) return bf16;
-  if (t == at::kHalf) return fp16;
-  return true;
-}
-
 // Columns of rhs upcast at a time on the fp32 path: bounds the fp32 temporaries (a whole 1024 x
 // 4096 expert weight is 16 MiB in fp32, more than the bf16 MoE layer's whole peak-memory margin)
 // while keeping GEMMs wide enough for BLAS.
@@ -75,7 +76,7 @@ constexpr int64_t kUpcastColumns = 1024;
 
 // dst = lhs @ rhs, through fp32 when the dtype has no native GEMM here.
 void mm_into(at::Tensor& dst, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (native_gemm(dst.scalar_type())) {
+  if (grouped_mm_native_gemm(dst.scalar_type())) {
     at::mm_out(dst, lhs, rhs);
     return;
   }
@@ -174,8 +175,15 @@ void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const int32_t* of
     out.zero_();
     return;
   }
-  // A few rows per group (decoding): stream the weights instead of a BLAS call per group.
-  if (!ragged_k && grouped_mm_thin(a, b, offsets, num_groups, out)) return;
+  // Groups of a few rows (decoding): stream their weights instead of a BLAS call per group.
+  if (!ragged_k) {
+    std::vector<char> thin;
+    if (grouped_mm_thin(a, b, offsets, num_groups, out, thin) > 0) {
+      work.erase(std::remove_if(work.begin(), work.end(),
+                                [&](const GroupWork& w) { return thin[w.g] != 0; }),
+                 work.end());
+    }
+  }
   run_groups(work, [&](const GroupWork& w) { run_piece(a, b, out, ragged_k, w); });
 }
 

@@ -4,11 +4,12 @@
 // BLAS's GEMV reads a bf16 weight at ~10 GB/s per core here (torch.mm of [1, 1024] x a [1024,
 // 4096] transposed view: 10.0 GB/s on one thread, 18.4 on two, against 34 GB/s of read
 // bandwidth). This kernel streams each group's weight rows once: every output is a dot product
-// over a contiguous weight row (HF's [E, n, k] layout), eight rows at a time (eight streams per
-// thread) with the next block prefetched, all of the group's rows (up to kThinMaxRows, in blocks of
-// four) reusing a block of weight rows while it is in L1/L2, and the rows of all groups split over
-// the threads in contiguous chunks. A standalone prototype read a 4096 x 1024 bf16 weight at
-// 27.9 GB/s on the 2 cores (1 row) and 25.3 GB/s (4 rows).
+// over a contiguous weight row (HF's [E, n, k] layout), the rows one after another (a single
+// sequential stream per thread), all of the group's rows (up to kThinMaxRows, in blocks of four)
+// reusing a weight row while it is in L1, and the rows of all groups split over the threads in
+// contiguous chunks. Standalone prototypes read 4096 x 1024 bf16 weights (an expert per thread) at
+// 29-32 GB/s on the 2 cores this way, against 24-25.5 GB/s eight rows at a time with software
+// prefetch (the first version) and 32.6-34 GB/s for torch.sum's plain read.
 //
 // Arithmetic: the rows of a are converted to fp32 once; weights are converted in registers (bf16:
 // a shift; fp16: vcvtph2ps); lane l of a vector accumulator sums the products k = l (mod lanes)
@@ -58,10 +59,11 @@ Isa isa() {
   return v;
 }
 
-// One work item: W rows [j0, j1) of group g, for the group's rows [r0, r1) of a.
+// One work item: W rows [j0, j1) of group g, for the group's rows [r0, r1) of a and out (rows
+// s0, s0 + 1, ... of the fp32 copy of a).
 struct Item {
   int32_t g;
-  int64_t r0, r1, j0, j1;
+  int64_t r0, r1, s0, j0, j1;
 };
 
 // What every item needs: the operands as raw pointers.
@@ -126,111 +128,110 @@ MIXOPS_AVX2 inline float reduce8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// res[r * R + i] = sum_k a[r][k] * W[i][k] for R weight rows and M rows of a (AVX-512: 16 lanes).
-// The weight rows' tail (k % 16 elements) is loaded from a zero-padded copy; a is padded already.
-template <int K, int R, int M>
-MIXOPS_AVX512 void block512(const char* w, int64_t ldw, int64_t esize, const float* a, int64_t lda,
-                            int64_t k, float* res) {
-  __m512 acc[R][M];
-  for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps();
-  const int64_t kv = k / 16 * 16;
-  for (int64_t kk = 0; kk < kv; kk += 16) {
-    __m512 av[M];
-    for (int r = 0; r < M; ++r) av[r] = _mm512_loadu_ps(a + r * lda + kk);
-    for (int i = 0; i < R; ++i) {
-      _mm_prefetch(w + (i + 2 * R) * ldw + kk * esize, _MM_HINT_T0);  // never faults
-      const __m512 wv = load16<K>(w + i * ldw + kk * esize);
-      for (int r = 0; r < M; ++r) acc[i][r] = _mm512_fmadd_ps(wv, av[r], acc[i][r]);
-    }
-  }
-  if (kv < k) {
-    alignas(64) char buf[64];
-    for (int i = 0; i < R; ++i) {
-      std::memset(buf, 0, sizeof(buf));
-      std::memcpy(buf, w + i * ldw + kv * esize, (k - kv) * esize);
-      const __m512 wv = load16<K>(buf);
+// res[r] = sum_k a[r][k] * w[k] for one weight row and M rows of a (AVX-512: 16 lanes, C chains
+// of fused multiply-adds per row of a so their latency overlaps). The weight row is read once, in
+// order: one sequential stream per thread, which the hardware prefetcher follows (eight rows at a
+// time, software-prefetched, read 15-20% slower for rows of 1024). Whole vectors past the last
+// group of C go to chain 0; the row's tail (k % 16 elements) is loaded from a zero-padded copy
+// (a is padded already).
+template <int K, int M>
+MIXOPS_AVX512 void row512(const char* w, int64_t esize, const float* a, int64_t lda, int64_t k,
+                          float* res) {
+  constexpr int C = 4;
+  __m512 acc[M][C];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t kc = k / (16 * C) * (16 * C), kv = k / 16 * 16;
+  for (int64_t kk = 0; kk < kc; kk += 16 * C) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = load16<K>(w + (kk + 16 * c) * esize);
       for (int r = 0; r < M; ++r) {
-        acc[i][r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a + r * lda + kv), acc[i][r]);
+        acc[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a + r * lda + kk + 16 * c), acc[r][c]);
       }
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) res[r * R + i] = _mm512_reduce_add_ps(acc[i][r]);
-}
-
-// The same with AVX2 (8 lanes, 16 registers: fewer rows at a time).
-template <int K, int R, int M>
-MIXOPS_AVX2 void block256(const char* w, int64_t ldw, int64_t esize, const float* a, int64_t lda,
-                          int64_t k, float* res) {
-  __m256 acc[R][M];
-  for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) acc[i][r] = _mm256_setzero_ps();
-  const int64_t kv = k / 8 * 8;
-  for (int64_t kk = 0; kk < kv; kk += 8) {
-    __m256 av[M];
-    for (int r = 0; r < M; ++r) av[r] = _mm256_loadu_ps(a + r * lda + kk);
-    for (int i = 0; i < R; ++i) {
-      _mm_prefetch(w + (i + 4 * R) * ldw + kk * esize, _MM_HINT_T0);
-      const __m256 wv = load8<K>(w + i * ldw + kk * esize);
-      for (int r = 0; r < M; ++r) acc[i][r] = _mm256_fmadd_ps(wv, av[r], acc[i][r]);
+  for (int64_t kk = kc; kk < kv; kk += 16) {
+    const __m512 wv = load16<K>(w + kk * esize);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a + r * lda + kk), acc[r][0]);
     }
   }
   if (kv < k) {
-    alignas(32) char buf[32];
-    for (int i = 0; i < R; ++i) {
-      std::memset(buf, 0, sizeof(buf));
-      std::memcpy(buf, w + i * ldw + kv * esize, (k - kv) * esize);
-      const __m256 wv = load8<K>(buf);
+    alignas(64) char buf[64] = {};
+    std::memcpy(buf, w + kv * esize, (k - kv) * esize);
+    const __m512 wv = load16<K>(buf);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a + r * lda + kv), acc[r][0]);
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    const __m512 s =
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    res[r] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// The same with AVX2 (8 lanes; 16 registers: two chains).
+template <int K, int M>
+MIXOPS_AVX2 void row256(const char* w, int64_t esize, const float* a, int64_t lda, int64_t k,
+                        float* res) {
+  constexpr int C = 2;
+  __m256 acc[M][C];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t kc = k / (8 * C) * (8 * C), kv = k / 8 * 8;
+  for (int64_t kk = 0; kk < kc; kk += 8 * C) {
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = load8<K>(w + (kk + 8 * c) * esize);
       for (int r = 0; r < M; ++r) {
-        acc[i][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * lda + kv), acc[i][r]);
+        acc[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * lda + kk + 8 * c), acc[r][c]);
       }
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) res[r * R + i] = reduce8(acc[i][r]);
+  for (int64_t kk = kc; kk < kv; kk += 8) {
+    const __m256 wv = load8<K>(w + kk * esize);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * lda + kk), acc[r][0]);
+    }
+  }
+  if (kv < k) {
+    alignas(32) char buf[32] = {};
+    std::memcpy(buf, w + kv * esize, (k - kv) * esize);
+    const __m256 wv = load8<K>(buf);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * lda + kv), acc[r][0]);
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-// Weight rows [j0, j1) against M rows of a starting at row r: R rows at a time, then one at a time.
-template <int K, int M, int R, bool kAvx512>
-void rows_block(const Problem& p, const char* wg, int64_t r, int64_t j0, int64_t j1) {
-  float res[R * M];
-  const float* a = p.a + r * p.kpad;
-  int64_t j = j0;
-  for (; j + R <= j1; j += R) {
-    const char* w = wg + j * p.ldw;
-    if constexpr (kAvx512) {
-      block512<K, R, M>(w, p.ldw, p.esize, a, p.kpad, p.k, res);
-    } else {
-      block256<K, R, M>(w, p.ldw, p.esize, a, p.kpad, p.k, res);
-    }
-    for (int rr = 0; rr < M; ++rr)
-      for (int i = 0; i < R; ++i) store(p, r + rr, j + i, res[rr * R + i]);
+// M rows of a (from row r of out, row s of the fp32 copy) against one weight row j.
+template <int K, int M, bool kAvx512>
+void row_dots(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
+  float res[M];
+  const float* a = p.a + s * p.kpad;
+  if constexpr (kAvx512) {
+    row512<K, M>(w, p.esize, a, p.kpad, p.k, res);
+  } else {
+    row256<K, M>(w, p.esize, a, p.kpad, p.k, res);
   }
-  for (; j < j1; ++j) {
-    if constexpr (kAvx512) {
-      block512<K, 1, M>(wg + j * p.ldw, p.ldw, p.esize, a, p.kpad, p.k, res);
-    } else {
-      block256<K, 1, M>(wg + j * p.ldw, p.ldw, p.esize, a, p.kpad, p.k, res);
-    }
-    for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
-  }
+  for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
 }
 
-// One item: the group's rows in blocks of up to four, each over the item's weight rows (which stay
-// in L2 between the blocks). Registers: AVX-512 has 32 (R*M accumulators + M rows of a + one
-// weight), AVX2 16.
+// One item: each weight row in turn, against the group's rows in blocks of up to four (the row
+// stays in L1 between the blocks).
 template <int K, bool kAvx512>
 void run_item(const Problem& p, const Item& it) {
   const char* wg = p.b + it.g * p.b_group;
-  constexpr int R2 = kAvx512 ? 8 : 4;  // one or two rows of a
-  constexpr int R4 = kAvx512 ? 4 : 2;  // three or four
-  for (int64_t r = it.r0; r < it.r1; r += 4) {
-    switch (std::min<int64_t>(4, it.r1 - r)) {
-      case 1: rows_block<K, 1, R2, kAvx512>(p, wg, r, it.j0, it.j1); break;
-      case 2: rows_block<K, 2, R2, kAvx512>(p, wg, r, it.j0, it.j1); break;
-      case 3: rows_block<K, 3, R4, kAvx512>(p, wg, r, it.j0, it.j1); break;
-      default: rows_block<K, 4, R4, kAvx512>(p, wg, r, it.j0, it.j1); break;
+  for (int64_t j = it.j0; j < it.j1; ++j) {
+    const char* w = wg + j * p.ldw;
+    for (int64_t r = it.r0; r < it.r1; r += 4) {
+      switch (std::min<int64_t>(4, it.r1 - r)) {
+        case 1: row_dots<K, 1, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
+        case 2: row_dots<K, 2, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
+        case 3: row_dots<K, 3, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
+        default: row_dots<K, 4, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
+      }
     }
   }
 }
@@ -245,8 +246,8 @@ void run_item_any(const Problem& p, const Item& it) {
 }
 #endif  // MIXOPS_THIN_X86
 
-// Weight rows per item: ~256 KiB of weights (a block stays in L2 while the group's rows pass over
-// it), a multiple of 8.
+// Weight rows per item: ~256 KiB of weights (a multiple of 8 rows): items small enough to balance
+// the threads, large enough to keep each thread's stream long.
 int64_t chunk_rows(int64_t k, int64_t esize) {
   const int64_t rows = (int64_t(256) << 10) / std::max<int64_t>(1, k * esize);
   return std::max<int64_t>(8, rows / 8 * 8);
@@ -262,32 +263,62 @@ const char* grouped_mm_thin_isa() {
   }
 }
 
-bool grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
-                     int32_t num_groups, at::Tensor& out) {
+int64_t grouped_mm_thin_max_rows(at::ScalarType dtype) {
+  // BLAS's native low-precision GEMM (AVX512-BF16) overtakes this kernel's fp32 FMAs from 4 rows
+  // on; fp32 BLAS (and our fp32 path for bf16/fp16 without native GEMM) only from more than 4.
+  // Measured on 2 cores, two experts' [4096 x 1024] and [1024 x 2048] weights, us per call (thin
+  // vs BLAS): bf16 2 rows 934 vs 999 and 341 vs 447, 4 rows 968 vs 1049 and 696 vs 457, 8 rows
+  // 1915 vs 1174; fp32 2 rows 1318 vs 2546, 4 rows 1794 vs 2695 and 965 vs 1037.
+  return dtype != at::kFloat && grouped_mm_native_gemm(dtype) ? 2 : 4;
+}
+
+int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t* offsets,
+                        int32_t num_groups, at::Tensor& out, std::vector<char>& done) {
+  done.assign(num_groups, 0);
 #if MIXOPS_THIN_X86
   const Isa which = isa();
-  if (which == Isa::kNone || b.dim() != 3 || num_groups == 0) return false;
+  if (which == Isa::kNone || b.dim() != 3 || num_groups == 0) return 0;
   Kind kind;
   switch (a.scalar_type()) {
     case at::kFloat: kind = kF32; break;
     case at::kBFloat16: kind = kBF16; break;
     case at::kHalf: kind = kF16; break;
-    default: return false;
+    default: return 0;
   }
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(2);
-  if (k == 0 || n == 0 || (b.stride(1) != 1 && k > 1) || !out.is_contiguous()) return false;
-  // Every group thin; bounds as the caller validated them (non-decreasing ends within m).
-  int64_t prev = 0;
+  const int64_t k = a.size(1), n = b.size(2);
+  if (k == 0 || n == 0 || (b.stride(1) != 1 && k > 1) || !out.is_contiguous()) return 0;
+  // The thin groups (bounds as the caller validated them: non-decreasing ends within m).
+  const int64_t max_rows = grouped_mm_thin_max_rows(a.scalar_type());
+  int64_t rows = 0, count = 0, prev = 0;
   for (int32_t g = 0; g < num_groups; ++g) {
-    const int64_t end = offsets[g];
-    if (end - prev > kThinMaxRows) return false;
-    prev = end;
+    const int64_t len = offsets[g] - prev;
+    prev = offsets[g];
+    if (len >= 1 && len <= max_rows) {
+      done[g] = 1;
+      rows += len;
+      ++count;
+    }
   }
+  if (count == 0) return 0;
 
+  // Their rows of a in fp32, one after another, zero-padded to whole vectors.
   const int64_t kpad = (k + 15) / 16 * 16;
-  at::Tensor a32 = at::empty({m, kpad}, a.options().dtype(at::kFloat));
-  a32.narrow(1, 0, k).copy_(a);
+  at::Tensor a32 = at::empty({rows, kpad}, a.options().dtype(at::kFloat));
   if (kpad > k) a32.narrow(1, k, kpad - k).zero_();
+  const int64_t chunk = chunk_rows(k, static_cast<int64_t>(b.element_size()));
+  std::vector<Item> items;
+  int64_t s = 0;
+  prev = 0;
+  for (int32_t g = 0; g < num_groups; ++g) {
+    const int64_t begin = prev, end = offsets[g];
+    prev = end;
+    if (!done[g]) continue;
+    a32.narrow(0, s, end - begin).narrow(1, 0, k).copy_(a.narrow(0, begin, end - begin));
+    for (int64_t j = 0; j < n; j += chunk) {
+      items.push_back({g, begin, end, s, j, std::min(n, j + chunk)});
+    }
+    s += end - begin;
+  }
 
   Problem p;
   p.esize = static_cast<int64_t>(b.element_size());
@@ -300,26 +331,14 @@ bool grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t* of
   p.out = static_cast<char*>(out.data_ptr());
   p.n = n;
   p.kind = kind;
-
-  const int64_t chunk = chunk_rows(k, p.esize);
-  std::vector<Item> items;
-  prev = 0;
-  for (int32_t g = 0; g < num_groups; ++g) {
-    const int64_t end = offsets[g];
-    if (end > prev) {
-      for (int64_t j = 0; j < n; j += chunk)
-        items.push_back({g, prev, end, j, std::min(n, j + chunk)});
-    }
-    prev = end;
-  }
   const auto run = which == Isa::kAvx512 ? &run_item_any<true> : &run_item_any<false>;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) run(p, items[i]);
   });
-  return true;
+  return count;
 #else
-  (void)a, (void)b, (void)offsets, (void)num_groups, (void)out;
-  return false;
+  (void)a, (void)b, (void)offsets, (void)out;
+  return 0;
 #endif
 }
 

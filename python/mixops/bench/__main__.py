@@ -1,7 +1,10 @@
-"""python -m mixops.bench [moe | moa | mod | ep | scmoe | grouped_mm | routing | titan | lora | hetero]:
-benchmarks that time mixops beside its peers in one run and print medians and ratios.
+"""python -m mixops.bench [moe | decode | moa | mod | ep | scmoe | grouped_mm | routing | titan | lora |
+hetero]: benchmarks that time mixops beside its peers in one run and print medians and ratios.
 
-  moe         (the default) the whole MoE layer against HF transformers' Mixtral block
+  moe         (the default) the whole MoE layer against HF transformers' Mixtral block (fwd,
+              fwd+bwd with fresh and with accumulating gradients), then the decode table
+  decode      the MoE layer at 1, 4 and 16 tokens per step (decoding) against the measured
+              memory read bandwidth
   moa         the MoA (mixture of attention heads) layer against HF's JetMoE attention
   mod         the MoD (mixture of depths) wrapper against its floor and the dense block, and MoE
               expert choice against token choice
@@ -22,10 +25,11 @@ import argparse
 
 import torch
 
-from . import ep, grouped_mm, hetero, lora, moa, mod, moe, routing, scmoe, titan
+from . import decode, ep, grouped_mm, hetero, lora, moa, mod, moe, routing, scmoe, titan
 
 JOBS = {
     "moe": moe,
+    "decode": decode,
     "moa": moa,
     "mod": mod,
     "ep": ep,
@@ -40,10 +44,10 @@ JOBS = {
 # The benchmarks that read each shared option (tests/test_bench_help.py checks these lists
 # against each benchmark module's source). ep and scmoe run fp32 on the CPU (gloo processes).
 SHARED_USED_BY = {
-    "--device": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
+    "--device": ("moe", "decode", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
     "--quick": tuple(JOBS),
     "--reps": tuple(JOBS),
-    "--dtype": ("moe", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
+    "--dtype": ("moe", "decode", "moa", "mod", "grouped_mm", "routing", "titan", "lora", "hetero"),
     "--experts": ("moe", "moa", "grouped_mm", "routing", "titan", "lora"),
 }
 # Options a benchmark adds that others read too ({option: the other benchmarks}).

@@ -1,8 +1,9 @@
 """MoE-layer benchmark, the default job of `python -m mixops.bench`: mixops.nn.MoE beside HF
 transformers' MixtralSparseMoeBlock with its "eager" (per-expert loop) and "grouped_mm" experts, and
-the floor (the same GEMM FLOPs as dense matmuls, no routing); forward and forward+backward, fp32
-and bf16, all timed in one interleaved run per case. Prints a median-ms table, a peak-memory table
-of forward+backward, and writes a bar chart of "x floor" (--png).
+the floor (the same GEMM FLOPs as dense matmuls, no routing); forward, forward+backward with fresh
+gradients and with accumulating ones, fp32 and bf16, all timed in one interleaved run per case.
+Prints a median-ms table, a peak-memory table of forward+backward, writes a bar chart of "x floor"
+(--png), and ends with decode.py's table (1-16 tokens per step against the memory bandwidth).
 
 Every module gets the same weights (mixops' parameters copied into the HF blocks), so routing is
 identical; in fp32 mixops' output and input gradient must equal HF eager's before anything is
@@ -20,12 +21,14 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from . import decode
 from .grouped_mm import native_lowp_matmul
 from .moe_cases import (
+    ACCUM,
     FLOOR,
     FULL,
     IMPLS,
-    PASSES,
+    MOE_PASSES,
     PEERS,
     QUICK,
     build,
@@ -38,6 +41,7 @@ from .moe_cases import (
     inputs,
     peer,
 )
+from .moe_cases import PASSES as PASSES  # moa.py and mod.py import it from here
 from .timing import (
     interleaved_median_ms,
     nvtx_range,
@@ -103,9 +107,10 @@ def time_case(mods, x, gy, floor, pas, device, reps, label):
     if pas == "fwd":
         fns = {name: fwd_step(m, x, name) for name, m in mods.items()}
     else:
-        fns = {name: fwd_bwd_step(m, x, gy, name) for name, m in mods.items()}
+        acc = pas == ACCUM
+        fns = {name: fwd_bwd_step(m, x, gy, name, acc) for name, m in mods.items()}
     fns = {name: fn if name == "mixops" else peer(fn) for name, fn in fns.items()}
-    fns[FLOOR] = floor[PASSES.index(pas)]
+    fns[FLOOR] = floor[MOE_PASSES.index(pas)]
     with torch.set_grad_enabled(pas != "fwd"), nvtx_range(label):
         return interleaved_median_ms(fns, device, reps)
 
@@ -115,7 +120,7 @@ def table_rows(case, ms):
     for name in (*IMPLS, FLOOR):
         speed = f"{ms[name] / ms['mixops']:.2f}x" if name in PEERS else ""
         yield (
-            f"{cfg:<11} {dt:<9} {pas:<8} {name:<14} {ms[name]:>11.3f} "
+            f"{cfg:<11} {dt:<9} {pas:<13} {name:<14} {ms[name]:>11.3f} "
             f"{ms[name] / ms[FLOOR]:>8.2f} {speed:>15}"
         )
 
@@ -158,14 +163,20 @@ def run(args):
     device = args.device
     configs = [c for c in (QUICK if args.quick else FULL) if args.experts in (0, c.experts)]
     dtypes = selected_dtypes(args)
+    cpu = "" if device == "cuda" else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"
     title = (
-        f"mixops MoE-layer benchmark on {device} ({where(device)}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; median ms of {args.reps} reps"
+        f"mixops MoE-layer benchmark on {device} ({where(device)}{cpu}), torch "
+        f"{torch.__version__}, transformers {transformers.__version__}; median ms of {args.reps} reps"
     )
     print(title)
     print(
         "impls: mixops.nn.MoE, HF MixtralSparseMoeBlock (experts 'eager' and 'grouped_mm'); "
         "floor = the same GEMMs dense over tokens*k rows, no routing"
+    )
+    print(
+        f"passes: fwd; fwd+bwd = fresh gradients (every parameter's .grad None before each step); "
+        f"{ACCUM} = .grad kept, so backward adds into it (x.grad still reset; the floor keeps "
+        "its weights' .grad)"
     )
     for dtype in dtypes:
         if not native_lowp_matmul(dtype, device):
@@ -182,7 +193,7 @@ def run(args):
     )
 
     results = []
-    total = len(configs) * len(dtypes) * len(PASSES)
+    total = len(configs) * len(dtypes) * len(MOE_PASSES)
     bar = tqdm(total=total, desc="moe bench", file=sys.stderr, disable=None)
     for cfg in configs:
         for dtype in dtypes:
@@ -190,7 +201,7 @@ def run(args):
             mods, x, gy = build_all(cfg, device, dtype)
             floor_dtype = dtype if native_lowp_matmul(dtype, device) else torch.float32
             floor = floor_steps(cfg, device, floor_dtype)
-            for pas in PASSES:
+            for pas in MOE_PASSES:
                 case = (cfg.name, dt, pas)
                 ms = time_case(mods, x, gy, floor, pas, device, args.reps, " ".join(case))
                 results.append((case, ms))
@@ -202,7 +213,7 @@ def run(args):
     bar.close()
 
     header = (
-        f"{'config':<11} {'dtype':<9} {'pass':<8} {'impl':<14} {'median ms':>11} "
+        f"{'config':<11} {'dtype':<9} {'pass':<13} {'impl':<14} {'median ms':>11} "
         f"{'x floor':>8} {'mixops speedup':>15}"
     )
     print()
@@ -240,6 +251,9 @@ def run(args):
     if args.png:
         write_png(results, args.png, title)
         print(f"\nchart of x floor written to {args.png}")
+    if not args.no_decode:
+        print()
+        decode.run(args)
     return results, mem
 
 
@@ -254,4 +268,9 @@ def add_args(p: argparse.ArgumentParser):
         "--no-peak-mem",
         action="store_true",
         help="skip the peak-memory measurement of fwd+bwd",
+    )
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="skip the decode table (python -m mixops.bench decode) after moe's tables",
     )

@@ -26,7 +26,11 @@ QUICK = (Config("coarse-8x2", 128, 128, 128, 8, 2), Config("fine-64x8", 128, 128
 IMPLS = ("mixops", "HF eager", "HF grouped_mm")
 PEERS = IMPLS[1:]
 FLOOR = "floor"
-PASSES = ("fwd", "fwd+bwd")
+PASSES = ("fwd", "fwd+bwd")  # the passes moa.py and mod.py time (imported through moe.py)
+# fwd+bwd with fresh gradients (every .grad None before each step, so autograd allocates them) and
+# with accumulating ones (.grad kept, so backward adds into it, as between optimizer steps).
+ACCUM = "fwd+bwd+accum"
+MOE_PASSES = (*PASSES, ACCUM)
 
 
 # -- modules and inputs ------------------------------------------------------------------------
@@ -81,14 +85,28 @@ def fwd_step(module, x, name):
     return step
 
 
-def fwd_bwd_step(module, x, gy, name):
+def keep_grads(leaves):
+    """Give every leaf without a .grad a zero one, so that an accumulating step adds into an
+    existing .grad from its first call on (the warm-up call too, whose time is the one kept for
+    peers slower than 7 s)."""
+    for t in leaves:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+
+
+def fwd_bwd_step(module, x, gy, name, accumulate=False):
+    """One forward+backward into x and every parameter: x.grad is reset before each step; the
+    parameters' .grad too (fresh), or kept so that backward adds into it (``accumulate``)."""
     params = list(module.parameters())
+    if accumulate:
+        keep_grads(params)
 
     def step():
         with nvtx_range(name):
             x.grad = None
-            for p in params:
-                p.grad = None
+            if not accumulate:
+                for p in params:
+                    p.grad = None
             module(x).backward(gy)
 
     return step
@@ -110,8 +128,10 @@ def peer(step):
 
 
 def floor_steps(cfg, device, dtype):
-    """The floor's (fwd, fwd+bwd): xr [T*k, hidden] @ w1 [hidden, 2*ffn] and a [T*k, ffn] @ w2
-    [ffn, hidden], and backward of both into all four leaves: exactly 2 / 6 GEMMs."""
+    """The floor's (fwd, fwd+bwd, fwd+bwd+accum): xr [T*k, hidden] @ w1 [hidden, 2*ffn] and
+    a [T*k, ffn] @ w2 [ffn, hidden], and backward of both into all four leaves: exactly 2 / 6 / 6
+    GEMMs. The accumulating step keeps the weights' (w1, w2) .grad and resets the activations'
+    (xr, a), as the layers' step keeps their parameters' and resets x's."""
     g = torch.Generator(device=device).manual_seed(2)
     rows = cfg.tokens * cfg.topk
 
@@ -137,7 +157,13 @@ def floor_steps(cfg, device, dtype):
                 t.grad = None
             torch.autograd.backward([xr @ w1, a @ w2], [gh, go])
 
-    return fwd, fwd_bwd
+    def fwd_bwd_accum():
+        keep_grads([w1, w2])  # (after a fresh step they are there already)
+        with nvtx_range(FLOOR):
+            xr.grad = a.grad = None
+            torch.autograd.backward([xr @ w1, a @ w2], [gh, go])
+
+    return fwd, fwd_bwd, fwd_bwd_accum
 
 
 def build_all(cfg, device, dtype):
