@@ -157,3 +157,16 @@ def test_moe_decode_equals_the_per_token_loop(dtype, tokens):
                     gate, up = (w1[e].to(cast) @ xt).chunk(2)
                     acc[t] += (w2[e].to(cast) @ (torch.nn.functional.silu(gate) * up)) * wt.to(cast)
     assert_close_to_ref(y.view(tokens, 64), hi, low, f"MoE decode {tokens} tokens")
+
+
+def test_moe_without_grad_mode_equals_the_grad_mode_forward():
+    # without grad mode the layer dispatches below autograd (moe_staged.below_autograd_without_grad)
+    torch.manual_seed(0)
+    moe = mixops.nn.MoE(64, 48, 8, 2)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    y = moe(x)
+    with torch.no_grad():
+        y0 = moe(x)
+    assert not y0.requires_grad and torch.equal(y0, y.detach())
+    y.sum().backward()  # the grad-mode graph is intact
+    assert x.grad is not None and moe.experts.gate_up_proj.grad is not None

@@ -39,7 +39,7 @@ from .moe_lora import MoELoRA
 # StagedCall, autocast_dtype and no_autocast: parallel/moe.py and integrations/jetmoe.py import
 # them from here.
 from .moe_staged import StagedCall as StagedCall
-from .moe_staged import StagedMoE
+from .moe_staged import StagedMoE, below_autograd_without_grad
 from .moe_staged import autocast_dtype as autocast_dtype
 from .moe_staged import no_autocast as no_autocast
 from .moe_training import TrainingLoopAPI
@@ -260,7 +260,10 @@ class MoE(StagedMoE, TrainingLoopAPI, MoELoRA, nn.Module):
         # The three stages back to back (on one process nothing travels between them). Custom ops
         # are not autocast: under autocast the routed path runs without it, on explicit casts
         # (weights through differentiable casts, so fp32 master weights get fp32 gradients).
-        return self.combine_finish(self.run_experts(self.dispatch_start(x, token_mask, modality)))
+        with below_autograd_without_grad():  # (no_grad: the ops' autograd kernels are skipped)
+            return self.combine_finish(
+                self.run_experts(self.dispatch_start(x, token_mask, modality))
+            )
 
     def _flatten(self, x, token_mask, modality):
         """x as [tokens, hidden], token_mask as bool [tokens], modality as [tokens]."""
