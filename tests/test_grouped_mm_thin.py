@@ -1,9 +1,10 @@
 """grouped_mm's CPU kernel for thin groups (csrc/grouped_mm/cpu_thin.cpp: decoding; groups of 1-4
-rows, 1-2 where BLAS has a native GEMM for the dtype; weights in HF's [E, n, k] layout) against the
-float64 reference: every row count, thin and BLAS groups in one call, tails of k (not a multiple of
-the 16 or 8 lanes or of the 4 chains), all three dtypes, strided operands, rows past offsets[-1],
-NaN and inf; each SIMD kernel (AVX-512, AVX2 forced by MIXOPS_CPU_THIN=avx2, none) in a
-subprocess; and the MoE layer at decode sizes against the per-token loop.
+rows, 1-2 for bf16/fp16 where BLAS has a native GEMM for them and the CPU no AVX512-BF16; weights
+in HF's [E, n, k] layout) against the float64 reference: every row count, thin and BLAS groups in
+one call, tails of k (not a multiple of the lanes or of the chains), all three dtypes, strided
+operands, rows past offsets[-1], NaN and inf; each SIMD kernel (AVX512-BF16 dot products, AVX-512
+and AVX2 fused multiply-adds, forced by MIXOPS_CPU_THIN=avx512 / avx2, none) in a subprocess; and
+the MoE layer at decode sizes against the per-token loop.
 
 Low-precision results follow the shared rule in helpers.assert_close_to_ref."""
 
@@ -101,7 +102,7 @@ import mixops.reference as ref
 torch.manual_seed(0)
 errs = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for sizes, k, n in (([1, 0, 3, 4], 37, 19), ([2, 9, 1], 1030, 64), ([4], 8, 1)):
+    for sizes, k, n in (([1, 0, 3, 4], 37, 19), ([2, 9, 1], 1030, 64), ([4], 8, 1), ([3], 70, 9)):
         w = torch.randn(len(sizes), n, k).to(dtype)
         a = torch.randn(sum(sizes), k).to(dtype)
         off = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
@@ -113,7 +114,7 @@ print(json.dumps({"kernel": mixops._C._cpu_thin_kernel(), "errs": errs}))
 """
 
 
-@pytest.mark.parametrize("env", ["default", "avx2", "0"])
+@pytest.mark.parametrize("env", ["default", "avx512", "avx2", "0"])
 def test_each_kernel_in_a_subprocess(env):
     environ = {k: v for k, v in os.environ.items() if k != "MIXOPS_CPU_THIN"}
     if env != "default":
@@ -126,12 +127,14 @@ def test_each_kernel_in_a_subprocess(env):
     r = json.loads(p.stdout)
     if env == "0":
         assert r["kernel"] == "none"
+    elif env == "avx512":
+        assert r["kernel"] == ("avx512" if THIN.startswith("avx512") else "none")
     elif env == "avx2":
         assert r["kernel"] in ("avx2", "none") and (r["kernel"] == "avx2") == (THIN != "none")
     else:
         assert r["kernel"] == THIN
     for i, (ours, torch_err) in enumerate(r["errs"]):
-        dtype = (torch.float32, torch.bfloat16, torch.float16)[i // 3]
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i // 4]
         atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
         assert ours <= 2 * torch_err + atol, (env, i, ours, torch_err)
 

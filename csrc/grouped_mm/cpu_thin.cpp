@@ -5,16 +5,16 @@
 // 4096] transposed view: 10.0 GB/s on one thread, 18.4 on two, against 34 GB/s of read
 // bandwidth). This kernel streams each group's weight rows once: every output is a dot product
 // over a contiguous weight row (HF's [E, n, k] layout), the rows one after another (a single
-// sequential stream per thread), all of the group's rows (up to kThinMaxRows, in blocks of four)
-// reusing a weight row while it is in L1, and the rows of all groups split over the threads in
-// contiguous chunks. Standalone prototypes read 4096 x 1024 bf16 weights (an expert per thread) at
+// sequential stream per thread), all of the group's rows (up to 4, in one block) reusing a weight
+// row while it is in L1, and the rows of all thin groups split over the threads in contiguous
+// chunks. Standalone prototypes read 4096 x 1024 bf16 weights (an expert per thread) at
 // 29-32 GB/s on the 2 cores this way, against 24-25.5 GB/s eight rows at a time with software
 // prefetch (the first version) and 32.6-34 GB/s for torch.sum's plain read.
 //
 // Arithmetic: the rows of a are converted to fp32 once; weights are converted in registers (bf16:
-// a shift; fp16: vcvtph2ps); lane l of a vector accumulator sums the products k = l (mod lanes)
-// with fused multiply-adds, the lanes are added in a fixed order, and the fp32 sum is rounded once
-// to the output dtype. So results are deterministic for a given machine, and equal the BLAS path's
+// a shift; fp16: vcvtph2ps); each lane of each of the chains of vector accumulators sums a fixed
+// residue class of k with fused multiply-adds, chains and lanes are added in a fixed order, and
+// the fp32 sum is rounded once to the output dtype. So results are deterministic for a given machine, and equal the BLAS path's
 // to fp32 accumulation order (the tests' tolerances), not bit for bit.
 #include "grouped_mm/cpu_thin.h"
 
@@ -37,7 +37,7 @@
 namespace mixops {
 namespace {
 
-enum class Isa { kNone, kAvx2, kAvx512 };
+enum class Isa { kNone, kAvx2, kAvx512, kAvx512Bf16 };
 enum Kind { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 Isa detect_isa() {
@@ -48,6 +48,8 @@ Isa detect_isa() {
                     __builtin_cpu_supports("f16c");
   if (env != nullptr && env[0] == '0') return Isa::kNone;
   if (env != nullptr && std::strcmp(env, "avx2") == 0) return avx2 ? Isa::kAvx2 : Isa::kNone;
+  if (env != nullptr && std::strcmp(env, "avx512") == 0) return avx512 ? Isa::kAvx512 : Isa::kNone;
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
   return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kNone;
 #else
   return Isa::kNone;
@@ -72,8 +74,10 @@ struct Problem {
   int64_t b_group;  // bytes between experts
   int64_t ldw;      // bytes between weight rows (b.stride(2))
   int64_t esize;    // bytes per element
-  const float* a;   // a's rows in fp32, [m, kpad], zero past k
-  int64_t kpad;     // k rounded up to 16
+  const float* a;   // the thin groups' rows of a in fp32, [rows, kpad], zero past k
+  const uint16_t*
+      a16;       // bf16 x bf16 dot products: the rows of a in bf16, [rows, kpad], zero past k
+  int64_t kpad;  // k rounded up to 16 (32 for a16)
   int64_t k;
   char* out;  // [m, n] contiguous, the output dtype
   int64_t n;
@@ -92,6 +96,7 @@ void store(const Problem& p, int64_t r, int64_t j, float v) {
 #if MIXOPS_THIN_X86
 #define MIXOPS_AVX512 __attribute__((target("avx512f,avx512bw")))
 #define MIXOPS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MIXOPS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 template <int K>
 MIXOPS_AVX512 inline __m512 load16(const char* p) {
@@ -131,7 +136,8 @@ MIXOPS_AVX2 inline float reduce8(__m256 v) {
 // res[r] = sum_k a[r][k] * w[k] for one weight row and M rows of a (AVX-512: 16 lanes, C chains
 // of fused multiply-adds per row of a so their latency overlaps). The weight row is read once, in
 // order: one sequential stream per thread, which the hardware prefetcher follows (eight rows at a
-// time, software-prefetched, read 15-20% slower for rows of 1024). Whole vectors past the last
+// time, software-prefetched, was 5-10% slower for rows of 1024 in an in-process A/B: 625-630 vs
+// 594-601 us for two experts' 4096 x 1024 bf16 at 1 row, 1005-1043 vs 934-937 at 2 rows). Whole vectors past the last
 // group of C go to chain 0; the row's tail (k % 16 elements) is loaded from a zero-padded copy
 // (a is padded already).
 template <int K, int M>
@@ -205,6 +211,67 @@ MIXOPS_AVX2 void row256(const char* w, int64_t esize, const float* a, int64_t ld
   for (int r = 0; r < M; ++r) res[r] = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
+// bf16 weights and rows on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs (exact in
+// fp32) and adds them into 16 fp32 lanes, with no conversion and half the loads of the fp32 kernel;
+// it is what the native bf16 GEMM (oneDNN) runs, with its rounding (two products added per lane
+// and step) and its treatment of bf16 denormals as zero. Two chains per row of a.
+template <int M>
+MIXOPS_AVX512BF16 void row512dp(const char* w, const uint16_t* a, int64_t lda, int64_t k,
+                                float* res) {
+  constexpr int C = 2;
+  __m512 acc[M][C];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t kc = k / (32 * C) * (32 * C), kv = k / 32 * 32;
+  for (int64_t kk = 0; kk < kc; kk += 32 * C) {
+    for (int c = 0; c < C; ++c) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (kk + 32 * c) * 2);
+      for (int r = 0; r < M; ++r) {
+        const __m512bh av = (__m512bh)_mm512_loadu_si512(a + r * lda + kk + 32 * c);
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv, av);
+      }
+    }
+  }
+  for (int64_t kk = kc; kk < kv; kk += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + kk * 2);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, (__m512bh)_mm512_loadu_si512(a + r * lda + kk));
+    }
+  }
+  if (kv < k) {
+    alignas(64) char buf[64] = {};
+    std::memcpy(buf, w + kv * 2, (k - kv) * 2);
+    const __m512bh wv = (__m512bh)_mm512_load_si512(buf);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, (__m512bh)_mm512_loadu_si512(a + r * lda + kv));
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <int M>
+void row_dots_dp(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
+  float res[M];
+  row512dp<M>(w, p.a16 + s * p.kpad, p.kpad, p.k, res);
+  for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
+}
+
+void run_item_dp(const Problem& p, const Item& it) {
+  const char* wg = p.b + it.g * p.b_group;
+  for (int64_t j = it.j0; j < it.j1; ++j) {
+    const char* w = wg + j * p.ldw;
+    for (int64_t r = it.r0; r < it.r1; r += 4) {
+      const int64_t s = it.s0 + (r - it.r0);
+      switch (std::min<int64_t>(4, it.r1 - r)) {
+        case 1: row_dots_dp<1>(p, w, r, s, j); break;
+        case 2: row_dots_dp<2>(p, w, r, s, j); break;
+        case 3: row_dots_dp<3>(p, w, r, s, j); break;
+        default: row_dots_dp<4>(p, w, r, s, j); break;
+      }
+    }
+  }
+}
+
 // M rows of a (from row r of out, row s of the fp32 copy) against one weight row j.
 template <int K, int M, bool kAvx512>
 void row_dots(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
@@ -257,6 +324,7 @@ int64_t chunk_rows(int64_t k, int64_t esize) {
 
 const char* grouped_mm_thin_isa() {
   switch (isa()) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "none";
@@ -269,6 +337,7 @@ int64_t grouped_mm_thin_max_rows(at::ScalarType dtype) {
   // Measured on 2 cores, two experts' [4096 x 1024] and [1024 x 2048] weights, us per call (thin
   // vs BLAS): bf16 2 rows 934 vs 999 and 341 vs 447, 4 rows 968 vs 1049 and 696 vs 457, 8 rows
   // 1915 vs 1174; fp32 2 rows 1318 vs 2546, 4 rows 1794 vs 2695 and 965 vs 1037.
+  if (dtype == at::kBFloat16 && isa() == Isa::kAvx512Bf16) return 4;  // (the dot-product kernel)
   return dtype != at::kFloat && grouped_mm_native_gemm(dtype) ? 2 : 4;
 }
 
@@ -302,8 +371,10 @@ int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t*
   if (count == 0) return 0;
 
   // Their rows of a in fp32, one after another, zero-padded to whole vectors.
-  const int64_t kpad = (k + 15) / 16 * 16;
-  at::Tensor a32 = at::empty({rows, kpad}, a.options().dtype(at::kFloat));
+  // (bf16 with the dot-product kernel: in bf16, padded to 32)
+  const bool dp = kind == kBF16 && which == Isa::kAvx512Bf16;
+  const int64_t kpad = dp ? (k + 31) / 32 * 32 : (k + 15) / 16 * 16;
+  at::Tensor a32 = at::empty({rows, kpad}, a.options().dtype(dp ? at::kBFloat16 : at::kFloat));
   if (kpad > k) a32.narrow(1, k, kpad - k).zero_();
   const int64_t chunk = chunk_rows(k, static_cast<int64_t>(b.element_size()));
   std::vector<Item> items;
@@ -325,13 +396,16 @@ int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t*
   p.b = static_cast<const char*>(b.const_data_ptr());
   p.b_group = b.stride(0) * p.esize;
   p.ldw = b.stride(2) * p.esize;
-  p.a = a32.const_data_ptr<float>();
+  p.a = dp ? nullptr : a32.const_data_ptr<float>();
+  p.a16 = dp ? static_cast<const uint16_t*>(a32.const_data_ptr()) : nullptr;
   p.kpad = kpad;
   p.k = k;
   p.out = static_cast<char*>(out.data_ptr());
   p.n = n;
   p.kind = kind;
-  const auto run = which == Isa::kAvx512 ? &run_item_any<true> : &run_item_any<false>;
+  const auto run = dp                    ? &run_item_dp
+                   : which == Isa::kAvx2 ? &run_item_any<false>
+                                         : &run_item_any<true>;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) run(p, items[i]);
   });
