@@ -21,8 +21,8 @@
 //    blocks the second step needed, whose misses in a row released them again, forever. The MoE
 //    layer's fwd+bwd (2048 tokens, hidden 1024, ffn 2048, E 8, k 2, fp32) missed 10 of its 12
 //    large outputs in every step and took 870-1350 ms instead of a steady 870.
-// The reuse distance of a steady loop is under one step's takes (~12 per MoE layer), far below the
-// stale age. Idle blocks are also bounded: past MIXOPS_CPU_CACHE_MB (default 1/8 of physical
+// The reuse distance of a steady loop is under one step's takes (~12 per MoE layer's fwd+bwd:
+// 4096 covers a step of ~300 such layers). Idle blocks are also bounded: past MIXOPS_CPU_CACHE_MB (default 1/8 of physical
 // memory) the ones freed longest ago are released. MIXOPS_CPU_CACHE=0 turns the cache off.
 #pragma once
 
