@@ -63,7 +63,7 @@ Isa isa() {
 }
 
 // One work item: W rows [j0, j1) of group g, for the group's rows [r0, r1) of a and out (rows
-// s0, s0 + 1, ... of the fp32 copy of a).
+// s0, s0 + 1, ... of the copy of a).
 struct Item {
   int32_t g;
   int64_t r0, r1, s0, j0, j1;
@@ -95,70 +95,60 @@ void store(const Problem& p, int64_t r, int64_t j, float v) {
 }
 
 #if MIXOPS_THIN_X86
-using thin::row256;
-using thin::row512;
-using thin::row512dp;
+// M rows of a (rows r.. of out, rows s.. of the copy of a) against weight row j, by one of the
+// kernels of cpu_thin_rows.h: fused multiply-adds on fp32 (AVX-512 or AVX2) or bf16 dot products.
+template <int K, bool kAvx512>
+struct FmaDots {
+  template <int M>
+  static void run(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
+    float res[M];
+    const float* a = p.a + s * p.kpad;
+    if constexpr (kAvx512) {
+      thin::row512<K, M>(w, p.esize, a, p.kpad, p.k, res);
+    } else {
+      thin::row256<K, M>(w, p.esize, a, p.kpad, p.k, res);
+    }
+    for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
+  }
+};
 
-template <int M>
-void row_dots_dp(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
-  float res[M];
-  row512dp<M>(w, p.a16 + s * p.kpad, p.kpad, p.k, res);
-  for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
-}
+struct Bf16Dots {
+  template <int M>
+  static void run(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
+    float res[M];
+    thin::row512dp<M>(w, p.a16 + s * p.kpad, p.kpad, p.k, res);
+    for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
+  }
+};
 
-void run_item_dp(const Problem& p, const Item& it) {
+// One item: each weight row in turn, against the group's rows in blocks of up to four (the row
+// stays in L1 between the blocks).
+template <class Dots>
+void run_item(const Problem& p, const Item& it) {
   const char* wg = p.b + it.g * p.b_group;
   for (int64_t j = it.j0; j < it.j1; ++j) {
     const char* w = wg + j * p.ldw;
     for (int64_t r = it.r0; r < it.r1; r += 4) {
       const int64_t s = it.s0 + (r - it.r0);
       switch (std::min<int64_t>(4, it.r1 - r)) {
-        case 1: row_dots_dp<1>(p, w, r, s, j); break;
-        case 2: row_dots_dp<2>(p, w, r, s, j); break;
-        case 3: row_dots_dp<3>(p, w, r, s, j); break;
-        default: row_dots_dp<4>(p, w, r, s, j); break;
+        case 1: Dots::template run<1>(p, w, r, s, j); break;
+        case 2: Dots::template run<2>(p, w, r, s, j); break;
+        case 3: Dots::template run<3>(p, w, r, s, j); break;
+        default: Dots::template run<4>(p, w, r, s, j); break;
       }
     }
   }
 }
 
-// M rows of a (from row r of out, row s of the fp32 copy) against one weight row j.
-template <int K, int M, bool kAvx512>
-void row_dots(const Problem& p, const char* w, int64_t r, int64_t s, int64_t j) {
-  float res[M];
-  const float* a = p.a + s * p.kpad;
-  if constexpr (kAvx512) {
-    row512<K, M>(w, p.esize, a, p.kpad, p.k, res);
-  } else {
-    row256<K, M>(w, p.esize, a, p.kpad, p.k, res);
-  }
-  for (int rr = 0; rr < M; ++rr) store(p, r + rr, j, res[rr]);
-}
-
-// One item: each weight row in turn, against the group's rows in blocks of up to four (the row
-// stays in L1 between the blocks).
-template <int K, bool kAvx512>
-void run_item(const Problem& p, const Item& it) {
-  const char* wg = p.b + it.g * p.b_group;
-  for (int64_t j = it.j0; j < it.j1; ++j) {
-    const char* w = wg + j * p.ldw;
-    for (int64_t r = it.r0; r < it.r1; r += 4) {
-      switch (std::min<int64_t>(4, it.r1 - r)) {
-        case 1: row_dots<K, 1, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
-        case 2: row_dots<K, 2, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
-        case 3: row_dots<K, 3, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
-        default: row_dots<K, 4, kAvx512>(p, w, r, it.s0 + (r - it.r0), j); break;
-      }
-    }
-  }
-}
+// The item runner for this call's kernel and dtype.
+using ItemFn = void (*)(const Problem&, const Item&);
 
 template <bool kAvx512>
-void run_item_any(const Problem& p, const Item& it) {
-  switch (p.kind) {
-    case kF32: run_item<kF32, kAvx512>(p, it); break;
-    case kBF16: run_item<kBF16, kAvx512>(p, it); break;
-    case kF16: run_item<kF16, kAvx512>(p, it); break;
+ItemFn fma_runner(Kind kind) {
+  switch (kind) {
+    case kBF16: return &run_item<FmaDots<kBF16, kAvx512>>;
+    case kF16: return &run_item<FmaDots<kF16, kAvx512>>;
+    default: return &run_item<FmaDots<kF32, kAvx512>>;
   }
 }
 #endif  // MIXOPS_THIN_X86
@@ -220,12 +210,12 @@ int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t*
   }
   if (count == 0) return 0;
 
-  // Their rows of a in fp32, one after another, zero-padded to whole vectors.
-  // (bf16 with the dot-product kernel: in bf16, padded to 32)
+  // Their rows of a, one after another, zero-padded to whole vectors: in fp32, or in bf16 (padded
+  // to 32) for the dot-product kernel.
   const bool dp = kind == kBF16 && which == Isa::kAvx512Bf16;
   const int64_t kpad = dp ? (k + 31) / 32 * 32 : (k + 15) / 16 * 16;
-  at::Tensor a32 = at::empty({rows, kpad}, a.options().dtype(dp ? at::kBFloat16 : at::kFloat));
-  if (kpad > k) a32.narrow(1, k, kpad - k).zero_();
+  at::Tensor arows = at::empty({rows, kpad}, a.options().dtype(dp ? at::kBFloat16 : at::kFloat));
+  if (kpad > k) arows.narrow(1, k, kpad - k).zero_();
   const int64_t chunk = chunk_rows(k, static_cast<int64_t>(b.element_size()));
   std::vector<Item> items;
   int64_t s = 0;
@@ -234,7 +224,7 @@ int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t*
     const int64_t begin = prev, end = offsets[g];
     prev = end;
     if (!done[g]) continue;
-    a32.narrow(0, s, end - begin).narrow(1, 0, k).copy_(a.narrow(0, begin, end - begin));
+    arows.narrow(0, s, end - begin).narrow(1, 0, k).copy_(a.narrow(0, begin, end - begin));
     for (int64_t j = 0; j < n; j += chunk) {
       items.push_back({g, begin, end, s, j, std::min(n, j + chunk)});
     }
@@ -246,16 +236,16 @@ int64_t grouped_mm_thin(const at::Tensor& a, const at::Tensor& b, const int32_t*
   p.b = static_cast<const char*>(b.const_data_ptr());
   p.b_group = b.stride(0) * p.esize;
   p.ldw = b.stride(2) * p.esize;
-  p.a = dp ? nullptr : a32.const_data_ptr<float>();
-  p.a16 = dp ? static_cast<const uint16_t*>(a32.const_data_ptr()) : nullptr;
+  p.a = dp ? nullptr : arows.const_data_ptr<float>();
+  p.a16 = dp ? static_cast<const uint16_t*>(arows.const_data_ptr()) : nullptr;
   p.kpad = kpad;
   p.k = k;
   p.out = static_cast<char*>(out.data_ptr());
   p.n = n;
   p.kind = kind;
-  const auto run = dp                    ? &run_item_dp
-                   : which == Isa::kAvx2 ? &run_item_any<false>
-                                         : &run_item_any<true>;
+  const ItemFn run = dp                    ? &run_item<Bf16Dots>
+                     : which == Isa::kAvx2 ? fma_runner<false>(kind)
+                                           : fma_runner<true>(kind);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) run(p, items[i]);
   });
